@@ -1,0 +1,3 @@
+from edgemeta.cli import main
+
+main()

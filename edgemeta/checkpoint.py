@@ -1,0 +1,105 @@
+"""Checkpoints: weights in safetensors plus a JSON description in the file's metadata.
+
+One file, loaded without executing any code from it: safetensors holds raw tensors and a JSON
+header, never pickles. The JSON ("edgemeta" metadata key) says the backbone and its arguments,
+the input spec, the embedding size, the head defaults, the training config, metrics and the
+edgemeta version. Training checkpoints also carry the optimizer state (for --resume).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import edgemeta
+from edgemeta.backbones import Embedder
+from edgemeta.runtime.errors import CheckpointError
+from edgemeta.runtime.preprocess import InputSpec
+
+FORMAT = "edgemeta-checkpoint"
+FORMAT_VERSION = 1
+_MODEL, _OPTIM = "model/", "optim/"
+
+
+@dataclass
+class Checkpoint:
+    meta: dict
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict | None = field(default=None, repr=False)
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec.from_dict(self.meta["input"])
+
+    def embedder_state(self) -> dict[str, torch.Tensor]:
+        return {k[len("embedder."):]: v for k, v in self.model_state.items() if k.startswith("embedder.")}
+
+    def build_embedder(self) -> Embedder:
+        """The trained embedding network, in eval mode."""
+        b = self.meta["backbone"]
+        embedder = Embedder(b["name"], self.spec, b.get("args", {}))
+        embedder.load_state_dict(self.embedder_state())
+        return embedder.eval()
+
+
+def save_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor], meta: dict,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write atomically (temp file, fsync, rename): an interrupted save keeps the previous file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "edgemeta_version": edgemeta.__version__, **meta}
+    tensors = {_MODEL + k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+    if optimizer_state is not None:
+        for pid, state in optimizer_state["state"].items():
+            for key, value in state.items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"{_OPTIM}{pid}/{key}"] = t.detach().contiguous().cpu()
+        meta = {**meta, "optimizer_param_groups": optimizer_state["param_groups"]}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"edgemeta": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load a checkpoint; anything that is not an edgemeta safetensors file is refused, never unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_len <= 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(header_len))
+        meta = json.loads(header["__metadata__"]["edgemeta"])
+        tensors = load_file(path)
+    except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError, OSError):
+        raise CheckpointError(f"{path} is not an edgemeta checkpoint (a safetensors file with edgemeta "
+                              "metadata). edgemeta never unpickles files; re-save the model with edgemeta.") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not an edgemeta checkpoint")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer edgemeta (format {meta['format_version']}); upgrade edgemeta")
+    model_state = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
+    optimizer_state = None
+    if "optimizer_param_groups" in meta:
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith(_OPTIM):
+                pid, key = k[len(_OPTIM):].split("/", 1)
+                state.setdefault(int(pid), {})[key] = v
+        optimizer_state = {"state": state, "param_groups": meta.pop("optimizer_param_groups")}
+    return Checkpoint(meta, model_state, optimizer_state)

@@ -1,0 +1,163 @@
+"""The `edgemeta` command line. Each command is a thin shell over a library function; heavy
+modules (torch, onnx) are imported inside the commands that need them, so the device commands
+work on a machine without torch."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgemeta.runtime.errors import EdgemetaError
+
+app = typer.Typer(help="edgemeta: few-shot image classification from meta-training to an edge device.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def command(*args, **kwargs):
+    """app.command() whose user errors end in one red line and exit status 2, never a traceback."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except EdgemetaError as exc:
+                err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+                raise typer.Exit(2) from None
+        return app.command(*args, **kwargs)(wrapper)
+    return deco
+
+
+@command()
+def train(
+    config: Optional[Path] = typer.Option(None, help="TOML file with any TrainConfig keys; flags override it."),
+    data: Optional[list[Path]] = typer.Option(None, help="Folder or .zip of images (Omniglot layout or <class>/ folders). Repeat to merge."),
+    algo: Optional[str] = typer.Option(None, help="protonet | r2d2"),
+    backbone: Optional[str] = typer.Option(None, help="conv4 | resnet12 | edgenet"),
+    metric: Optional[str] = typer.Option(None, help="ProtoNet distance: euclidean | cosine"),
+    image_size: Optional[int] = typer.Option(None, help="Images are resized to this square size (default 28)."),
+    colour: Optional[str] = typer.Option(None, help="L (greyscale) | RGB"),
+    split_mode: Optional[str] = typer.Option(None, help="auto | alphabets (fixed Omniglot split) | seeded"),
+    rotations: Optional[bool] = typer.Option(None, help="Add each 90° rotation of a training class as a new class."),
+    way: Optional[int] = typer.Option(None, help="Classes per training episode."),
+    shot: Optional[int] = typer.Option(None, help="Support images per class."),
+    query: Optional[int] = typer.Option(None, help="Query images per class."),
+    episodes: Optional[int] = typer.Option(None, help="Training episodes (optimizer steps)."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    val_every: Optional[int] = typer.Option(None, help="Validate every N episodes."),
+    val_episodes: Optional[int] = typer.Option(None, help="Fixed validation episodes per validation."),
+    seed: Optional[int] = typer.Option(None, help="Seed for episodes and initialisation."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda"),
+    out: Optional[Path] = typer.Option(None, help="Run folder: best.safetensors, last.safetensors, metrics.jsonl."),
+    resume: bool = typer.Option(False, help="Continue from OUT/last.safetensors."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Meta-train a backbone on episodes; keeps the best checkpoint on the validation classes."""
+    from edgemeta.config import TrainConfig
+    from edgemeta.train import train as run_training
+
+    flags = dict(data=[str(p) for p in data] if data else None, algo=algo, backbone=backbone, metric=metric,
+                 image_size=image_size, colour=colour, split_mode=split_mode, rotations=rotations, way=way,
+                 shot=shot, query=query, episodes=episodes, lr=lr, val_every=val_every, val_episodes=val_episodes,
+                 seed=seed, device=device, out=str(out) if out else None)
+    flags = {k: v for k, v in flags.items() if v is not None}
+    cfg = TrainConfig.from_toml(config, **flags) if config else TrainConfig.from_dict(flags)
+    result = run_training(cfg, resume=resume, progress=not quiet)
+    console.print(f"best validation accuracy {result.best_val_accuracy:.2f}% "
+                  f"({cfg.val_way}-way {cfg.val_shot}-shot) in {result.seconds:.0f} s")
+    console.print(f"checkpoint: {result.best_checkpoint}")
+
+
+@command("eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (.safetensors) from `edgemeta train`."),
+    data: Optional[list[Path]] = typer.Option(None, help="Folder or .zip of images; default: the data the checkpoint trained on."),
+    split: str = typer.Option("test", help="train | val | test | all (classes of the checkpoint's split)."),
+    split_mode: Optional[str] = typer.Option(None, help="Override the split mode (auto | alphabets | seeded)."),
+    way: int = typer.Option(5, help="Classes per episode."),
+    shot: int = typer.Option(1, help="Support images per class."),
+    query: int = typer.Option(15, help="Query images per class."),
+    episodes: int = typer.Option(1000, help="Number of episodes; fixed by --seed so models compare on the same tasks."),
+    seed: int = typer.Option(0, help="Episode seed."),
+    head: str = typer.Option("default", help="default (the checkpoint's) | prototype | ridge | logistic"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Few-shot accuracy ± 95% CI of a checkpoint on classes it never trained on."""
+    from edgemeta.checkpoint import load_checkpoint
+    from edgemeta.data import load_dataset, select_split
+    from edgemeta.evaluate import embed_pixels, torch_logits_fn
+    from edgemeta.protocol import evaluate_episodes
+
+    ckpt = load_checkpoint(checkpoint)
+    tc = ckpt.meta.get("train_config", {})
+    sources = [str(p) for p in data] if data else tc.get("data", [])
+    spec = ckpt.spec
+    dataset = load_dataset(sources, (spec.height, spec.width), spec.colour, tc.get("layout", "auto"))
+    dataset = select_split(dataset, split, split_mode or tc.get("split_mode", "auto"), tc.get("split_seed", 0))
+    head_cfg = resolve_head(ckpt.meta["head"], head)
+    emb = embed_pixels(ckpt.build_embedder(), dataset.pixels)
+    result = evaluate_episodes(emb, dataset.labels, torch_logits_fn(head_cfg), way, shot, query, episodes, seed)
+    if as_json:
+        print(json.dumps({**result.to_dict(), "head": head_cfg, "split": split, "classes": dataset.n_classes}))
+    else:
+        console.print(f"{result}  [dim]head={head_cfg['kind']} split={split} ({dataset.n_classes} classes)[/]")
+
+
+def resolve_head(default: dict, name: str) -> dict:
+    """The checkpoint's head config, or another head kind with its defaults."""
+    from edgemeta.runtime.errors import ConfigError
+    if name == "default":
+        return default
+    if name == default.get("kind"):
+        return default
+    defaults = {"prototype": {"kind": "prototype", "metric": "euclidean", "scale": 1.0},
+                "ridge": {"kind": "ridge", "lambda": 1.0, "scale": 1.0, "bias": 0.0},
+                "logistic": {"kind": "logistic", "steps": 10, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}}
+    if name not in defaults:
+        raise ConfigError(f"unknown head {name!r}; choose default, prototype, ridge or logistic")
+    return defaults[name]
+
+
+@command()
+def inspect(
+    path: Path = typer.Argument(..., help="A checkpoint (.safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+):
+    """Show what a checkpoint holds: backbone, input spec, head, training config, metrics."""
+    from edgemeta.runtime.errors import CheckpointError
+    if not path.exists():
+        raise CheckpointError(f"not found: {path}")
+    from edgemeta.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(path)
+    meta = ckpt.meta
+    params = sum(int(t.numel()) for k, t in ckpt.model_state.items() if "running_" not in k and "num_batches" not in k)
+    if as_json:
+        print(json.dumps({**meta, "parameters": params}, indent=2))
+        return
+    table = Table(title=str(path), show_header=False)
+    spec = meta["input"]
+    rows = [
+        ("backbone", f"{meta['backbone']['name']} {meta['backbone'].get('args') or ''}".strip()),
+        ("parameters", f"{params:,}"),
+        ("input", f"{spec['colour']} {spec['height']}×{spec['width']}, mean {spec['mean']}, std {spec['std']}"),
+        ("embedding", str(meta["embedding_dim"])),
+        ("algorithm", meta.get("algorithm", "?")),
+        ("head", json.dumps(meta["head"])),
+        ("episodes trained", str(meta.get("episode"))),
+        ("metrics", json.dumps(meta.get("metrics", {}))),
+        ("data", ", ".join(meta.get("train_config", {}).get("data", []))),
+        ("edgemeta", meta.get("edgemeta_version", "?")),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+def main() -> None:
+    app()

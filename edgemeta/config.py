@@ -1,0 +1,89 @@
+"""Training configuration: flat fields with defaults, from flags and/or a TOML file."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgemeta.runtime.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: list[str] = field(default_factory=list)
+    layout: str = "auto"              # auto | omniglot | folder
+    image_size: int = 28
+    colour: str = "L"                 # L | RGB
+    split_mode: str = "auto"          # auto | alphabets | seeded
+    split_seed: int = 0
+    rotations: bool = True            # each 90° rotation of a training class is a new class
+    # model
+    algo: str = "protonet"
+    backbone: str = "conv4"
+    backbone_args: dict = field(default_factory=dict)
+    metric: str = "euclidean"         # protonet: euclidean | cosine
+    ridge_lambda: float = 1.0         # r2d2
+    # episodes
+    way: int = 20
+    shot: int = 5
+    query: int = 5
+    meta_batch: int = 1
+    episodes: int = 2000              # optimizer steps
+    # optimisation
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"       # cosine | step | constant
+    lr_step: int = 2000               # step schedule: halve every lr_step steps
+    weight_decay: float = 0.0
+    # validation
+    val_every: int = 200
+    val_episodes: int = 200
+    val_way: int = 5
+    val_shot: int = 1
+    val_query: int = 15
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/latest"
+    log_every: int = 10
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        return cls.from_dict({**values, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("no training data: pass --data PATH (a folder or .zip; repeat for several)")
+        if self.lr_schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(f"lr_schedule must be cosine, step or constant, not {self.lr_schedule!r}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be cpu or cuda, not {self.device!r}")
+        for name in ("way", "shot", "episodes", "meta_batch", "val_every", "val_episodes", "val_way", "val_shot"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,67 @@
+"""ImageSet: decoded images of many classes in memory, with class names and groups.
+
+A group is what a class split must keep apart: the alphabet for Omniglot, the class itself for a
+plain image folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgemeta.runtime.errors import DataError
+
+
+@dataclass
+class ImageSet:
+    pixels: np.ndarray  # uint8 [N, H, W, C], already preprocessed to the input spec
+    labels: np.ndarray  # int64 [N], 0..n_classes-1
+    classes: list[str]  # name of each class, indexed by label
+    groups: list[str]   # group of each class, indexed by label
+
+    def __post_init__(self) -> None:
+        if len(self.pixels) != len(self.labels):
+            raise DataError("pixels and labels differ in length")
+        if len(self.classes) != len(self.groups):
+            raise DataError("classes and groups differ in length")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_indices(self) -> list[np.ndarray]:
+        """For each class, the indices of its images (sorted)."""
+        order = np.argsort(self.labels, kind="stable")
+        bounds = np.searchsorted(self.labels[order], np.arange(self.n_classes + 1))
+        return [order[bounds[c]:bounds[c + 1]] for c in range(self.n_classes)]
+
+    def select_classes(self, class_ids: list[int] | np.ndarray) -> "ImageSet":
+        """A new ImageSet with only these classes, relabelled 0..len(class_ids)-1 in the given order."""
+        class_ids = np.asarray(class_ids, dtype=np.int64)
+        remap = np.full(self.n_classes, -1, np.int64)
+        remap[class_ids] = np.arange(len(class_ids))
+        keep = remap[self.labels] >= 0
+        return ImageSet(self.pixels[keep], remap[self.labels[keep]],
+                        [self.classes[c] for c in class_ids], [self.groups[c] for c in class_ids])
+
+    def select_groups(self, groups: set[str] | list[str]) -> "ImageSet":
+        wanted = set(groups)
+        return self.select_classes([c for c, g in enumerate(self.groups) if g in wanted])
+
+    def with_rotations(self) -> "ImageSet":
+        """The standard Omniglot augmentation: each 90° rotation of a class is a new class (×4 classes)."""
+        if self.pixels.shape[1] != self.pixels.shape[2]:
+            raise DataError("rotation augmentation needs square images")
+        pixels = [self.pixels] + [np.rot90(self.pixels, k, axes=(1, 2)) for k in (1, 2, 3)]
+        labels = [self.labels + k * self.n_classes for k in range(4)]
+        classes = [f"{name}@rot{90 * k}" if k else name for k in range(4) for name in self.classes]
+        return ImageSet(np.ascontiguousarray(np.concatenate(pixels)), np.concatenate(labels),
+                        classes, self.groups * 4)
+
+    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std on the [0, 1] scale, for the input spec's normalisation."""
+        x = self.pixels.reshape(-1, self.pixels.shape[-1]).astype(np.float64) / 255.0
+        return tuple(x.mean(0).round(6).tolist()), tuple(np.maximum(x.std(0), 1e-3).round(6).tolist())

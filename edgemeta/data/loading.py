@@ -1,0 +1,144 @@
+"""Load image datasets (Omniglot archive layout or plain class folders) into an ImageSet, cached on disk.
+
+Layouts:
+  omniglot  <root>/<Alphabet>/<characterNN>/*.png   class = Alphabet/characterNN, group = Alphabet
+  folder    <root>/<class>/*.(png|jpg)              class = folder name,         group = class
+Both read a folder or a .zip directly. Decoded, resized arrays are cached (keyed by the sources'
+paths, sizes and mtimes, the image size and colour) so a second load is fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from edgemeta.runtime.errors import DataError
+from edgemeta.runtime.preprocess import InputSpec, load_image
+
+from .imageset import ImageSet
+from .sources import iter_image_entries, source_fingerprint
+
+CACHE_VERSION = 1
+LAYOUTS = ("auto", "omniglot", "folder")
+_CHARACTER_DIR = re.compile(r"character\d+$")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EDGEMETA_CACHE", Path.home() / ".cache" / "edgemeta"))
+
+
+def load_dataset(sources: str | os.PathLike | list, image_size: int | tuple[int, int] = 28,
+                 colour: str = "L", layout: str = "auto", cache_dir: str | os.PathLike | None = None,
+                 progress: bool = False) -> ImageSet:
+    """Load one or several sources (folders or zips) into one ImageSet.
+
+    Several sources are merged by class; a drawing present in two sources (the Omniglot small
+    archives overlap) is kept once.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if not sources:
+        raise DataError("no data source given")
+    if layout not in LAYOUTS:
+        raise DataError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    spec = InputSpec(height=h, width=w, colour=colour)
+    key_text = "\n".join([f"v{CACHE_VERSION}", layout, f"{h}x{w}", colour]
+                         + [source_fingerprint(s) for s in sources])
+    cache_file = None
+    if cache_dir is not False:
+        cache_file = Path(cache_dir or default_cache_dir()) / (hashlib.sha256(key_text.encode()).hexdigest()[:24] + ".npz")
+        if cache_file.exists():
+            try:
+                return _read_cache(cache_file)
+            except Exception:  # a corrupt cache file is rebuilt, never trusted
+                cache_file.unlink(missing_ok=True)
+    dataset = _decode(sources, spec, layout, progress)
+    if cache_file is not None:
+        _write_cache(cache_file, dataset)
+    return dataset
+
+
+def _decode(sources: list, spec: InputSpec, layout: str, progress: bool) -> ImageSet:
+    entries = {}
+    for source in sources:
+        for parts, read in iter_image_entries(source):
+            entries.setdefault(parts[-3:] if len(parts) >= 3 else ("",) * (3 - len(parts)) + parts, read)
+    if not entries:
+        raise DataError(f"no images found in {', '.join(map(str, sources))}")
+    if layout == "auto":
+        layout = "omniglot" if all(_CHARACTER_DIR.match(p[-2]) for p in entries) else "folder"
+    by_class: dict[tuple[str, str], list] = defaultdict(list)
+    for parts, read in entries.items():
+        if layout == "omniglot":
+            if not parts[0]:
+                raise DataError(f"{'/'.join(parts)} is not in the Omniglot layout <Alphabet>/<characterNN>/<file>.png")
+            by_class[(parts[0], f"{parts[0]}/{parts[1]}")].append((parts, read))
+        else:
+            if not parts[1]:
+                raise DataError(f"image {parts[2]} is not inside a class folder; use <root>/<class>/<image>")
+            by_class[(parts[1], parts[1])].append((parts, read))
+    keys = sorted(by_class)
+    classes = [name for _, name in keys]
+    groups = [group for group, _ in keys]
+    total = sum(len(v) for v in by_class.values())
+    pixels = np.empty((total, spec.height, spec.width, spec.channels), np.uint8)
+    labels = np.empty(total, np.int64)
+    i = 0
+    with _progress(progress, total, "decoding images") as advance:
+        for label, key in enumerate(keys):
+            for parts, read in by_class[key]:
+                pixels[i] = _decode_one(parts, read, spec)
+                labels[i] = label
+                i += 1
+                advance()
+    return ImageSet(pixels, labels, classes, groups)
+
+
+class _progress:
+    """A rich progress bar when asked for, a no-op otherwise."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled, self.total, self.label = enabled, total, label
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+        self._bar = Progress(transient=True)
+        self._bar.__enter__()
+        task = self._bar.add_task(self.label, total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.__exit__(*exc)
+
+
+def _read_cache(path: Path) -> ImageSet:
+    with np.load(path, allow_pickle=False) as z:
+        return ImageSet(z["pixels"], z["labels"], z["classes"].tolist(), z["groups"].tolist())
+
+
+def _write_cache(path: Path, dataset: ImageSet) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, pixels=dataset.pixels, labels=dataset.labels,
+                     classes=np.array(dataset.classes, dtype=str), groups=np.array(dataset.groups, dtype=str))
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)  # a cache that cannot be written only costs time
+
+
+def _decode_one(parts: tuple[str, ...], read, spec: InputSpec) -> np.ndarray:
+    try:
+        return load_image(read(), spec)
+    except DataError as exc:
+        raise DataError(f"{'/'.join(p for p in parts if p)}: {exc}") from None

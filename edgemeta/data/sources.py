@@ -1,0 +1,50 @@
+"""List image files in a folder or a .zip archive without extracting it."""
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+
+from edgemeta.runtime.errors import DataError
+from edgemeta.runtime.preprocess import IMAGE_EXTENSIONS
+
+# (path parts relative to the source root, a function returning the file's bytes)
+ImageEntry = tuple[tuple[str, ...], Callable[[], bytes]]
+
+
+def iter_image_entries(source: str | os.PathLike) -> Iterator[ImageEntry]:
+    """Yield every image file under a folder or inside a zip, sorted by path, hidden files skipped."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data path not found: {path}. Pass a folder or a .zip of images.")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path} is neither a folder nor a .zip archive")
+        archive = zipfile.ZipFile(path)
+        names = sorted(n for n in archive.namelist() if _is_image(PurePosixPath(n)))
+        for name in names:
+            yield PurePosixPath(name).parts, (lambda n=name: archive.read(n))
+        return
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image(p.relative_to(path)))
+    for p in files:
+        yield p.relative_to(path).parts, p.read_bytes
+
+
+def _is_image(rel: PurePosixPath | Path) -> bool:
+    hidden = any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
+    return not hidden and rel.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def source_fingerprint(source: str | os.PathLike) -> str:
+    """A string that changes when the source's content changes (path, sizes, mtimes)."""
+    path = Path(source).resolve()
+    if path.is_file():
+        st = path.stat()
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    parts = [str(path)]
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            parts.append(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}")
+    return "\n".join(parts)

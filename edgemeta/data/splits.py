@@ -1,0 +1,61 @@
+"""Class splits that keep groups apart: no alphabet (or class) appears in two splits.
+
+Omniglot's background set has a fixed edgemeta split: the eight alphabets of the two small
+archives that the repository ships are validation and test, the other 22 train. So the shipped
+model is always evaluated, in tests and in the demo, on alphabets it never saw. Any other data is
+split by a seeded shuffle of its groups.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgemeta.runtime.errors import DataError
+
+from .imageset import ImageSet
+
+OMNIGLOT_VAL_ALPHABETS = ("Greek", "Latin")
+OMNIGLOT_TEST_ALPHABETS = ("Balinese", "Early_Aramaic", "Japanese_(katakana)", "Korean", "Sanskrit", "Tagalog")
+SPLITS = ("train", "val", "test", "all")
+SPLIT_MODES = ("auto", "alphabets", "seeded")
+
+
+def split_groups(groups: list[str], mode: str = "auto", seed: int = 0,
+                 fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> dict[str, list[str]]:
+    """Assign each distinct group to train / val / test.
+
+    mode "alphabets" uses the fixed Omniglot split above; "seeded" shuffles the groups with the
+    seed and cuts by the fractions; "auto" picks "alphabets" when every fixed test alphabet is
+    present and "seeded" otherwise.
+    """
+    if mode not in SPLIT_MODES:
+        raise DataError(f"split mode must be one of {SPLIT_MODES}, not {mode!r}")
+    distinct = sorted(set(groups))
+    if mode == "auto":
+        mode = "alphabets" if set(OMNIGLOT_TEST_ALPHABETS) <= set(distinct) else "seeded"
+    if mode == "alphabets":
+        test = [g for g in distinct if g in OMNIGLOT_TEST_ALPHABETS]
+        val = [g for g in distinct if g in OMNIGLOT_VAL_ALPHABETS]
+        train = [g for g in distinct if g not in test and g not in val]
+        return {"train": train, "val": val, "test": test}
+    if len(distinct) < 3:
+        raise DataError(f"need at least 3 groups (alphabets or classes) to split, found {len(distinct)}")
+    order = [distinct[i] for i in np.random.default_rng(seed).permutation(len(distinct))]
+    n_val = max(1, round(fractions[1] * len(order)))
+    n_test = max(1, round(fractions[2] * len(order)))
+    n_train = len(order) - n_val - n_test
+    return {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
+            "test": sorted(order[n_train + n_val:])}
+
+
+def select_split(dataset: ImageSet, split: str, mode: str = "auto", seed: int = 0) -> ImageSet:
+    """The classes of one split ("all" keeps everything)."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, not {split!r}")
+    if split == "all":
+        return dataset
+    chosen = split_groups(dataset.groups, mode, seed)[split]
+    part = dataset.select_groups(chosen)
+    if part.n_classes == 0:
+        raise DataError(f"the {split} split of this data is empty (split mode {mode!r}); "
+                        "use --split-mode seeded or add data")
+    return part

@@ -1,0 +1,199 @@
+"""The episodic training loop: Adam, LR schedule, validation on held-out classes with fixed
+episodes, best and last checkpoints, resume, rich progress, JSONL metrics."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgemeta.algorithms import create_algorithm
+from edgemeta.backbones import Embedder
+from edgemeta.checkpoint import load_checkpoint, save_checkpoint
+from edgemeta.config import TrainConfig
+from edgemeta.data import EpisodeSampler, ImageSet, load_dataset, select_split
+from edgemeta.evaluate import embed_pixels
+from edgemeta.protocol import evaluate_episodes
+from edgemeta.runtime.errors import ConfigError
+from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_val_accuracy: float
+    episodes: int
+    seconds: float
+
+
+def load_splits(config: TrainConfig, progress: bool = False) -> tuple[ImageSet, ImageSet]:
+    data = load_dataset(config.data, config.image_size, config.colour, config.layout, progress=progress)
+    train = select_split(data, "train", config.split_mode, config.split_seed)
+    val = select_split(data, "val", config.split_mode, config.split_seed)
+    return train, val
+
+
+def build_model(config: TrainConfig, spec: InputSpec) -> torch.nn.Module:
+    embedder = Embedder(config.backbone, spec, config.backbone_args)
+    return create_algorithm(config.algo, embedder, metric=config.metric, ridge_lambda=config.ridge_lambda)
+
+
+def _lr_factor(config: TrainConfig, step: int) -> float:
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(step, config.episodes) / config.episodes))
+    if config.lr_schedule == "step":
+        return 0.5 ** (step // config.lr_step)
+    return 1.0
+
+
+def _to_device(pixels: np.ndarray, device: str) -> torch.Tensor:
+    return torch.from_numpy(pixels_to_batch(pixels)).to(device)
+
+
+def validate(model: torch.nn.Module, val: ImageSet, config: TrainConfig) -> float:
+    """Accuracy (%) on fixed validation episodes, with the algorithm's own head, in eval mode."""
+    emb = embed_pixels(model.embedder, val.pixels, device=config.device)
+
+    def logits_fn(s, sy, q, n_way):
+        with torch.no_grad():
+            t = lambda a: torch.from_numpy(a).to(config.device)  # noqa: E731
+            return model.logits_from_embeddings(t(s), t(sy), t(q), n_way).cpu().numpy()
+
+    return evaluate_episodes(emb, val.labels, logits_fn, config.val_way, config.val_shot, config.val_query,
+                             config.val_episodes, seed=config.seed + 1).accuracy
+
+
+def checkpoint_meta(config: TrainConfig, model: torch.nn.Module, spec: InputSpec, metrics: dict, step: int,
+                    train_classes: int) -> dict:
+    return {
+        "backbone": {"name": config.backbone, "args": config.backbone_args},
+        "input": spec.to_dict(),
+        "embedding_dim": model.embedder.embed_dim,
+        "normalize_embedding": False,
+        "algorithm": config.algo,
+        "head": model.head_config(),
+        "train_config": config.to_dict(),
+        "train_classes": train_classes,
+        "metrics": metrics,
+        "episode": step,
+    }
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    config.validate()
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    last_path, best_path, log_path = out / "last.safetensors", out / "best.safetensors", out / "metrics.jsonl"
+
+    train_set, val_set = load_splits(config, progress)
+    if config.rotations:
+        train_set = train_set.with_rotations()
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        spec = ckpt.spec
+    else:
+        ckpt = None
+        mean, std = train_set.channel_stats()
+        spec = InputSpec(config.image_size, config.image_size, config.colour, mean, std)
+    model = build_model(config, spec).to(config.device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                 weight_decay=config.weight_decay)
+    start, best = 0, -1.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model_state)
+        if ckpt.optimizer_state is not None:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        start, best = ckpt.meta["episode"], ckpt.meta["metrics"].get("best_val_accuracy", -1.0)
+    elif log_path.exists():
+        log_path.unlink()
+
+    sampler = EpisodeSampler(train_set.labels, config.way, config.shot, config.query, config.seed,
+                             class_names=train_set.classes)
+    # Fail before training, not at the first validation, when the validation classes are too small.
+    EpisodeSampler(val_set.labels, config.val_way, config.val_shot, config.val_query, 0, class_names=val_set.classes)
+    t0 = time.time()
+    bar = _Bar(progress, config.episodes, start)
+    metrics: dict = {"best_val_accuracy": best}
+    window_loss, window_acc = [], []
+    with bar:
+        for step in range(start, config.episodes):
+            model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * _lr_factor(config, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, acc_sum = 0.0, 0.0
+            for j in range(config.meta_batch):
+                ep = sampler.episode(step * config.meta_batch + j)
+                sx, qx = _to_device(train_set.pixels[ep.support], config.device), _to_device(train_set.pixels[ep.query], config.device)
+                sy = torch.from_numpy(ep.support_labels).to(config.device)
+                qy = torch.from_numpy(ep.query_labels).to(config.device)
+                logits = model(sx, sy, qx, config.way)
+                loss = F.cross_entropy(logits, qy) / config.meta_batch
+                loss.backward()
+                loss_sum += loss.item() * config.meta_batch
+                acc_sum += float((logits.argmax(1) == qy).float().mean())
+            optimizer.step()
+            window_loss.append(loss_sum / config.meta_batch)
+            window_acc.append(100 * acc_sum / config.meta_batch)
+            done = step + 1
+            record = None
+            if done % config.log_every == 0 or done == config.episodes:
+                record = {"episode": done, "loss": float(np.mean(window_loss)), "train_acc": float(np.mean(window_acc)),
+                          "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+                window_loss, window_acc = [], []
+            if done % config.val_every == 0 or done == config.episodes:
+                val_acc = validate(model, val_set, config)
+                record = {**(record or {"episode": done}), "val_acc": val_acc}
+                improved = val_acc > best
+                best = max(best, val_acc)
+                metrics = {"best_val_accuracy": best, "val_accuracy": val_acc,
+                           "val_protocol": f"{config.val_way}-way {config.val_shot}-shot, {config.val_episodes} episodes"}
+                meta = checkpoint_meta(config, model, spec, metrics, done, train_set.n_classes)
+                if improved:
+                    save_checkpoint(best_path, model.state_dict(), meta)
+                save_checkpoint(last_path, model.state_dict(), meta, optimizer.state_dict())
+            if record is not None:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.update(done, record)
+            else:
+                bar.update(done, None)
+    return TrainResult(best_path, last_path, best, config.episodes, time.time() - t0)
+
+
+class _Bar:
+    """rich progress with the latest loss / accuracy in the description; silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled, self.total, self.start = enabled, total, start
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.description}"))
+            self.progress.__enter__()
+            self.task = self.progress.add_task("", total=self.total, completed=self.start)
+        return self
+
+    def update(self, done: int, record: dict | None) -> None:
+        if not self.enabled:
+            return
+        kw = {}
+        if record is not None:
+            kw["description"] = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in record.items() if k in ("loss", "train_acc", "val_acc"))
+        self.progress.update(self.task, completed=done, **kw)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)

@@ -1,0 +1,34 @@
+"""The project's exception types: errors a user can cause, each with a message that says what to do.
+
+They live in the runtime (which imports nothing else of ours) so that the training library, the
+export toolchain and the device all raise and catch the same types.
+"""
+from __future__ import annotations
+
+
+class EdgemetaError(Exception):
+    """Base of every error a user can cause; the CLI prints its message without a traceback."""
+
+
+class DataError(EdgemetaError):
+    """A dataset, image or episode request that cannot be served (bad path, empty class, too few shots)."""
+
+
+class ImageDecodeError(DataError):
+    """An image file that will not decode or does not have the expected channels."""
+
+
+class ConfigError(EdgemetaError):
+    """An unknown backbone, algorithm or head, or an invalid option value."""
+
+
+class CheckpointError(EdgemetaError):
+    """A checkpoint that is missing, unreadable, not ours, or would need code execution to load."""
+
+
+class BundleError(EdgemetaError):
+    """A bundle whose manifest or files are missing, tampered with, or made for another device."""
+
+
+class StoreError(EdgemetaError):
+    """An enrollment store that is missing, made for another bundle, or asked for something it lacks."""
