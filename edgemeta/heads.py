@@ -40,15 +40,16 @@ def prototype_logits(query: torch.Tensor, prototypes: torch.Tensor, metric: str 
 def ridge_fit(support: torch.Tensor, labels: torch.Tensor, n_way: int, lam: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Closed-form ridge regression onto one-hot targets: W [D, n_way].
 
-    The dual (Woodbury) form solves an n×n system instead of D×D; both give the same W.
+    The dual (Woodbury) form solves an n×n system instead of D×D; both give the same W. The solve
+    runs in float64 (tiny systems; stable closed form), as the NumPy twin does.
     """
-    x, y = support, one_hot(labels, n_way, support.dtype)
+    x, y = support.double(), one_hot(labels, n_way, torch.float64)
     n, d = x.shape
     if n < d:
-        gram = x @ x.T + lam * torch.eye(n, dtype=x.dtype, device=x.device)
-        return x.T @ torch.linalg.solve(gram, y)
-    gram = x.T @ x + lam * torch.eye(d, dtype=x.dtype, device=x.device)
-    return torch.linalg.solve(gram, x.T @ y)
+        w = x.T @ torch.linalg.solve(x @ x.T + lam * torch.eye(n, dtype=x.dtype, device=x.device), y)
+    else:
+        w = torch.linalg.solve(x.T @ x + lam * torch.eye(d, dtype=x.dtype, device=x.device), x.T @ y)
+    return w.to(support.dtype)
 
 
 def ridge_logits(query: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | float = 1.0,

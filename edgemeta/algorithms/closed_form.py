@@ -30,7 +30,7 @@ class ProtoNet(nn.Module):
         return prototype_logits(q, class_means(s, support_y, n_way), self.metric, self.log_scale.exp())
 
     def head_config(self) -> dict:
-        return {"kind": "prototype", "metric": self.metric, "scale": float(self.log_scale.exp())}
+        return {"kind": "prototype", "metric": self.metric, "scale": self.log_scale.exp().item()}
 
 
 class R2D2(nn.Module):
@@ -51,4 +51,4 @@ class R2D2(nn.Module):
         return ridge_logits(q, ridge_fit(s, support_y, n_way, self.lam), self.log_scale.exp(), self.bias)
 
     def head_config(self) -> dict:
-        return {"kind": "ridge", "lambda": self.lam, "scale": float(self.log_scale.exp()), "bias": float(self.bias)}
+        return {"kind": "ridge", "lambda": self.lam, "scale": self.log_scale.exp().item(), "bias": self.bias.item()}

@@ -1,0 +1,122 @@
+"""Few-shot heads in NumPy: the device's twins of edgemeta.heads (torch), formula for formula.
+
+A parity test feeds both the same features and requires the same logits, so the backbone is
+meta-trained against exactly the adaptation the device runs. Features are float32 [n, D];
+labels are 0..n_way-1. Linear solves run in float64 (the systems are tiny; it costs nothing and
+keeps the closed forms stable); everything else runs in the features' dtype.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .errors import ConfigError
+
+METRICS = ("euclidean", "cosine")
+HEADS = ("prototype", "ridge", "logistic")
+
+
+def one_hot(labels: np.ndarray, n_way: int, dtype=np.float32) -> np.ndarray:
+    return np.eye(n_way, dtype=dtype)[labels]
+
+
+def class_means(support: np.ndarray, labels: np.ndarray, n_way: int) -> np.ndarray:
+    y = one_hot(labels, n_way, support.dtype)
+    return (y.T @ support) / np.maximum(y.sum(0), 1)[:, None]
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def prototype_logits(query: np.ndarray, prototypes: np.ndarray, metric: str = "euclidean", scale: float = 1.0) -> np.ndarray:
+    if metric == "euclidean":
+        sq = (query * query).sum(1, keepdims=True) - 2.0 * query @ prototypes.T + (prototypes * prototypes).sum(1)
+        return -scale * sq
+    if metric == "cosine":
+        return scale * (_normalize(query) @ _normalize(prototypes).T)
+    raise ConfigError(f"metric must be one of {METRICS}, not {metric!r}")
+
+
+def ridge_fit(support: np.ndarray, labels: np.ndarray, n_way: int, lam: float = 1.0) -> np.ndarray:
+    """W [D, n_way] = (XᵀX + λI)⁻¹XᵀY, or the dual Xᵀ(XXᵀ + λI)⁻¹Y when shots < dim."""
+    x = support.astype(np.float64)
+    y = one_hot(labels, n_way, np.float64)
+    n, d = x.shape
+    if n < d:
+        w = x.T @ np.linalg.solve(x @ x.T + lam * np.eye(n), y)
+    else:
+        w = np.linalg.solve(x.T @ x + lam * np.eye(d), x.T @ y)
+    return w.astype(support.dtype)
+
+
+def ridge_logits(query: np.ndarray, weights: np.ndarray, scale: float = 1.0, bias: float = 0.0) -> np.ndarray:
+    return scale * (query @ weights) + bias
+
+
+def imprinted_init(prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return 2.0 * prototypes, -(prototypes * prototypes).sum(1)
+
+
+def logistic_logits(query: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    return query @ weight.T + bias
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int = 10, lr: float = 0.1,
+                 weight: np.ndarray | None = None, bias: np.ndarray | None = None, momentum: float = 0.0,
+                 weight_decay: float = 0.0, optimizer: str = "sgd", betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, on_step: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """k steps of SGD (heavy-ball momentum, L2 weight decay) or Adam on the mean softmax
+    cross-entropy of the support set, from the imprinted prototypes unless (weight, bias) are
+    given. `on_step(i)` is called after each step, so callers can time every step."""
+    if optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"optimizer must be sgd or adam, not {optimizer!r}")
+    if weight is None or bias is None:
+        weight, bias = imprinted_init(class_means(support, labels, n_way))
+    weight, bias = weight.astype(support.dtype, copy=True), bias.astype(support.dtype, copy=True)
+    y = one_hot(labels, n_way, support.dtype)
+    n = support.shape[0]
+    m_w, m_b = np.zeros_like(weight), np.zeros_like(bias)
+    v_w, v_b = np.zeros_like(weight), np.zeros_like(bias)
+    for step in range(steps):
+        grad_logits = (softmax(logistic_logits(support, weight, bias)) - y) / n
+        grad_w = grad_logits.T @ support + weight_decay * weight
+        grad_b = grad_logits.sum(0)
+        if optimizer == "sgd":
+            m_w = momentum * m_w + grad_w
+            m_b = momentum * m_b + grad_b
+            weight = weight - lr * m_w
+            bias = bias - lr * m_b
+        else:
+            b1, b2 = betas
+            m_w, m_b = b1 * m_w + (1 - b1) * grad_w, b1 * m_b + (1 - b1) * grad_b
+            v_w, v_b = b2 * v_w + (1 - b2) * grad_w ** 2, b2 * v_b + (1 - b2) * grad_b ** 2
+            c1, c2 = 1 - b1 ** (step + 1), 1 - b2 ** (step + 1)
+            weight = weight - lr * (m_w / c1) / (np.sqrt(v_w / c2) + eps)
+            bias = bias - lr * (m_b / c1) / (np.sqrt(v_b / c2) + eps)
+        if on_step is not None:
+            on_step(step)
+    return weight, bias
+
+
+def head_logits(head: dict, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int) -> np.ndarray:
+    """Fit the head described by a head config (checkpoint / manifest format) and score the query."""
+    kind = head.get("kind", "prototype")
+    scale = head.get("scale", 1.0)
+    if kind == "prototype":
+        return prototype_logits(query, class_means(support, labels, n_way), head.get("metric", "euclidean"), scale)
+    if kind == "ridge":
+        return ridge_logits(query, ridge_fit(support, labels, n_way, head.get("lambda", 1.0)), scale, head.get("bias", 0.0))
+    if kind == "logistic":
+        w, b = logistic_fit(support, labels, n_way, head.get("steps", 10), head.get("lr", 0.1),
+                            momentum=head.get("momentum", 0.0), weight_decay=head.get("weight_decay", 0.0),
+                            optimizer=head.get("optimizer", "sgd"))
+        return logistic_logits(query, w, b)
+    raise ConfigError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")

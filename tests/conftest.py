@@ -1,0 +1,47 @@
+"""Shared fixtures: the shipped Omniglot slice, a tiny trained checkpoint, an isolated cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OMNIGLOT = [ROOT / "data" / "omniglot" / "images_background_small1.zip",
+            ROOT / "data" / "omniglot" / "images_background_small2.zip"]
+SHIPPED_CHECKPOINT = ROOT / "checkpoints" / "omniglot-conv4-protonet.safetensors"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ["EDGEMETA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def omniglot_paths() -> list[Path]:
+    return list(OMNIGLOT)
+
+
+@pytest.fixture(scope="session")
+def omniglot(omniglot_paths):
+    from edgemeta.data import load_dataset
+    return load_dataset(omniglot_paths, 28, "L")
+
+
+def run_cli(*args: str):
+    """Run the CLI in-process; returns typer's Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from edgemeta.cli import app
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, omniglot_paths):
+    """A real (short) ProtoNet training run through the CLI on the shipped data."""
+    out = tmp_path_factory.mktemp("run")
+    data = [x for p in omniglot_paths for x in ("--data", p)]
+    result = run_cli("train", *data, "--split-mode", "seeded", "--way", "10", "--shot", "5", "--query", "5",
+                     "--episodes", "30", "--val-every", "15", "--val-episodes", "50", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from edgemeta.backbones import Embedder, create_backbone, list_backbones
+from edgemeta.runtime import ConfigError, InputSpec
+
+
+@pytest.mark.parametrize("name,size,colour,dim", [
+    ("conv4", 28, "L", 64), ("conv4", 84, "RGB", 1600),
+    ("resnet12", 32, "RGB", 640), ("edgenet", 28, "L", 128), ("edgenet", 64, "RGB", 128),
+])
+def test_backbones_embed_images_to_vectors(name, size, colour, dim):
+    spec = InputSpec(size, size, colour)
+    embedder = Embedder(name, spec)
+    x = torch.rand(3, spec.channels, size, size) * 255
+    z = embedder(x)
+    assert z.shape == (3, dim) and embedder.embed_dim == dim
+    assert torch.isfinite(z).all()
+
+
+def test_registry_lists_three_backbones_and_refuses_unknown_names():
+    assert list_backbones() == ["conv4", "edgenet", "resnet12"]
+    with pytest.raises(ConfigError, match="unknown backbone 'vgg'.*conv4"):
+        create_backbone("vgg")
+    with pytest.raises(ConfigError, match="bad arguments"):
+        create_backbone("conv4", nonsense=3)
+
+
+def test_edge_backbone_is_an_order_of_magnitude_smaller_than_resnet12():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    edge, resnet = count(create_backbone("edgenet")), count(create_backbone("resnet12"))
+    assert edge < 300_000 and resnet > 10_000_000
+
+
+def test_input_normalisation_is_part_of_the_model():
+    spec = InputSpec(28, 28, "L", mean=(0.9,), std=(0.2,))
+    e = Embedder("conv4", spec)
+    x = torch.full((1, 1, 28, 28), 255.0)
+    assert torch.allclose(e.normalize(x), torch.full_like(x, (1.0 - 0.9) / 0.2), atol=1e-6)

@@ -1,0 +1,89 @@
+"""The train / eval / inspect commands end to end on the shipped Omniglot slice."""
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+def _data(paths):
+    return [x for p in paths for x in ("--data", p)]
+
+
+def test_training_writes_checkpoints_and_a_jsonl_log_that_learns(tiny_run):
+    assert (tiny_run / "best.safetensors").exists() and (tiny_run / "last.safetensors").exists()
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in records] == [10, 15, 20, 30]  # every 10 episodes and at each validation
+    assert [r["episode"] for r in records if "val_acc" in r] == [15, 30]
+    assert records[-1]["loss"] < records[0]["loss"]
+    # 5-way 1-shot on held-out alphabets: far above the 20% of chance after 30 episodes
+    assert max(r.get("val_acc", 0) for r in records) > 50
+
+
+def test_eval_prints_accuracy_with_ci_and_is_reproducible(tiny_run, omniglot_paths):
+    args = ["eval", tiny_run / "best.safetensors", *_data(omniglot_paths), "--split-mode", "seeded",
+            "--episodes", "100", "--json"]
+    first = json.loads(run_cli(*args).stdout)
+    second = json.loads(run_cli(*args).stdout)
+    assert first == second
+    assert 50 < first["accuracy"] <= 100 and 0 < first["ci95"] < 5
+    assert first["episodes"] == 100 and first["way"] == 5 and first["shot"] == 1
+    five_shot = json.loads(run_cli(*args, "--shot", "5").stdout)
+    assert five_shot["accuracy"] > first["accuracy"]
+    text = run_cli(*args[:-1]).stdout
+    assert "5-way 1-shot" in text and "±" in text
+
+
+@pytest.mark.parametrize("head", ["ridge", "logistic"])
+def test_eval_with_other_device_heads(tiny_run, omniglot_paths, head):
+    out = run_cli("eval", tiny_run / "best.safetensors", *_data(omniglot_paths), "--split-mode", "seeded",
+                  "--episodes", "50", "--head", head, "--json")
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    assert result["head"]["kind"] == head and result["accuracy"] > 40
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, omniglot_paths):
+    common = [*_data(omniglot_paths), "--split-mode", "seeded", "--way", "5", "--query", "2", "--val-every", "4",
+              "--val-episodes", "10", "--out", tmp_path, "--quiet"]
+    assert run_cli("train", *common, "--episodes", "4").exit_code == 0
+    result = run_cli("train", *common, "--episodes", "8", "--resume")
+    assert result.exit_code == 0, result.output
+    episodes = [json.loads(line)["episode"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert episodes == [4, 8]  # log_every=10 → one record per validation; 1..4 not redone
+
+
+def test_toml_config_with_flag_override(tmp_path, omniglot_paths):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("data = [%s]\nsplit_mode = 'seeded'\nway = 5\nquery = 2\nepisodes = 2\nval_every = 2\n"
+                   "val_episodes = 5\nalgo = 'r2d2'\n" % ", ".join(f"'{p}'" for p in omniglot_paths))
+    result = run_cli("train", "--config", cfg, "--out", tmp_path / "r", "--quiet", "--episodes", "3")
+    assert result.exit_code == 0, result.output
+    meta = json.loads(run_cli("inspect", tmp_path / "r" / "last.safetensors", "--json").stdout)
+    assert meta["algorithm"] == "r2d2" and meta["head"]["kind"] == "ridge" and meta["episode"] == 3
+
+
+def test_inspect_shows_what_a_checkpoint_holds(tiny_run):
+    out = run_cli("inspect", tiny_run / "best.safetensors")
+    assert out.exit_code == 0
+    for word in ("conv4", "111,68", "28×28", "prototype", "episodes trained"):
+        assert word in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--data", "/no/such/dir", "--quiet"], "data path not found"),
+    (["train", "--backbone", "vgg", "--quiet"], "unknown backbone 'vgg'"),
+    (["train", "--shot", "19", "--query", "5", "--quiet"], "lower --shot"),
+    (["train", "--algo", "magic", "--quiet"], "unknown algorithm"),
+    (["train", "--quiet"], "no training data"),
+    (["eval", "/no/such.safetensors"], "checkpoint not found"),
+    (["inspect", "/no/such.safetensors"], "not found"),
+])
+def test_user_mistakes_end_in_one_clear_line(args, message, omniglot_paths, tmp_path):
+    if args[0] == "train" and "--data" not in args and message != "no training data":
+        args = args + [*_data(omniglot_paths), "--split-mode", "seeded", "--out", str(tmp_path)]
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 3  # one line, possibly wrapped by the terminal width

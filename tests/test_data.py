@@ -1,0 +1,140 @@
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgemeta.data import load_dataset, select_split, split_groups
+from edgemeta.data.splits import OMNIGLOT_TEST_ALPHABETS, OMNIGLOT_VAL_ALPHABETS
+from edgemeta.runtime import DataError, InputSpec, load_image
+
+
+def test_shipped_omniglot_loads_all_eight_alphabets_deduplicated(omniglot):
+    assert omniglot.pixels.shape == (242 * 20, 28, 28, 1)
+    assert omniglot.pixels.dtype == np.uint8
+    assert omniglot.n_classes == 242
+    assert len(set(omniglot.groups)) == 8
+    assert np.bincount(omniglot.labels).tolist() == [20] * 242
+    # binary drawings resized with LANCZOS: mostly white background with grey edges
+    assert 0.85 < omniglot.pixels.mean() / 255 < 0.97
+
+
+def test_zip_and_extracted_folder_give_identical_arrays(tmp_path, omniglot_paths):
+    with zipfile.ZipFile(omniglot_paths[0]) as z:
+        z.extractall(tmp_path)
+    from_zip = load_dataset(omniglot_paths[0], 28, cache_dir=False)
+    from_dir = load_dataset(tmp_path, 28, cache_dir=False)
+    assert from_zip.classes == from_dir.classes
+    np.testing.assert_array_equal(from_zip.pixels, from_dir.pixels)
+    np.testing.assert_array_equal(from_zip.labels, from_dir.labels)
+
+
+def test_second_load_comes_from_the_disk_cache(tmp_path, omniglot_paths):
+    t0 = time.perf_counter()
+    first = load_dataset(omniglot_paths[0], 20, cache_dir=tmp_path)
+    t_first = time.perf_counter() - t0
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    t0 = time.perf_counter()
+    second = load_dataset(omniglot_paths[0], 20, cache_dir=tmp_path)
+    t_second = time.perf_counter() - t0
+    np.testing.assert_array_equal(first.pixels, second.pixels)
+    assert second.classes == first.classes and second.groups == first.groups
+    assert t_second < t_first / 5
+    # a different size is a different cache entry
+    load_dataset(omniglot_paths[0], 24, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_corrupt_cache_file_is_rebuilt(tmp_path, omniglot_paths):
+    first = load_dataset(omniglot_paths[0], 20, cache_dir=tmp_path)
+    cache = next(tmp_path.glob("*.npz"))
+    cache.write_bytes(b"garbage")
+    again = load_dataset(omniglot_paths[0], 20, cache_dir=tmp_path)
+    np.testing.assert_array_equal(first.pixels, again.pixels)
+
+
+def test_training_path_and_runtime_path_preprocess_identically(omniglot_paths, omniglot):
+    with zipfile.ZipFile(omniglot_paths[0]) as z:
+        name = sorted(n for n in z.namelist() if n.endswith(".png"))[0]
+        raw = z.read(name)
+    alphabet, character = name.split("/")[-3:-1]
+    label = omniglot.classes.index(f"{alphabet}/{character}")
+    first_of_class = omniglot.pixels[omniglot.labels == label][0]
+    np.testing.assert_array_equal(load_image(raw, InputSpec(28, 28, "L")), first_of_class)
+
+
+def _write_folder(root, classes, size=(40, 30), mode="RGB", n=4):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
+
+
+def test_image_folder_mixes_grey_and_rgb(tmp_path):
+    _write_folder(tmp_path, ["cat", "dog"], mode="RGB")
+    _write_folder(tmp_path, ["owl"], mode="L")
+    ds = load_dataset(tmp_path, 16, "RGB", cache_dir=False)
+    assert ds.classes == ["cat", "dog", "owl"] and ds.groups == ds.classes
+    assert ds.pixels.shape == (12, 16, 16, 3)
+    owl = ds.pixels[ds.labels == 2]
+    np.testing.assert_array_equal(owl[..., 0], owl[..., 1])  # grey replicated to RGB
+    grey = load_dataset(tmp_path, 16, "L", cache_dir=False)
+    assert grey.pixels.shape == (12, 16, 16, 1)
+
+
+def test_a_file_that_will_not_decode_is_named(tmp_path):
+    _write_folder(tmp_path, ["a", "b"])
+    (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="b/broken.png"):
+        load_dataset(tmp_path, 16, "RGB", cache_dir=False)
+
+
+def test_missing_path_and_empty_source_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_dataset(tmp_path / "nope", 28)
+    with pytest.raises(DataError, match="no images"):
+        load_dataset(tmp_path, 28, cache_dir=False)
+
+
+def test_fixed_alphabet_split_keeps_test_alphabets_unseen(omniglot):
+    parts = split_groups(omniglot.groups, "auto")
+    assert parts["test"] == sorted(OMNIGLOT_TEST_ALPHABETS)
+    assert parts["val"] == sorted(OMNIGLOT_VAL_ALPHABETS)
+    assert parts["train"] == []  # the shipped slice is exactly validation + test alphabets
+    test = select_split(omniglot, "test")
+    assert set(test.groups) == set(OMNIGLOT_TEST_ALPHABETS) and test.n_classes == 196 - 4
+    with pytest.raises(DataError, match="seeded"):
+        select_split(omniglot, "train")
+
+
+def test_seeded_split_is_disjoint_by_group_and_reproducible(omniglot):
+    a = split_groups(omniglot.groups, "seeded", seed=3)
+    b = split_groups(omniglot.groups, "seeded", seed=3)
+    c = split_groups(omniglot.groups, "seeded", seed=4)
+    assert a == b and a != c
+    groups = [set(a[k]) for k in ("train", "val", "test")]
+    assert all(not (x & y) for i, x in enumerate(groups) for y in groups[i + 1:])
+    assert set.union(*groups) == set(omniglot.groups)
+    train = select_split(omniglot, "train", "seeded", 3)
+    test = select_split(omniglot, "test", "seeded", 3)
+    assert not set(train.classes) & set(test.classes)
+
+
+def test_rotations_make_four_classes_per_character(omniglot):
+    small = omniglot.select_classes([0, 1])
+    rot = small.with_rotations()
+    assert rot.n_classes == 8 and len(rot) == 4 * len(small)
+    np.testing.assert_array_equal(rot.pixels[rot.labels == 2][0], np.rot90(small.pixels[small.labels == 0][0], 1))
+    assert rot.classes[2].endswith("@rot90")
+
+
+def test_channel_stats_are_per_channel_on_unit_scale(tmp_path):
+    for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (10, 10), colour).save(tmp_path / name / "0.png")
+    mean, std = load_dataset(tmp_path, 8, "RGB", cache_dir=False).channel_stats()
+    assert mean == (0.5, 0.0, 0.5)
+    assert std == (0.5, 0.001, 0.5)  # a constant channel gets the floor, never a division by zero

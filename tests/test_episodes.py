@@ -1,0 +1,60 @@
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgemeta.data import EpisodeSampler
+from edgemeta.runtime import DataError
+
+
+@settings(max_examples=40, deadline=None)
+@given(way=st.integers(1, 10), shot=st.integers(1, 5), query=st.integers(0, 5), seed=st.integers(0, 2**31),
+       index=st.integers(0, 10**6), ragged=st.booleans())
+def test_episode_invariants(way, shot, query, seed, index, ragged):
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(10, 14, 12) if ragged else np.full(12, 10)
+    labels = np.repeat(np.arange(12), sizes)
+    rng.shuffle(labels)
+    ep = EpisodeSampler(labels, way, shot, query, seed).episode(index)
+    assert len(set(ep.classes.tolist())) == way
+    assert ep.support.shape == (way * shot,) and ep.query.shape == (way * query,)
+    assert not set(ep.support.tolist()) & set(ep.query.tolist())
+    assert len(set(ep.support.tolist())) == way * shot
+    assert ep.support_labels.tolist() == np.repeat(np.arange(way), shot).tolist()
+    assert ep.query_labels.tolist() == np.repeat(np.arange(way), query).tolist()
+    # every image carries the class its episode label says
+    np.testing.assert_array_equal(labels[ep.support], ep.classes[ep.support_labels])
+    np.testing.assert_array_equal(labels[ep.query], ep.classes[ep.query_labels])
+
+
+def test_same_seed_same_episodes_other_seed_other_episodes(omniglot):
+    a = EpisodeSampler(omniglot.labels, 5, 1, 15, seed=7).episodes(20)
+    b = EpisodeSampler(omniglot.labels, 5, 1, 15, seed=7).episodes(20)
+    c = EpisodeSampler(omniglot.labels, 5, 1, 15, seed=8).episodes(20)
+    assert all(np.array_equal(x.support, y.support) and np.array_equal(x.query, y.query) for x, y in zip(a, b))
+    assert not all(np.array_equal(x.support, y.support) for x, y in zip(a, c))
+    # random access: episode i does not depend on what was drawn before
+    s = EpisodeSampler(omniglot.labels, 5, 1, 15, seed=7)
+    assert np.array_equal(s.episode(13).query, a[13].query)
+
+
+def test_twenty_way_five_shot_episode_samples_well_under_a_millisecond(omniglot):
+    sampler = EpisodeSampler(omniglot.labels, 20, 5, 15, seed=0)
+    sampler.episode(0)
+    t0 = time.perf_counter()
+    for i in range(500):
+        sampler.episode(i)
+    per_episode = (time.perf_counter() - t0) / 500
+    assert per_episode < 0.5e-3, f"{per_episode * 1e3:.3f} ms per episode"
+
+
+def test_more_shots_than_images_names_the_class_and_the_fix(omniglot):
+    with pytest.raises(DataError, match=r"has 20 images but an episode needs 15 shots \+ 15 queries.*lower --shot"):
+        EpisodeSampler(omniglot.labels, 5, 15, 15, class_names=omniglot.classes)
+
+
+def test_more_ways_than_classes_is_refused():
+    with pytest.raises(DataError, match="need 5 classes"):
+        EpisodeSampler(np.repeat(np.arange(3), 10), 5, 1, 1)

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from edgemeta import heads as th
+from edgemeta.runtime import heads as nh
+
+
+def _features(n_way=5, shot=3, dim=16, query=4, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n_way * shot, dim, generator=g, dtype=dtype)
+    y = torch.arange(n_way).repeat_interleave(shot)
+    q = torch.randn(n_way * query, dim, generator=g, dtype=dtype)
+    return s, y, q
+
+
+def test_euclidean_prototype_logits_equal_negative_squared_distances():
+    s, y, q = _features()
+    p = th.class_means(s, y, 5)
+    assert torch.allclose(p[2], s[6:9].mean(0))
+    assert torch.allclose(th.prototype_logits(q, p, "euclidean", 2.0), -2.0 * torch.cdist(q, p) ** 2, atol=1e-9)
+
+
+def test_cosine_logits_are_scaled_cosines():
+    s, y, q = _features()
+    p = th.class_means(s, y, 5)
+    expected = 10 * torch.nn.functional.cosine_similarity(q[:, None], p[None], dim=2)
+    assert torch.allclose(th.prototype_logits(q, p, "cosine", 10.0), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("shot,dim", [(1, 64), (10, 8)])  # dual form (n < d) and primal form (n ≥ d)
+def test_ridge_matches_a_direct_solve_of_the_primal(shot, dim):
+    s, y, _ = _features(shot=shot, dim=dim)
+    lam = 0.7
+    w = th.ridge_fit(s, y, 5, lam)
+    onehot = torch.nn.functional.one_hot(y, 5).double()
+    direct = torch.linalg.solve(s.T @ s + lam * torch.eye(dim, dtype=s.dtype), s.T @ onehot)
+    assert torch.allclose(w, direct, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["prototype", "ridge", "logistic"])
+def test_heads_pass_gradients_to_the_features(kind):
+    s, y, q = _features(dtype=torch.float32)
+    s.requires_grad_(True)
+    q.requires_grad_(True)
+    logits = th.head_logits({"kind": kind, "steps": 3}, s, y, q, 5)
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(5).repeat_interleave(4))
+    loss.backward()
+    assert s.grad.abs().sum() > 0 and q.grad.abs().sum() > 0
+
+
+def test_imprinted_logistic_head_starts_as_the_prototype_classifier():
+    s, y, q = _features()
+    p = th.class_means(s, y, 5)
+    w, b = th.imprinted_init(p)
+    diff = th.logistic_logits(q, w, b) - th.prototype_logits(q, p)
+    # equal up to a per-query constant (‖q‖²), so the same class wins
+    assert torch.allclose(diff, diff[:, :1].expand_as(diff), atol=1e-9)
+
+
+def test_logistic_sgd_steps_lower_the_support_loss():
+    s, y, _ = _features(dtype=torch.float32)
+    losses = []
+    for steps in (0, 5, 20):
+        w, b = th.logistic_fit(s / 4, y, 5, steps=steps, lr=0.5)
+        losses.append(float(torch.nn.functional.cross_entropy(th.logistic_logits(s / 4, w, b), y)))
+    assert losses[0] > losses[1] > losses[2]
+
+
+def test_logistic_gradient_formula_equals_autograd():
+    s, y, _ = _features(dtype=torch.float64)
+    w0, b0 = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    w1, b1 = th.logistic_fit(s, y, 5, steps=1, lr=1.0, weight=w0, bias=b0, weight_decay=0.1)
+    w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(th.logistic_logits(s, w, b), y) + 0.05 * (w * w).sum()
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    assert torch.allclose(w1, w0 - gw, atol=1e-10) and torch.allclose(b1, b0 - gb, atol=1e-10)
+
+
+@pytest.mark.parametrize("head", [
+    {"kind": "prototype", "metric": "euclidean", "scale": 1.0},
+    {"kind": "prototype", "metric": "cosine", "scale": 12.5},
+    {"kind": "ridge", "lambda": 0.5, "scale": 7.0, "bias": 0.3},
+    {"kind": "ridge", "lambda": 2.0, "scale": 1.0, "bias": 0.0},
+    {"kind": "logistic", "steps": 10, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
+])
+@pytest.mark.parametrize("shot", [1, 5])
+def test_numpy_and_torch_heads_give_the_same_logits(head, shot):
+    s, y, q = _features(shot=shot, dim=64, dtype=torch.float32, seed=shot)
+    s, q = s.abs(), q.abs()  # post-ReLU-like features
+    expected = th.head_logits(head, s, y, q, 5).numpy()
+    got = nh.head_logits(head, s.numpy(), y.numpy(), q.numpy(), 5)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
