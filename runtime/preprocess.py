@@ -60,7 +60,7 @@ class InputSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(channels=self.channels, layout="NCHW", dtype="float32", pixel_range=[0, 255])
+        d.update(mean=list(self.mean), std=list(self.std), channels=self.channels, layout="NCHW", dtype="float32", pixel_range=[0, 255])
         return d
 
     @classmethod

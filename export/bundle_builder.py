@@ -1,0 +1,202 @@
+"""Make bundles: from a checkpoint, from any ONNX embedding model, and add TensorRT engines."""
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+import edgemeta
+from edgemeta.runtime.bundle import SCHEMA, SCHEMA_VERSION, load_bundle, register_file, sha256_file, write_manifest
+from edgemeta.runtime.errors import BundleError, DataError
+from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
+
+PARITY_IMAGES = 64
+Report = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def reference_images(sources: list[str], spec: InputSpec, count: int, seed: int = 0):
+    """Load real images at the model's input spec: (a seeded sample of `count` float32 NCHW images,
+    the whole dataset as an ImageSet for few-shot episodes)."""
+    from edgemeta.data import load_dataset
+    if not sources:
+        raise DataError("no reference images: pass --calib-data DIR (a folder or .zip of real images)")
+    data = load_dataset(sources, (spec.height, spec.width), spec.colour)
+    pick = np.random.default_rng(seed).choice(len(data), min(count, len(data)), replace=False)
+    return pixels_to_batch(data.pixels[np.sort(pick)]), data
+
+
+def _new_manifest(spec: InputSpec, input_name: str, output_name: str, dim: int, l2: bool, head: dict, model: dict) -> dict:
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "edgemeta_version": edgemeta.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "input": {"name": input_name, **spec.to_dict(),
+                  "note": "decoded pixels: uint8 values as float32, NCHW, resized to height×width; "
+                          "scaling and mean/std are inside the graph"},
+        "output": {"name": output_name, "dim": dim, "l2_normalized": l2},
+        "head": head, "files": {}, "variants": {}, "engines": [],
+    }
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise BundleError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, l2_normalize: bool = False, int8: bool = False,
+                      fp16: bool = False, calib_data: list[str] | None = None, calib_images: int = 256,
+                      eval_episodes: int = 200, overwrite: bool = False, report: Report = _quiet) -> dict:
+    """Checkpoint → bundle with embed.onnx (parity-checked), optional INT8 and FP16 variants."""
+    from edgemeta.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    spec = ckpt.spec
+    out = Path(out)
+    sources = list(calib_data or [p for p in ckpt.meta.get("train_config", {}).get("data", []) if Path(p).exists()])
+    real, dataset = reference_images(sources, spec, max(calib_images, PARITY_IMAGES))
+    _prepare_out(out, overwrite)
+    try:
+        return _export(ckpt, Path(checkpoint), out, real, dataset, l2_normalize, int8, fp16, calib_images,
+                       eval_episodes, report)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written bundle behind
+        raise
+
+
+def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, l2_normalize: bool, int8: bool, fp16: bool,
+            calib_images: int, eval_episodes: int, report: Report) -> dict:
+    from .onnx_graph import PARITY_RTOL, ExportEmbedder, export_onnx, graph_io, parity
+    spec = ckpt.spec
+    embedder = ckpt.build_embedder()
+    reference = ExportEmbedder(embedder, l2_normalize).eval()
+
+    report("exporting ONNX (opset 17, dynamic batch)")
+    model = export_onnx(embedder, spec, out / "embed.onnx", l2_normalize)
+    in_name, _, out_name, out_shape = graph_io(model)
+    noise = np.random.default_rng(0).uniform(0, 255, (8, spec.channels, spec.height, spec.width)).astype(np.float32)
+    check = parity(out / "embed.onnx", reference, np.concatenate([real[:PARITY_IMAGES], noise]))
+    check["real_images"] = int(min(PARITY_IMAGES, len(real)))
+    report(f"parity vs torch: max abs {check['max_abs_error']:.2e}, relative {check['max_rel_error']:.2e}")
+    if check["max_rel_error"] > PARITY_RTOL:
+        raise BundleError(f"ONNX output differs from torch by {check['max_rel_error']:.2e} relative "
+                          f"(limit {PARITY_RTOL:.0e}); the bundle was not written")
+    head = dict(ckpt.meta["head"])
+    if l2_normalize and head.get("kind") == "prototype":
+        head = {**head, "metric": "cosine"} if head.get("metric") == "euclidean" else head
+    manifest = _new_manifest(spec, in_name, out_name, int(out_shape[1]), l2_normalize, head, {
+        "backbone": ckpt.meta["backbone"]["name"], "backbone_args": ckpt.meta["backbone"].get("args", {}),
+        "algorithm": ckpt.meta.get("algorithm"), "source": Path(checkpoint).name,
+        "source_sha256": sha256_file(checkpoint), "opset": 17,
+        "parameters": int(sum(p.numel() for p in embedder.parameters())),
+    })
+    register_file(out, manifest, "embed.onnx", "fp32")
+    manifest["variants"]["fp32"] = {"file": "embed.onnx", "parity": check}
+    if int8:
+        manifest["variants"]["int8"] = _add_int8(out, manifest, real[:calib_images], dataset, eval_episodes, report)
+    if fp16:
+        manifest["variants"]["fp16"] = _add_fp16(out, manifest, real[:PARITY_IMAGES], report)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _add_int8(out: Path, manifest: dict, calib: np.ndarray, dataset, episodes: int, report: Report) -> dict:
+    from .int8_report import compare_variants
+    from .quantize import quantize_int8
+    report(f"quantizing to INT8 (QDQ, per-channel) on {len(calib)} real images")
+    info = quantize_int8(out / "embed.onnx", out / "embed.int8.onnx", calib, manifest["input"]["name"])
+    register_file(out, manifest, "embed.int8.onnx", "int8")
+    info.update(compare_variants(out / "embed.onnx", out / "embed.int8.onnx", manifest, dataset, episodes))
+    report(f"INT8: accuracy {info['accuracy_delta_points']:+.2f} points on {info['episodes']} fixed episodes, "
+           f"speed ×{info['speedup_batch1']:.2f} at batch 1, ×{info['speedup_batch32']:.2f} at batch 32")
+    return {"file": "embed.int8.onnx", **info}
+
+
+def _add_fp16(out: Path, manifest: dict, real: np.ndarray, report: Report) -> dict:
+    from .quantize import convert_fp16
+    report("converting to FP16 (for the CUDA provider and TensorRT)")
+    info = convert_fp16(out / "embed.onnx", out / "embed.fp16.onnx")
+    register_file(out, manifest, "embed.fp16.onnx", "fp16")
+    return {"file": "embed.fp16.onnx", **info}
+
+
+def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, *, head: dict | None = None,
+              l2_normalized: bool = False, overwrite: bool = False, check_data: list[str] | None = None,
+              report: Report = _quiet) -> dict:
+    """Bring your own backbone: an ONNX model taking float32 NCHW pixels (0–255) and returning
+    embeddings [N, D] becomes a bundle after the same checks (checker, op audit, a real run)."""
+    import onnx
+
+    from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    from .onnx_graph import check_model, graph_io
+    src = Path(onnx_path)
+    if not src.is_file():
+        raise BundleError(f"ONNX model not found: {src}")
+    try:
+        model = onnx.load(str(src))
+    except Exception as exc:
+        raise BundleError(f"{src} is not a readable ONNX model: {exc}") from None
+    model = check_model(model)
+    in_name, in_shape, out_name, out_shape = graph_io(model)
+    if len(in_shape) != 4 or len(out_shape) != 2:
+        raise BundleError(f"expected input [N, C, H, W] and output [N, D], the model has {in_shape} → {out_shape}")
+    if isinstance(in_shape[1], int) and in_shape[1] != spec.channels:
+        raise BundleError(f"the model takes {in_shape[1]} channels, --colour {spec.colour} gives {spec.channels}")
+    if not isinstance(out_shape[1], int) or out_shape[1] < 1:
+        raise BundleError("the model's embedding size (output dim 1) must be fixed")
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    shutil.copyfile(src, out / "embed.onnx")
+    if check_data:
+        probe, _ = reference_images(check_data, spec, 8)
+    else:
+        probe = np.random.default_rng(0).uniform(0, 255, (2, spec.channels, spec.height, spec.width)).astype(np.float32)
+    with OnnxRuntimeBackend(out / "embed.onnx", spec, int(out_shape[1]), "cpu") as backend:
+        z = backend.embed(probe)
+    if z.shape != (len(probe), out_shape[1]) or not np.isfinite(z).all():
+        shutil.rmtree(out)
+        raise BundleError(f"running the model on {len(probe)} images gave {z.shape} with non-finite values")
+    report(f"checked: runs on ONNX Runtime, embedding size {out_shape[1]}")
+    manifest = _new_manifest(spec, in_name, out_name, int(out_shape[1]), l2_normalized,
+                             head or {"kind": "prototype", "metric": "cosine" if l2_normalized else "euclidean", "scale": 1.0},
+                             {"backbone": "external", "source": src.name, "source_sha256": sha256_file(src),
+                              "opset": int(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))})
+    register_file(out, manifest, "embed.onnx", "fp32")
+    manifest["variants"]["fp32"] = {"file": "embed.onnx", "parity": None}
+    write_manifest(out, manifest)
+    return manifest
+
+
+def add_engine(bundle_dir: str | Path, precision: str = "fp32", batch: str = "1:8:32", workspace_mb: int = 1024,
+               dla_core: int | None = None, timing_cache: str | Path | None = None, report: Report = _quiet) -> dict:
+    """Build a TensorRT engine on this device from the bundle's ONNX variant and add it to the bundle."""
+    from .tensorrt import PRECISIONS, BatchProfile, build_engine, engine_file_name, engine_record
+    if precision not in PRECISIONS:
+        raise BundleError(f"precision must be one of {', '.join(PRECISIONS)}")
+    profile = BatchProfile.parse(batch)
+    bundle = load_bundle(bundle_dir)
+    onnx_path = bundle.variant_path(precision)
+    spec = bundle.spec
+    tmp_name = f".building-{precision}.engine"
+    report(f"building a TensorRT {precision} engine, batch {batch} (minutes on a Jetson)")
+    built = build_engine(onnx_path, bundle.path / tmp_name, bundle.input_name, (spec.channels, spec.height, spec.width),
+                         profile, workspace_mb, timing_cache, dla_core, precision)
+    name = engine_file_name(precision, profile, built["device"], dla_core)
+    (bundle.path / tmp_name).replace(bundle.path / name)
+    manifest = bundle.manifest
+    register_file(bundle.path, manifest, name, f"tensorrt-{precision}")
+    record = engine_record(name, precision, profile, built["device"], manifest["files"][onnx_path.name]["sha256"],
+                           dla_core, workspace_mb, built["build_seconds"])
+    manifest["engines"] = [e for e in manifest["engines"] if e["file"] != name] + [record]
+    write_manifest(bundle.path, manifest)
+    return record

@@ -1,0 +1,129 @@
+"""torch Embedder → ONNX: export with a dynamic batch axis, full checker, shape inference, op audit,
+and parity against torch on real images."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from edgemeta.runtime.errors import BundleError
+
+OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "pixels", "embedding"
+PARITY_RTOL = 1e-4
+
+# Operators the exported graphs may use: each is implemented by ONNX Runtime's CPU provider and
+# listed as supported by TensorRT's ONNX parser (onnx-tensorrt, docs/operators.md, TensorRT 10.x
+# branch), for the default ONNX domain only. Graphs with anything else are refused at export, so a
+# bundle never fails to parse on the device. Extend only after checking both lists.
+ALLOWED_OPS = frozenset({
+    "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv",
+    "DequantizeLinear", "Div", "Flatten", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid",
+    "HardSwish", "Identity", "LeakyRelu", "MatMul", "Max", "MaxPool", "Min", "Mul", "Pad", "Pow",
+    "QuantizeLinear", "Reciprocal", "ReduceL2", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid",
+    "Softmax", "Sqrt", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+})
+
+
+class ExportEmbedder(torch.nn.Module):
+    """The Embedder, optionally followed by L2 normalisation written with plain ops."""
+
+    def __init__(self, embedder: torch.nn.Module, l2_normalize: bool = False):
+        super().__init__()
+        self.embedder, self.l2_normalize = embedder, l2_normalize
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        z = self.embedder(pixels)
+        if self.l2_normalize:
+            z = z / torch.sqrt(torch.clamp((z * z).sum(1, keepdim=True), min=1e-24))
+        return z
+
+
+def export_onnx(embedder: torch.nn.Module, spec, path: str | Path, l2_normalize: bool = False) -> onnx.ModelProto:
+    """Export in eval mode (BatchNorm folded into the convolutions by constant folding), check the
+    model fully, infer shapes, audit the operators, and save. Returns the saved model."""
+    module = ExportEmbedder(embedder.eval(), l2_normalize).eval()
+    example = torch.zeros(2, spec.channels, spec.height, spec.width)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # The TorchScript-based exporter: it targets opset 17 (what JetPack 6's TensorRT parses
+        # best) and folds BatchNorm; the dynamo exporter emits opset ≥ 18.
+        torch.onnx.export(module, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          opset_version=OPSET, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          do_constant_folding=True, dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    model = strip_identities(model)
+    model.producer_name = "edgemeta"
+    model = check_model(model)
+    onnx.save(model, str(path))
+    return model
+
+
+def strip_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove Identity nodes (left by the exporter) by rewiring their consumers."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    rename = {}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.output[0] not in outputs:
+            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+        else:
+            keep.append(node)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx.checker with full_check (includes strict shape inference), then audit the operators."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise BundleError(f"the ONNX model does not pass onnx.checker: {exc}") from None
+    audit_ops(model)
+    return model
+
+
+def audit_ops(model: onnx.ModelProto) -> list[str]:
+    """Refuse any node whose operator is outside ALLOWED_OPS or the default domain; returns the op types used."""
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ALLOWED_OPS:
+            domain = f"{node.domain}::" if node.domain else ""
+            raise BundleError(f"operator {domain}{node.op_type} (node {node.name!r}) is not supported by both "
+                              "ONNX Runtime and TensorRT's ONNX parser; change the model so it is not needed")
+    return sorted({n.op_type for n in model.graph.node})
+
+
+def graph_io(model: onnx.ModelProto) -> tuple[str, list, str, list]:
+    """Input name and shape, output name and shape (dims are ints or strings for symbolic axes)."""
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    inp, out = model.graph.input[0], model.graph.output[0]
+    return inp.name, dims(inp), out.name, dims(out)
+
+
+def parity(onnx_path: str | Path, reference: torch.nn.Module, pixels: np.ndarray, batch_size: int = 64) -> dict:
+    """Max abs and relative error of ONNX Runtime (CPU) against torch on the same float32 NCHW pixels."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    max_abs, max_ref = 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(pixels), batch_size):
+            x = pixels[i:i + batch_size]
+            ref = reference(torch.from_numpy(x)).numpy()
+            got = session.run(None, {name: x})[0]
+            max_abs = max(max_abs, float(np.abs(got - ref).max()))
+            max_ref = max(max_ref, float(np.abs(ref).max()))
+    return {"images": int(len(pixels)), "max_abs_error": max_abs, "max_rel_error": max_abs / max(max_ref, 1e-12),
+            "reference": "torch eager fp32", "runtime": f"onnxruntime {ort.__version__} CPU"}

@@ -1,0 +1,52 @@
+"""Backends behind one `embed` interface, and the choice between them for a bundle.
+
+auto: a TensorRT engine from the bundle that matches this device; otherwise ONNX Runtime with the
+best available provider (a mismatching engine is skipped with a warning that says to rebuild it).
+"""
+from __future__ import annotations
+
+import warnings
+
+from ..bundle import Bundle
+from ..device_info import device_identity, engine_mismatches, rebuild_hint
+from ..errors import BundleError, ConfigError
+from .base import Backend
+from .onnxruntime import OnnxRuntimeBackend, choose_providers
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+def matching_engine(bundle: Bundle, device: dict | None = None, precision: str | None = None) -> tuple[dict | None, list[str]]:
+    """The first engine record valid on this device (optionally of one precision), and the reasons
+    the others are not."""
+    device = device if device is not None else device_identity()
+    reasons = []
+    for engine in bundle.engines:
+        if precision and engine["precision"] != precision:
+            continue
+        why = engine_mismatches(engine, device)
+        if not why:
+            return engine, []
+        reasons.append(f"{engine['file']}: {'; '.join(why)}")
+    return None, reasons
+
+
+def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", providers: str | list[str] = "auto",
+                 threads: int | None = None, device: dict | None = None) -> Backend:
+    """Open the bundle's embedding network on the requested backend."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend in ("auto", "tensorrt") and (bundle.engines or backend == "tensorrt"):
+        engine, reasons = matching_engine(bundle, device)
+        if engine is not None:
+            from .tensorrt import TensorRTBackend
+            return TensorRTBackend(bundle.path / engine["file"], bundle.spec, bundle.embedding_dim)
+        message = ("no TensorRT engine in this bundle matches this device: " + (" | ".join(reasons) or "the bundle has none")
+                   + f"; {rebuild_hint(bundle.path)}")
+        if backend == "tensorrt":
+            raise BundleError(message)
+        warnings.warn(message + ". Falling back to ONNX Runtime.", RuntimeWarning, stacklevel=2)
+    return OnnxRuntimeBackend(bundle.variant_path(variant), bundle.spec, bundle.embedding_dim, providers, threads)
+
+
+__all__ = ["BACKENDS", "Backend", "OnnxRuntimeBackend", "choose_providers", "matching_engine", "open_backend"]

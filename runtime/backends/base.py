@@ -1,0 +1,50 @@
+"""The one interface every backend implements: embed a float32 NCHW batch of decoded pixels."""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from ..preprocess import InputSpec
+
+
+class Backend(ABC):
+    """Run the bundle's embedding network. Usable as a context manager; keeps the last latency."""
+
+    name: str = "backend"
+
+    def __init__(self, spec: InputSpec, embedding_dim: int):
+        self.spec, self.embedding_dim = spec, embedding_dim
+        self.last_latency_s: float | None = None
+
+    @abstractmethod
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, C, H, W] → float32 [N, D], N within what the backend accepts."""
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 4 or batch.shape[1:] != (self.spec.channels, self.spec.height, self.spec.width):
+            from ..errors import ImageDecodeError
+            raise ImageDecodeError(f"expected a batch shaped [N, {self.spec.channels}, {self.spec.height}, "
+                                   f"{self.spec.width}], got {list(batch.shape)}")
+        t0 = time.perf_counter()
+        out = self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        self.last_latency_s = time.perf_counter() - t0
+        return out
+
+    def warmup(self, batch_size: int = 1, runs: int = 3) -> None:
+        x = np.zeros((batch_size, self.spec.channels, self.spec.height, self.spec.width), np.float32)
+        for _ in range(runs):
+            self.embed(x)
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"backend": self.name}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,61 @@
+"""ONNX Runtime backend: CPU everywhere; the TensorRT and CUDA providers where they exist."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError, ConfigError
+from ..preprocess import InputSpec
+from .base import Backend
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+              "all": "ORT_ENABLE_ALL"}
+
+
+def choose_providers(requested: str | list[str] = "auto", available: list[str] | None = None) -> list[str]:
+    """'auto' → the best available of TensorRT EP, CUDA, CPU (in that order, CPU always last);
+    'cpu' → CPU only; a list → those, all of which must be available."""
+    import onnxruntime as ort
+    available = list(available if available is not None else ort.get_available_providers())
+    if requested == "auto":
+        return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+    if requested == "cpu":
+        return ["CPUExecutionProvider"]
+    wanted = [requested] if isinstance(requested, str) else list(requested)
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise ConfigError(f"ONNX Runtime provider(s) {', '.join(missing)} not available here (have: {', '.join(available)})")
+    return wanted
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, model_path: str | Path, spec: InputSpec, embedding_dim: int, providers: str | list[str] = "auto",
+                 threads: int | None = None, optimization: str = "all"):
+        import onnxruntime as ort
+        super().__init__(spec, embedding_dim)
+        if optimization not in OPT_LEVELS:
+            raise ConfigError(f"optimization must be one of {', '.join(OPT_LEVELS)}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[optimization])
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.providers = choose_providers(providers)
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.model_path = Path(model_path)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+        return {"backend": self.name, "model": self.model_path.name, "providers": self.session.get_providers(),
+                "onnxruntime_version": ort.__version__}

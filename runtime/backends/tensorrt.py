@@ -1,0 +1,121 @@
+"""TensorRT 10 backend: deserialize the engine, one execution context, named I/O tensors
+(`set_input_shape`, `set_tensor_address`, `execute_async_v3`) on a CUDA stream through cuda-python.
+Pinned host buffers and device buffers are sized once for the profile's max batch and reused;
+larger inputs run in chunks, smaller than the profile's min are zero-padded."""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError
+from ..preprocess import InputSpec
+from .base import Backend
+
+INSTALL_HINT = ("TensorRT backend needs tensorrt and cuda-python: on a Jetson use JetPack's "
+                "python3-libnvinfer and `pip install cuda-python`, elsewhere `pip install 'edgemeta[tensorrt]'`")
+
+
+def plan_chunks(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
+    """Split n images into (start, stop, run_size) chunks the engine's profile accepts: at most
+    max_batch each, and run_size ≥ min_batch (the chunk is zero-padded up to it)."""
+    if n < 0 or not 1 <= min_batch <= max_batch:
+        raise ValueError(f"bad chunk request n={n} profile={min_batch}:{max_batch}")
+    chunks = []
+    for start in range(0, n, max_batch):
+        stop = min(start + max_batch, n)
+        chunks.append((start, stop, max(stop - start, min_batch)))
+    return chunks
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            raise BundleError(INSTALL_HINT) from None
+    return cudart
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BundleError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else (rest or None)
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, spec: InputSpec, embedding_dim: int):
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise BundleError(INSTALL_HINT) from None
+        super().__init__(spec, embedding_dim)
+        self._cudart = cudart = _cudart()
+        self.engine_path = Path(engine_path)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise BundleError(f"TensorRT could not deserialize {engine_path}; rebuild it on this device "
+                              "with `edgemeta export --engine BUNDLE`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BundleError(f"expected one input and one output tensor, engine has {inputs} → {outputs}")
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
+        self._chw = spec.channels * spec.height * spec.width
+        in_bytes, out_bytes = self.max_batch * self._chw * 4, self.max_batch * embedding_dim * 4
+        self._stream = _check(cudart.cudaStreamCreate())
+        self._d_in = _check(cudart.cudaMalloc(in_bytes))
+        self._d_out = _check(cudart.cudaMalloc(out_bytes))
+        self._h_in_ptr = _check(cudart.cudaMallocHost(in_bytes))
+        self._h_out_ptr = _check(cudart.cudaMallocHost(out_bytes))
+        self._h_in = np.ctypeslib.as_array((ctypes.c_float * (in_bytes // 4)).from_address(int(self._h_in_ptr)))
+        self._h_out = np.ctypeslib.as_array((ctypes.c_float * (out_bytes // 4)).from_address(int(self._h_out_ptr)))
+        self.context.set_tensor_address(self.input_name, int(self._d_in))
+        self.context.set_tensor_address(self.output_name, int(self._d_out))
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        cudart, d = self._cudart, self.embedding_dim
+        out = np.empty((len(batch), d), np.float32)
+        for start, stop, size in plan_chunks(len(batch), self.min_batch, self.max_batch):
+            n = stop - start
+            self._h_in[: n * self._chw] = batch[start:stop].reshape(-1)
+            self._h_in[n * self._chw: size * self._chw] = 0.0
+            self.context.set_input_shape(self.input_name, (size, self.spec.channels, self.spec.height, self.spec.width))
+            _check(cudart.cudaMemcpyAsync(self._d_in, self._h_in_ptr, size * self._chw * 4,
+                                          cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream))
+            if not self.context.execute_async_v3(int(self._stream)):
+                raise BundleError("TensorRT execution failed")
+            _check(cudart.cudaMemcpyAsync(self._h_out_ptr, self._d_out, size * d * 4,
+                                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
+            _check(cudart.cudaStreamSynchronize(self._stream))
+            out[start:stop] = self._h_out[: n * d].reshape(n, d)
+        return out
+
+    def close(self) -> None:
+        cudart = self._cudart
+        for ptr, free in ((getattr(self, "_d_in", None), cudart.cudaFree), (getattr(self, "_d_out", None), cudart.cudaFree),
+                          (getattr(self, "_h_in_ptr", None), cudart.cudaFreeHost),
+                          (getattr(self, "_h_out_ptr", None), cudart.cudaFreeHost)):
+            if ptr is not None:
+                free(ptr)
+        self._d_in = self._d_out = self._h_in_ptr = self._h_out_ptr = None
+        if getattr(self, "_stream", None) is not None:
+            cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+
+    def describe(self) -> dict:
+        import tensorrt as trt
+        return {"backend": self.name, "engine": self.engine_path.name, "tensorrt_version": trt.__version__,
+                "profile": [self.min_batch, self.max_batch]}
