@@ -76,7 +76,9 @@ def train(
 
 @command("eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint (.safetensors) from `edgemeta train`."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="A checkpoint (.safetensors) from `edgemeta train`."),
+    bundle: Optional[Path] = typer.Option(None, help="Evaluate a bundle through the deployed path (ONNX Runtime + NumPy head) instead."),
+    variant: str = typer.Option("fp32", help="With --bundle: fp32 | int8 | fp16."),
     data: Optional[list[Path]] = typer.Option(None, help="Folder or .zip of images; default: the data the checkpoint trained on."),
     split: str = typer.Option("test", help="train | val | test | all (classes of the checkpoint's split)."),
     split_mode: Optional[str] = typer.Option(None, help="Override the split mode (auto | alphabets | seeded)."),
@@ -88,25 +90,40 @@ def evaluate(
     head: str = typer.Option("default", help="default (the checkpoint's) | prototype | ridge | logistic"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
-    """Few-shot accuracy ± 95% CI of a checkpoint on classes it never trained on."""
-    from edgemeta.checkpoint import load_checkpoint
+    """Few-shot accuracy ± 95% CI on classes never trained on, from a checkpoint (torch) or a bundle (deployed path)."""
     from edgemeta.data import load_dataset, select_split
-    from edgemeta.evaluate import embed_pixels, torch_logits_fn
     from edgemeta.protocol import evaluate_episodes
+    from edgemeta.runtime.errors import ConfigError
 
-    ckpt = load_checkpoint(checkpoint)
-    tc = ckpt.meta.get("train_config", {})
+    if (checkpoint is None) == (bundle is None):
+        raise ConfigError("give a CHECKPOINT or --bundle BUNDLE (one of them)")
+    if bundle is not None:
+        from edgemeta.runtime import FewShotClassifier, heads
+        from edgemeta.runtime.classifier import resolve_head as runtime_head
+        clf = FewShotClassifier.load(bundle, backend="onnxruntime", variant=variant)
+        spec, tc, head_cfg = clf.bundle.spec, {}, runtime_head(clf.bundle.head, None if head == "default" else head)
+        if not data:
+            raise ConfigError("--bundle needs --data (a folder or .zip of labelled images)")
+        embed = clf.embed
+        logits_fn = lambda s, y, q, n: heads.head_logits(head_cfg, s, y, q, n)  # noqa: E731
+    else:
+        from edgemeta.checkpoint import load_checkpoint
+        from edgemeta.evaluate import embed_pixels, torch_logits_fn
+        ckpt = load_checkpoint(checkpoint)
+        spec, tc = ckpt.spec, ckpt.meta.get("train_config", {})
+        head_cfg = resolve_head(ckpt.meta["head"], head)
+        embedder = ckpt.build_embedder()
+        embed = lambda pixels: embed_pixels(embedder, pixels)  # noqa: E731
+        logits_fn = torch_logits_fn(head_cfg)
     sources = [str(p) for p in data] if data else tc.get("data", [])
-    spec = ckpt.spec
     dataset = load_dataset(sources, (spec.height, spec.width), spec.colour, tc.get("layout", "auto"))
     dataset = select_split(dataset, split, split_mode or tc.get("split_mode", "auto"), tc.get("split_seed", 0))
-    head_cfg = resolve_head(ckpt.meta["head"], head)
-    emb = embed_pixels(ckpt.build_embedder(), dataset.pixels)
-    result = evaluate_episodes(emb, dataset.labels, torch_logits_fn(head_cfg), way, shot, query, episodes, seed)
+    result = evaluate_episodes(embed(dataset.pixels), dataset.labels, logits_fn, way, shot, query, episodes, seed)
+    path = "deployed (onnxruntime " + variant + " + numpy head)" if bundle is not None else "torch"
     if as_json:
-        print(json.dumps({**result.to_dict(), "head": head_cfg, "split": split, "classes": dataset.n_classes}))
+        print(json.dumps({**result.to_dict(), "head": head_cfg, "split": split, "classes": dataset.n_classes, "path": path}))
     else:
-        console.print(f"{result}  [dim]head={head_cfg['kind']} split={split} ({dataset.n_classes} classes)[/]")
+        console.print(f"{result}  [dim]head={head_cfg['kind']} split={split} ({dataset.n_classes} classes), {path}[/]")
 
 
 def resolve_head(default: dict, name: str) -> dict:
@@ -126,13 +143,16 @@ def resolve_head(default: dict, name: str) -> dict:
 
 @command()
 def inspect(
-    path: Path = typer.Argument(..., help="A checkpoint (.safetensors)."),
+    path: Path = typer.Argument(..., help="A checkpoint (.safetensors) or a bundle folder."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ):
-    """Show what a checkpoint holds: backbone, input spec, head, training config, metrics."""
+    """Show what a checkpoint or a bundle holds: backbone, input spec, head, metrics, files, engines."""
     from edgemeta.runtime.errors import CheckpointError
     if not path.exists():
         raise CheckpointError(f"not found: {path}")
+    if path.is_dir():
+        from edgemeta.cli_export import inspect_bundle
+        return inspect_bundle(path, as_json)
     from edgemeta.checkpoint import load_checkpoint
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
@@ -161,3 +181,7 @@ def inspect(
 
 def main() -> None:
     app()
+
+
+# Command groups in their own modules register on the same app.
+from edgemeta import cli_device, cli_export  # noqa: E402,F401

@@ -1,0 +1,138 @@
+"""Device commands: enroll, predict, forget, classes. They import only edgemeta.runtime (no torch)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from edgemeta.cli import command, console
+
+BACKEND_HELP = "auto (TensorRT engine if one matches this device, else ONNX Runtime) | onnxruntime | tensorrt"
+
+
+def _open(bundle: Path, store: Path, head: Optional[str], backend: str, variant: str, reembed: bool = False):
+    from edgemeta.runtime import FewShotClassifier
+    return FewShotClassifier.load(bundle, store=store, head=head, backend=backend, variant=variant, reembed=reembed)
+
+
+def folder_classes(folder: Path) -> dict[str, list[Path]]:
+    """<folder>/<label>/<images>: every subfolder is a class; an empty one is an error, not a skip."""
+    from edgemeta.runtime.errors import DataError, StoreError
+    from edgemeta.runtime.preprocess import IMAGE_EXTENSIONS
+    if not folder.is_dir():
+        raise DataError(f"--from-folder {folder} is not a folder")
+    classes = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images:
+            raise StoreError(f"class folder {sub} has no images (png/jpg); add some or remove the folder")
+        classes[sub.name] = images
+    if not classes:
+        raise DataError(f"{folder} has no class subfolders; expected {folder}/<label>/<image>")
+    return classes
+
+
+@command()
+def enroll(
+    bundle: Path = typer.Argument(..., help="Bundle folder from `edgemeta export`."),
+    images: Optional[list[Path]] = typer.Argument(None, help="Support images of the class named by --label."),
+    store: Path = typer.Option(..., help="Enrollment store folder (created if missing)."),
+    label: Optional[str] = typer.Option(None, help="Class name for IMAGES."),
+    from_folder: Optional[Path] = typer.Option(None, help="Enroll every subfolder of this folder as a class."),
+    add: bool = typer.Option(False, "--add", help="Add shots to a class that is already enrolled."),
+    replace: bool = typer.Option(False, "--replace", help="Replace the shots of a class that is already enrolled."),
+    head: Optional[str] = typer.Option(None, help="prototype | ridge | logistic (default: the bundle's)."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 ONNX variant for ONNX Runtime."),
+):
+    """Enroll a class from a few images (or every class of a folder). The store is saved atomically."""
+    from edgemeta.runtime.errors import ConfigError
+    if add and replace:
+        raise ConfigError("--add and --replace exclude each other")
+    mode = "add" if add else "replace" if replace else "new"
+    if from_folder is not None:
+        if images or label:
+            raise ConfigError("use either --from-folder or --label with IMAGES, not both")
+        todo = folder_classes(from_folder)
+    else:
+        if not label:
+            raise ConfigError("name the class with --label NAME (or use --from-folder DIR)")
+        todo = {label: list(images or [])}
+    clf = _open(bundle, store, head, backend, variant)
+    for name, paths in todo.items():
+        shots = clf.enroll(name, paths, mode=mode)
+        console.print(f"enrolled {name!r}: {shots} shot(s)")
+    console.print(f"{len(clf.classes)} class(es) in {store}")
+
+
+@command()
+def predict(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    images: list[Path] = typer.Argument(..., help="Images to classify."),
+    store: Path = typer.Option(..., help="Enrollment store folder."),
+    top_k: int = typer.Option(1, help="Show the K most likely classes."),
+    unknown: Optional[str] = typer.Option(None, help="'auto' (calibrated on the support set) or a distance: farther images are 'unknown'."),
+    head: Optional[str] = typer.Option(None, help="prototype | ridge | logistic (default: the store's)."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image, as a list."),
+):
+    """Classify images against the enrolled classes."""
+    from edgemeta.runtime.errors import ConfigError, StoreError
+    reject = None
+    if unknown is not None:
+        try:
+            reject = "auto" if unknown == "auto" else float(unknown)
+        except ValueError:
+            raise ConfigError("--unknown takes 'auto' or a number") from None
+    if not Path(store).exists():
+        raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
+    clf = _open(bundle, store, head, backend, variant)
+    result = clf.predict(list(images), top_k=top_k, reject=reject)
+    rows = result.to_list()
+    if as_json:
+        print(json.dumps([{"image": str(p), **r} for p, r in zip(images, rows)], indent=2))
+        return
+    table = Table("image", "label", f"top {top_k}" if top_k > 1 else "probability", "distance")
+    for p, r in zip(images, rows):
+        tops = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in r["top_k"])
+        table.add_row(str(p), r["label"], tops, f"{r['distance']:.3f}")
+    console.print(table)
+
+
+@command()
+def forget(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    labels: list[str] = typer.Argument(..., help="Class names to remove."),
+    store: Path = typer.Option(..., help="Enrollment store folder."),
+):
+    """Remove enrolled classes (and their kept images) from the store."""
+    clf = _open(bundle, store, None, "onnxruntime", "fp32")
+    for label in labels:
+        clf.forget(label)
+        console.print(f"forgot {label!r}")
+    console.print(f"{len(clf.classes)} class(es) left")
+
+
+@command()
+def classes(
+    store: Path = typer.Option(..., help="Enrollment store folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """List the enrolled classes and their shot counts."""
+    from edgemeta.runtime.errors import StoreError
+    from edgemeta.runtime.store import EnrollmentStore
+    state = EnrollmentStore(store).read()
+    if state is None:
+        raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
+    shots = {c.label: c.shots for c in state.classes}
+    if as_json:
+        print(json.dumps({"classes": shots, "head": state.head, "model_sha256": state.model_sha256}))
+        return
+    table = Table("class", "shots", title=f"{store} — head {state.head['kind']}")
+    for k, v in shots.items():
+        table.add_row(k, str(v))
+    console.print(table)

@@ -1,0 +1,90 @@
+"""`edgemeta export` and bundle inspection."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from edgemeta.cli import command, console
+
+
+@command()
+def export(
+    source: Path = typer.Argument(..., help="A checkpoint (.safetensors); with --engine, an existing bundle folder."),
+    out: Optional[Path] = typer.Option(None, help="Bundle folder to create (default: SOURCE name + '.bundle')."),
+    onnx: bool = typer.Option(False, "--onnx", help="SOURCE is your own ONNX embedding model: wrap it into a bundle."),
+    input_size: Optional[int] = typer.Option(None, help="--onnx: square input size in pixels."),
+    colour: str = typer.Option("L", help="--onnx: L | RGB"),
+    mean: Optional[str] = typer.Option(None, help="--onnx: per-channel mean on the [0,1] scale, e.g. 0.485,0.456,0.406 (must already be in the graph's expectations)."),
+    std: Optional[str] = typer.Option(None, help="--onnx: per-channel std on the [0,1] scale."),
+    l2_normalize: bool = typer.Option(False, help="L2-normalise embeddings inside the graph (the head then uses cosine)."),
+    int8: bool = typer.Option(False, "--int8", help="Add an INT8 (QDQ, per-channel) variant calibrated on real images."),
+    fp16: bool = typer.Option(False, "--fp16", help="Add an FP16 variant (CUDA provider, TensorRT fp16 engines)."),
+    calib_data: Optional[list[Path]] = typer.Option(None, help="Real images for parity, calibration and the INT8 accuracy check (folder or .zip)."),
+    calib_images: int = typer.Option(256, help="Number of calibration images."),
+    engine: bool = typer.Option(False, "--engine", help="Build a TensorRT engine ON THIS DEVICE into the existing bundle SOURCE."),
+    precision: str = typer.Option("fp32", help="--engine: fp32 | fp16 | int8 (built from that ONNX variant)."),
+    batch: str = typer.Option("1:8:32", help="--engine: batch profile MIN:OPT:MAX."),
+    workspace_mb: int = typer.Option(1024, help="--engine: builder workspace limit in MiB."),
+    dla: Optional[int] = typer.Option(None, help="--engine: DLA core (Jetson Xavier/Orin), GPU fallback on."),
+    timing_cache: Optional[Path] = typer.Option(None, help="--engine: timing cache file, loaded and saved."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle folder."),
+):
+    """Export the backbone into a bundle (manifest.json + parity-checked ONNX [+ INT8/FP16] [+ TensorRT engine])."""
+    from edgemeta import export as ex
+    from edgemeta.runtime.errors import ConfigError
+    report = lambda msg: console.print(f"[cyan]•[/] {msg}")  # noqa: E731
+    if engine:
+        record = ex.add_engine(source, precision, batch, workspace_mb, dla, timing_cache, report)
+        console.print(f"engine {record['file']} added to {source}")
+        return
+    target = out or source.with_suffix(".bundle")
+    calib = [str(p) for p in calib_data] if calib_data else None
+    if onnx:
+        from edgemeta.runtime.preprocess import InputSpec
+        if input_size is None:
+            raise ConfigError("--onnx needs --input-size (and --mean/--std if the graph does not normalise itself)")
+        parse = lambda text, default: tuple(float(v) for v in text.split(",")) if text else default  # noqa: E731
+        spec = InputSpec(input_size, input_size, colour, parse(mean, (0.0,)), parse(std, (1.0,)))
+        manifest = ex.wrap_onnx(source, target, spec, l2_normalized=l2_normalize, overwrite=overwrite,
+                                check_data=calib, report=report)
+    else:
+        with console.status("exporting"):
+            manifest = ex.export_checkpoint(source, target, l2_normalize=l2_normalize, int8=int8, fp16=fp16,
+                                            calib_data=calib, calib_images=calib_images, overwrite=overwrite,
+                                            report=report)
+    console.print(f"bundle written: {target} ({', '.join(manifest['files'])})")
+
+
+def inspect_bundle(path: Path, as_json: bool) -> None:
+    from edgemeta.runtime.bundle import load_bundle
+    bundle = load_bundle(path)
+    m = bundle.manifest
+    if as_json:
+        print(json.dumps(m, indent=2))
+        return
+    table = Table(title=f"bundle {path}", show_header=False)
+    spec = m["input"]
+    table.add_row("schema", f"{m['schema']} {m['schema_version']} (edgemeta {m['edgemeta_version']})")
+    table.add_row("model", f"{m['model']['backbone']} from {m['model'].get('source')}")
+    table.add_row("input", f"{spec['name']}: float32 NCHW [N, {spec['channels']}, {spec['height']}, {spec['width']}] "
+                           f"{spec['colour']} pixels 0–255")
+    table.add_row("output", f"{m['output']['name']}: [N, {m['output']['dim']}]"
+                            + (" L2-normalised" if m["output"]["l2_normalized"] else ""))
+    table.add_row("head", json.dumps(m["head"]))
+    for name, entry in m["files"].items():
+        table.add_row(f"file {name}", f"{entry['bytes']:,} bytes sha256 {entry['sha256'][:16]}… ✓")
+    for variant, v in m["variants"].items():
+        extra = ""
+        if v.get("parity"):
+            extra = f"parity rel {v['parity']['max_rel_error']:.1e}"
+        if "accuracy_delta_points" in v:
+            extra = f"accuracy {v['accuracy_delta_points']:+.2f} pts, ×{v['speedup_batch1']:.2f} at batch 1"
+        table.add_row(f"variant {variant}", f"{v['file']} {extra}")
+    for e in m["engines"]:
+        table.add_row("engine", f"{e['file']}: TensorRT {e['tensorrt_version']} {e['gpu_name']} sm{e['compute_capability']} "
+                                f"{e['precision']} batch {e['profile']}")
+    console.print(table)

@@ -1,0 +1,339 @@
+"""FewShotClassifier: the Python API of the device. Load a bundle, enroll and forget classes,
+predict — with the head fitted in NumPy on the support embeddings, and an enrollment store that
+survives restarts and crashes.
+
+    clf = FewShotClassifier.load("bundle/", store="enrolled/")
+    clf.enroll("mug", ["mug1.jpg", "mug2.jpg"])
+    labels, probs = clf.predict(["photo.jpg"])
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import heads
+from .backends import Backend, open_backend
+from .bundle import Bundle, load_bundle
+from .errors import ConfigError, ImageDecodeError, StoreError
+from .preprocess import ImageSource, load_images, pixels_to_batch
+from .store import EnrolledClass, EnrollmentStore, StoreState, _frozen
+
+UNKNOWN = "unknown"
+HEAD_DEFAULTS = {
+    "prototype": {"kind": "prototype", "metric": "euclidean", "scale": 1.0},
+    "ridge": {"kind": "ridge", "lambda": 1.0, "scale": 1.0, "bias": 0.0},
+    "logistic": {"kind": "logistic", "steps": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "optimizer": "sgd"},
+}
+EMBED_BATCH = 64
+
+
+def resolve_head(bundle_head: dict, head: str | dict | None) -> dict:
+    """None → the bundle's head; a kind name → the bundle's head if it is that kind, else defaults."""
+    if head is None:
+        return dict(bundle_head)
+    if isinstance(head, dict):
+        return dict(head)
+    if head not in HEAD_DEFAULTS:
+        raise ConfigError(f"unknown head {head!r}; choose one of {', '.join(HEAD_DEFAULTS)}")
+    if bundle_head.get("kind") == head:
+        return dict(bundle_head)
+    base = dict(HEAD_DEFAULTS[head])
+    if head == "logistic" and bundle_head.get("kind") == "logistic":
+        base.update(bundle_head)
+    return base
+
+
+def fit_head(head: dict, classes: tuple[EnrolledClass, ...]) -> dict:
+    """Fit the head on every class's support embeddings; returns the arrays predict needs."""
+    if not classes:
+        return {}
+    support = np.concatenate([c.embeddings for c in classes])
+    labels = np.repeat(np.arange(len(classes)), [c.shots for c in classes])
+    n = len(classes)
+    kind = head["kind"]
+    if kind == "prototype":
+        return {"prototypes": heads.class_means(support, labels, n)}
+    if kind == "ridge":
+        return {"weights": heads.ridge_fit(support, labels, n, head.get("lambda", 1.0))}
+    if kind == "logistic":
+        w, b = heads.logistic_fit(support, labels, n, head.get("steps", 10), head.get("lr", 0.1),
+                                  momentum=head.get("momentum", 0.0), weight_decay=head.get("weight_decay", 0.0),
+                                  optimizer=head.get("optimizer", "sgd"))
+        return {"weight": w, "bias": b}
+    raise ConfigError(f"unknown head kind {kind!r}")
+
+
+def refit_prototypes_incrementally(fitted: dict, old: tuple[EnrolledClass, ...], new: tuple[EnrolledClass, ...]) -> dict:
+    """Prototype head: rows of unchanged classes are kept; only new or changed classes are averaged."""
+    old_rows = {c.label: (c, i) for i, c in enumerate(old)}
+    protos = fitted.get("prototypes")
+    rows = []
+    for c in new:
+        prev = old_rows.get(c.label)
+        if protos is not None and prev is not None and prev[0] is c:
+            rows.append(protos[prev[1]])
+        else:
+            rows.append(c.embeddings.mean(0))
+    return {"prototypes": np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)}
+
+
+def head_logits(head: dict, fitted: dict, query: np.ndarray) -> np.ndarray:
+    kind = head["kind"]
+    if kind == "prototype":
+        return heads.prototype_logits(query, fitted["prototypes"], head.get("metric", "euclidean"), head.get("scale", 1.0))
+    if kind == "ridge":
+        return heads.ridge_logits(query, fitted["weights"], head.get("scale", 1.0), head.get("bias", 0.0))
+    return heads.logistic_logits(query, fitted["weight"], fitted["bias"])
+
+
+def embedding_distance(query: np.ndarray, prototypes: np.ndarray, metric: str) -> np.ndarray:
+    """[m, C] distances used for rejection: euclidean, or 1 − cosine for cosine heads."""
+    if metric == "cosine":
+        return 1.0 - heads.prototype_logits(query, prototypes, "cosine", 1.0)
+    return np.sqrt(np.maximum(-heads.prototype_logits(query, prototypes, "euclidean", 1.0), 0.0))
+
+
+def calibrate_rejection(classes: tuple[EnrolledClass, ...], metric: str, slack: float = 1.25) -> float | None:
+    """A distance beyond which a query is "unknown", from the support set alone.
+
+    With ≥ 2 shots in some class: the largest leave-one-out distance of a support embedding to the
+    mean of its class's other shots, times `slack`. With one shot per class: half the smallest
+    distance between two prototypes. None when there is a single one-shot class.
+    """
+    loo = []
+    for c in classes:
+        if c.shots >= 2:
+            total = c.embeddings.sum(0)
+            others = (total[None] - c.embeddings) / (c.shots - 1)
+            d = embedding_distance(c.embeddings, others, metric)
+            loo.append(np.diag(d))
+    if loo:
+        return float(np.max(np.concatenate(loo)) * slack)
+    if len(classes) >= 2:
+        protos = np.stack([c.embeddings.mean(0) for c in classes])
+        d = embedding_distance(protos, protos, metric)
+        np.fill_diagonal(d, np.inf)
+        return float(d.min() / 2)
+    return None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    labels: list[str]                # top-1 label per image ("unknown" when rejected)
+    probabilities: np.ndarray        # [N, top_k] probabilities of the top-k classes
+    top_k: list[list[tuple[str, float]]]
+    distances: np.ndarray            # [N] distance to the nearest class prototype
+
+    def __iter__(self):  # labels, probabilities = clf.predict(...)
+        return iter((self.labels, self.probabilities))
+
+    def to_list(self) -> list[dict]:
+        return [{"label": lab, "top_k": [{"label": l, "probability": round(p, 6)} for l, p in tk],
+                 "distance": round(float(d), 6)} for lab, tk, d in zip(self.labels, self.top_k, self.distances)]
+
+
+class FewShotClassifier:
+    """Embed on ONNX Runtime or TensorRT, fit only the head in NumPy, classify."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, head: dict, store: EnrollmentStore | None = None,
+                 variant: str = "fp32", keep_images: bool = True):
+        self.bundle, self.backend, self.store, self.variant = bundle, backend, store, variant
+        self.keep_images = keep_images and store is not None
+        self._write_lock = threading.Lock()
+        self._state = StoreState(bundle.model_sha256, variant, bundle.embedding_dim, head)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, bundle: str | os.PathLike | Bundle, store: str | os.PathLike | None = None,
+             head: str | dict | None = None, backend: str = "auto", variant: str = "fp32",
+             threads: int | None = None, reembed: bool = False, keep_images: bool = True) -> "FewShotClassifier":
+        """Open a bundle (manifest and checksums verified) and, if given, an enrollment store.
+
+        A store made for another bundle is refused; with reembed=True and the images kept in the
+        store, its classes are re-embedded with this bundle instead.
+        """
+        b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        clf = cls(b, open_backend(b, backend, variant, threads=threads), resolve_head(b.head, head),
+                  EnrollmentStore(store) if store is not None else None, variant, keep_images)
+        if clf.store is not None:
+            saved = clf.store.read()
+            if saved is not None:
+                clf._adopt(saved, head, reembed)
+        return clf
+
+    def _adopt(self, saved: StoreState, head: str | dict | None, reembed: bool) -> None:
+        matches = (saved.model_sha256 == self.bundle.model_sha256 and saved.variant == self.variant
+                   and saved.embedding_dim == self.bundle.embedding_dim)
+        if not matches:
+            kept = all(c.images for c in saved.classes)
+            if not reembed:
+                offer = (" Its images were kept: pass reembed=True (CLI: --reembed) to re-embed them with this bundle."
+                         if kept and saved.classes else " Enroll the classes again into a new store.")
+                raise StoreError(f"the store at {self.store.path} was made for another model (sha {saved.model_sha256[:12]}…, "
+                                 f"{saved.variant}, dim {saved.embedding_dim}); this bundle is {self.bundle.model_sha256[:12]}…, "
+                                 f"{self.variant}, dim {self.bundle.embedding_dim}.{offer}")
+            if not kept:
+                raise StoreError("cannot re-embed: this store did not keep the enrolled images")
+            classes = tuple(EnrolledClass(c.label, _frozen(self._embed_sources([self.store.image_path(n) for n in c.images])),
+                                          c.images) for c in saved.classes)
+            state = replace(self._state, classes=classes, generation=saved.generation + 1)
+            self._commit(replace(state, fitted=fit_head(state.head, classes)))
+            return
+        state = replace(saved, head=self._state.head if head is not None else saved.head)
+        if state.head != saved.head or not saved.fitted and saved.classes:
+            state = replace(state, fitted=fit_head(state.head, state.classes))
+        self._state = state
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def classes(self) -> list[str]:
+        return self._state.labels
+
+    @property
+    def head(self) -> dict:
+        return dict(self._state.head)
+
+    def shots(self) -> dict[str, int]:
+        return {c.label: c.shots for c in self._state.classes}
+
+    def embed(self, images: list[ImageSource] | np.ndarray) -> np.ndarray:
+        """Decode (if needed) and embed images: float32 [N, D]."""
+        return self._embed_sources(images)
+
+    def _embed_sources(self, images) -> np.ndarray:
+        spec = self.bundle.spec
+        if isinstance(images, np.ndarray):
+            if images.ndim != 4 or images.shape[1:] != (spec.height, spec.width, spec.channels):
+                raise ImageDecodeError(f"pixel arrays must be uint8 [N, {spec.height}, {spec.width}, {spec.channels}] "
+                                       f"for this bundle, got {list(images.shape)}")
+            pixels = images
+        else:
+            pixels = load_images(list(images), spec)
+        out = np.empty((len(pixels), self.bundle.embedding_dim), np.float32)
+        for i in range(0, len(pixels), EMBED_BATCH):
+            out[i:i + EMBED_BATCH] = self.backend.embed(pixels_to_batch(pixels[i:i + EMBED_BATCH]))
+        return out
+
+    def predict(self, images: list[ImageSource] | np.ndarray, top_k: int = 1,
+                reject: float | str | None = None) -> Prediction:
+        """Classify images. reject="auto" answers "unknown" beyond the distance calibrated on the
+        support set; a float sets that distance; None never rejects."""
+        state = self._state  # one snapshot: a concurrent enroll cannot tear this prediction
+        if not state.classes:
+            raise StoreError("no classes are enrolled; enroll some first (`edgemeta enroll`)")
+        if top_k < 1:
+            raise ConfigError("top_k must be ≥ 1")
+        query = self._embed_sources(images)
+        return self._classify(state, query, top_k, reject)
+
+    def _classify(self, state: StoreState, query: np.ndarray, top_k: int, reject) -> Prediction:
+        probs = heads.softmax(head_logits(state.head, state.fitted, query))
+        k = min(top_k, len(state.classes))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top_p = np.take_along_axis(probs, order, 1)
+        metric = state.head.get("metric", "cosine" if self.bundle.l2_normalized else "euclidean")
+        protos = state.fitted["prototypes"] if "prototypes" in state.fitted else np.stack([c.embeddings.mean(0) for c in state.classes])
+        distances = embedding_distance(query, protos, metric).min(1)
+        threshold = calibrate_rejection(state.classes, metric) if reject == "auto" else reject
+        labels = [state.classes[o[0]].label for o in order]
+        if threshold is not None:
+            labels = [UNKNOWN if d > float(threshold) else lab for lab, d in zip(labels, distances)]
+        top = [[(state.classes[j].label, float(p)) for j, p in zip(o, ps)] for o, ps in zip(order, top_p)]
+        return Prediction(labels, top_p, top, distances)
+
+    # ---------------------------------------------------------------- changes
+    def enroll(self, label: str, images: list[ImageSource] | np.ndarray, mode: str = "new") -> int:
+        """Enroll a class from its support images. mode "new" refuses a label already enrolled,
+        "add" adds shots to it, "replace" replaces its shots. Returns the class's shot count.
+        Everything is decoded and embedded before anything changes: a bad image loses nothing."""
+        if mode not in ("new", "add", "replace"):
+            raise ConfigError("mode must be new, add or replace")
+        label = str(label).strip()
+        if not label or label == UNKNOWN:
+            raise StoreError(f"{label!r} cannot be a class label")
+        if isinstance(images, (str, os.PathLike, bytes)):
+            images = [images]
+        if len(images) == 0:
+            raise StoreError(f"class {label!r} has no images; give at least one support image")
+        with self._write_lock, self._store_lock():
+            state = self._refresh()
+            idx = state.find(label)
+            if idx is not None and mode == "new":
+                raise StoreError(f"{label!r} is already enrolled ({state.classes[idx].shots} shots); "
+                                 "use add (CLI --add) to add shots or replace (CLI --replace) to start over")
+            embeddings = self._embed_sources(images)
+            kept = self._keep(images)
+            if idx is not None and mode == "add":
+                old = state.classes[idx]
+                cls_new = EnrolledClass(label, _frozen(np.concatenate([old.embeddings, embeddings])), old.images + kept)
+            else:
+                cls_new = EnrolledClass(label, _frozen(embeddings), kept)
+            classes = list(state.classes)
+            if idx is None:
+                classes.append(cls_new)
+            else:
+                classes[idx] = cls_new
+            self._commit(self._refit(state, tuple(classes)))
+            return cls_new.shots
+
+    def forget(self, label: str) -> None:
+        with self._write_lock, self._store_lock():
+            state = self._refresh()
+            if state.find(label) is None:
+                raise StoreError(f"{label!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'})")
+            self._commit(self._refit(state, tuple(c for c in state.classes if c.label != label)))
+
+    def _refit(self, state: StoreState, classes: tuple[EnrolledClass, ...]) -> StoreState:
+        if state.head["kind"] == "prototype":
+            fitted = refit_prototypes_incrementally(state.fitted, state.classes, classes) if classes else {}
+        else:
+            fitted = fit_head(state.head, classes)
+        return replace(state, classes=classes, fitted={k: _frozen(v) for k, v in fitted.items()},
+                       generation=state.generation + 1)
+
+    def _commit(self, state: StoreState) -> None:
+        if self.store is not None:
+            self.store.write(state)  # durable first, then visible
+        self._state = state
+
+    def _store_lock(self):
+        import contextlib
+        return self.store.locked() if self.store is not None else contextlib.nullcontext()
+
+    def _refresh(self) -> StoreState:
+        """Under the store lock: pick up changes another process saved since we loaded."""
+        if self.store is None:
+            return self._state
+        saved = self.store.read()
+        if saved is not None and saved.generation > self._state.generation and saved.model_sha256 == self._state.model_sha256:
+            state = replace(saved, head=self._state.head)
+            if state.head != saved.head:
+                state = replace(state, fitted=fit_head(state.head, state.classes))
+            self._state = state
+        return self._state
+
+    def _keep(self, images) -> tuple[str, ...]:
+        if not self.keep_images or isinstance(images, np.ndarray):
+            return ()
+        names = []
+        for src in images:
+            if isinstance(src, (str, os.PathLike)):
+                names.append(self.store.keep_image(Path(src).read_bytes(), Path(src).suffix))
+            elif isinstance(src, bytes):
+                names.append(self.store.keep_image(src, ""))
+            else:
+                return ()  # PIL images: nothing to keep verbatim
+        return tuple(names)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
