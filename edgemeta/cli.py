@@ -17,7 +17,7 @@ from edgemeta.runtime.errors import EdgemetaError
 app = typer.Typer(help="edgemeta: few-shot image classification from meta-training to an edge device.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
 
 
 def command(*args, **kwargs):

@@ -45,3 +45,26 @@ def tiny_run(tmp_path_factory, omniglot_paths):
                      "--episodes", "30", "--val-every", "15", "--val-episodes", "50", "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory, omniglot_paths):
+    """The tiny run exported with INT8 and FP16 variants, through the CLI."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    calib = [x for p in omniglot_paths for x in ("--calib-data", p)]
+    result = run_cli("export", tiny_run / "best.safetensors", "--out", out, "--int8", "--fp16", *calib,
+                     "--calib-images", "128")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tagalog(omniglot_paths):
+    """Real drawings of an alphabet never used in training: {character: [png bytes × 20]}."""
+    import zipfile
+    by: dict[str, list[bytes]] = {}
+    with zipfile.ZipFile(omniglot_paths[1]) as z:
+        for name in sorted(z.namelist()):
+            if "/Tagalog/" in name and name.endswith(".png"):
+                by.setdefault(name.split("/")[-2], []).append(z.read(name))
+    return by

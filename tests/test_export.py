@@ -1,0 +1,149 @@
+"""Export: ONNX checks, op audit, parity on real images, dynamic batch, INT8/FP16, manifest, BYO ONNX."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import run_cli
+from edgemeta.backbones import Embedder
+from edgemeta.export.onnx_graph import ALLOWED_OPS, ExportEmbedder, audit_ops, export_onnx, parity
+from edgemeta.runtime import BundleError, InputSpec, load_bundle
+from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from edgemeta.runtime.bundle import read_manifest, validate_manifest, write_manifest
+
+
+@pytest.mark.parametrize("name,args", [("conv4", {}), ("resnet12", {"widths": [16, 32, 48, 64]}), ("edgenet", {})])
+@pytest.mark.parametrize("l2", [False, True])
+def test_every_backbone_exports_checks_audits_and_matches_torch_on_real_images(tmp_path, omniglot, name, args, l2):
+    spec = InputSpec(28, 28, "L", (0.9,), (0.25,))
+    embedder = Embedder(name, spec, args).eval()
+    with torch.no_grad():  # give BatchNorm non-trivial statistics so folding is really tested
+        for m in embedder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    model = export_onnx(embedder, spec, tmp_path / "m.onnx", l2_normalize=l2)
+    ops = audit_ops(model)
+    assert set(ops) <= ALLOWED_OPS and "BatchNormalization" not in ops  # folded into Conv
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")), full_check=True)
+    pixels = omniglot.pixels[::97][:48].transpose(0, 3, 1, 2).astype(np.float32)
+    check = parity(tmp_path / "m.onnx", ExportEmbedder(embedder, l2).eval(), pixels)
+    assert check["max_rel_error"] < 1e-4 and check["images"] == 48
+    backend = OnnxRuntimeBackend(tmp_path / "m.onnx", spec, embedder.embed_dim, "cpu")
+    for batch in (1, 17):  # dynamic batch axis
+        assert backend.embed(pixels[:batch]).shape == (batch, embedder.embed_dim)
+    if l2:
+        np.testing.assert_allclose(np.linalg.norm(backend.embed(pixels[:5]), axis=1), 1.0, rtol=1e-5)
+
+
+def test_op_audit_names_the_offending_node():
+    node = onnx.helper.make_node("NonMaxSuppression", ["a"], ["b"], name="nms_1")
+    graph = onnx.helper.make_graph([node], "g", [], [])
+    with pytest.raises(BundleError, match=r"NonMaxSuppression \(node 'nms_1'\)"):
+        audit_ops(onnx.helper.make_model(graph))
+    custom = onnx.helper.make_node("FusedConv", ["a"], ["b"], name="fc", domain="com.microsoft")
+    with pytest.raises(BundleError, match="com.microsoft::FusedConv"):
+        audit_ops(onnx.helper.make_model(onnx.helper.make_graph([custom], "g", [], [])))
+
+
+def test_cli_export_writes_a_verified_bundle_with_int8_and_fp16(tiny_bundle):
+    m = read_manifest(tiny_bundle)
+    assert list(m["files"]) == ["embed.onnx", "embed.int8.onnx", "embed.fp16.onnx"]
+    assert m["input"]["name"] == "pixels" and m["input"]["layout"] == "NCHW" and m["output"]["dim"] == 64
+    parity_check = m["variants"]["fp32"]["parity"]
+    assert parity_check["max_rel_error"] < 1e-4 and parity_check["real_images"] == 64
+    int8 = m["variants"]["int8"]
+    # INT8 on Omniglot Conv4: accuracy change bounded by 1 point on the fixed episodes
+    assert abs(int8["accuracy_delta_points"]) <= 1.0
+    assert int8["calibration_images"] == 128 and int8["speedup_batch1"] > 0
+    assert m["files"]["embed.int8.onnx"]["bytes"] < m["files"]["embed.onnx"]["bytes"] / 2
+    load_bundle(tiny_bundle)  # every sha256 verifies
+
+
+def test_int8_and_fp16_variants_run_and_stay_close_to_fp32(tiny_bundle, omniglot):
+    b = load_bundle(tiny_bundle)
+    x = omniglot.pixels[:32].transpose(0, 3, 1, 2).astype(np.float32)
+    ref = OnnxRuntimeBackend(b.variant_path("fp32"), b.spec, 64, "cpu").embed(x)
+    for variant, tol in (("fp16", 0.01), ("int8", 0.1)):
+        got = OnnxRuntimeBackend(b.variant_path(variant), b.spec, 64, "cpu").embed(x)
+        cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() > 1 - tol, variant
+
+
+def test_exported_onnx_also_runs_in_the_onnx_reference_evaluator(tiny_bundle, omniglot):
+    """An independent consumer besides ONNX Runtime: onnx's own reference implementation."""
+    from onnx.reference import ReferenceEvaluator
+    b = load_bundle(tiny_bundle)
+    x = omniglot.pixels[:3].transpose(0, 3, 1, 2).astype(np.float32)
+    ref = ReferenceEvaluator(str(b.variant_path("fp32"))).run(None, {"pixels": x})[0]
+    ort_out = OnnxRuntimeBackend(b.variant_path("fp32"), b.spec, 64, "cpu").embed(x)
+    np.testing.assert_allclose(ref, ort_out, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tampered_file_is_refused(tiny_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    data = bytearray((copy / "embed.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "embed.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        load_bundle(copy)
+    result = run_cli("enroll", copy, "x.png", "--store", tmp_path / "s", "--label", "a")
+    assert result.exit_code == 2 and "sha256" in result.output
+
+
+def test_a_truncated_or_foreign_manifest_is_refused(tiny_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    text = (copy / "manifest.json").read_text()
+    (copy / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(BundleError, match="truncated or not JSON"):
+        load_bundle(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(copy)
+
+
+def test_manifest_schema_round_trip_and_version_rules(tiny_bundle, tmp_path):
+    m = read_manifest(tiny_bundle)
+    write_manifest(tmp_path, m)
+    assert read_manifest(tmp_path) == m
+    validate_manifest({**m, "schema_version": "1.7"})  # newer minor: readable
+    with pytest.raises(BundleError, match="schema version 2.0.*Re-export"):
+        validate_manifest({**m, "schema_version": "2.0"})
+    broken = json.loads(json.dumps(m))
+    broken["output"]["dim"] = "64"
+    with pytest.raises(BundleError, match="'output.dim' should be int"):
+        validate_manifest(broken)
+    del broken["input"]
+    with pytest.raises(BundleError, match="missing field 'input'"):
+        validate_manifest(broken)
+
+
+def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(tiny_run, tmp_path, omniglot_paths):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli("export", tiny_run / "best.safetensors", "--out", out, "--calib-data", omniglot_paths[0])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_bring_your_own_onnx_model(tmp_path, omniglot_paths):
+    spec = InputSpec(28, 28, "L", (0.5,), (0.5,))
+    embedder = Embedder("edgenet", spec).eval()
+    export_onnx(embedder, spec, tmp_path / "mine.onnx")
+    result = run_cli("export", tmp_path / "mine.onnx", "--onnx", "--input-size", "28", "--colour", "L",
+                     "--out", tmp_path / "b", "--calib-data", omniglot_paths[0])
+    assert result.exit_code == 0, result.output
+    b = load_bundle(tmp_path / "b")
+    assert b.embedding_dim == 128 and b.manifest["model"]["backbone"] == "external"
+    bad = run_cli("export", tmp_path / "mine.onnx", "--onnx", "--input-size", "28", "--colour", "RGB",
+                  "--out", tmp_path / "c")
+    assert bad.exit_code == 2 and "takes 1 channels" in bad.output
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    junk = run_cli("export", tmp_path / "junk.onnx", "--onnx", "--input-size", "28", "--out", tmp_path / "d")
+    assert junk.exit_code == 2 and "not a readable ONNX model" in junk.output

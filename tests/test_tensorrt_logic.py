@@ -1,0 +1,127 @@
+"""TensorRT: everything that does not need a GPU, tested for real; the GPU build and run are
+skipped with the reason when TensorRT or a CUDA device is missing (no fake tensorrt module)."""
+import importlib.util
+
+import pytest
+
+from edgemeta.export.tensorrt import BatchProfile, engine_file_name, engine_record
+from edgemeta.runtime import BundleError, ConfigError, load_bundle
+from edgemeta.runtime.backends import matching_engine, open_backend
+from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend, choose_providers
+from edgemeta.runtime.backends.tensorrt import plan_chunks
+from edgemeta.runtime.bundle import write_manifest
+from edgemeta.runtime.device_info import device_identity, engine_mismatches, parse_l4t_release
+
+ORIN = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "l4t": "36.4.0"}
+
+
+def test_batch_profile_parsing():
+    assert BatchProfile.parse("1:8:32") == BatchProfile(1, 8, 32)
+    assert BatchProfile.parse("4") == BatchProfile(4, 4, 4)
+    assert BatchProfile(1, 8, 32).shapes(3, 64, 64) == ((1, 3, 64, 64), (8, 3, 64, 64), (32, 3, 64, 64))
+    for bad in ("8:1:32", "0:1:2", "a:b:c", "1:2", "1:2:3:4"):
+        with pytest.raises(ConfigError):
+            BatchProfile.parse(bad)
+
+
+def test_l4t_release_parsing():
+    text = "# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, EABI: aarch64, DATE: Fri Sep 13"
+    assert parse_l4t_release(text) == "36.4.0"
+    assert parse_l4t_release("# R35 (release), REVISION: 5.0, GCID: 1") == "35.5.0"
+    assert parse_l4t_release("nonsense") is None
+
+
+@pytest.mark.parametrize("device,expected", [
+    (ORIN, []),
+    ({**ORIN, "tensorrt_version": "10.7.0"}, ["TensorRT 10.3.0, this device has 10.7.0"]),
+    ({**ORIN, "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}, ["compute capability 8.7 (Orin), this GPU is 9.0"]),
+    ({**ORIN, "l4t": "36.3.0"}, ["L4T 36.4.0, this device runs L4T 36.3.0"]),
+    ({"tensorrt_version": None, "gpu_name": None, "compute_capability": None, "l4t": None},
+     ["TensorRT is not installed", "no CUDA device"]),
+])
+def test_engine_compatibility_rules(device, expected):
+    reasons = engine_mismatches(ORIN, device)
+    assert len(reasons) == len(expected)
+    for reason, fragment in zip(reasons, expected):
+        assert fragment in reason
+
+
+def test_engine_records_and_names_carry_what_makes_them_valid():
+    p = BatchProfile(1, 8, 32)
+    name = engine_file_name("int8", p, ORIN, dla_core=0)
+    assert name == "embed.int8.b1-8-32.orin.trt10.3.0.dla0.engine"
+    rec = engine_record(name, "int8", p, ORIN, "abc", 0, 1024, 12.34)
+    assert rec["profile"] == {"min": 1, "opt": 8, "max": 32} and rec["l4t"] == "36.4.0" and rec["build_seconds"] == 12.3
+    with pytest.raises(BundleError):
+        engine_record(name, "fp32", p, {"tensorrt_version": None}, "abc", None, 1, 1.0)
+
+
+def test_chunking_respects_the_profile():
+    assert plan_chunks(70, 1, 32) == [(0, 32, 32), (32, 64, 32), (64, 70, 6)]
+    assert plan_chunks(3, 4, 8) == [(0, 3, 4)]  # padded up to the profile's min
+    assert plan_chunks(0, 1, 8) == []
+    with pytest.raises(ValueError):
+        plan_chunks(5, 0, 8)
+
+
+def test_auto_backend_skips_a_foreign_engine_with_a_warning_and_tensorrt_refuses(tiny_bundle, tmp_path):
+    import shutil
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    (copy / "e.engine").write_bytes(b"plan")
+    b = load_bundle(copy)
+    m = b.manifest
+    m["files"]["e.engine"] = {"sha256": __import__("hashlib").sha256(b"plan").hexdigest(), "bytes": 4, "role": "tensorrt-fp32"}
+    m["engines"] = [engine_record("e.engine", "fp32", BatchProfile(1, 8, 32), ORIN, "x", None, 1024, 1.0)]
+    write_manifest(copy, m)
+    b = load_bundle(copy)
+    here = {"tensorrt_version": None, "gpu_name": None, "compute_capability": None, "l4t": None}
+    engine, reasons = matching_engine(b, here)
+    assert engine is None and "TensorRT is not installed" in reasons[0]
+    assert matching_engine(b, ORIN)[0]["file"] == "e.engine"
+    with pytest.warns(RuntimeWarning, match="rebuild it on this device with `edgemeta export --engine"):
+        backend = open_backend(b, "auto", device=here)
+    assert isinstance(backend, OnnxRuntimeBackend)
+    with pytest.raises(BundleError, match="no TensorRT engine in this bundle matches this device"):
+        open_backend(b, "tensorrt", device=here)
+
+
+def test_provider_choice_prefers_tensorrt_then_cuda_then_cpu():
+    all3 = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers("auto", all3) == all3
+    assert choose_providers("auto", ["CPUExecutionProvider", "CUDAExecutionProvider"]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers("cpu", all3) == ["CPUExecutionProvider"]
+    with pytest.raises(ConfigError, match="not available"):
+        choose_providers("CUDAExecutionProvider", ["CPUExecutionProvider"])
+
+
+def test_engine_build_without_tensorrt_says_how_to_install(tiny_bundle):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here; the GPU test below covers the build")
+    from edgemeta.export import add_engine
+    with pytest.raises(BundleError, match=r"pip install 'edgemeta\[tensorrt\]'"):
+        add_engine(tiny_bundle)
+
+
+_HAS_GPU = importlib.util.find_spec("tensorrt") is not None and device_identity()["compute_capability"] is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_GPU, reason="needs TensorRT 10 and a CUDA device (Jetson with JetPack 6, or a GPU machine); "
+                                         "not installable on the CPU CI machines")
+def test_engine_build_and_run_match_onnxruntime(tiny_bundle, tmp_path, omniglot):
+    import shutil
+
+    import numpy as np
+
+    from edgemeta.export import add_engine
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    record = add_engine(copy, "fp32", "1:4:16", timing_cache=tmp_path / "cache.bin")
+    assert (tmp_path / "cache.bin").exists()
+    b = load_bundle(copy)
+    backend = open_backend(b, "tensorrt")
+    x = omniglot.pixels[:37].transpose(0, 3, 1, 2).astype(np.float32)  # 37 > max 16: chunked
+    ref = OnnxRuntimeBackend(b.variant_path("fp32"), b.spec, 64, "cpu").embed(x)
+    np.testing.assert_allclose(backend.embed(x), ref, rtol=1e-3, atol=1e-3)
+    assert record["precision"] == "fp32"
