@@ -184,4 +184,4 @@ def main() -> None:
 
 
 # Command groups in their own modules register on the same app.
-from edgemeta import cli_device, cli_export  # noqa: E402,F401
+from edgemeta import cli_bench, cli_device, cli_export  # noqa: E402,F401

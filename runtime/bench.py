@@ -1,0 +1,188 @@
+"""Latency on this device, per stage and per adaptation step: embed, head fit (prototype, ridge,
+each logistic SGD step), enrollment end to end, prediction end to end; p50/p90/p99, peak memory,
+environment. NumPy + the bundle's backend only, like everything in the runtime."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import heads
+from .backends import open_backend
+from .bundle import Bundle, load_bundle
+from .classifier import FewShotClassifier, resolve_head
+from .preprocess import load_images, pixels_to_batch
+from .timing import summarize, time_call
+
+BENCH_SCHEMA = "edgemeta-bench"
+BENCH_VERSION = "1.0"
+
+
+def environment(backend) -> dict:
+    import onnxruntime as ort
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_model(),
+           "cores": os.cpu_count(), "onnxruntime_version": ort.__version__,
+           "available_providers": ort.get_available_providers(), "numpy_version": np.__version__,
+           **backend.describe()}
+    try:
+        import tensorrt
+        env["tensorrt_version"] = tensorrt.__version__
+    except Exception:
+        env["tensorrt_version"] = None
+    model = Path("/proc/device-tree/model")
+    if model.exists():  # Jetson: board model and power mode
+        env["jetson_model"] = model.read_bytes().rstrip(b"\x00").decode(errors="replace")
+        try:
+            env["power_mode"] = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            env["power_mode"] = None
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _episode_features(rng: np.random.Generator, pool: np.ndarray, way: int, shot: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = rng.choice(len(pool), way * shot, replace=len(pool) < way * shot)
+    return np.ascontiguousarray(pool[idx]), np.repeat(np.arange(way), shot)
+
+
+def bench_heads(features: np.ndarray, ways: list[int], shots: list[int], steps: list[int], head_names: list[str],
+                repeat: int, logistic: dict) -> tuple[list[dict], list[dict]]:
+    """Head fit latency per way/shot, and the latency of each logistic SGD step."""
+    rng = np.random.default_rng(0)
+    fits, step_rows = [], []
+    for way in ways:
+        for shot in shots:
+            s, y = _episode_features(rng, features, way, shot)
+            if "prototype" in head_names:
+                fits.append({"head": "prototype", "way": way, "shot": shot,
+                             **summarize(time_call(lambda: heads.class_means(s, y, way), repeat))})
+            if "ridge" in head_names:
+                fits.append({"head": "ridge", "way": way, "shot": shot,
+                             **summarize(time_call(lambda: heads.ridge_fit(s, y, way, 1.0), repeat))})
+            if "logistic" in head_names:
+                for k in steps:
+                    per_step, totals = [], []
+                    for _ in range(max(3, repeat // max(1, k // 5))):
+                        marks = [time.perf_counter()]
+                        heads.logistic_fit(s, y, way, k, logistic.get("lr", 0.1), momentum=logistic.get("momentum", 0.9),
+                                           on_step=lambda _i: marks.append(time.perf_counter()))
+                        d = np.diff(marks)
+                        per_step.extend(d[1:] if len(d) > 1 else d)  # step 1 also builds the init
+                        totals.append(marks[-1] - marks[0])
+                    step_rows.append({"head": "logistic", "way": way, "shot": shot, "steps": k, "timed_steps": k,
+                                      "per_step": summarize(per_step), "total": summarize(totals)})
+    return fits, step_rows
+
+
+def run_bench(bundle: str | Path | Bundle, images: list[bytes], backend: str = "auto", variant: str = "fp32",
+              ways: list[int] = (5,), shots: list[int] = (1, 5), steps: list[int] = (1, 10, 50),
+              head_names: list[str] = ("prototype", "ridge", "logistic"), batches: list[int] = (1, 8, 32),
+              repeat: int = 50, warmup: int = 5, progress=None) -> dict:
+    """Measure everything; `images` are encoded image files (PNG/JPEG bytes) to decode and embed."""
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    tick = progress or (lambda _msg: None)
+    be = open_backend(b, backend, variant)
+    spec = b.spec
+    pixels = load_images(images[: max(batches) * 2], spec)
+    while len(pixels) < max(batches):
+        pixels = np.concatenate([pixels, pixels])
+    result = {"schema": BENCH_SCHEMA, "schema_version": BENCH_VERSION,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "environment": environment(be),
+              "bundle": {"path": str(b.path), "backbone": b.manifest["model"]["backbone"], "variant": variant,
+                         "embedding_dim": b.embedding_dim, "input": [spec.channels, spec.height, spec.width]},
+              "config": {"ways": list(ways), "shots": list(shots), "steps": list(steps), "heads": list(head_names),
+                         "batches": list(batches), "repeat": repeat, "warmup": warmup}}
+    tick("embedding")
+    result["embed"] = []
+    for batch in batches:
+        x = pixels_to_batch(pixels[:batch])
+        s = summarize(time_call(lambda: be.embed(x), repeat, warmup))
+        result["embed"].append({"batch": batch, **s, "images_per_s": batch / (s["p50_ms"] / 1e3)})
+    tick("head fits")
+    features = be.embed(pixels_to_batch(pixels))
+    logistic = resolve_head(b.head, "logistic")
+    result["head_fit"], result["logistic_steps"] = bench_heads(features, list(ways), list(shots), list(steps),
+                                                               list(head_names), repeat, logistic)
+    tick("enrollment and prediction")
+    clf = FewShotClassifier(b, be, resolve_head(b.head, None))
+    result["enroll"] = []
+    for shot in shots:
+        shot_images = [images[i % len(images)] for i in range(shot)]
+        counter = iter(range(10 ** 9))
+        runs = time_call(lambda: clf.enroll(f"{shot}-shot-{next(counter)}", shot_images), max(5, repeat // 5), 1)
+        s = summarize(runs)
+        result["enroll"].append({"shot": shot, **s, "per_shot_p50_ms": s["p50_ms"] / shot})
+    result["predict"] = []
+    for batch in (1, max(batches)):
+        q = [images[i % len(images)] for i in range(batch)]
+        result["predict"].append({"batch": batch, **summarize(time_call(lambda: clf.predict(q), max(5, repeat // 5), 1))})
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    be.close()
+    return result
+
+
+def validate_bench(result: dict) -> None:
+    """Check a bench JSON has the schema and every stage (used by tests and by readers)."""
+    if result.get("schema") != BENCH_SCHEMA or str(result.get("schema_version", "")).split(".")[0] != BENCH_VERSION.split(".")[0]:
+        raise ValueError("not an edgemeta bench result of a known version")
+    for key in ("environment", "bundle", "config", "embed", "head_fit", "logistic_steps", "enroll", "predict", "peak_rss_mb"):
+        if key not in result:
+            raise ValueError(f"bench result lacks {key!r}")
+
+
+def render_plot(result: dict, path: str | Path) -> None:
+    """PNG: p50 latency per stage (p99 as whiskers), and latency vs logistic adaptation steps."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import ConfigError
+        raise ConfigError("--plot needs matplotlib: pip install 'edgemeta[plot]'") from None
+    stages = ([(f"embed b{r['batch']}", r) for r in result["embed"]]
+              + [(f"{r['head']} fit {r['way']}w{r['shot']}s", r) for r in result["head_fit"]]
+              + [(f"enroll {r['shot']}-shot", r) for r in result["enroll"]]
+              + [(f"predict b{r['batch']}", r) for r in result["predict"]])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.4, 1]})
+    names = [n for n, _ in stages]
+    p50 = np.array([r["p50_ms"] for _, r in stages])
+    p99 = np.array([r["p99_ms"] for _, r in stages])
+    ax1.barh(names, p50, xerr=[np.zeros_like(p50), p99 - p50], color="#4C72B0", capsize=3)
+    ax1.set_xscale("log")
+    ax1.invert_yaxis()
+    ax1.set_xlabel("latency, ms (bar p50, whisker p99; log scale)")
+    ax1.set_title("latency per stage")
+    for i, v in enumerate(p50):
+        ax1.text(p99[i], i, f"  {v:.3g} ms", va="center", fontsize=8)
+    for way in sorted({r["way"] for r in result["logistic_steps"]}):
+        for shot in sorted({r["shot"] for r in result["logistic_steps"]}):
+            rows = sorted((r for r in result["logistic_steps"] if r["way"] == way and r["shot"] == shot), key=lambda r: r["steps"])
+            if rows:
+                ax2.plot([r["steps"] for r in rows], [r["total"]["p50_ms"] for r in rows], marker="o",
+                         label=f"{way}-way {shot}-shot (per step {np.median([r['per_step']['p50_ms'] for r in rows]) * 1e3:.0f} µs)")
+    ax2.set_xlabel("logistic head SGD steps")
+    ax2.set_ylabel("head fit latency p50, ms")
+    ax2.set_title("latency vs adaptation steps")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    env = result["environment"]
+    fig.suptitle(f"edgemeta bench — {result['bundle']['backbone']} {result['bundle']['variant']} on {env.get('backend')} "
+                 f"({env.get('cpu')}, {env.get('cores')} cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
