@@ -82,25 +82,38 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
         weight, bias = imprinted_init(class_means(support, labels, n_way))
     weight, bias = weight.astype(support.dtype, copy=True), bias.astype(support.dtype, copy=True)
     y = one_hot(labels, n_way, support.dtype)
-    n = support.shape[0]
+    inv_n = support.dtype.type(1.0 / support.shape[0])
     m_w, m_b = np.zeros_like(weight), np.zeros_like(bias)
-    v_w, v_b = np.zeros_like(weight), np.zeros_like(bias)
+    v_w, v_b = (np.zeros_like(weight), np.zeros_like(bias)) if optimizer == "adam" else (None, None)
+    # In-place updates: at few-shot sizes the step is bound by NumPy call overhead, not arithmetic.
     for step in range(steps):
-        grad_logits = (softmax(logistic_logits(support, weight, bias)) - y) / n
-        grad_w = grad_logits.T @ support + weight_decay * weight
-        grad_b = grad_logits.sum(0)
+        logits = support @ weight.T
+        logits += bias
+        logits -= logits.max(1, keepdims=True)
+        np.exp(logits, out=logits)
+        logits /= logits.sum(1, keepdims=True)
+        logits -= y
+        logits *= inv_n                      # gradient of the mean cross-entropy w.r.t. the logits
+        grad_w = logits.T @ support
+        if weight_decay:
+            grad_w += weight_decay * weight
+        grad_b = logits.sum(0)
         if optimizer == "sgd":
-            m_w = momentum * m_w + grad_w
-            m_b = momentum * m_b + grad_b
-            weight = weight - lr * m_w
-            bias = bias - lr * m_b
+            if momentum:
+                m_w *= momentum
+                m_w += grad_w
+                m_b *= momentum
+                m_b += grad_b
+                grad_w, grad_b = m_w, m_b
+            weight -= lr * grad_w
+            bias -= lr * grad_b
         else:
             b1, b2 = betas
             m_w, m_b = b1 * m_w + (1 - b1) * grad_w, b1 * m_b + (1 - b1) * grad_b
             v_w, v_b = b2 * v_w + (1 - b2) * grad_w ** 2, b2 * v_b + (1 - b2) * grad_b ** 2
             c1, c2 = 1 - b1 ** (step + 1), 1 - b2 ** (step + 1)
-            weight = weight - lr * (m_w / c1) / (np.sqrt(v_w / c2) + eps)
-            bias = bias - lr * (m_b / c1) / (np.sqrt(v_b / c2) + eps)
+            weight -= lr * (m_w / c1) / (np.sqrt(v_w / c2) + eps)
+            bias -= lr * (m_b / c1) / (np.sqrt(v_b / c2) + eps)
         if on_step is not None:
             on_step(step)
     return weight, bias
