@@ -3,13 +3,16 @@
 # e.g. TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" where that index is reachable).
 PYTHON ?= python3
 VENV ?= .venv
+DEVICE_VENV ?= .venv-device
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgemeta-installed
 DEMO_OUT ?= demo-out
+SHIPPED_CKPT := checkpoints/omniglot-conv4-protonet.safetensors
+DEVICE_BUNDLE := build/device-test-bundle
 
-.PHONY: test demo install clean
+.PHONY: test test-main test-device demo install clean
 
 install: $(STAMP)
 
@@ -20,11 +23,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-test: $(STAMP)
+test: test-main test-device
+
+test-main: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# A second environment as on a device: `pip install .` with no extras (no torch, no onnx).
+test-device: $(STAMP)
+	rm -rf $(DEVICE_VENV)
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q . pytest
+	rm -rf build/lib build/bdist*
+	$(BIN)/edgemeta export $(SHIPPED_CKPT) --out $(DEVICE_BUNDLE) --overwrite \
+		--calib-data data/omniglot/images_background_small2.zip
+	cd tests/device_env && EDGEMETA_TEST_BUNDLE="$(abspath $(DEVICE_BUNDLE))" \
+		EDGEMETA_TEST_DATA="$(abspath data/omniglot/images_background_small2.zip)" \
+		"$(abspath $(DEVICE_VENV))/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" --confcutdir=. .
 
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh "$(DEMO_OUT)"
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info
+	rm -rf $(VENV) $(DEVICE_VENV) $(DEMO_OUT) build *.egg-info

@@ -20,6 +20,16 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
 
 
+def require_training_extra() -> None:
+    """Fail at the point of use, with the install command, when torch & co. are missing (a device install)."""
+    import importlib.util
+    from edgemeta.runtime.errors import ConfigError
+    missing = [m for m in ("torch", "safetensors", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"this command needs {', '.join(missing)}: pip install 'edgemeta[train]' "
+                          "(device commands enroll/predict/forget/classes/bench/eval --bundle work without it)")
+
+
 def command(*args, **kwargs):
     """app.command() whose user errors end in one red line and exit status 2, never a traceback."""
     def deco(fn):
@@ -59,6 +69,7 @@ def train(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
     """Meta-train a backbone on episodes; keeps the best checkpoint on the validation classes."""
+    require_training_extra()
     from edgemeta.config import TrainConfig
     from edgemeta.train import train as run_training
 
@@ -107,6 +118,7 @@ def evaluate(
         embed = clf.embed
         logits_fn = lambda s, y, q, n: heads.head_logits(head_cfg, s, y, q, n)  # noqa: E731
     else:
+        require_training_extra()
         from edgemeta.checkpoint import load_checkpoint
         from edgemeta.evaluate import embed_pixels, torch_logits_fn
         ckpt = load_checkpoint(checkpoint)
@@ -153,6 +165,7 @@ def inspect(
     if path.is_dir():
         from edgemeta.cli_export import inspect_bundle
         return inspect_bundle(path, as_json)
+    require_training_extra()
     from edgemeta.checkpoint import load_checkpoint
     ckpt = load_checkpoint(path)
     meta = ckpt.meta

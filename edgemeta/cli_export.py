@@ -44,6 +44,9 @@ def export(
     target = out or source.with_suffix(".bundle")
     calib = [str(p) for p in calib_data] if calib_data else None
     if onnx:
+        import importlib.util
+        if importlib.util.find_spec("onnx") is None:
+            raise ConfigError("--onnx needs the onnx package: pip install 'edgemeta[train]' (or just onnx)")
         from edgemeta.runtime.preprocess import InputSpec
         if input_size is None:
             raise ConfigError("--onnx needs --input-size (and --mean/--std if the graph does not normalise itself)")
@@ -52,6 +55,8 @@ def export(
         manifest = ex.wrap_onnx(source, target, spec, l2_normalized=l2_normalize, overwrite=overwrite,
                                 check_data=calib, report=report)
     else:
+        from edgemeta.cli import require_training_extra
+        require_training_extra()
         with console.status("exporting"):
             manifest = ex.export_checkpoint(source, target, l2_normalize=l2_normalize, int8=int8, fp16=fp16,
                                             calib_data=calib, calib_images=calib_images, overwrite=overwrite,

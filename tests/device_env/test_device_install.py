@@ -1,0 +1,74 @@
+"""Run by `make test` in a second environment made with `pip install .` (no extras): no torch,
+no onnx — what a Jetson has. Proves the runtime and the device CLI need nothing more."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+BUNDLE = Path(os.environ.get("EDGEMETA_TEST_BUNDLE", ""))
+DATA = Path(os.environ.get("EDGEMETA_TEST_DATA", ""))
+BIN = Path(sys.executable).parent
+
+
+def edgemeta(*args):
+    return subprocess.run([str(BIN / "edgemeta"), *map(str, args)], capture_output=True, text=True)
+
+
+def test_this_environment_has_no_torch_and_a_regular_install():
+    assert importlib.util.find_spec("torch") is None
+    assert importlib.util.find_spec("onnx") is None
+    import edgemeta
+    import edgemeta.export
+    import edgemeta.runtime
+    assert "site-packages" in edgemeta.__file__  # `pip install .`, not the source tree
+    assert "site-packages" in edgemeta.runtime.__file__ and "site-packages" in edgemeta.export.__file__
+    assert BUNDLE.is_dir() and DATA.is_file(), "make test passes EDGEMETA_TEST_BUNDLE and EDGEMETA_TEST_DATA"
+
+
+@pytest.fixture(scope="module")
+def drawings(tmp_path_factory):
+    """5 Tagalog characters (an alphabet the shipped model never saw): 5 support + 15 query each."""
+    root = tmp_path_factory.mktemp("photos")
+    by = {}
+    with zipfile.ZipFile(DATA) as z:
+        for name in sorted(z.namelist()):
+            if "/Tagalog/" in name and name.endswith(".png"):
+                by.setdefault(name.split("/")[-2], []).append(z.read(name))
+    queries = []
+    for c in sorted(by)[:5]:
+        (root / "support" / c).mkdir(parents=True)
+        for i, img in enumerate(by[c][:5]):
+            (root / "support" / c / f"{i}.png").write_bytes(img)
+        for i, img in enumerate(by[c][5:]):
+            q = root / f"{c}__{i}.png"
+            q.write_bytes(img)
+            queries.append(q)
+    return root, queries
+
+
+def test_device_cli_enroll_predict_forget_without_torch(drawings, tmp_path):
+    root, queries = drawings
+    store = tmp_path / "store"
+    r = edgemeta("enroll", BUNDLE, "--store", store, "--from-folder", root / "support")
+    assert r.returncode == 0, r.stderr
+    r = edgemeta("predict", BUNDLE, "--store", store, "--json", *queries)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    accuracy = sum(Path(row["image"]).name.split("__")[0] == row["label"] for row in rows) / len(rows)
+    assert accuracy > 0.85, accuracy  # the shipped model, 5-way 5-shot, unseen alphabet
+    assert edgemeta("forget", BUNDLE, "character01", "--store", store).returncode == 0
+    listed = json.loads(edgemeta("classes", "--store", store, "--json").stdout)
+    assert len(listed["classes"]) == 4
+    r = edgemeta("eval", "--bundle", BUNDLE, "--data", DATA, "--episodes", "100", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] > 80
+
+
+def test_training_commands_say_what_to_install(tmp_path):
+    r = edgemeta("train", "--data", DATA)
+    assert r.returncode == 2 and "pip install 'edgemeta[train]'" in r.stderr and "Traceback" not in r.stderr
