@@ -48,13 +48,17 @@ def command(*args, **kwargs):
 def train(
     config: Optional[Path] = typer.Option(None, help="TOML file with any TrainConfig keys; flags override it."),
     data: Optional[list[Path]] = typer.Option(None, help="Folder or .zip of images (Omniglot layout or <class>/ folders). Repeat to merge."),
-    algo: Optional[str] = typer.Option(None, help="protonet | r2d2"),
+    algo: Optional[str] = typer.Option(None, help="protonet | r2d2 | pretrain"),
     backbone: Optional[str] = typer.Option(None, help="conv4 | resnet12 | edgenet"),
     metric: Optional[str] = typer.Option(None, help="ProtoNet distance: euclidean | cosine"),
     image_size: Optional[int] = typer.Option(None, help="Images are resized to this square size (default 28)."),
     colour: Optional[str] = typer.Option(None, help="L (greyscale) | RGB"),
     split_mode: Optional[str] = typer.Option(None, help="auto | alphabets (fixed Omniglot split) | seeded"),
     rotations: Optional[bool] = typer.Option(None, help="Add each 90° rotation of a training class as a new class."),
+    augment: Optional[bool] = typer.Option(None, help="Random crop, flip and colour jitter while training (never at evaluation)."),
+    split_file: Optional[Path] = typer.Option(None, help="JSON naming the train/val/test groups (overrides --split-mode)."),
+    init: Optional[Path] = typer.Option(None, help="Start the backbone from this checkpoint (e.g. a pretrain run)."),
+    batch_size: Optional[int] = typer.Option(None, help="pretrain: images per step."),
     way: Optional[int] = typer.Option(None, help="Classes per training episode."),
     shot: Optional[int] = typer.Option(None, help="Support images per class."),
     query: Optional[int] = typer.Option(None, help="Query images per class."),
@@ -74,7 +78,9 @@ def train(
     from edgemeta.train import train as run_training
 
     flags = dict(data=[str(p) for p in data] if data else None, algo=algo, backbone=backbone, metric=metric,
-                 image_size=image_size, colour=colour, split_mode=split_mode, rotations=rotations, way=way,
+                 image_size=image_size, colour=colour, split_mode=split_mode, rotations=rotations, augment=augment,
+                 split_file=str(split_file) if split_file else None, init=str(init) if init else None,
+                 batch_size=batch_size, way=way,
                  shot=shot, query=query, episodes=episodes, lr=lr, val_every=val_every, val_episodes=val_episodes,
                  seed=seed, device=device, out=str(out) if out else None)
     flags = {k: v for k, v in flags.items() if v is not None}
@@ -93,6 +99,7 @@ def evaluate(
     data: Optional[list[Path]] = typer.Option(None, help="Folder or .zip of images; default: the data the checkpoint trained on."),
     split: str = typer.Option("test", help="train | val | test | all (classes of the checkpoint's split)."),
     split_mode: Optional[str] = typer.Option(None, help="Override the split mode (auto | alphabets | seeded)."),
+    split_file: Optional[Path] = typer.Option(None, help="JSON naming the train/val/test groups (default: the checkpoint's)."),
     way: int = typer.Option(5, help="Classes per episode."),
     shot: int = typer.Option(1, help="Support images per class."),
     query: int = typer.Option(15, help="Query images per class."),
@@ -129,7 +136,8 @@ def evaluate(
         logits_fn = torch_logits_fn(head_cfg)
     sources = [str(p) for p in data] if data else tc.get("data", [])
     dataset = load_dataset(sources, (spec.height, spec.width), spec.colour, tc.get("layout", "auto"))
-    dataset = select_split(dataset, split, split_mode or tc.get("split_mode", "auto"), tc.get("split_seed", 0))
+    dataset = select_split(dataset, split, split_mode or tc.get("split_mode", "auto"), tc.get("split_seed", 0),
+                           str(split_file) if split_file else "" if split_mode else tc.get("split_file", ""))
     result = evaluate_episodes(embed(dataset.pixels), dataset.labels, logits_fn, way, shot, query, episodes, seed)
     path = "deployed (onnxruntime " + variant + " + numpy head)" if bundle is not None else "torch"
     if as_json:

@@ -23,20 +23,25 @@ class TrainConfig:
     colour: str = "L"                 # L | RGB
     split_mode: str = "auto"          # auto | alphabets | seeded
     split_seed: int = 0
+    split_file: str = ""              # JSON {"train": [...], "val": [...], "test": [...]} of groups
     rotations: bool = True            # each 90° rotation of a training class is a new class
+    augment: bool = False             # random crop + flip + colour jitter (training only)
     # model
     algo: str = "protonet"
     backbone: str = "conv4"
     backbone_args: dict = field(default_factory=dict)
     metric: str = "euclidean"         # protonet: euclidean | cosine
     ridge_lambda: float = 1.0         # r2d2
+    init: str = ""                    # start the backbone from this checkpoint's weights (e.g. a pretrain run)
     # episodes
     way: int = 20
     shot: int = 5
     query: int = 5
     meta_batch: int = 1
+    batch_size: int = 64              # pretrain: images per step
     episodes: int = 2000              # optimizer steps
     # optimisation
+    optimizer: str = "adam"           # adam | sgd (momentum 0.9, nesterov)
     lr: float = 1e-3
     lr_schedule: str = "cosine"       # cosine | step | constant
     lr_step: int = 2000               # step schedule: halve every lr_step steps
@@ -77,6 +82,8 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("no training data: pass --data PATH (a folder or .zip; repeat for several)")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be adam or sgd, not {self.optimizer!r}")
         if self.lr_schedule not in ("cosine", "step", "constant"):
             raise ConfigError(f"lr_schedule must be cosine, step or constant, not {self.lr_schedule!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -2,6 +2,7 @@
 episodes, best and last checkpoints, resume, rich progress, JSONL metrics."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgemeta.algorithms import create_algorithm
+from edgemeta.algorithms import ALGORITHMS, create_algorithm
+from edgemeta.augment import augment_batch
 from edgemeta.backbones import Embedder
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.config import TrainConfig
@@ -34,14 +36,20 @@ class TrainResult:
 
 def load_splits(config: TrainConfig, progress: bool = False) -> tuple[ImageSet, ImageSet]:
     data = load_dataset(config.data, config.image_size, config.colour, config.layout, progress=progress)
-    train = select_split(data, "train", config.split_mode, config.split_seed)
-    val = select_split(data, "val", config.split_mode, config.split_seed)
+    train = select_split(data, "train", config.split_mode, config.split_seed, config.split_file)
+    val = select_split(data, "val", config.split_mode, config.split_seed, config.split_file)
     return train, val
 
 
-def build_model(config: TrainConfig, spec: InputSpec) -> torch.nn.Module:
+def build_model(config: TrainConfig, spec: InputSpec, n_train_classes: int = 0) -> torch.nn.Module:
     embedder = Embedder(config.backbone, spec, config.backbone_args)
-    return create_algorithm(config.algo, embedder, metric=config.metric, ridge_lambda=config.ridge_lambda)
+    if config.init:
+        init = load_checkpoint(config.init)
+        if init.meta["backbone"]["name"] != config.backbone:
+            raise ConfigError(f"--init {config.init} holds a {init.meta['backbone']['name']} backbone, not {config.backbone}")
+        embedder.load_state_dict(init.embedder_state())
+    return create_algorithm(config.algo, embedder, metric=config.metric, ridge_lambda=config.ridge_lambda,
+                            n_classes=n_train_classes)
 
 
 def _lr_factor(config: TrainConfig, step: int) -> float:
@@ -52,8 +60,39 @@ def _lr_factor(config: TrainConfig, step: int) -> float:
     return 1.0
 
 
-def _to_device(pixels: np.ndarray, device: str) -> torch.Tensor:
-    return torch.from_numpy(pixels_to_batch(pixels)).to(device)
+def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class _Batches:
+    """Turns dataset indices into (augmented) model input on the device; seeded per step."""
+
+    def __init__(self, data: ImageSet, config: TrainConfig):
+        self.data, self.config = data, config
+
+    def __call__(self, idx: np.ndarray, step: int) -> torch.Tensor:
+        x = torch.from_numpy(pixels_to_batch(self.data.pixels[idx]))
+        if self.config.augment:
+            x = augment_batch(x, torch.Generator().manual_seed(self.config.seed * 1_000_003 + step))
+        return x.to(self.config.device)
+
+
+def _episode_loss(model, batches: _Batches, sampler: EpisodeSampler, config: TrainConfig, step: int, j: int):
+    ep = sampler.episode(step * config.meta_batch + j)
+    sy = torch.from_numpy(ep.support_labels).to(config.device)
+    qy = torch.from_numpy(ep.query_labels).to(config.device)
+    logits = model(batches(ep.support, step), sy, batches(ep.query, step), config.way)
+    return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
+
+
+def _pretrain_loss(model, batches: _Batches, labels: np.ndarray, config: TrainConfig, step: int, j: int):
+    idx = np.random.default_rng([config.seed, step, j]).choice(len(labels), config.batch_size, replace=False)
+    y = torch.from_numpy(labels[idx]).to(config.device)
+    logits = model.classify(batches(idx, step))
+    return F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()
 
 
 def validate(model: torch.nn.Module, val: ImageSet, config: TrainConfig) -> float:
@@ -87,6 +126,8 @@ def checkpoint_meta(config: TrainConfig, model: torch.nn.Module, spec: InputSpec
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     config.validate()
+    if config.algo not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(ALGORITHMS)}")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     torch.manual_seed(config.seed)
@@ -104,9 +145,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         ckpt = None
         mean, std = train_set.channel_stats()
         spec = InputSpec(config.image_size, config.image_size, config.colour, mean, std)
-    model = build_model(config, spec).to(config.device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                 weight_decay=config.weight_decay)
+    model = build_model(config, spec, train_set.n_classes).to(config.device)
+    optimizer = _optimizer(config, model)
     start, best = 0, -1.0
     if ckpt is not None:
         model.load_state_dict(ckpt.model_state)
@@ -116,13 +156,19 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     elif log_path.exists():
         log_path.unlink()
 
-    sampler = EpisodeSampler(train_set.labels, config.way, config.shot, config.query, config.seed,
-                             class_names=train_set.classes)
+    batches = _Batches(train_set, config)
+    if config.algo == "pretrain":
+        if config.batch_size > len(train_set):
+            raise ConfigError(f"batch size {config.batch_size} exceeds the {len(train_set)} training images")
+        step_loss = functools.partial(_pretrain_loss, model, batches, train_set.labels, config)
+    else:
+        sampler = EpisodeSampler(train_set.labels, config.way, config.shot, config.query, config.seed,
+                                 class_names=train_set.classes)
+        step_loss = functools.partial(_episode_loss, model, batches, sampler, config)
     # Fail before training, not at the first validation, when the validation classes are too small.
     EpisodeSampler(val_set.labels, config.val_way, config.val_shot, config.val_query, 0, class_names=val_set.classes)
     t0 = time.time()
     bar = _Bar(progress, config.episodes, start)
-    metrics: dict = {"best_val_accuracy": best}
     window_loss, window_acc = [], []
     with bar:
         for step in range(start, config.episodes):
@@ -132,15 +178,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
             optimizer.zero_grad(set_to_none=True)
             loss_sum, acc_sum = 0.0, 0.0
             for j in range(config.meta_batch):
-                ep = sampler.episode(step * config.meta_batch + j)
-                sx, qx = _to_device(train_set.pixels[ep.support], config.device), _to_device(train_set.pixels[ep.query], config.device)
-                sy = torch.from_numpy(ep.support_labels).to(config.device)
-                qy = torch.from_numpy(ep.query_labels).to(config.device)
-                logits = model(sx, sy, qx, config.way)
-                loss = F.cross_entropy(logits, qy) / config.meta_batch
-                loss.backward()
-                loss_sum += loss.item() * config.meta_batch
-                acc_sum += float((logits.argmax(1) == qy).float().mean())
+                loss, acc = step_loss(step, j)
+                (loss / config.meta_batch).backward()
+                loss_sum += loss.item()
+                acc_sum += acc.item()
             optimizer.step()
             window_loss.append(loss_sum / config.meta_batch)
             window_acc.append(100 * acc_sum / config.meta_batch)
@@ -159,14 +200,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                            "val_protocol": f"{config.val_way}-way {config.val_shot}-shot, {config.val_episodes} episodes"}
                 meta = checkpoint_meta(config, model, spec, metrics, done, train_set.n_classes)
                 if improved:
-                    save_checkpoint(best_path, model.state_dict(), meta)
+                    deployable = model.deployable_state() if hasattr(model, "deployable_state") else model.state_dict()
+                    save_checkpoint(best_path, deployable, meta)
                 save_checkpoint(last_path, model.state_dict(), meta, optimizer.state_dict())
             if record is not None:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.update(done, record)
-            else:
-                bar.update(done, None)
+            bar.update(done, record)
     return TrainResult(best_path, last_path, best, config.episodes, time.time() - t0)
 
 

@@ -63,5 +63,12 @@ class ImageSet:
 
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std on the [0, 1] scale, for the input spec's normalisation."""
-        x = self.pixels.reshape(-1, self.pixels.shape[-1]).astype(np.float64) / 255.0
-        return tuple(x.mean(0).round(6).tolist()), tuple(np.maximum(x.std(0), 1e-3).round(6).tolist())
+        flat = self.pixels.reshape(-1, self.pixels.shape[-1])
+        total, total_sq = np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
+        for i in range(0, len(flat), 1 << 22):  # in chunks: a float64 copy of 24k RGB images is 2 GB
+            chunk = flat[i:i + (1 << 22)].astype(np.float64) / 255.0
+            total += chunk.sum(0)
+            total_sq += (chunk * chunk).sum(0)
+        mean = total / len(flat)
+        std = np.sqrt(np.maximum(total_sq / len(flat) - mean * mean, 0.0))
+        return tuple(mean.round(6).tolist()), tuple(np.maximum(std, 1e-3).round(6).tolist())

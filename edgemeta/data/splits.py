@@ -47,13 +47,26 @@ def split_groups(groups: list[str], mode: str = "auto", seed: int = 0,
             "test": sorted(order[n_train + n_val:])}
 
 
-def select_split(dataset: ImageSet, split: str, mode: str = "auto", seed: int = 0) -> ImageSet:
-    """The classes of one split ("all" keeps everything)."""
+def read_split_file(path: str) -> dict[str, list[str]]:
+    """A JSON file {"train": [...], "val": [...], "test": [...]} naming the groups of each split."""
+    import json
+    from pathlib import Path
+    try:
+        parts = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read split file {path}: {exc}") from None
+    if not isinstance(parts, dict) or not all(isinstance(parts.get(k), list) for k in ("train", "val", "test")):
+        raise DataError(f"split file {path} must hold lists 'train', 'val' and 'test'")
+    return parts
+
+
+def select_split(dataset: ImageSet, split: str, mode: str = "auto", seed: int = 0, split_file: str = "") -> ImageSet:
+    """The classes of one split ("all" keeps everything); a split file overrides mode and seed."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, not {split!r}")
     if split == "all":
         return dataset
-    chosen = split_groups(dataset.groups, mode, seed)[split]
+    chosen = (read_split_file(split_file) if split_file else split_groups(dataset.groups, mode, seed))[split]
     part = dataset.select_groups(chosen)
     if part.n_classes == 0:
         raise DataError(f"the {split} split of this data is empty (split mode {mode!r}); "
