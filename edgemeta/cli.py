@@ -48,7 +48,11 @@ def command(*args, **kwargs):
 def train(
     config: Optional[Path] = typer.Option(None, help="TOML file with any TrainConfig keys; flags override it."),
     data: Optional[list[Path]] = typer.Option(None, help="Folder or .zip of images (Omniglot layout or <class>/ folders). Repeat to merge."),
-    algo: Optional[str] = typer.Option(None, help="protonet | r2d2 | pretrain"),
+    algo: Optional[str] = typer.Option(None, help="protonet | r2d2 | pretrain | maml | fomaml | anil | reptile"),
+    meta_batch: Optional[int] = typer.Option(None, help="Tasks per meta-update."),
+    inner_steps: Optional[int] = typer.Option(None, help="maml/fomaml/anil/reptile: adaptation steps per task."),
+    inner_lr: Optional[float] = typer.Option(None, help="maml/fomaml/anil/reptile: inner-loop step size."),
+    learn_inner_lr: Optional[bool] = typer.Option(None, help="maml/fomaml: meta-learn per-layer inner step sizes."),
     backbone: Optional[str] = typer.Option(None, help="conv4 | resnet12 | edgenet"),
     metric: Optional[str] = typer.Option(None, help="ProtoNet distance: euclidean | cosine"),
     image_size: Optional[int] = typer.Option(None, help="Images are resized to this square size (default 28)."),
@@ -80,7 +84,8 @@ def train(
     flags = dict(data=[str(p) for p in data] if data else None, algo=algo, backbone=backbone, metric=metric,
                  image_size=image_size, colour=colour, split_mode=split_mode, rotations=rotations, augment=augment,
                  split_file=str(split_file) if split_file else None, init=str(init) if init else None,
-                 batch_size=batch_size, way=way,
+                 batch_size=batch_size, meta_batch=meta_batch, inner_steps=inner_steps, inner_lr=inner_lr,
+                 learn_inner_lr=learn_inner_lr, way=way,
                  shot=shot, query=query, episodes=episodes, lr=lr, val_every=val_every, val_episodes=val_episodes,
                  seed=seed, device=device, out=str(out) if out else None)
     flags = {k: v for k, v in flags.items() if v is not None}
@@ -128,12 +133,23 @@ def evaluate(
         require_training_extra()
         from edgemeta.checkpoint import load_checkpoint
         from edgemeta.evaluate import embed_pixels, torch_logits_fn
+        from edgemeta.algorithms import GRADIENT_ALGORITHMS
         ckpt = load_checkpoint(checkpoint)
         spec, tc = ckpt.spec, ckpt.meta.get("train_config", {})
-        head_cfg = resolve_head(ckpt.meta["head"], head)
-        embedder = ckpt.build_embedder()
-        embed = lambda pixels: embed_pixels(embedder, pixels)  # noqa: E731
-        logits_fn = torch_logits_fn(head_cfg)
+        if head == "default" and ckpt.meta.get("algorithm") in GRADIENT_ALGORITHMS:
+            # the algorithm's own adaptation, with batch statistics per task as in training
+            from edgemeta.evaluate import adaptation_logits_fn, load_adaptation_model
+            if ckpt.meta["head"]["kind"] == "finetune" and way != tc["way"]:
+                raise ConfigError(f"this {ckpt.meta['algorithm']} checkpoint adapts a {tc['way']}-way head; use --way "
+                                  f"{tc['way']}, or --head prototype|ridge|logistic for the frozen embedding")
+            head_cfg = ckpt.meta["head"]
+            embed = lambda pixels: pixels  # noqa: E731  (episodes index images; adaptation embeds them)
+            logits_fn = adaptation_logits_fn(load_adaptation_model(ckpt))
+        else:
+            head_cfg = resolve_head(ckpt.meta["head"], head)
+            embedder = ckpt.build_embedder()
+            embed = lambda pixels: embed_pixels(embedder, pixels)  # noqa: E731
+            logits_fn = torch_logits_fn(head_cfg)
     sources = [str(p) for p in data] if data else tc.get("data", [])
     dataset = load_dataset(sources, (spec.height, spec.width), spec.colour, tc.get("layout", "auto"))
     dataset = select_split(dataset, split, split_mode or tc.get("split_mode", "auto"), tc.get("split_seed", 0),
@@ -149,6 +165,8 @@ def evaluate(
 def resolve_head(default: dict, name: str) -> dict:
     """The checkpoint's head config, or another head kind with its defaults."""
     from edgemeta.runtime.errors import ConfigError
+    if default.get("kind") == "finetune":  # MAML-family: the frozen embedding uses its device head
+        default = default["device_head"]
     if name == "default":
         return default
     if name == default.get("kind"):

@@ -33,6 +33,10 @@ class TrainConfig:
     metric: str = "euclidean"         # protonet: euclidean | cosine
     ridge_lambda: float = 1.0         # r2d2
     init: str = ""                    # start the backbone from this checkpoint's weights (e.g. a pretrain run)
+    inner_steps: int = 5              # maml | fomaml | anil | reptile: adaptation steps per task
+    inner_lr: float = 0.4             # inner-loop step size
+    learn_inner_lr: bool = False      # maml/fomaml: meta-learn one step size per layer (Meta-SGD style)
+    reptile_epsilon: float = 1.0      # reptile outer step size ε (annealed by lr_schedule)
     # episodes
     way: int = 20
     shot: int = 5

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgemeta.algorithms import ALGORITHMS, create_algorithm
+from edgemeta.algorithms import ALGORITHMS, GRADIENT_ALGORITHMS, create_algorithm
+from edgemeta.algorithms.gradient import recalibrate_batchnorm, stack_tasks
 from edgemeta.augment import augment_batch
 from edgemeta.backbones import Embedder
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.config import TrainConfig
 from edgemeta.data import EpisodeSampler, ImageSet, load_dataset, select_split
-from edgemeta.evaluate import embed_pixels
+from edgemeta.evaluate import adaptation_logits_fn, embed_pixels
 from edgemeta.protocol import evaluate_episodes
 from edgemeta.runtime.errors import ConfigError
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
@@ -32,6 +33,7 @@ class TrainResult:
     best_val_accuracy: float
     episodes: int
     seconds: float
+    model: torch.nn.Module | None = None
 
 
 def load_splits(config: TrainConfig, progress: bool = False) -> tuple[ImageSet, ImageSet]:
@@ -49,7 +51,9 @@ def build_model(config: TrainConfig, spec: InputSpec, n_train_classes: int = 0) 
             raise ConfigError(f"--init {config.init} holds a {init.meta['backbone']['name']} backbone, not {config.backbone}")
         embedder.load_state_dict(init.embedder_state())
     return create_algorithm(config.algo, embedder, metric=config.metric, ridge_lambda=config.ridge_lambda,
-                            n_classes=n_train_classes)
+                            n_classes=n_train_classes, n_way=config.way, inner_steps=config.inner_steps,
+                            inner_lr=config.inner_lr, learn_inner_lr=config.learn_inner_lr,
+                            reptile_epsilon=config.reptile_epsilon)
 
 
 def _lr_factor(config: TrainConfig, step: int) -> float:
@@ -91,12 +95,85 @@ def _episode_loss(model, batches: _Batches, sampler: EpisodeSampler, config: Tra
 def _pretrain_loss(model, batches: _Batches, labels: np.ndarray, config: TrainConfig, step: int, j: int):
     idx = np.random.default_rng([config.seed, step, j]).choice(len(labels), config.batch_size, replace=False)
     y = torch.from_numpy(labels[idx]).to(config.device)
-    logits = model.classify(batches(idx, step))
+    logits = model(batches(idx, step))
     return F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()
 
 
+def _meta_step(model, batches: _Batches, sampler: EpisodeSampler, config: TrainConfig, dist: "_Distributed", step: int):
+    """Gradient-based algorithms: one vectorised meta-batch; gradients (or Reptile's direction)
+    are averaged across ranks."""
+    first = dist.episode_index(step, config.meta_batch)
+    episodes = [sampler.episode(first + j) for j in range(config.meta_batch)]
+    sx, sy, qx, qy = stack_tasks(episodes, lambda idx: batches(idx, step))
+    sy, qy = sy.to(config.device), qy.to(config.device)
+    if getattr(model, "applies_update", False):
+        loss, acc = model.meta_step(sx, sy, qx, qy, epsilon=config.reptile_epsilon * _lr_factor(config, step),
+                                    reduce=dist.average_dict)
+    else:
+        loss, acc = model.meta_step(sx, sy, qx, qy)
+        dist.average_gradients(model)
+    return loss, acc
+
+
+class _Distributed:
+    """torchrun / DistributedDataParallel plumbing: gloo on CPU, nccl on GPU; each rank draws its
+    own episodes; only rank 0 writes checkpoints and logs. A no-op in a single process."""
+
+    def __init__(self, config: TrainConfig):
+        import os
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled:
+            import torch.distributed as td
+            if not td.is_initialized():
+                td.init_process_group("nccl" if config.device.startswith("cuda") else "gloo")
+            self.td = td
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def episode_index(self, step: int, per_rank: int) -> int:
+        return (step * self.world + self.rank) * per_rank
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model)
+
+    def broadcast(self, model: torch.nn.Module) -> None:
+        if self.enabled:
+            for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
+                self.td.broadcast(t.data, 0)
+
+    def average_gradients(self, model: torch.nn.Module) -> None:
+        if self.enabled:
+            for p in model.parameters():
+                if p.grad is not None:
+                    self.td.all_reduce(p.grad)
+                    p.grad /= self.world
+
+    def average_dict(self, tensors: dict) -> dict:
+        if self.enabled:
+            for t in tensors.values():
+                self.td.all_reduce(t)
+                t /= self.world
+        return tensors
+
+    def close(self) -> None:
+        if self.enabled:
+            self.td.barrier()
+            self.td.destroy_process_group()
+
+
 def validate(model: torch.nn.Module, val: ImageSet, config: TrainConfig) -> float:
-    """Accuracy (%) on fixed validation episodes, with the algorithm's own head, in eval mode."""
+    """Accuracy (%) on fixed validation episodes, with the algorithm's own head and its own
+    BatchNorm convention (eval mode; batch statistics per task for the gradient-based ones)."""
+    if hasattr(model, "logits_after_adaptation"):
+        return evaluate_episodes(val.pixels, val.labels, adaptation_logits_fn(model, config.device), config.val_way,
+                                 config.val_shot, config.val_query, config.val_episodes, seed=config.seed + 1).accuracy
     emb = embed_pixels(model.embedder, val.pixels, device=config.device)
 
     def logits_fn(s, sy, q, n_way):
@@ -124,6 +201,18 @@ def checkpoint_meta(config: TrainConfig, model: torch.nn.Module, spec: InputSpec
     }
 
 
+def deployable_state(model: torch.nn.Module, train_set: ImageSet, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint ships: no pre-training classifier; for algorithms meta-trained with
+    batch statistics, BatchNorm running statistics recomputed on training images."""
+    state = model.deployable_state() if hasattr(model, "deployable_state") else model.state_dict()
+    if config.algo in GRADIENT_ALGORITHMS:
+        idx = np.random.default_rng(config.seed).choice(len(train_set), min(1024, len(train_set)), replace=False)
+        batches = [torch.from_numpy(pixels_to_batch(train_set.pixels[idx[i:i + 128]])).to(config.device)
+                   for i in range(0, len(idx), 128)]
+        state = {**state, **{f"embedder.{k}": v for k, v in recalibrate_batchnorm(model.embedder, batches).items()}}
+    return state
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     config.validate()
     if config.algo not in ALGORITHMS:
@@ -146,6 +235,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         mean, std = train_set.channel_stats()
         spec = InputSpec(config.image_size, config.image_size, config.colour, mean, std)
     model = build_model(config, spec, train_set.n_classes).to(config.device)
+    dist = _Distributed(config)
     optimizer = _optimizer(config, model)
     start, best = 0, -1.0
     if ckpt is not None:
@@ -156,19 +246,23 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     elif log_path.exists():
         log_path.unlink()
 
+    dist.broadcast(model)
     batches = _Batches(train_set, config)
+    meta_step = None
     if config.algo == "pretrain":
         if config.batch_size > len(train_set):
             raise ConfigError(f"batch size {config.batch_size} exceeds the {len(train_set)} training images")
-        step_loss = functools.partial(_pretrain_loss, model, batches, train_set.labels, config)
+        step_loss = functools.partial(_pretrain_loss, dist.wrap(model), batches, train_set.labels, config)
     else:
-        sampler = EpisodeSampler(train_set.labels, config.way, config.shot, config.query, config.seed,
+        sampler = EpisodeSampler(train_set.labels, config.way, config.shot, config.query, config.seed + dist.rank,
                                  class_names=train_set.classes)
-        step_loss = functools.partial(_episode_loss, model, batches, sampler, config)
+        if config.algo in GRADIENT_ALGORITHMS:
+            meta_step = functools.partial(_meta_step, model, batches, sampler, config, dist)
+        step_loss = functools.partial(_episode_loss, dist.wrap(model), batches, sampler, config)
     # Fail before training, not at the first validation, when the validation classes are too small.
     EpisodeSampler(val_set.labels, config.val_way, config.val_shot, config.val_query, 0, class_names=val_set.classes)
     t0 = time.time()
-    bar = _Bar(progress, config.episodes, start)
+    bar = _Bar(progress and dist.is_main, config.episodes, start)
     window_loss, window_acc = [], []
     with bar:
         for step in range(start, config.episodes):
@@ -176,13 +270,18 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * _lr_factor(config, step)
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, acc_sum = 0.0, 0.0
-            for j in range(config.meta_batch):
-                loss, acc = step_loss(step, j)
-                (loss / config.meta_batch).backward()
-                loss_sum += loss.item()
-                acc_sum += acc.item()
-            optimizer.step()
+            if meta_step is not None:
+                loss, acc = meta_step(step)
+                loss_sum, acc_sum = loss.item() * config.meta_batch, acc.item() * config.meta_batch
+            else:
+                loss_sum, acc_sum = 0.0, 0.0
+                for j in range(config.meta_batch):
+                    loss, acc = step_loss(step, j)
+                    (loss / config.meta_batch).backward()
+                    loss_sum += loss.item()
+                    acc_sum += acc.item()
+            if not getattr(model, "applies_update", False):
+                optimizer.step()
             window_loss.append(loss_sum / config.meta_batch)
             window_acc.append(100 * acc_sum / config.meta_batch)
             done = step + 1
@@ -191,7 +290,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                 record = {"episode": done, "loss": float(np.mean(window_loss)), "train_acc": float(np.mean(window_acc)),
                           "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
                 window_loss, window_acc = [], []
-            if done % config.val_every == 0 or done == config.episodes:
+            if dist.is_main and (done % config.val_every == 0 or done == config.episodes):
                 val_acc = validate(model, val_set, config)
                 record = {**(record or {"episode": done}), "val_acc": val_acc}
                 improved = val_acc > best
@@ -200,14 +299,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                            "val_protocol": f"{config.val_way}-way {config.val_shot}-shot, {config.val_episodes} episodes"}
                 meta = checkpoint_meta(config, model, spec, metrics, done, train_set.n_classes)
                 if improved:
-                    deployable = model.deployable_state() if hasattr(model, "deployable_state") else model.state_dict()
-                    save_checkpoint(best_path, deployable, meta)
+                    save_checkpoint(best_path, deployable_state(model, train_set, config), meta)
                 save_checkpoint(last_path, model.state_dict(), meta, optimizer.state_dict())
-            if record is not None:
+            if record is not None and dist.is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(done, record)
-    return TrainResult(best_path, last_path, best, config.episodes, time.time() - t0)
+    dist.close()
+    return TrainResult(best_path, last_path, best, config.episodes, time.time() - t0, model)
 
 
 class _Bar:

@@ -21,7 +21,8 @@ class Pretrain(nn.Module):
         self.embedder = embedder
         self.classifier = nn.Linear(embedder.embed_dim, n_classes)
 
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over the training classes (forward, so DistributedDataParallel can wrap it)."""
         return self.classifier(self.embedder(x))
 
     def logits_from_embeddings(self, s, support_y, q, n_way):

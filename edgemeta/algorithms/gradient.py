@@ -1,0 +1,244 @@
+"""Gradient-based meta-learning: MAML (second order), first-order MAML, ANIL and Reptile.
+
+The meta-batch of tasks runs vectorised: `torch.func.vmap` over tasks of a functional inner loop
+(`torch.func.functional_call` + `torch.func.grad`), instead of a Python loop over cloned modules.
+
+BatchNorm: as in MAML (Finn et al. 2017) and its PyTorch reimplementations, BatchNorm uses the
+batch statistics of each task's images during adaptation and evaluation (no running statistics
+while meta-training; transductive over the query batch). `edgemeta eval` on these checkpoints
+adapts the same way. Because the device embeds one image at a time, the running statistics of the
+exported backbone are recomputed on training images when a checkpoint is saved
+(`recalibrate_batchnorm`), so frozen-embedding heads use fixed statistics.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from edgemeta.backbones import Embedder
+from edgemeta.heads import logistic_fit, logistic_logits
+
+GRADIENT_ALGORITHMS = ("maml", "fomaml", "anil", "reptile")
+
+
+def use_batch_statistics(module: nn.Module) -> None:
+    """BatchNorm layers normalise with each batch's statistics and keep no running statistics
+    (required under vmap, and the MAML convention)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean, m.running_var, m.num_batches_tracked = None, None, None
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(embedder: Embedder, batches) -> dict[str, torch.Tensor]:
+    """Running statistics for every BatchNorm layer, averaged over `batches` of training images
+    (cumulative mean). Returns them as state-dict entries; the module itself is left unchanged."""
+    stats: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, m in embedder.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            def hook(mod, inp, out, name=name):
+                x = inp[0]
+                dims = [0, 2, 3]
+                stats.setdefault(name, []).append(torch.stack([x.mean(dims), x.var(dims, unbiased=True)]))
+            hooks.append(m.register_forward_hook(hook))
+    was_training = embedder.training
+    embedder.train()
+    for x in batches:
+        embedder(x)
+    embedder.train(was_training)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, values in stats.items():
+        mean, var = torch.stack(values).mean(0)
+        out[f"{name}.running_mean"], out[f"{name}.running_var"] = mean, var
+        out[f"{name}.num_batches_tracked"] = torch.tensor(len(values))
+    return out
+
+
+class _Functional(nn.Module):
+    """Shared plumbing for whole-network adaptation: backbone + linear head, parameters as a dict,
+    forward with any parameter dict."""
+
+    def _build(self, embedder: Embedder, n_way: int) -> None:
+        use_batch_statistics(embedder)
+        self.embedder = embedder
+        self.head = nn.Linear(embedder.embed_dim, n_way)
+        nn.init.zeros_(self.head.weight)  # zero head init: no class is preferred before adaptation
+        nn.init.zeros_(self.head.bias)
+        self.n_way = n_way
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedder(x))
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.named_parameters() if not k.startswith("inner_log_lr")}
+
+    def fmodel(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self, params, (x,))
+
+
+class MAML(_Functional):
+    """MAML: the whole network (backbone + linear head) adapts in the inner loop; the meta-gradient
+    flows through the inner updates (second order) unless first_order=True (FOMAML)."""
+
+    def __init__(self, embedder: Embedder, n_way: int, inner_steps: int = 5, inner_lr: float = 0.4,
+                 first_order: bool = False, learn_inner_lr: bool = False):
+        super().__init__()
+        self._build(embedder, n_way)
+        self.inner_steps, self.first_order, self.inner_lr = inner_steps, first_order, inner_lr
+        names = [k for k, _ in self.named_parameters()]
+        # Meta-SGD style: one learned log step size per parameter tensor (layer), when asked
+        self.inner_log_lr = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(torch.tensor(math.log(inner_lr)),
+                                                                                  requires_grad=learn_inner_lr)
+                                              for k in names})
+
+    def _lr(self, name: str) -> torch.Tensor:
+        return self.inner_log_lr[name.replace(".", "_")].exp()
+
+    def adapt(self, params: dict, sx: torch.Tensor, sy: torch.Tensor, steps: int | None = None) -> dict:
+        def support_loss(p):
+            return F.cross_entropy(self.fmodel(p, sx), sy)
+        for _ in range(self.inner_steps if steps is None else steps):
+            g = grad(support_loss)(params)
+            if self.first_order:
+                g = {k: v.detach() for k, v in g.items()}
+            params = {k: v - self._lr(k) * g[k] for k, v in params.items()}
+        return params
+
+    def task_loss(self, params, sx, sy, qx, qy):
+        logits = self.fmodel(self.adapt(params, sx, sy), qx)
+        return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
+
+    def meta_step(self, sx, sy, qx, qy) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tasks stacked on dim 0: sx [T, n*k, C, H, W], sy [n*k] (the same labels for every task).
+        Backpropagates the mean query loss into the meta-parameters' .grad."""
+        losses, accs = vmap(self.task_loss, in_dims=(None, 0, None, 0, None), randomness="same")(self.params(), sx, sy, qx, qy)
+        loss = losses.mean()
+        loss.backward()
+        return loss.detach(), accs.mean().detach()
+
+    @torch.no_grad()
+    def logits_after_adaptation(self, sx, sy, qx, steps: int | None = None) -> torch.Tensor:
+        """Evaluation: adapt a copy of the parameters to the support set, score the query."""
+        with torch.enable_grad():
+            params = self.adapt({k: v.detach() for k, v in self.params().items()}, sx, sy, steps)
+        return self.fmodel({k: v.detach() for k, v in params.items()}, qx)
+
+    def head_config(self) -> dict:
+        return {"kind": "finetune", "algorithm": "fomaml" if self.first_order else "maml",
+                "steps": self.inner_steps, "lr": self.inner_lr, "n_way": self.n_way,
+                "device_head": {"kind": "logistic", "steps": self.inner_steps, "lr": self.inner_lr, "momentum": 0.0}}
+
+
+class ANIL(nn.Module):
+    """ANIL (Raghu et al. 2020): only the final linear head adapts in the inner loop, with exactly
+    the logistic-head SGD of edgemeta.heads (the device's NumPy twin runs the same steps), from the
+    imprinted-prototype initialisation; the backbone is meta-learned through those steps."""
+
+    def __init__(self, embedder: Embedder, inner_steps: int = 10, inner_lr: float = 0.5, first_order: bool = False):
+        super().__init__()
+        use_batch_statistics(embedder)
+        self.embedder, self.inner_steps, self.inner_lr, self.first_order = embedder, inner_steps, inner_lr, first_order
+
+    def task_logits(self, params, sx, sy, qx, n_way: int):
+        z = functional_call(self.embedder, params, (torch.cat([sx, qx]),))
+        s, q = z[: sx.shape[0]], z[sx.shape[0]:]
+        w, b = logistic_fit(s.detach() if self.first_order else s, sy, n_way, self.inner_steps, self.inner_lr)
+        return logistic_logits(q, w, b)
+
+    def task_loss(self, params, sx, sy, qx, qy, n_way):
+        logits = self.task_logits(params, sx, sy, qx, n_way)
+        return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
+
+    def meta_step(self, sx, sy, qx, qy):
+        n_way = int(sy.max()) + 1
+        params = dict(self.embedder.named_parameters())
+        losses, accs = vmap(lambda p, a, b: self.task_loss(p, a, sy, b, qy, n_way), in_dims=(None, 0, 0))(params, sx, qx)
+        loss = losses.mean()
+        loss.backward()
+        return loss.detach(), accs.mean().detach()
+
+    @torch.no_grad()
+    def logits_after_adaptation(self, sx, sy, qx, steps: int | None = None):
+        n_way = int(sy.max()) + 1
+        z = self.embedder(torch.cat([sx, qx]))
+        w, b = logistic_fit(z[: len(sx)], sy, n_way, self.inner_steps if steps is None else steps, self.inner_lr)
+        return logistic_logits(z[len(sx):], w, b)
+
+    def head_config(self) -> dict:
+        return {"kind": "logistic", "steps": self.inner_steps, "lr": self.inner_lr, "momentum": 0.0,
+                "weight_decay": 0.0, "init": "prototype"}
+
+
+class Reptile(_Functional):
+    """Reptile (Nichol et al. 2018): k SGD steps per task from φ give θ_i; then
+    φ ← φ + ε · mean_i(θ_i − φ). No second derivatives; the update is applied here, not by an optimizer."""
+
+    applies_update = True
+
+    def __init__(self, embedder: Embedder, n_way: int, inner_steps: int = 5, inner_lr: float = 0.1, epsilon: float = 1.0):
+        super().__init__()
+        self._build(embedder, n_way)
+        self.inner_steps, self.inner_lr, self.epsilon = inner_steps, inner_lr, epsilon
+
+    def adapt(self, params, x, y, steps: int | None = None):
+        def loss_fn(p):
+            return F.cross_entropy(self.fmodel(p, x), y)
+        for _ in range(self.inner_steps if steps is None else steps):
+            g = grad(loss_fn)(params)
+            params = {k: v - self.inner_lr * g[k] for k, v in params.items()}
+        return params
+
+    @torch.no_grad()
+    def reptile_direction(self, sx, sy) -> dict[str, torch.Tensor]:
+        """mean_i(θ_i − φ) over the stacked tasks."""
+        phi = {k: v.detach() for k, v in self.params().items()}
+        with torch.enable_grad():
+            adapted = vmap(lambda x: self.adapt(phi, x, sy), randomness="same")(sx)
+        return {k: (adapted[k] - phi[k]).mean(0) for k in phi}
+
+    def meta_step(self, sx, sy, qx, qy, epsilon: float | None = None, reduce=None):
+        direction = self.reptile_direction(sx, sy)
+        if reduce is not None:
+            direction = reduce(direction)
+        eps = self.epsilon if epsilon is None else epsilon
+        with torch.no_grad():
+            for k, p in self.named_parameters():
+                if k in direction:
+                    p.add_(eps * direction[k])
+        return self._query_metrics(sx, sy, qx, qy)
+
+    def _query_metrics(self, sx, sy, qx, qy):
+        """For the log: query loss/accuracy after adapting the new φ to the first task."""
+        logits = self.logits_after_adaptation(sx[0], sy, qx[0])
+        return F.cross_entropy(logits, qy).detach(), (logits.argmax(1) == qy).float().mean()
+
+    @torch.no_grad()
+    def logits_after_adaptation(self, sx, sy, qx, steps: int | None = None):
+        with torch.enable_grad():
+            params = self.adapt({k: v.detach() for k, v in self.params().items()}, sx, sy, steps)
+        return self.fmodel({k: v.detach() for k, v in params.items()}, qx)
+
+    def head_config(self) -> dict:
+        return {"kind": "finetune", "algorithm": "reptile", "steps": self.inner_steps, "lr": self.inner_lr,
+                "n_way": self.n_way,
+                "device_head": {"kind": "logistic", "steps": self.inner_steps, "lr": self.inner_lr, "momentum": 0.0}}
+
+
+def stack_tasks(episodes, to_input) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Episodes → (sx [T, n*k, C, H, W], sy [n*k], qx [T, n*q, C, H, W], qy [n*q]); labels are shared."""
+    sy = torch.from_numpy(episodes[0].support_labels)
+    qy = torch.from_numpy(episodes[0].query_labels)
+    for ep in episodes:
+        assert np.array_equal(ep.support_labels, episodes[0].support_labels)
+    sx = torch.stack([to_input(ep.support) for ep in episodes])
+    qx = torch.stack([to_input(ep.query) for ep in episodes])
+    return sx, sy, qx, qy
