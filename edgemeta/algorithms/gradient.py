@@ -119,8 +119,20 @@ class MAML(_Functional):
 
     def meta_step(self, sx, sy, qx, qy) -> tuple[torch.Tensor, torch.Tensor]:
         """Tasks stacked on dim 0: sx [T, n*k, C, H, W], sy [n*k] (the same labels for every task).
-        Backpropagates the mean query loss into the meta-parameters' .grad."""
-        losses, accs = vmap(self.task_loss, in_dims=(None, 0, None, 0, None), randomness="same")(self.params(), sx, sy, qx, qy)
+        Backpropagates the mean query loss into the meta-parameters' .grad.
+
+        First order: all tasks at once under vmap. Second order: a loop over tasks (still functional,
+        no module clones), because under vmap PyTorch's batching rule for the convolution's double
+        backward gives a different weight gradient than autograd and finite differences
+        (tests/test_gradient_meta.py checks both paths).
+        """
+        if self.first_order:
+            losses, accs = vmap(self.task_loss, in_dims=(None, 0, None, 0, None), randomness="same")(
+                self.params(), sx, sy, qx, qy)
+        else:
+            params = self.params()
+            pairs = [self.task_loss(params, sx[t], sy, qx[t], qy) for t in range(sx.shape[0])]
+            losses, accs = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         loss = losses.mean()
         loss.backward()
         return loss.detach(), accs.mean().detach()
