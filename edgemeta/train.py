@@ -162,8 +162,11 @@ class _Distributed:
                 t /= self.world
         return tensors
 
-    def close(self) -> None:
+    def close(self, model: torch.nn.Module) -> None:
         if self.enabled:
+            # DDP syncs BatchNorm statistics from rank 0 at each forward; the last forward's update is
+            # local, so end with rank 0's statistics everywhere (what the checkpoint holds).
+            self.broadcast(model)
             self.td.barrier()
             self.td.destroy_process_group()
 
@@ -305,7 +308,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(done, record)
-    dist.close()
+    dist.close(model)
     return TrainResult(best_path, last_path, best, config.episodes, time.time() - t0, model)
 
 
