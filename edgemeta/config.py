@@ -37,6 +37,7 @@ class TrainConfig:
     inner_lr: float = 0.4             # inner-loop step size
     learn_inner_lr: bool = False      # maml/fomaml: meta-learn one step size per layer (Meta-SGD style)
     reptile_epsilon: float = 1.0      # reptile outer step size ε (annealed by lr_schedule)
+    vectorize: str = "auto"           # run a meta-batch's tasks at once: auto (on CUDA only) | on | off
     # episodes
     way: int = 20
     shot: int = 5

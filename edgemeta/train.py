@@ -53,7 +53,8 @@ def build_model(config: TrainConfig, spec: InputSpec, n_train_classes: int = 0) 
     return create_algorithm(config.algo, embedder, metric=config.metric, ridge_lambda=config.ridge_lambda,
                             n_classes=n_train_classes, n_way=config.way, inner_steps=config.inner_steps,
                             inner_lr=config.inner_lr, learn_inner_lr=config.learn_inner_lr,
-                            reptile_epsilon=config.reptile_epsilon)
+                            reptile_epsilon=config.reptile_epsilon,
+                            vectorize=config.vectorize == "on" or (config.vectorize == "auto" and config.device.startswith("cuda")))
 
 
 def _lr_factor(config: TrainConfig, step: int) -> float:

@@ -34,8 +34,8 @@ def _meta_loss(model, params, sx, sy, qx, qy):
     return losses.mean()
 
 
-def _maml(first_order=False):
-    m = MAML(_tiny_embedder(), N_WAY, inner_steps=2, inner_lr=0.3, first_order=first_order).double()
+def _maml(first_order=False, vectorize=False):
+    m = MAML(_tiny_embedder(), N_WAY, inner_steps=2, inner_lr=0.3, first_order=first_order, vectorize=vectorize).double()
     with torch.no_grad():  # a non-zero head so that every parameter's gradient is informative
         m.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
     return m
@@ -95,8 +95,9 @@ def test_anil_adapts_only_the_head_with_the_device_logistic_steps():
                                    "weight_decay": 0.0, "init": "prototype"}
 
 
-def test_reptile_update_equals_the_formula():
-    model = Reptile(_tiny_embedder(), N_WAY, inner_steps=3, inner_lr=0.1, epsilon=0.5).double()
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_reptile_update_equals_the_formula(vectorize):
+    model = Reptile(_tiny_embedder(), N_WAY, inner_steps=3, inner_lr=0.1, epsilon=0.5, vectorize=vectorize).double()
     with torch.no_grad():
         model.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     sx, sy, qx, qy = _tasks()
@@ -150,11 +151,11 @@ def test_gradient_checkpoints_export_with_recalibrated_batchnorm(tmp_path, omnig
     assert load_bundle(tmp_path / "b").head["kind"] == "logistic"
 
 
-@pytest.mark.parametrize("make", [lambda: _maml(first_order=True), lambda: ANIL(_tiny_embedder(), 3, 0.2).double()],
-                         ids=["fomaml", "anil"])
+@pytest.mark.parametrize("make", [lambda v: _maml(first_order=True, vectorize=v),
+                                  lambda v: ANIL(_tiny_embedder(), 3, 0.2, vectorize=v).double()], ids=["fomaml", "anil"])
 def test_vectorised_meta_gradient_equals_a_per_task_loop(make):
     sx, sy, qx, qy = _tasks()
-    vectorised, looped = make(), make()
+    vectorised, looped = make(True), make(False)
     vectorised.meta_step(sx, sy, qx, qy)
     params = dict(looped.embedder.named_parameters()) if isinstance(looped, ANIL) else looped.params()
     total = 0

@@ -1,7 +1,12 @@
 """Gradient-based meta-learning: MAML (second order), first-order MAML, ANIL and Reptile.
 
-The meta-batch of tasks runs vectorised: `torch.func.vmap` over tasks of a functional inner loop
-(`torch.func.functional_call` + `torch.func.grad`), instead of a Python loop over cloned modules.
+Inner loops are functional (`torch.func.functional_call` + `torch.func.grad`): no module clones.
+With vectorize=True the meta-batch of tasks runs at once (`torch.func.vmap` over tasks; ANIL runs
+all tasks' images through the shared backbone as one batch with per-task BatchNorm statistics);
+with vectorize=False the tasks run one after another. Vectorising pays on a GPU, where small
+kernels are launch-bound; on a CPU these conv nets are memory-bound and one large batch is slower
+than several small ones (measured in benchmarks/maml_speed.py), so the default is to vectorise on
+CUDA only.
 
 BatchNorm: as in MAML (Finn et al. 2017) and its PyTorch reimplementations, BatchNorm uses the
 batch statistics of each task's images during adaptation and evaluation (no running statistics
@@ -63,6 +68,39 @@ def recalibrate_batchnorm(embedder: Embedder, batches) -> dict[str, torch.Tensor
     return out
 
 
+class task_batchnorm:
+    """Context manager: every BatchNorm layer of `module` normalises each task's images with that
+    task's own statistics while the images of T tasks run through the network as ONE batch
+    [T·B, C, H, W]. Same numbers as T separate forward passes; one large convolution instead of T
+    small ones (what makes ANIL's meta-batch fast on a CPU)."""
+
+    def __init__(self, module: nn.Module, tasks: int):
+        self.layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.tasks = tasks
+
+    def __enter__(self):
+        for m in self.layers:
+            m.forward = self._grouped(m)
+        return self
+
+    def _grouped(self, m):
+        tasks = self.tasks
+
+        def forward(x):
+            # [T·B, C, …] → [B, T·C, …]: each (task, channel) pair becomes a channel of one native,
+            # fused batch_norm call with batch statistics
+            n, c = x.shape[:2]
+            rest = x.shape[2:]
+            y = x.reshape(tasks, n // tasks, c, *rest).transpose(0, 1).reshape(n // tasks, tasks * c, *rest)
+            y = F.batch_norm(y, None, None, m.weight.repeat(tasks), m.bias.repeat(tasks), training=True, eps=m.eps)
+            return y.reshape(n // tasks, tasks, c, *rest).transpose(0, 1).reshape(x.shape)
+        return forward
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            del m.forward  # back to the class's forward
+
+
 class _Functional(nn.Module):
     """Shared plumbing for whole-network adaptation: backbone + linear head, parameters as a dict,
     forward with any parameter dict."""
@@ -90,10 +128,11 @@ class MAML(_Functional):
     flows through the inner updates (second order) unless first_order=True (FOMAML)."""
 
     def __init__(self, embedder: Embedder, n_way: int, inner_steps: int = 5, inner_lr: float = 0.4,
-                 first_order: bool = False, learn_inner_lr: bool = False):
+                 first_order: bool = False, learn_inner_lr: bool = False, vectorize: bool = False):
         super().__init__()
         self._build(embedder, n_way)
         self.inner_steps, self.first_order, self.inner_lr = inner_steps, first_order, inner_lr
+        self.vectorize = vectorize
         names = [k for k, _ in self.named_parameters()]
         # Meta-SGD style: one learned log step size per parameter tensor (layer), when asked
         self.inner_log_lr = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(torch.tensor(math.log(inner_lr)),
@@ -121,12 +160,12 @@ class MAML(_Functional):
         """Tasks stacked on dim 0: sx [T, n*k, C, H, W], sy [n*k] (the same labels for every task).
         Backpropagates the mean query loss into the meta-parameters' .grad.
 
-        First order: all tasks at once under vmap. Second order: a loop over tasks (still functional,
-        no module clones), because under vmap PyTorch's batching rule for the convolution's double
-        backward gives a different weight gradient than autograd and finite differences
-        (tests/test_gradient_meta.py checks both paths).
+        First order with vectorize=True: all tasks at once under vmap. Otherwise a loop over tasks
+        (functional, no module clones). Second order always loops: under vmap PyTorch's batching rule
+        for the convolution's double backward gives a different weight gradient than autograd and
+        finite differences (tests/test_gradient_meta.py checks both paths).
         """
-        if self.first_order:
+        if self.first_order and self.vectorize:
             losses, accs = vmap(self.task_loss, in_dims=(None, 0, None, 0, None), randomness="same")(
                 self.params(), sx, sy, qx, qy)
         else:
@@ -155,10 +194,12 @@ class ANIL(nn.Module):
     the logistic-head SGD of edgemeta.heads (the device's NumPy twin runs the same steps), from the
     imprinted-prototype initialisation; the backbone is meta-learned through those steps."""
 
-    def __init__(self, embedder: Embedder, inner_steps: int = 10, inner_lr: float = 0.5, first_order: bool = False):
+    def __init__(self, embedder: Embedder, inner_steps: int = 10, inner_lr: float = 0.5, first_order: bool = False,
+                 vectorize: bool = False):
         super().__init__()
         use_batch_statistics(embedder)
         self.embedder, self.inner_steps, self.inner_lr, self.first_order = embedder, inner_steps, inner_lr, first_order
+        self.vectorize = vectorize
 
     def task_logits(self, params, sx, sy, qx, n_way: int):
         z = functional_call(self.embedder, params, (torch.cat([sx, qx]),))
@@ -171,9 +212,25 @@ class ANIL(nn.Module):
         return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
 
     def meta_step(self, sx, sy, qx, qy):
-        n_way = int(sy.max()) + 1
-        params = dict(self.embedder.named_parameters())
-        losses, accs = vmap(lambda p, a, b: self.task_loss(p, a, sy, b, qy, n_way), in_dims=(None, 0, 0))(params, sx, qx)
+        """The backbone is shared by all tasks (only the head adapts), so the T tasks' images run as
+        one batch with per-task BatchNorm statistics; the head's inner loops run under vmap."""
+        n_way, tasks = int(sy.max()) + 1, sx.shape[0]
+        if not self.vectorize:
+            params = dict(self.embedder.named_parameters())
+            pairs = [self.task_loss(params, sx[t], sy, qx[t], qy, n_way) for t in range(tasks)]
+            loss = torch.stack([p[0] for p in pairs]).mean()
+            loss.backward()
+            return loss.detach(), torch.stack([p[1] for p in pairs]).mean()
+        images = torch.cat([sx, qx], 1)                       # [T, n_s + n_q, C, H, W]
+        with task_batchnorm(self.embedder, tasks):
+            z = self.embedder(images.reshape(-1, *images.shape[2:])).reshape(tasks, images.shape[1], -1)
+        s, q = z[:, : sx.shape[1]], z[:, sx.shape[1]:]
+
+        def head_loss(s_t, q_t):
+            w, b = logistic_fit(s_t.detach() if self.first_order else s_t, sy, n_way, self.inner_steps, self.inner_lr)
+            logits = logistic_logits(q_t, w, b)
+            return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
+        losses, accs = vmap(head_loss)(s, q)
         loss = losses.mean()
         loss.backward()
         return loss.detach(), accs.mean().detach()
@@ -196,10 +253,11 @@ class Reptile(_Functional):
 
     applies_update = True
 
-    def __init__(self, embedder: Embedder, n_way: int, inner_steps: int = 5, inner_lr: float = 0.1, epsilon: float = 1.0):
+    def __init__(self, embedder: Embedder, n_way: int, inner_steps: int = 5, inner_lr: float = 0.1, epsilon: float = 1.0,
+                 vectorize: bool = False):
         super().__init__()
         self._build(embedder, n_way)
-        self.inner_steps, self.inner_lr, self.epsilon = inner_steps, inner_lr, epsilon
+        self.inner_steps, self.inner_lr, self.epsilon, self.vectorize = inner_steps, inner_lr, epsilon, vectorize
 
     def adapt(self, params, x, y, steps: int | None = None):
         def loss_fn(p):
@@ -214,7 +272,11 @@ class Reptile(_Functional):
         """mean_i(θ_i − φ) over the stacked tasks."""
         phi = {k: v.detach() for k, v in self.params().items()}
         with torch.enable_grad():
-            adapted = vmap(lambda x: self.adapt(phi, x, sy), randomness="same")(sx)
+            if self.vectorize:
+                adapted = vmap(lambda x: self.adapt(phi, x, sy), randomness="same")(sx)
+            else:
+                runs = [self.adapt(phi, sx[t], sy) for t in range(sx.shape[0])]
+                adapted = {k: torch.stack([r[k] for r in runs]) for k in phi}
         return {k: (adapted[k] - phi[k]).mean(0) for k in phi}
 
     def meta_step(self, sx, sy, qx, qy, epsilon: float | None = None, reduce=None):
