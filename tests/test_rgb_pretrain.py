@@ -1,0 +1,103 @@
+"""Natural-image path: colour, augmentation (training only), pre-training, split files, --init."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from edgemeta.augment import augment_batch
+from edgemeta.data import load_dataset, select_split
+from edgemeta.runtime import DataError, InputSpec, load_image
+
+
+def test_colour_conversions_match_pil():
+    rgb = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert load_image(rgb, InputSpec(8, 8, "RGB"))[0, 0].tolist() == [200, 100, 50]
+    assert load_image(rgb, InputSpec(8, 8, "L"))[0, 0].tolist() == [round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)]
+    grey = Image.new("L", (8, 8), 77)
+    assert load_image(grey, InputSpec(8, 8, "RGB"))[0, 0].tolist() == [77, 77, 77]
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent → white, not black
+    assert load_image(rgba, InputSpec(8, 8, "RGB"))[0, 0].tolist() == [255, 255, 255]
+    palette = Image.new("P", (8, 8), 3)
+    assert load_image(palette, InputSpec(4, 4, "RGB")).shape == (4, 4, 3)
+
+
+def test_augmentation_is_seeded_keeps_shape_and_range_and_changes_images():
+    x = torch.rand(6, 3, 16, 16) * 255
+    a = augment_batch(x, torch.Generator().manual_seed(1))
+    b = augment_batch(x, torch.Generator().manual_seed(1))
+    c = augment_batch(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 255
+    assert not torch.allclose(a, x)
+    same = augment_batch(x, torch.Generator().manual_seed(1), pad=0, flip=False, jitter=0)
+    assert torch.equal(same, x)
+
+
+def test_augmentation_never_runs_at_evaluation_export_or_enrollment(tiny_run, omniglot_paths, tmp_path, monkeypatch):
+    import edgemeta.augment
+    import edgemeta.train
+
+    def forbidden(*a, **k):
+        raise AssertionError("augmentation ran outside training")
+    monkeypatch.setattr(edgemeta.augment, "augment_batch", forbidden)
+    monkeypatch.setattr(edgemeta.train, "augment_batch", forbidden)
+    data = [x for p in omniglot_paths for x in ("--data", p)]
+    assert run_cli("eval", tiny_run / "best.safetensors", *data, "--split-mode", "seeded", "--episodes", "5").exit_code == 0
+    assert run_cli("export", tiny_run / "best.safetensors", "--out", tmp_path / "b", "--calib-data", omniglot_paths[0]).exit_code == 0
+    img = tmp_path / "x.png"
+    Image.new("L", (30, 30), 128).save(img)
+    assert run_cli("enroll", tmp_path / "b", "--store", tmp_path / "s", "--label", "a", img).exit_code == 0
+
+
+def test_split_file_names_the_groups_of_each_split(tmp_path, omniglot):
+    groups = sorted(set(omniglot.groups))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": groups[:5], "val": groups[5:6], "test": groups[6:]}))
+    test = select_split(omniglot, "test", split_file=str(split))
+    assert set(test.groups) == set(groups[6:])
+    split.write_text(json.dumps({"train": groups}))
+    with pytest.raises(DataError, match="must hold lists"):
+        select_split(omniglot, "test", split_file=str(split))
+
+
+def test_shipped_tiny_imagenet_split_is_disjoint_100_30_30():
+    from conftest import ROOT
+    parts = json.loads((ROOT / "data/splits/tiny-imagenet-fs.json").read_text())
+    sets = [set(parts[k]) for k in ("train", "val", "test")]
+    assert [len(s) for s in sets] == [100, 30, 30] and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+
+
+def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
+    from edgemeta.checkpoint import load_checkpoint
+    data = [x for p in omniglot_paths for x in ("--data", p)]
+    pre = tmp_path / "pre"
+    r = run_cli("train", *data, "--split-mode", "seeded", "--algo", "pretrain", "--colour", "RGB", "--batch-size", "64",
+                "--episodes", "40", "--lr", "0.003", "--val-every", "20", "--val-episodes", "50", "--augment",
+                "--out", pre, "--quiet")
+    assert r.exit_code == 0, r.output
+    ckpt = load_checkpoint(pre / "best.safetensors")
+    assert not any(k.startswith("classifier.") for k in ckpt.model_state)  # thrown away
+    assert ckpt.meta["head"] == {"kind": "prototype", "metric": "cosine", "scale": 10.0}
+    assert len(ckpt.spec.mean) == 3 and ckpt.meta["train_config"]["augment"] is True
+    assert ckpt.meta["metrics"]["best_val_accuracy"] > 40  # 5-way 1-shot, chance 20
+    last = load_checkpoint(pre / "last.safetensors")
+    assert any(k.startswith("classifier.") for k in last.model_state)  # kept for --resume
+    fine = tmp_path / "fine"
+    r = run_cli("train", *data, "--split-mode", "seeded", "--algo", "protonet", "--metric", "cosine", "--colour", "RGB",
+                "--init", pre / "best.safetensors", "--episodes", "1", "--lr", "1e-9", "--val-every", "1",
+                "--val-episodes", "5", "--way", "5", "--out", fine, "--quiet")
+    assert r.exit_code == 0, r.output
+    tuned = load_checkpoint(fine / "last.safetensors")
+    w = "embedder.backbone.features.0.weight"
+    torch.testing.assert_close(tuned.model_state[w], ckpt.model_state[w], rtol=0, atol=1e-6)
+    # mean/std computed on the training classes travel into the bundle's manifest
+    out = run_cli("export", pre / "best.safetensors", "--out", tmp_path / "b", "--calib-data", omniglot_paths[0])
+    assert out.exit_code == 0, out.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["input"]["mean"] == list(ckpt.spec.mean) and manifest["input"]["colour"] == "RGB"
+    bad = run_cli("train", *data, "--split-mode", "seeded", "--backbone", "edgenet", "--init", pre / "best.safetensors",
+                  "--out", tmp_path / "x", "--quiet")
+    assert bad.exit_code == 2 and "holds a conv4 backbone" in bad.output
