@@ -6,6 +6,7 @@ on cached features) vs scikit-learn LogisticRegression.fit, on the same real fea
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import numpy as np
 from common import SHIPPED_DATA, fmt_ms, interleaved, machine
@@ -31,6 +32,7 @@ def main() -> None:
 
     from edgemeta.runtime import heads
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")  # sklearn's ConvergenceWarning at max_iter=100, what users run
     feats = features(args.bundle).astype(np.float32)
     print(f"machine: {machine()}; features {feats.shape[1]}-d from {args.bundle}; torch {torch.__version__}")
     print("numpy step = marginal cost of one logistic SGD step; torch step = nn.Linear forward+backward+SGD.step;"

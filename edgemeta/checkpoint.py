@@ -65,6 +65,7 @@ def save_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"edgemeta": json.dumps(meta)})
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
