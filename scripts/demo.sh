@@ -5,7 +5,7 @@
 #   3. export to a bundle (ONNX, parity-checked, + INT8)
 #   4. the device side: enroll characters from a folder of images, classify held-out drawings
 #   5. latency on this machine
-# PHOTOS=DIR (folders of your own images, one subfolder per class) enrolls those instead in step 4.
+# PHOTOS=DIR (your own photos, one subfolder per class) enrolls those with the RGB checkpoint in step 4.
 set -euo pipefail
 OUT="${1:-demo-out}"
 DATA=(--data data/omniglot/images_background_small1.zip --data data/omniglot/images_background_small2.zip)
@@ -29,7 +29,9 @@ edgemeta inspect "$OUT/bundle"
 step "4. on the device: enroll classes from a folder, then classify held-out images"
 rm -rf "$OUT/store"
 if [ -n "${PHOTOS:-}" ]; then
-  edgemeta enroll "$OUT/bundle" --store "$OUT/store" --from-folder "$PHOTOS"
+  # your photos: the RGB checkpoint (64×64 colour), calibrated on your own images
+  edgemeta export checkpoints/tinyimagenet-conv4-pretrain.safetensors --out "$OUT/rgb-bundle" --calib-data "$PHOTOS" --overwrite
+  edgemeta enroll "$OUT/rgb-bundle" --store "$OUT/store" --from-folder "$PHOTOS"
   edgemeta classes --store "$OUT/store"
 else
   python scripts/demo_photos.py data/omniglot/images_background_small2.zip "$OUT/photos" "$OUT/queries"
