@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgemeta.runtime.errors import EdgemetaError
@@ -38,7 +39,7 @@ def command(*args, **kwargs):
             try:
                 return fn(*a, **kw)
             except EdgemetaError as exc:
-                err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+                err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
                 raise typer.Exit(2) from None
         return app.command(*args, **kwargs)(wrapper)
     return deco

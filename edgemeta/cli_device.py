@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgemeta.cli import command, console
@@ -64,7 +65,7 @@ def enroll(
     clf = _open(bundle, store, head, backend, variant)
     for name, paths in todo.items():
         shots = clf.enroll(name, paths, mode=mode)
-        console.print(f"enrolled {name!r}: {shots} shot(s)")
+        console.print(f"enrolled {name!r}: {shots} shot(s)", markup=False)
     console.print(f"{len(clf.classes)} class(es) in {store}")
 
 
@@ -99,7 +100,7 @@ def predict(
     table = Table("image", "label", f"top {top_k}" if top_k > 1 else "probability", "distance")
     for p, r in zip(images, rows):
         tops = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in r["top_k"])
-        table.add_row(str(p), r["label"], tops, f"{r['distance']:.3f}")
+        table.add_row(escape(str(p)), escape(r["label"]), escape(tops), f"{r['distance']:.3f}")
     console.print(table)
 
 
@@ -113,7 +114,7 @@ def forget(
     clf = _open(bundle, store, None, "onnxruntime", "fp32")
     for label in labels:
         clf.forget(label)
-        console.print(f"forgot {label!r}")
+        console.print(f"forgot {label!r}", markup=False)
     console.print(f"{len(clf.classes)} class(es) left")
 
 
@@ -134,5 +135,5 @@ def classes(
         return
     table = Table("class", "shots", title=f"{store} — head {state.head['kind']}")
     for k, v in shots.items():
-        table.add_row(k, str(v))
+        table.add_row(escape(k), str(v))
     console.print(table)

@@ -291,3 +291,13 @@ def test_runtime_and_device_cli_work_with_torch_blocked(tiny_bundle, tagalog, tm
 def test_importing_the_runtime_does_not_import_torch():
     code = "import sys, edgemeta.runtime, edgemeta.runtime.backends, edgemeta.cli; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_labels_and_messages_with_brackets_print_verbatim(tiny_bundle, tagalog, tmp_path):
+    img = tmp_path / "a.png"
+    img.write_bytes(tagalog[sorted(tagalog)[0]][0])
+    r = run_cli("enroll", tiny_bundle, "--store", tmp_path / "s", "--label", "[bold]mug", img)
+    assert r.exit_code == 0 and "[bold]mug" in r.stdout
+    assert "[bold]mug" in run_cli("classes", "--store", tmp_path / "s").stdout
+    again = run_cli("enroll", tiny_bundle, "--store", tmp_path / "s", "--label", "[bold]mug", img)
+    assert again.exit_code == 2 and "'[bold]mug' is already enrolled" in again.output
