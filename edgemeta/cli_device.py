@@ -48,8 +48,13 @@ def enroll(
     head: Optional[str] = typer.Option(None, help="prototype | ridge | logistic (default: the bundle's)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 ONNX variant for ONNX Runtime."),
+    reembed: bool = typer.Option(False, help="The store was made with another bundle: re-embed its kept images with this one."),
 ):
-    """Enroll a class from a few images (or every class of a folder). The store is saved atomically."""
+    """Enroll a class from a few images (or every class of a folder). The store is saved atomically.
+
+    Examples: edgemeta enroll bundle --store enrolled --label mug mug1.jpg mug2.jpg ·
+    edgemeta enroll bundle --store enrolled --from-folder photos/
+    """
     from edgemeta.runtime.errors import ConfigError
     if add and replace:
         raise ConfigError("--add and --replace exclude each other")
@@ -62,7 +67,7 @@ def enroll(
         if not label:
             raise ConfigError("name the class with --label NAME (or use --from-folder DIR)")
         todo = {label: list(images or [])}
-    clf = _open(bundle, store, head, backend, variant)
+    clf = _open(bundle, store, head, backend, variant, reembed)
     for name, paths in todo.items():
         shots = clf.enroll(name, paths, mode=mode)
         console.print(f"enrolled {name!r}: {shots} shot(s)", markup=False)
@@ -79,9 +84,10 @@ def predict(
     head: Optional[str] = typer.Option(None, help="prototype | ridge | logistic (default: the store's)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     variant: str = typer.Option("fp32", help="fp32 | int8 | fp16"),
+    reembed: bool = typer.Option(False, help="The store was made with another bundle: re-embed its kept images with this one."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image, as a list."),
 ):
-    """Classify images against the enrolled classes."""
+    """Classify images against the enrolled classes. Example: edgemeta predict bundle --store enrolled photo.jpg --top-k 3"""
     from edgemeta.runtime.errors import ConfigError, StoreError
     reject = None
     if unknown is not None:
@@ -91,7 +97,7 @@ def predict(
             raise ConfigError("--unknown takes 'auto' or a number") from None
     if not Path(store).exists():
         raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
-    clf = _open(bundle, store, head, backend, variant)
+    clf = _open(bundle, store, head, backend, variant, reembed)
     result = clf.predict(list(images), top_k=top_k, reject=reject)
     rows = result.to_list()
     if as_json:

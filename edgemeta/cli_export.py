@@ -33,7 +33,16 @@ def export(
     timing_cache: Optional[Path] = typer.Option(None, help="--engine: timing cache file, loaded and saved."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle folder."),
 ):
-    """Export the backbone into a bundle (manifest.json + parity-checked ONNX [+ INT8/FP16] [+ TensorRT engine])."""
+    """Export the backbone into a bundle (manifest.json + parity-checked ONNX [+ INT8/FP16] [+ TensorRT engine]).
+
+    Examples:
+
+      edgemeta export ckpt.safetensors --out bundle --int8 --fp16 --calib-data photos/
+
+      edgemeta export model.onnx --onnx --input-size 64 --colour RGB --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --out bundle
+
+      edgemeta export --engine bundle --precision fp16 --batch 1:8:32    (on the device, TensorRT 10)
+    """
     from edgemeta import export as ex
     from edgemeta.runtime.errors import ConfigError
     report = lambda msg: console.print(f"[cyan]•[/] {msg}")  # noqa: E731
@@ -92,4 +101,21 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
     for e in m["engines"]:
         table.add_row("engine", f"{e['file']}: TensorRT {e['tensorrt_version']} {e['gpu_name']} sm{e['compute_capability']} "
                                 f"{e['precision']} batch {e['profile']}")
+    for name, can in runnable_here(bundle).items():
+        table.add_row(f"runs here: {name}", can)
     console.print(table)
+
+
+def runnable_here(bundle) -> dict[str, str]:
+    """Which backend on this machine can run which file of the bundle."""
+    import onnxruntime as ort
+
+    from edgemeta.runtime.backends import choose_providers
+    from edgemeta.runtime.device_info import device_identity, engine_mismatches
+    providers = ", ".join(p.replace("ExecutionProvider", "") for p in choose_providers("auto"))
+    out = {v["file"]: f"yes — onnxruntime {ort.__version__} ({providers})" for v in bundle.manifest["variants"].values()}
+    device = device_identity()
+    for e in bundle.engines:
+        why = engine_mismatches(e, device)
+        out[e["file"]] = "yes — tensorrt" if not why else "no — " + "; ".join(why) + " (rebuild with `edgemeta export --engine`)"
+    return out

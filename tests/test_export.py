@@ -147,3 +147,10 @@ def test_bring_your_own_onnx_model(tmp_path, omniglot_paths):
     (tmp_path / "junk.onnx").write_bytes(b"junk")
     junk = run_cli("export", tmp_path / "junk.onnx", "--onnx", "--input-size", "28", "--out", tmp_path / "d")
     assert junk.exit_code == 2 and "not a readable ONNX model" in junk.output
+
+
+def test_inspect_bundle_shows_files_checksums_and_what_runs_here(tiny_bundle):
+    out = run_cli("inspect", tiny_bundle)
+    assert out.exit_code == 0, out.output
+    for text in ("edgemeta-bundle 1.0", "embed.int8.onnx", "✓", "runs here: embed.onnx", "onnxruntime", "parity rel"):
+        assert text in out.stdout

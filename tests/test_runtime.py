@@ -301,3 +301,13 @@ def test_labels_and_messages_with_brackets_print_verbatim(tiny_bundle, tagalog, 
     assert "[bold]mug" in run_cli("classes", "--store", tmp_path / "s").stdout
     again = run_cli("enroll", tiny_bundle, "--store", tmp_path / "s", "--label", "[bold]mug", img)
     assert again.exit_code == 2 and "'[bold]mug' is already enrolled" in again.output
+
+
+def test_cli_reembeds_a_store_for_another_variant(tiny_bundle, tagalog, tmp_path):
+    img = tmp_path / "a.png"
+    img.write_bytes(tagalog[sorted(tagalog)[0]][0])
+    assert run_cli("enroll", tiny_bundle, "--store", tmp_path / "s", "--label", "a", img).exit_code == 0
+    refused = run_cli("predict", tiny_bundle, img, "--store", tmp_path / "s", "--variant", "int8")
+    assert refused.exit_code == 2 and "--reembed" in refused.output
+    ok = run_cli("predict", tiny_bundle, img, "--store", tmp_path / "s", "--variant", "int8", "--reembed", "--json")
+    assert ok.exit_code == 0 and json.loads(ok.stdout)[0]["label"] == "a"
