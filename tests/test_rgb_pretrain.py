@@ -101,3 +101,28 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
     bad = run_cli("train", *data, "--split-mode", "seeded", "--backbone", "edgenet", "--init", pre / "best.safetensors",
                   "--out", tmp_path / "x", "--quiet")
     assert bad.exit_code == 2 and "holds a conv4 backbone" in bad.output
+
+
+def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths):
+    from conftest import ROOT
+    from edgemeta.runtime import FewShotClassifier, load_bundle
+    ckpt = ROOT / "checkpoints" / "tinyimagenet-conv4-pretrain.safetensors"
+    r = run_cli("export", ckpt, "--out", tmp_path / "b", "--calib-data", omniglot_paths[0], "--calib-images", "64")
+    assert r.exit_code == 0, r.output
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.spec.colour == "RGB" and bundle.spec.height == 64 and bundle.embedding_dim == 1024
+    assert bundle.manifest["variants"]["fp32"]["parity"]["max_rel_error"] < 1e-4
+    # colour images a user might enroll: three hues with texture; held-out samples of each hue come back right
+    rng = np.random.default_rng(0)
+
+    def photo(hue):
+        base = np.array(hue, np.float32)
+        img = base * rng.uniform(0.6, 1.0, (64, 64, 1)) + rng.normal(0, 12, (64, 64, 3))
+        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    hues = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+    clf = FewShotClassifier.load(tmp_path / "b")
+    for name, hue in hues.items():
+        clf.enroll(name, [photo(hue) for _ in range(5)])
+    queries = [(name, photo(hue)) for name, hue in hues.items() for _ in range(4)]
+    labels = clf.predict([q for _, q in queries]).labels
+    assert labels == [name for name, _ in queries]
