@@ -260,9 +260,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     else:
         sampler = EpisodeSampler(train_set.labels, config.way, config.shot, config.query, config.seed + dist.rank,
                                  class_names=train_set.classes)
-        if config.algo in GRADIENT_ALGORITHMS:
+        if config.algo in GRADIENT_ALGORITHMS:  # functional meta-gradients, averaged by _Distributed
             meta_step = functools.partial(_meta_step, model, batches, sampler, config, dist)
-        step_loss = functools.partial(_episode_loss, dist.wrap(model), batches, sampler, config)
+        else:  # module forward: DistributedDataParallel averages the gradients
+            step_loss = functools.partial(_episode_loss, dist.wrap(model), batches, sampler, config)
     # Fail before training, not at the first validation, when the validation classes are too small.
     EpisodeSampler(val_set.labels, config.val_way, config.val_shot, config.val_query, 0, class_names=val_set.classes)
     t0 = time.time()

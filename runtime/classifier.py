@@ -55,16 +55,18 @@ def fit_head(head: dict, classes: tuple[EnrolledClass, ...]) -> dict:
     labels = np.repeat(np.arange(len(classes)), [c.shots for c in classes])
     n = len(classes)
     kind = head["kind"]
-    if kind == "prototype":
-        return {"prototypes": heads.class_means(support, labels, n)}
+    # prototypes serve every head: the prototype classifier itself, and rejection distances
+    fitted = {"prototypes": heads.class_means(support, labels, n)}
     if kind == "ridge":
-        return {"weights": heads.ridge_fit(support, labels, n, head.get("lambda", 1.0))}
-    if kind == "logistic":
+        fitted["weights"] = heads.ridge_fit(support, labels, n, head.get("lambda", 1.0))
+    elif kind == "logistic":
         w, b = heads.logistic_fit(support, labels, n, head.get("steps", 10), head.get("lr", 0.1),
                                   momentum=head.get("momentum", 0.0), weight_decay=head.get("weight_decay", 0.0),
                                   optimizer=head.get("optimizer", "sgd"))
-        return {"weight": w, "bias": b}
-    raise ConfigError(f"unknown head kind {kind!r}")
+        fitted.update(weight=w, bias=b)
+    elif kind != "prototype":
+        raise ConfigError(f"unknown head kind {kind!r}")
+    return fitted
 
 
 def refit_prototypes_incrementally(fitted: dict, old: tuple[EnrolledClass, ...], new: tuple[EnrolledClass, ...]) -> dict:
@@ -144,6 +146,7 @@ class FewShotClassifier:
         self.bundle, self.backend, self.store, self.variant = bundle, backend, store, variant
         self.keep_images = keep_images and store is not None
         self._write_lock = threading.Lock()
+        self._threshold_cache: tuple[StoreState, float | None] | None = None
         self._state = StoreState(bundle.model_sha256, variant, bundle.embedding_dim, head)
 
     # ---------------------------------------------------------------- loading
@@ -184,7 +187,7 @@ class FewShotClassifier:
             self._commit(replace(state, fitted=fit_head(state.head, classes)))
             return
         state = replace(saved, head=self._state.head if head is not None else saved.head)
-        if state.head != saved.head or not saved.fitted and saved.classes:
+        if state.head != saved.head or (saved.classes and "prototypes" not in saved.fitted):
             state = replace(state, fitted=fit_head(state.head, state.classes))
         self._state = state
 
@@ -236,14 +239,20 @@ class FewShotClassifier:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, order, 1)
         metric = state.head.get("metric", "cosine" if self.bundle.l2_normalized else "euclidean")
-        protos = state.fitted["prototypes"] if "prototypes" in state.fitted else np.stack([c.embeddings.mean(0) for c in state.classes])
-        distances = embedding_distance(query, protos, metric).min(1)
-        threshold = calibrate_rejection(state.classes, metric) if reject == "auto" else reject
+        distances = embedding_distance(query, state.fitted["prototypes"], metric).min(1)
+        threshold = self._auto_threshold(state, metric) if reject == "auto" else reject
         labels = [state.classes[o[0]].label for o in order]
         if threshold is not None:
             labels = [UNKNOWN if d > float(threshold) else lab for lab, d in zip(labels, distances)]
         top = [[(state.classes[j].label, float(p)) for j, p in zip(o, ps)] for o, ps in zip(order, top_p)]
         return Prediction(labels, top_p, top, distances)
+
+    def _auto_threshold(self, state: StoreState, metric: str) -> float | None:
+        """calibrate_rejection, computed once per enrolled state (states are immutable)."""
+        cached = self._threshold_cache
+        if cached is None or cached[0] is not state:
+            cached = self._threshold_cache = (state, calibrate_rejection(state.classes, metric))
+        return cached[1]
 
     # ---------------------------------------------------------------- changes
     def enroll(self, label: str, images: list[ImageSource] | np.ndarray, mode: str = "new") -> int:
