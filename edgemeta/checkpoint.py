@@ -37,6 +37,13 @@ class Checkpoint:
     def spec(self) -> InputSpec:
         return InputSpec.from_dict(self.meta["input"])
 
+    @property
+    def device_head(self) -> dict:
+        """The head the device fits on the frozen embedding. MAML-family checkpoints adapt the whole
+        network in torch ("finetune"); their device head is the logistic head they record."""
+        head = dict(self.meta["head"])
+        return dict(head["device_head"]) if head.get("kind") == "finetune" else head
+
     def embedder_state(self) -> dict[str, torch.Tensor]:
         return {k[len("embedder."):]: v for k, v in self.model_state.items() if k.startswith("embedder.")}
 

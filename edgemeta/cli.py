@@ -121,11 +121,11 @@ def evaluate(
 
     if (checkpoint is None) == (bundle is None):
         raise ConfigError("give a CHECKPOINT or --bundle BUNDLE (one of them)")
+    from edgemeta.runtime.classifier import resolve_head
     if bundle is not None:
         from edgemeta.runtime import FewShotClassifier, heads
-        from edgemeta.runtime.classifier import resolve_head as runtime_head
         clf = FewShotClassifier.load(bundle, backend="onnxruntime", variant=variant)
-        spec, tc, head_cfg = clf.bundle.spec, {}, runtime_head(clf.bundle.head, None if head == "default" else head)
+        spec, tc, head_cfg = clf.bundle.spec, {}, resolve_head(clf.bundle.head, None if head == "default" else head)
         if not data:
             raise ConfigError("--bundle needs --data (a folder or .zip of labelled images)")
         embed = clf.embed
@@ -147,7 +147,7 @@ def evaluate(
             embed = lambda pixels: pixels  # noqa: E731  (episodes index images; adaptation embeds them)
             logits_fn = adaptation_logits_fn(load_adaptation_model(ckpt))
         else:
-            head_cfg = resolve_head(ckpt.meta["head"], head)
+            head_cfg = resolve_head(ckpt.device_head, None if head == "default" else head)
             embedder = ckpt.build_embedder()
             embed = lambda pixels: embed_pixels(embedder, pixels)  # noqa: E731
             logits_fn = torch_logits_fn(head_cfg)
@@ -161,23 +161,6 @@ def evaluate(
         print(json.dumps({**result.to_dict(), "head": head_cfg, "split": split, "classes": dataset.n_classes, "path": path}))
     else:
         console.print(f"{result}  [dim]head={head_cfg['kind']} split={split} ({dataset.n_classes} classes), {path}[/]")
-
-
-def resolve_head(default: dict, name: str) -> dict:
-    """The checkpoint's head config, or another head kind with its defaults."""
-    from edgemeta.runtime.errors import ConfigError
-    if default.get("kind") == "finetune":  # MAML-family: the frozen embedding uses its device head
-        default = default["device_head"]
-    if name == "default":
-        return default
-    if name == default.get("kind"):
-        return default
-    defaults = {"prototype": {"kind": "prototype", "metric": "euclidean", "scale": 1.0},
-                "ridge": {"kind": "ridge", "lambda": 1.0, "scale": 1.0, "bias": 0.0},
-                "logistic": {"kind": "logistic", "steps": 10, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}}
-    if name not in defaults:
-        raise ConfigError(f"unknown head {name!r}; choose default, prototype, ridge or logistic")
-    return defaults[name]
 
 
 @command()

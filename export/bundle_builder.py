@@ -90,9 +90,7 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, l2_nor
     if check["max_rel_error"] > PARITY_RTOL:
         raise BundleError(f"ONNX output differs from torch by {check['max_rel_error']:.2e} relative "
                           f"(limit {PARITY_RTOL:.0e}); the bundle was not written")
-    head = dict(ckpt.meta["head"])
-    if head.get("kind") == "finetune":  # MAML-family: the device fits the logistic head on frozen embeddings
-        head = dict(head["device_head"])
+    head = ckpt.device_head
     if l2_normalize and head.get("kind") == "prototype":
         head = {**head, "metric": "cosine"} if head.get("metric") == "euclidean" else head
     manifest = _new_manifest(spec, in_name, out_name, int(out_shape[1]), l2_normalize, head, {
