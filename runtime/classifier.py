@@ -20,7 +20,7 @@ from .backends import Backend, open_backend
 from .bundle import Bundle, load_bundle
 from .errors import ConfigError, ImageDecodeError, StoreError
 from .preprocess import ImageSource, load_images, pixels_to_batch
-from .store import EnrolledClass, EnrollmentStore, StoreState, _frozen
+from .store import EnrolledClass, EnrollmentStore, StoreState, frozen
 
 UNKNOWN = "unknown"
 HEAD_DEFAULTS = {
@@ -181,7 +181,7 @@ class FewShotClassifier:
                                  f"{self.variant}, dim {self.bundle.embedding_dim}.{offer}")
             if not kept:
                 raise StoreError("cannot re-embed: this store did not keep the enrolled images")
-            classes = tuple(EnrolledClass(c.label, _frozen(self._embed_sources([self.store.image_path(n) for n in c.images])),
+            classes = tuple(EnrolledClass(c.label, frozen(self._embed_sources([self.store.image_path(n) for n in c.images])),
                                           c.images) for c in saved.classes)
             state = replace(self._state, classes=classes, generation=saved.generation + 1)
             self._commit(replace(state, fitted=fit_head(state.head, classes)))
@@ -278,9 +278,9 @@ class FewShotClassifier:
             kept = self._keep(images)
             if idx is not None and mode == "add":
                 old = state.classes[idx]
-                cls_new = EnrolledClass(label, _frozen(np.concatenate([old.embeddings, embeddings])), old.images + kept)
+                cls_new = EnrolledClass(label, frozen(np.concatenate([old.embeddings, embeddings])), old.images + kept)
             else:
-                cls_new = EnrolledClass(label, _frozen(embeddings), kept)
+                cls_new = EnrolledClass(label, frozen(embeddings), kept)
             classes = list(state.classes)
             if idx is None:
                 classes.append(cls_new)
@@ -301,7 +301,7 @@ class FewShotClassifier:
             fitted = refit_prototypes_incrementally(state.fitted, state.classes, classes) if classes else {}
         else:
             fitted = fit_head(state.head, classes)
-        return replace(state, classes=classes, fitted={k: _frozen(v) for k, v in fitted.items()},
+        return replace(state, classes=classes, fitted={k: frozen(v) for k, v in fitted.items()},
                        generation=state.generation + 1)
 
     def _commit(self, state: StoreState) -> None:

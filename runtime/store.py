@@ -62,7 +62,7 @@ class StoreState:
         return None
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
+def frozen(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a)
     a.setflags(write=False)
     return a
@@ -89,7 +89,7 @@ def decode_state(data: bytes, where: str) -> StoreState:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             header = json.loads(str(z["header"]))
             embeddings = z["embeddings"].astype(np.float32)
-            fitted = {k: _frozen(z[f"fitted_{k}"]) for k in header.get("fitted", [])}
+            fitted = {k: frozen(z[f"fitted_{k}"]) for k in header.get("fitted", [])}
     except Exception as exc:
         raise StoreError(f"{where} is not a readable enrollment store ({exc})") from None
     if header.get("format") != STORE_FORMAT:
@@ -98,7 +98,7 @@ def decode_state(data: bytes, where: str) -> StoreState:
         raise StoreError(f"{where} was written by a newer edgemeta (store version {header['version']}); upgrade edgemeta")
     classes, start = [], 0
     for c in header["classes"]:
-        classes.append(EnrolledClass(c["label"], _frozen(embeddings[start:start + c["shots"]]), tuple(c.get("images", []))))
+        classes.append(EnrolledClass(c["label"], frozen(embeddings[start:start + c["shots"]]), tuple(c.get("images", []))))
         start += c["shots"]
     return StoreState(header["model_sha256"], header.get("variant", "fp32"), header["embedding_dim"], header["head"],
                       tuple(classes), fitted, header.get("generation", 0))
