@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from edgemeta.data import select_split
 from edgemeta.protocol import evaluate_episodes
@@ -13,11 +12,6 @@ from edgemeta.runtime.errors import DataError
 from edgemeta.runtime.heads import head_logits
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
 from edgemeta.runtime.timing import summarize, time_call
-
-
-def embed_all(backend, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    return np.concatenate([backend.embed(pixels_to_batch(pixels[i:i + batch_size]))
-                           for i in range(0, len(pixels), batch_size)])
 
 
 def compare_variants(fp32_path: Path, int8_path: Path, manifest: dict, dataset, episodes: int = 200,
@@ -32,7 +26,7 @@ def compare_variants(fp32_path: Path, int8_path: Path, manifest: dict, dataset, 
     int8 = OnnxRuntimeBackend(int8_path, spec, dim, "cpu")
     fn = lambda s, y, q, n: head_logits(head, s, y, q, n)  # noqa: E731
     results = {}
-    emb = {"fp32": embed_all(fp32, eval_set.pixels), "int8": embed_all(int8, eval_set.pixels)}
+    emb = {"fp32": fp32.embed_pixels(eval_set.pixels, 256), "int8": int8.embed_pixels(eval_set.pixels, 256)}
     for shot in shots:
         for name in ("fp32", "int8"):
             r = evaluate_episodes(emb[name], eval_set.labels, fn, way, shot, 15, episodes, seed=0)

@@ -114,7 +114,7 @@ def run_bench(bundle: str | Path | Bundle, images: list[bytes], backend: str = "
         s = summarize(time_call(lambda: be.embed(x), repeat, warmup))
         result["embed"].append({"batch": batch, **s, "images_per_s": batch / (s["p50_ms"] / 1e3)})
     tick("head fits")
-    features = be.embed(pixels_to_batch(pixels))
+    features = be.embed_pixels(pixels)
     logistic = resolve_head(b.head, "logistic")
     result["head_fit"], result["logistic_steps"] = bench_heads(features, list(ways), list(shots), list(steps),
                                                                list(head_names), repeat, logistic)

@@ -19,7 +19,7 @@ from . import heads
 from .backends import Backend, open_backend
 from .bundle import Bundle, load_bundle
 from .errors import ConfigError, ImageDecodeError, StoreError
-from .preprocess import ImageSource, load_images, pixels_to_batch
+from .preprocess import ImageSource, load_images
 from .store import EnrolledClass, EnrollmentStore, StoreState, frozen
 
 UNKNOWN = "unknown"
@@ -28,7 +28,6 @@ HEAD_DEFAULTS = {
     "ridge": {"kind": "ridge", "lambda": 1.0, "scale": 1.0, "bias": 0.0},
     "logistic": {"kind": "logistic", "steps": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "optimizer": "sgd"},
 }
-EMBED_BATCH = 64
 
 
 def resolve_head(bundle_head: dict, head: str | dict | None) -> dict:
@@ -48,25 +47,12 @@ def resolve_head(bundle_head: dict, head: str | dict | None) -> dict:
 
 
 def fit_head(head: dict, classes: tuple[EnrolledClass, ...]) -> dict:
-    """Fit the head on every class's support embeddings; returns the arrays predict needs."""
+    """Fit the head on every enrolled class's support embeddings."""
     if not classes:
         return {}
     support = np.concatenate([c.embeddings for c in classes])
     labels = np.repeat(np.arange(len(classes)), [c.shots for c in classes])
-    n = len(classes)
-    kind = head["kind"]
-    # prototypes serve every head: the prototype classifier itself, and rejection distances
-    fitted = {"prototypes": heads.class_means(support, labels, n)}
-    if kind == "ridge":
-        fitted["weights"] = heads.ridge_fit(support, labels, n, head.get("lambda", 1.0))
-    elif kind == "logistic":
-        w, b = heads.logistic_fit(support, labels, n, head.get("steps", 10), head.get("lr", 0.1),
-                                  momentum=head.get("momentum", 0.0), weight_decay=head.get("weight_decay", 0.0),
-                                  optimizer=head.get("optimizer", "sgd"))
-        fitted.update(weight=w, bias=b)
-    elif kind != "prototype":
-        raise ConfigError(f"unknown head kind {kind!r}")
-    return fitted
+    return heads.fit(head, support, labels, len(classes))
 
 
 def refit_prototypes_incrementally(fitted: dict, old: tuple[EnrolledClass, ...], new: tuple[EnrolledClass, ...]) -> dict:
@@ -80,16 +66,7 @@ def refit_prototypes_incrementally(fitted: dict, old: tuple[EnrolledClass, ...],
             rows.append(protos[prev[1]])
         else:
             rows.append(c.embeddings.mean(0))
-    return {"prototypes": np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)}
-
-
-def head_logits(head: dict, fitted: dict, query: np.ndarray) -> np.ndarray:
-    kind = head["kind"]
-    if kind == "prototype":
-        return heads.prototype_logits(query, fitted["prototypes"], head.get("metric", "euclidean"), head.get("scale", 1.0))
-    if kind == "ridge":
-        return heads.ridge_logits(query, fitted["weights"], head.get("scale", 1.0), head.get("bias", 0.0))
-    return heads.logistic_logits(query, fitted["weight"], fitted["bias"])
+    return {"prototypes": np.stack(rows).astype(np.float32)}
 
 
 def embedding_distance(query: np.ndarray, prototypes: np.ndarray, metric: str) -> np.ndarray:
@@ -97,6 +74,14 @@ def embedding_distance(query: np.ndarray, prototypes: np.ndarray, metric: str) -
     if metric == "cosine":
         return 1.0 - heads.prototype_logits(query, prototypes, "cosine", 1.0)
     return np.sqrt(np.maximum(-heads.prototype_logits(query, prototypes, "euclidean", 1.0), 0.0))
+
+
+def paired_distance(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+    """Row i of a to row i of b, in the metric of embedding_distance: [n]."""
+    if metric == "cosine":
+        norms = np.maximum(np.linalg.norm(a, axis=1), 1e-12) * np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+        return 1.0 - (a * b).sum(1) / norms
+    return np.linalg.norm(a - b, axis=1)
 
 
 def calibrate_rejection(classes: tuple[EnrolledClass, ...], metric: str, slack: float = 1.25) -> float | None:
@@ -111,8 +96,7 @@ def calibrate_rejection(classes: tuple[EnrolledClass, ...], metric: str, slack: 
         if c.shots >= 2:
             total = c.embeddings.sum(0)
             others = (total[None] - c.embeddings) / (c.shots - 1)
-            d = embedding_distance(c.embeddings, others, metric)
-            loo.append(np.diag(d))
+            loo.append(paired_distance(c.embeddings, others, metric))
     if loo:
         return float(np.max(np.concatenate(loo)) * slack)
     if len(classes) >= 2:
@@ -186,10 +170,14 @@ class FewShotClassifier:
             state = replace(self._state, classes=classes, generation=saved.generation + 1)
             self._commit(replace(state, fitted=fit_head(state.head, classes)))
             return
-        state = replace(saved, head=self._state.head if head is not None else saved.head)
-        if state.head != saved.head or (saved.classes and "prototypes" not in saved.fitted):
-            state = replace(state, fitted=fit_head(state.head, state.classes))
-        self._state = state
+        self._state = self._with_head(saved, self._state.head if head is not None else saved.head)
+
+    @staticmethod
+    def _with_head(saved: StoreState, head: dict) -> StoreState:
+        """A saved state under `head`, refitted when the head differs from the one it was fitted with."""
+        if head == saved.head and (not saved.classes or "prototypes" in saved.fitted):
+            return saved
+        return replace(saved, head=head, fitted=fit_head(head, saved.classes))
 
     # ---------------------------------------------------------------- queries
     @property
@@ -216,10 +204,7 @@ class FewShotClassifier:
             pixels = images
         else:
             pixels = load_images(list(images), spec)
-        out = np.empty((len(pixels), self.bundle.embedding_dim), np.float32)
-        for i in range(0, len(pixels), EMBED_BATCH):
-            out[i:i + EMBED_BATCH] = self.backend.embed(pixels_to_batch(pixels[i:i + EMBED_BATCH]))
-        return out
+        return self.backend.embed_pixels(pixels)
 
     def predict(self, images: list[ImageSource] | np.ndarray, top_k: int = 1,
                 reject: float | str | None = None) -> Prediction:
@@ -234,7 +219,7 @@ class FewShotClassifier:
         return self._classify(state, query, top_k, reject)
 
     def _classify(self, state: StoreState, query: np.ndarray, top_k: int, reject) -> Prediction:
-        probs = heads.softmax(head_logits(state.head, state.fitted, query))
+        probs = heads.softmax(heads.score(state.head, state.fitted, query))
         k = min(top_k, len(state.classes))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, order, 1)
@@ -317,12 +302,9 @@ class FewShotClassifier:
         """Under the store lock: pick up changes another process saved since we loaded."""
         if self.store is None:
             return self._state
-        saved = self.store.read()
+        saved = self.store.read_if_changed()
         if saved is not None and saved.generation > self._state.generation and saved.model_sha256 == self._state.model_sha256:
-            state = replace(saved, head=self._state.head)
-            if state.head != saved.head:
-                state = replace(state, fitted=fit_head(state.head, state.classes))
-            self._state = state
+            self._state = self._with_head(saved, self._state.head)
         return self._state
 
     def _keep(self, images) -> tuple[str, ...]:

@@ -119,17 +119,34 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
     return weight, bias
 
 
-def head_logits(head: dict, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int) -> np.ndarray:
-    """Fit the head described by a head config (checkpoint / manifest format) and score the query."""
+def fit(head: dict, support: np.ndarray, labels: np.ndarray, n_way: int) -> dict[str, np.ndarray]:
+    """Fit the head described by a head config (checkpoint / manifest format): the arrays `score`
+    needs. Prototypes are always included — the prototype head scores with them, and the device
+    measures rejection distances to them whatever the head."""
+    kind = head.get("kind", "prototype")
+    fitted = {"prototypes": class_means(support, labels, n_way)}
+    if kind == "ridge":
+        fitted["weights"] = ridge_fit(support, labels, n_way, head.get("lambda", 1.0))
+    elif kind == "logistic":
+        fitted["weight"], fitted["bias"] = logistic_fit(
+            support, labels, n_way, head.get("steps", 10), head.get("lr", 0.1), momentum=head.get("momentum", 0.0),
+            weight_decay=head.get("weight_decay", 0.0), optimizer=head.get("optimizer", "sgd"))
+    elif kind != "prototype":
+        raise ConfigError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
+    return fitted
+
+
+def score(head: dict, fitted: dict[str, np.ndarray], query: np.ndarray) -> np.ndarray:
+    """Logits of the query under a fitted head."""
     kind = head.get("kind", "prototype")
     scale = head.get("scale", 1.0)
     if kind == "prototype":
-        return prototype_logits(query, class_means(support, labels, n_way), head.get("metric", "euclidean"), scale)
+        return prototype_logits(query, fitted["prototypes"], head.get("metric", "euclidean"), scale)
     if kind == "ridge":
-        return ridge_logits(query, ridge_fit(support, labels, n_way, head.get("lambda", 1.0)), scale, head.get("bias", 0.0))
-    if kind == "logistic":
-        w, b = logistic_fit(support, labels, n_way, head.get("steps", 10), head.get("lr", 0.1),
-                            momentum=head.get("momentum", 0.0), weight_decay=head.get("weight_decay", 0.0),
-                            optimizer=head.get("optimizer", "sgd"))
-        return logistic_logits(query, w, b)
-    raise ConfigError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
+        return ridge_logits(query, fitted["weights"], scale, head.get("bias", 0.0))
+    return logistic_logits(query, fitted["weight"], fitted["bias"])
+
+
+def head_logits(head: dict, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int) -> np.ndarray:
+    """Fit the head on the support set and score the query (one few-shot episode)."""
+    return score(head, fit(head, support, labels, n_way), query)

@@ -109,6 +109,14 @@ class EnrollmentStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._seen: tuple | None = None  # stat of the state file at our last read or write
+
+    def _stamp(self) -> tuple | None:
+        try:
+            st = self.state_file.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)  # every save renames a new file into place
 
     @property
     def state_file(self) -> Path:
@@ -122,11 +130,21 @@ class EnrollmentStore:
             if self.path.exists() and not self.path.is_dir():
                 raise StoreError(f"{self.path} is a file, not a store folder")
             return None
-        return decode_state(self.state_file.read_bytes(), str(self.state_file))
+        stamp = self._stamp()
+        state = decode_state(self.state_file.read_bytes(), str(self.state_file))
+        self._seen = stamp
+        return state
+
+    def read_if_changed(self) -> StoreState | None:
+        """The saved state if another writer replaced it since our last read or write, else None
+        (a stat instead of decoding the whole store on every enroll)."""
+        stamp = self._stamp()
+        return None if stamp is None or stamp == self._seen else self.read()
 
     def write(self, state: StoreState) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.state_file, encode_state(state))
+        self._seen = self._stamp()
         self._remove_orphan_images(state)
 
     @contextlib.contextmanager

@@ -1,6 +1,5 @@
 """Correctness of the gradient-based meta-learners on models small enough to check by hand or by
 finite differences (float64)."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import run_cli
 from edgemeta.augment import augment_batch
-from edgemeta.data import load_dataset, select_split
+from edgemeta.data import select_split
 from edgemeta.runtime import DataError, InputSpec, load_image
 
 

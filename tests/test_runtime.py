@@ -311,3 +311,15 @@ def test_cli_reembeds_a_store_for_another_variant(tiny_bundle, tagalog, tmp_path
     assert refused.exit_code == 2 and "--reembed" in refused.output
     ok = run_cli("predict", tiny_bundle, img, "--store", tmp_path / "s", "--variant", "int8", "--reembed", "--json")
     assert ok.exit_code == 0 and json.loads(ok.stdout)[0]["label"] == "a"
+
+
+def test_two_writers_on_one_store_see_each_others_classes(tiny_bundle, tagalog, tmp_path):
+    chars = sorted(tagalog)
+    a = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s", keep_images=False)
+    b = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s", keep_images=False)
+    a.enroll(chars[0], tagalog[chars[0]][:2])
+    b.enroll(chars[1], tagalog[chars[1]][:2])   # b picks up a's save before writing its own
+    assert b.classes == chars[:2]
+    a.enroll(chars[2], tagalog[chars[2]][:2])
+    assert a.classes == chars[:3]
+    assert FewShotClassifier.load(tiny_bundle, store=tmp_path / "s").classes == chars[:3]

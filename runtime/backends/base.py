@@ -32,6 +32,14 @@ class Backend(ABC):
         self.last_latency_s = time.perf_counter() - t0
         return out
 
+    def embed_pixels(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Embed decoded uint8 images [N, H, W, C] in batches: float32 [N, D]."""
+        from ..preprocess import pixels_to_batch
+        out = np.empty((len(pixels), self.embedding_dim), np.float32)
+        for i in range(0, len(pixels), batch_size):
+            out[i:i + batch_size] = self.embed(pixels_to_batch(pixels[i:i + batch_size]))
+        return out
+
     def warmup(self, batch_size: int = 1, runs: int = 3) -> None:
         x = np.zeros((batch_size, self.spec.channels, self.spec.height, self.spec.width), np.float32)
         for _ in range(runs):
