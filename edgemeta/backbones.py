@@ -148,10 +148,18 @@ class InputNormalize(nn.Module):
 
 
 class Embedder(nn.Module):
-    """What gets exported: decoded pixels (float32 NCHW, 0–255) → embedding [N, D]."""
+    """What gets exported: decoded pixels (float32 NCHW, 0–255) → embedding [N, D].
 
-    def __init__(self, backbone_name: str, spec: InputSpec, backbone_args: dict | None = None):
+    channels_last=True (set by training, off by default and at export) lays the input out in
+    channels-last (NHWC) memory; every convolution output then follows, so BatchNorm, max-pooling
+    and their backward passes take PyTorch's vectorised NHWC CPU kernels instead of the NCHW ones,
+    several times slower at few-shot sizes (benchmarks/layout_speed.py). Same function, same
+    parameters: only the activations' strides change."""
+
+    def __init__(self, backbone_name: str, spec: InputSpec, backbone_args: dict | None = None,
+                 channels_last: bool = False):
         super().__init__()
+        self.channels_last = channels_last
         self.backbone_name, self.backbone_args, self.spec = backbone_name, dict(backbone_args or {}), spec
         self.normalize = InputNormalize(spec)
         self.backbone = create_backbone(backbone_name, in_channels=spec.channels, **self.backbone_args)
@@ -162,4 +170,7 @@ class Embedder(nn.Module):
             self.backbone.train(was_training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            # .to (not .contiguous): for one-channel input the latter keeps NCHW strides
+            x = x.to(memory_format=torch.channels_last)
         return self.backbone(self.normalize(x))

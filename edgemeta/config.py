@@ -38,6 +38,7 @@ class TrainConfig:
     learn_inner_lr: bool = False      # maml/fomaml: meta-learn one step size per layer (Meta-SGD style)
     reptile_epsilon: float = 1.0      # reptile outer step size ε (annealed by lr_schedule)
     vectorize: str = "auto"           # run a meta-batch's tasks at once: auto (on CUDA only) | on | off
+    channels_last: str = "auto"       # NHWC activations while training: auto (on CPU only) | on | off
     # episodes
     way: int = 20
     shot: int = 5
@@ -93,9 +94,22 @@ class TrainConfig:
             raise ConfigError(f"lr_schedule must be cosine, step or constant, not {self.lr_schedule!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be cpu or cuda, not {self.device!r}")
+        for name in ("vectorize", "channels_last"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ConfigError(f"{name} must be auto, on or off, not {getattr(self, name)!r}")
         for name in ("way", "shot", "episodes", "meta_batch", "val_every", "val_episodes", "val_way", "val_shot"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+    def switch(self, name: str) -> bool:
+        """An auto/on/off setting resolved for this run's device: vectorize is on by default on
+        CUDA (kernel launches dominate there), channels_last on the CPU (measured in
+        benchmarks/maml_speed.py and benchmarks/layout_speed.py; not measured on a GPU)."""
+        value = getattr(self, name)
+        if value == "auto":
+            on_cuda = self.device.startswith("cuda")
+            return on_cuda if name == "vectorize" else not on_cuda
+        return value == "on"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

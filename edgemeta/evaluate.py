@@ -47,7 +47,9 @@ def load_adaptation_model(ckpt) -> torch.nn.Module:
     from edgemeta.algorithms import create_algorithm
     from edgemeta.backbones import Embedder
     tc = ckpt.meta["train_config"]
-    embedder = Embedder(ckpt.meta["backbone"]["name"], ckpt.spec, ckpt.meta["backbone"].get("args", {}))
+    # evaluation runs on the CPU: NHWC activations there (see Embedder)
+    embedder = Embedder(ckpt.meta["backbone"]["name"], ckpt.spec, ckpt.meta["backbone"].get("args", {}),
+                        channels_last=True)
     model = create_algorithm(ckpt.meta["algorithm"], embedder, n_way=tc["way"], inner_steps=tc["inner_steps"],
                              inner_lr=tc["inner_lr"], learn_inner_lr=tc.get("learn_inner_lr", False),
                              reptile_epsilon=tc.get("reptile_epsilon", 1.0))

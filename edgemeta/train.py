@@ -44,7 +44,7 @@ def load_splits(config: TrainConfig, progress: bool = False) -> tuple[ImageSet, 
 
 
 def build_model(config: TrainConfig, spec: InputSpec, n_train_classes: int = 0) -> torch.nn.Module:
-    embedder = Embedder(config.backbone, spec, config.backbone_args)
+    embedder = Embedder(config.backbone, spec, config.backbone_args, channels_last=config.switch("channels_last"))
     if config.init:
         init = load_checkpoint(config.init)
         if init.meta["backbone"]["name"] != config.backbone:
@@ -54,7 +54,7 @@ def build_model(config: TrainConfig, spec: InputSpec, n_train_classes: int = 0) 
                             n_classes=n_train_classes, n_way=config.way, inner_steps=config.inner_steps,
                             inner_lr=config.inner_lr, learn_inner_lr=config.learn_inner_lr,
                             reptile_epsilon=config.reptile_epsilon,
-                            vectorize=config.vectorize == "on" or (config.vectorize == "auto" and config.device.startswith("cuda")))
+                            vectorize=config.switch("vectorize"))
 
 
 def _lr_factor(config: TrainConfig, step: int) -> float:

@@ -37,3 +37,28 @@ def test_input_normalisation_is_part_of_the_model():
     e = Embedder("conv4", spec)
     x = torch.full((1, 1, 28, 28), 255.0)
     assert torch.allclose(e.normalize(x), torch.full_like(x, (1.0 - 0.9) / 0.2), atol=1e-6)
+
+
+@pytest.mark.parametrize("name,colour", [("conv4", "L"), ("resnet12", "RGB"), ("edgenet", "RGB")])
+def test_channels_last_changes_the_layout_not_the_function(name, colour):
+    """The training layout switch: BatchNorm sees NHWC activations (so the switch cannot silently
+    stop working — with one input channel `.contiguous()` would keep NCHW strides), while
+    embeddings and parameter gradients equal the NCHW ones."""
+    spec = InputSpec(16, 16, colour)
+    x = torch.rand(6, spec.channels, 16, 16, dtype=torch.float64) * 255
+    results = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        embedder = Embedder(name, spec, {"widths": (8, 8, 8, 8)} if name == "resnet12" else {},
+                            channels_last=channels_last).double()
+        seen = []
+        bn = next(m for m in embedder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)
+                                                                and not inp[0].is_contiguous()))
+        z = embedder(x)
+        z.square().sum().backward()
+        results[channels_last] = (z.detach(), [p.grad for p in embedder.parameters()])
+        assert seen == [channels_last]
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -87,3 +87,16 @@ def test_user_mistakes_end_in_one_clear_line(args, message, omniglot_paths, tmp_
     assert message in result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) <= 3  # one line, possibly wrapped by the terminal width
+
+
+def test_auto_on_off_switches_resolve_per_device_and_refuse_other_values(tmp_path, omniglot_paths):
+    from edgemeta.config import TrainConfig
+    cpu, cuda = TrainConfig(data=["x"]), TrainConfig(data=["x"], device="cuda")
+    assert (cpu.switch("channels_last"), cpu.switch("vectorize")) == (True, False)
+    assert (cuda.switch("channels_last"), cuda.switch("vectorize")) == (False, True)
+    assert TrainConfig(data=["x"], channels_last="off").switch("channels_last") is False
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("data = [%s]\nchannels_last = 'sideways'\n" % ", ".join(f"'{p}'" for p in omniglot_paths))
+    result = run_cli("train", "--config", cfg, "--out", tmp_path / "r", "--quiet")
+    assert result.exit_code == 2 and "channels_last must be auto, on or off, not 'sideways'" in result.output
+    assert not (tmp_path / "r").exists()

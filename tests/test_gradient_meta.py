@@ -165,3 +165,24 @@ def test_vectorised_meta_gradient_equals_a_per_task_loop(make):
     for (k, a), (_, b) in zip(vectorised.named_parameters(), looped.named_parameters()):
         if b.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("make", [
+    lambda v: _maml(vectorize=v), lambda v: _maml(first_order=True, vectorize=v),
+    lambda v: ANIL(_tiny_embedder(), 3, 0.2, vectorize=v).double(),
+    lambda v: Reptile(_tiny_embedder(), N_WAY, inner_steps=3, inner_lr=0.1, epsilon=0.5, vectorize=v).double(),
+], ids=["maml", "fomaml", "anil", "reptile"])
+@pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vectorised"])
+def test_channels_last_training_layout_gives_the_same_meta_update(make, vectorize):
+    """The CPU default (NHWC activations) computes the same meta-update as NCHW, on every path,
+    including under vmap (where the layout switch stands down)."""
+    sx, sy, qx, qy = _tasks()
+    updates = []
+    for channels_last in (False, True):
+        model = make(vectorize)
+        model.embedder.channels_last = channels_last
+        model.meta_step(sx, sy, qx, qy)
+        assert model.embedder.channels_last == channels_last  # restored after vmap
+        updates.append([p.grad if p.grad is not None else p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*updates):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

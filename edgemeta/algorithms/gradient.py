@@ -6,7 +6,8 @@ all tasks' images through the shared backbone as one batch with per-task BatchNo
 with vectorize=False the tasks run one after another. Vectorising pays on a GPU, where small
 kernels are launch-bound; on a CPU these conv nets are memory-bound and one large batch is slower
 than several small ones (measured in benchmarks/maml_speed.py), so the default is to vectorise on
-CUDA only.
+CUDA only. What speeds the CPU up is the embedder's channels-last layout (see Embedder); vmap
+cannot re-stride batched tensors, so that switch stands down inside vmap.
 
 BatchNorm: as in MAML (Finn et al. 2017) and its PyTorch reimplementations, BatchNorm uses the
 batch statistics of each task's images during adaptation and evaluation (no running statistics
@@ -18,6 +19,7 @@ exported backbone are recomputed on training images when a checkpoint is saved
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -66,6 +68,17 @@ def recalibrate_batchnorm(embedder: Embedder, batches) -> dict[str, torch.Tensor
         out[f"{name}.running_mean"], out[f"{name}.running_var"] = mean, var
         out[f"{name}.num_batches_tracked"] = torch.tensor(len(values))
     return out
+
+
+@contextmanager
+def nchw_under_vmap(embedder: Embedder):
+    """vmap cannot re-stride a batched tensor to channels-last, so inside vmap the embedder keeps
+    its input's layout (NCHW); the flag is restored afterwards."""
+    saved, embedder.channels_last = embedder.channels_last, False
+    try:
+        yield
+    finally:
+        embedder.channels_last = saved
 
 
 class task_batchnorm:
@@ -166,8 +179,9 @@ class MAML(_Functional):
         finite differences (tests/test_gradient_meta.py checks both paths).
         """
         if self.first_order and self.vectorize:
-            losses, accs = vmap(self.task_loss, in_dims=(None, 0, None, 0, None), randomness="same")(
-                self.params(), sx, sy, qx, qy)
+            with nchw_under_vmap(self.embedder):
+                losses, accs = vmap(self.task_loss, in_dims=(None, 0, None, 0, None), randomness="same")(
+                    self.params(), sx, sy, qx, qy)
         else:
             params = self.params()
             pairs = [self.task_loss(params, sx[t], sy, qx[t], qy) for t in range(sx.shape[0])]
@@ -273,7 +287,8 @@ class Reptile(_Functional):
         phi = {k: v.detach() for k, v in self.params().items()}
         with torch.enable_grad():
             if self.vectorize:
-                adapted = vmap(lambda x: self.adapt(phi, x, sy), randomness="same")(sx)
+                with nchw_under_vmap(self.embedder):
+                    adapted = vmap(lambda x: self.adapt(phi, x, sy), randomness="same")(sx)
             else:
                 runs = [self.adapt(phi, sx[t], sy) for t in range(sx.shape[0])]
                 adapted = {k: torch.stack([r[k] for r in runs]) for k in phi}

@@ -1,0 +1,66 @@
+"""One training step (forward + backward of the algorithm's loss) with NCHW activations against
+NHWC (channels-last, the CPU default of `edgemeta train`), side by side in one run, for the
+shipped training recipes: Omniglot Conv4 ProtoNet (30-way 5-shot 5-query, 28×28 grey) and
+supervised pre-training on 64×64 colour images (batch 64) for each backbone. Also checks that the
+two layouts give the same loss.
+
+    python benchmarks/layout_speed.py [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from common import interleaved, machine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    from edgemeta.algorithms import Pretrain, ProtoNet
+    from edgemeta.backbones import Embedder
+    from edgemeta.runtime import InputSpec
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    grey = InputSpec(28, 28, "L", (0.92,), (0.24,))
+    rgb = InputSpec(64, 64, "RGB", (0.48, 0.45, 0.40), (0.27, 0.26, 0.28))
+    way, shot, query = 30, 5, 5
+    sx = torch.rand(way * shot, 1, 28, 28, generator=g) * 255
+    qx = torch.rand(way * query, 1, 28, 28, generator=g) * 255
+    sy, qy = torch.arange(way).repeat_interleave(shot), torch.arange(way).repeat_interleave(query)
+    x_rgb, y_rgb = torch.rand(64, 3, 64, 64, generator=g) * 255, torch.randint(0, 100, (64,), generator=g)
+    recipes = {
+        "conv4 protonet 30w5s5q 28px": ("conv4", {}, grey, "protonet"),
+        "conv4 pretrain b64 64px": ("conv4", {}, rgb, "pretrain"),
+        "edgenet pretrain b64 64px": ("edgenet", {}, rgb, "pretrain"),
+        "resnet12(32-256) pretrain b64 64px": ("resnet12", {"widths": [32, 64, 128, 256]}, rgb, "pretrain"),
+    }
+    print(f"machine: {machine()}; torch {torch.__version__}, {args.threads} threads; one training step "
+          "(forward + backward), p50")
+    print(f"{'recipe':>36} | {'NCHW':>9} | {'NHWC':>9} | NCHW/NHWC | loss difference")
+    for label, (backbone, bargs, spec, algo) in recipes.items():
+        def make(channels_last):
+            torch.manual_seed(0)
+            embedder = Embedder(backbone, spec, bargs, channels_last=channels_last)
+            return ProtoNet(embedder) if algo == "protonet" else Pretrain(embedder, 100)
+
+        def step_fn(model):
+            def step():
+                model.zero_grad()
+                logits = model(sx, sy, qx, way) if algo == "protonet" else model(x_rgb)
+                loss = F.cross_entropy(logits, qy if algo == "protonet" else y_rgb)
+                loss.backward()
+                return loss.item()
+            return step
+        models = {"nchw": make(False), "nhwc": make(True)}
+        steps = {k: step_fn(m) for k, m in models.items()}
+        difference = abs(steps["nchw"]() - steps["nhwc"]())
+        t = interleaved(steps, rounds=3, repeats=4, warmup=1)
+        print(f"{label:>36} | {t['nchw'] * 1e3:>6.1f} ms | {t['nhwc'] * 1e3:>6.1f} ms | {t['nchw'] / t['nhwc']:>8.2f}× | "
+              f"{difference:.1e}")
+
+
+if __name__ == "__main__":
+    main()
