@@ -103,10 +103,11 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
     assert bad.exit_code == 2 and "holds a conv4 backbone" in bad.output
 
 
-def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths):
+@pytest.mark.parametrize("name", ["tinyimagenet-conv4-pretrain", "tinyimagenet-conv4-finetune"])
+def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name):
     from conftest import ROOT
     from edgemeta.runtime import FewShotClassifier, load_bundle
-    ckpt = ROOT / "checkpoints" / "tinyimagenet-conv4-pretrain.safetensors"
+    ckpt = ROOT / "checkpoints" / f"{name}.safetensors"
     r = run_cli("export", ckpt, "--out", tmp_path / "b", "--calib-data", omniglot_paths[0], "--calib-images", "64")
     assert r.exit_code == 0, r.output
     bundle = load_bundle(tmp_path / "b")
