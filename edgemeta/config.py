@@ -14,6 +14,12 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 
+# The auto/on/off settings and the device each is on for when left at "auto": vectorising a
+# meta-batch pays where kernel launches dominate (CUDA; not measured here), channels-last memory
+# on the CPU (benchmarks/maml_speed.py, benchmarks/layout_speed.py).
+AUTO_ON = {"vectorize": "cuda", "channels_last": "cpu"}
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -94,7 +100,7 @@ class TrainConfig:
             raise ConfigError(f"lr_schedule must be cosine, step or constant, not {self.lr_schedule!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be cpu or cuda, not {self.device!r}")
-        for name in ("vectorize", "channels_last"):
+        for name in AUTO_ON:
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ConfigError(f"{name} must be auto, on or off, not {getattr(self, name)!r}")
         for name in ("way", "shot", "episodes", "meta_batch", "val_every", "val_episodes", "val_way", "val_shot"):
@@ -102,13 +108,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
 
     def switch(self, name: str) -> bool:
-        """An auto/on/off setting resolved for this run's device: vectorize is on by default on
-        CUDA (kernel launches dominate there), channels_last on the CPU (measured in
-        benchmarks/maml_speed.py and benchmarks/layout_speed.py; not measured on a GPU)."""
+        """An auto/on/off setting (see AUTO_ON) resolved for this run's device."""
         value = getattr(self, name)
         if value == "auto":
-            on_cuda = self.device.startswith("cuda")
-            return on_cuda if name == "vectorize" else not on_cuda
+            return AUTO_ON[name] == ("cuda" if self.device.startswith("cuda") else "cpu")
         return value == "on"
 
     def to_dict(self) -> dict:
