@@ -103,15 +103,16 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
     assert bad.exit_code == 2 and "holds a conv4 backbone" in bad.output
 
 
-@pytest.mark.parametrize("name", ["tinyimagenet-conv4-pretrain", "tinyimagenet-conv4-finetune"])
-def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name):
+@pytest.mark.parametrize("name,dim", [("tinyimagenet-conv4-pretrain", 1024), ("tinyimagenet-conv4-finetune", 1024),
+                                      ("tinyimagenet-edgenet-pretrain", 128)])
+def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name, dim):
     from conftest import ROOT
     from edgemeta.runtime import FewShotClassifier, load_bundle
     ckpt = ROOT / "checkpoints" / f"{name}.safetensors"
     r = run_cli("export", ckpt, "--out", tmp_path / "b", "--calib-data", omniglot_paths[0], "--calib-images", "64")
     assert r.exit_code == 0, r.output
     bundle = load_bundle(tmp_path / "b")
-    assert bundle.spec.colour == "RGB" and bundle.spec.height == 64 and bundle.embedding_dim == 1024
+    assert bundle.spec.colour == "RGB" and bundle.spec.height == 64 and bundle.embedding_dim == dim
     assert bundle.manifest["variants"]["fp32"]["parity"]["max_rel_error"] < 1e-4
     # colour images a user might enroll: three hues with texture; held-out samples of each hue come back right
     rng = np.random.default_rng(0)
