@@ -85,7 +85,7 @@ class task_batchnorm:
     """Context manager: every BatchNorm layer of `module` normalises each task's images with that
     task's own statistics while the images of T tasks run through the network as ONE batch
     [T·B, C, H, W]. Same numbers as T separate forward passes; one large convolution instead of T
-    small ones (what makes ANIL's meta-batch fast on a CPU)."""
+    small ones (what pays on a GPU; on this CPU it measured slower, benchmarks/maml_speed.py)."""
 
     def __init__(self, module: nn.Module, tasks: int):
         self.layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -112,6 +112,19 @@ class task_batchnorm:
     def __exit__(self, *exc):
         for m in self.layers:
             del m.forward  # back to the class's forward
+
+
+def loop_over_tasks(task_loss, tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """task_loss(t) → (loss, accuracy) for t in range(tasks), stacked: ([T], [T])."""
+    pairs = [task_loss(t) for t in range(tasks)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def backward_mean(losses: torch.Tensor, accs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backpropagate the mean query loss of the meta-batch; returns (loss, accuracy) for the log."""
+    loss = losses.mean()
+    loss.backward()
+    return loss.detach(), accs.mean().detach()
 
 
 class _Functional(nn.Module):
@@ -184,11 +197,8 @@ class MAML(_Functional):
                     self.params(), sx, sy, qx, qy)
         else:
             params = self.params()
-            pairs = [self.task_loss(params, sx[t], sy, qx[t], qy) for t in range(sx.shape[0])]
-            losses, accs = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        loss = losses.mean()
-        loss.backward()
-        return loss.detach(), accs.mean().detach()
+            losses, accs = loop_over_tasks(lambda t: self.task_loss(params, sx[t], sy, qx[t], qy), sx.shape[0])
+        return backward_mean(losses, accs)
 
     @torch.no_grad()
     def logits_after_adaptation(self, sx, sy, qx, steps: int | None = None) -> torch.Tensor:
@@ -226,15 +236,13 @@ class ANIL(nn.Module):
         return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
 
     def meta_step(self, sx, sy, qx, qy):
-        """The backbone is shared by all tasks (only the head adapts), so the T tasks' images run as
-        one batch with per-task BatchNorm statistics; the head's inner loops run under vmap."""
+        """A loop over tasks, or with vectorize=True: the backbone is shared by all tasks (only the
+        head adapts), so the T tasks' images run as one batch with per-task BatchNorm statistics and
+        the head's inner loops run under vmap."""
         n_way, tasks = int(sy.max()) + 1, sx.shape[0]
         if not self.vectorize:
             params = dict(self.embedder.named_parameters())
-            pairs = [self.task_loss(params, sx[t], sy, qx[t], qy, n_way) for t in range(tasks)]
-            loss = torch.stack([p[0] for p in pairs]).mean()
-            loss.backward()
-            return loss.detach(), torch.stack([p[1] for p in pairs]).mean()
+            return backward_mean(*loop_over_tasks(lambda t: self.task_loss(params, sx[t], sy, qx[t], qy, n_way), tasks))
         images = torch.cat([sx, qx], 1)                       # [T, n_s + n_q, C, H, W]
         with task_batchnorm(self.embedder, tasks):
             z = self.embedder(images.reshape(-1, *images.shape[2:])).reshape(tasks, images.shape[1], -1)
@@ -244,10 +252,7 @@ class ANIL(nn.Module):
             w, b = logistic_fit(s_t.detach() if self.first_order else s_t, sy, n_way, self.inner_steps, self.inner_lr)
             logits = logistic_logits(q_t, w, b)
             return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
-        losses, accs = vmap(head_loss)(s, q)
-        loss = losses.mean()
-        loss.backward()
-        return loss.detach(), accs.mean().detach()
+        return backward_mean(*vmap(head_loss)(s, q))
 
     @torch.no_grad()
     def logits_after_adaptation(self, sx, sy, qx, steps: int | None = None):
