@@ -62,3 +62,28 @@ def test_channels_last_changes_the_layout_not_the_function(name, colour):
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-10, atol=1e-10)
     for a, b in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,colour,args", [("conv4", "L", {}), ("resnet12", "RGB", {"widths": (8, 8, 8, 8)})])
+def test_pooling_before_the_activation_is_the_same_network_bit_for_bit(name, colour, args):
+    """pool_first (the default) and the literature's activation-then-pool order load the same
+    weights and give identical embeddings and gradients, also where max-pool windows tie (a
+    quantised input makes ties and exact zeros common)."""
+    spec = InputSpec(16, 16, colour)
+    x = torch.randint(0, 4, (6, spec.channels, 16, 16)).float() * 85
+    results = {}
+    for pool_first in (True, False):
+        torch.manual_seed(0)
+        embedder = Embedder(name, spec, {**args, "pool_first": pool_first}, channels_last=True)
+        if pool_first:
+            state = embedder.state_dict()
+        else:
+            embedder.load_state_dict(state)  # same keys: neither pooling nor activation has parameters
+        z = embedder(x)
+        (z * torch.linspace(-1, 1, z.shape[1])).sum().backward()
+        results[pool_first] = [z.detach()] + [p.grad for p in embedder.parameters()]
+    kinds = [type(m) for m in Embedder(name, spec, args).backbone.modules()]
+    pools = [i for i, k in enumerate(kinds) if k is torch.nn.MaxPool2d]
+    assert len(pools) == 4 and all(kinds[i + 1] in (torch.nn.ReLU, torch.nn.LeakyReLU) for i in pools)  # default
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
