@@ -8,6 +8,11 @@ loop on the literature's Conv4 (ReLU then pool) in the stock NCHW layout (what a
 runs); and the clone loop on edgemeta's backbone set-up (NHWC, pool first), to show how much of the
 difference is the backbone set-up rather than the loop.
 
+The last column is a ceiling: the episode's convolution and matmul FLOPs (torch's FlopCounterMode)
+at the rate this CPU runs the step's dominant convolution (64→64 3×3 at 14×14, NHWC) in isolation,
+with every memory-bound pass (BatchNorm, pooling, ReLU) free — what no implementation of the same
+arithmetic can beat, as a multiple of the clone loop.
+
 The process keeps its freed memory as `edgemeta train` does (edgemeta.memory), for every column:
 otherwise glibc's page faults depend on what ran before in the process and move the columns
 against each other.
@@ -60,6 +65,29 @@ def loop_meta_step(model, sx, sy, qx, qy, steps: int, lr: float, first_order: bo
     return total
 
 
+def conv_flops_per_second(repeats: int = 30) -> float:
+    """Best-of-three rate of the Conv4 step's dominant convolution (75 images, 64→64, 3×3, 14×14, NHWC)."""
+    import time
+    x = torch.randn(75, 64, 14, 14).to(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3).to(memory_format=torch.channels_last)
+    best = float("inf")
+    for _ in range(3):
+        torch.conv2d(x, w, padding=1)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            torch.conv2d(x, w, padding=1)
+        best = min(best, (time.perf_counter() - t) / repeats)
+    return 2 * 75 * 14 * 14 * 64 * 64 * 9 / best
+
+
+def flops_per_episode(model, sx, sy, qx, qy) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        model.zero_grad()
+        model.meta_step(sx, sy, qx, qy)
+    return counter.get_total_flops() / sx.shape[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--meta-batch", default="4,8")
@@ -78,14 +106,16 @@ def main() -> None:
     from edgemeta.runtime import InputSpec, pixels_to_batch
     torch.set_num_threads(args.threads)
     retained = retain_freed_memory()
+    rate = conv_flops_per_second()
     data = load_dataset(SHIPPED_DATA, 28)
     sampler = EpisodeSampler(data.labels, args.way, args.shot, args.query, seed=0)
     spec = InputSpec(28, 28, "L", (0.92,), (0.24,))
     print(f"machine: {machine()}; torch {torch.__version__}, {args.threads} threads; conv4 28×28, "
           f"{args.way}-way {args.shot}-shot {args.query}-query, {args.steps} inner step(s); freed memory retained: "
-          f"{retained}; episodes/s")
+          f"{retained}; dominant convolution alone: {rate / 1e9:.0f} GFLOP/s; episodes/s")
     print(f"{'algorithm':>9} {'tasks':>5} | {'edgemeta':>8} | {'vectorised':>10} | {'clone loop':>10} | "
-          f"{'clone, edgemeta backbone':>10} | edgemeta/clone | vectorised/clone | clone edgemeta backbone/clone")
+          f"{'clone, edgemeta backbone':>10} | edgemeta/clone | vectorised/clone | clone edgemeta backbone/clone | "
+          "GFLOP/episode | ceiling/clone")
     for mb in [int(v) for v in args.meta_batch.split(",")]:
         episodes = sampler.episodes(mb)
         sx, sy, qx, qy = stack_tasks(episodes, lambda idx: torch.from_numpy(pixels_to_batch(data.pixels[idx])))
@@ -122,9 +152,12 @@ def main() -> None:
                 return run
             t = interleaved({k: runner(k) for k in models}, rounds=3, repeats=5, warmup=2)
             eps = {k: mb / v for k, v in t.items()}
+            flops = flops_per_episode(models["edgemeta"], sx, sy, qx, qy)
+            ceiling = rate / flops  # episodes/s if all FLOPs ran at that rate and nothing else cost
             print(f"{name:>9} {mb:>5} | {eps['edgemeta']:>8.1f} | {eps['vectorised']:>10.1f} | {eps['clone']:>10.1f} | "
                   f"{eps['clone_edgemeta']:>24.1f} | {eps['edgemeta'] / eps['clone']:>13.2f}× | "
-                  f"{eps['vectorised'] / eps['clone']:>15.2f}× | {eps['clone_edgemeta'] / eps['clone']:>28.2f}×")
+                  f"{eps['vectorised'] / eps['clone']:>15.2f}× | {eps['clone_edgemeta'] / eps['clone']:>28.2f}× | "
+                  f"{flops / 1e9:>13.2f} | {ceiling / eps['clone']:>12.2f}×")
 
 
 if __name__ == "__main__":

@@ -54,10 +54,11 @@ class Conv4(nn.Module):
     """The standard few-shot Conv4: 4 × (conv3×3-64, BN, ReLU, maxpool 2), flattened.
     28×28 input → 64-d embedding; 84×84 → 1600-d.
 
-    pool_first (default) max-pools before the ReLU: the same function and the same gradients, bit
-    for bit (a monotone activation commutes with max, ties included), with the activation and its
-    backward pass on a quarter of the elements. pool_first=False is the literature's order, kept
-    for side-by-side comparisons."""
+    pool_first (default) max-pools before the ReLU: the same function, and the same outputs and
+    gradients bit for bit (a monotone activation commutes with max, ties included), with the
+    activation and its backward pass on a quarter of the elements. Second-order gradients (MAML)
+    agree to rounding: the double backward sums in another order. pool_first=False is the
+    literature's order, kept for side-by-side comparisons."""
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4, pool_first: bool = True):
         super().__init__()

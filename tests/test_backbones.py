@@ -87,3 +87,20 @@ def test_pooling_before_the_activation_is_the_same_network_bit_for_bit(name, col
     assert len(pools) == 4 and all(kinds[i + 1] in (torch.nn.ReLU, torch.nn.LeakyReLU) for i in pools)  # default
     for a, b in zip(results[True], results[False]):
         assert torch.equal(a, b)
+
+
+def test_pooling_first_gives_second_order_maml_the_same_meta_gradient_to_rounding():
+    from edgemeta.algorithms import MAML
+    spec = InputSpec(16, 16, "L")
+    g = torch.Generator().manual_seed(0)
+    sx, qx = (torch.rand(2, n, 1, 16, 16, generator=g, dtype=torch.float64) * 255 for n in (5, 10))
+    sy, qy = torch.arange(5), torch.arange(5).repeat(2)
+    grads = {}
+    for pool_first in (True, False):
+        torch.manual_seed(0)
+        model = MAML(Embedder("conv4", spec, {"pool_first": pool_first}, channels_last=True), 5, 1, 0.4).double()
+        model.meta_step(sx, sy, qx, qy)
+        grads[pool_first] = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads[True]) == 14  # 4 × (conv, BN weight, BN bias) + head weight and bias
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
