@@ -3,11 +3,13 @@
 Inner loops are functional (`torch.func.functional_call` + `torch.func.grad`): no module clones.
 With vectorize=True the meta-batch of tasks runs at once (`torch.func.vmap` over tasks; ANIL runs
 all tasks' images through the shared backbone as one batch with per-task BatchNorm statistics);
-with vectorize=False the tasks run one after another. Vectorising pays on a GPU, where small
-kernels are launch-bound; on a CPU these conv nets are memory-bound and one large batch is slower
-than several small ones (measured in benchmarks/maml_speed.py), so the default is to vectorise on
-CUDA only. What speeds the CPU up is the embedder's channels-last layout (see Embedder); vmap
-cannot re-stride batched tensors, so that switch stands down inside vmap.
+with vectorize=False the tasks run one after another. Vectorising is meant for a GPU, where small
+kernels are launch-bound (not measured: no GPU here); on a CPU these conv nets are memory-bound
+and one large batch is slower than several small ones (benchmarks/maml_speed.py), so the default
+is to vectorise on CUDA only. What speeds the CPU up is the backbone set-up — channels-last
+activations (see Embedder), max-pool before the activation (see Conv4) — and keeping freed memory
+(edgemeta.memory); vmap cannot re-stride batched tensors, so the layout switch stands down inside
+vmap.
 
 BatchNorm: as in MAML (Finn et al. 2017) and its PyTorch reimplementations, BatchNorm uses the
 batch statistics of each task's images during adaptation and evaluation (no running statistics
