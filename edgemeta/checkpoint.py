@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import edgemeta
-from edgemeta.backbones import Embedder
+from edgemeta.backbones import Embedder, deployment_args
 from edgemeta.runtime.errors import CheckpointError
 from edgemeta.runtime.preprocess import InputSpec
 
@@ -48,9 +48,9 @@ class Checkpoint:
         return {k[len("embedder."):]: v for k, v in self.model_state.items() if k.startswith("embedder.")}
 
     def build_embedder(self) -> Embedder:
-        """The trained embedding network, in eval mode."""
+        """The trained embedding network, in eval mode, as it is deployed (deployment_args)."""
         b = self.meta["backbone"]
-        embedder = Embedder(b["name"], self.spec, b.get("args", {}))
+        embedder = Embedder(b["name"], self.spec, deployment_args(b["name"], b.get("args", {})))
         embedder.load_state_dict(self.embedder_state())
         return embedder.eval()
 

@@ -63,6 +63,17 @@ def test_cli_export_writes_a_verified_bundle_with_int8_and_fp16(tiny_bundle):
     load_bundle(tiny_bundle)  # every sha256 verifies
 
 
+def test_exported_graph_keeps_the_relu_on_the_convolution(tiny_bundle, tiny_run):
+    """Training pools before the ReLU (same function); the export restores Conv → Relu → MaxPool,
+    the pattern inference runtimes fuse, so every Relu reads a Conv's output."""
+    from edgemeta.checkpoint import load_checkpoint
+    assert load_checkpoint(tiny_run / "best.safetensors").meta["backbone"]["name"] == "conv4"
+    graph = onnx.load(str(tiny_bundle / "embed.onnx")).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    relus = [node for node in graph.node if node.op_type == "Relu"]
+    assert len(relus) == 4 and all(producer[node.input[0]] == "Conv" for node in relus)
+
+
 def test_int8_and_fp16_variants_run_and_stay_close_to_fp32(tiny_bundle, omniglot):
     b = load_bundle(tiny_bundle)
     x = omniglot.pixels[:32].transpose(0, 3, 1, 2).astype(np.float32)
