@@ -133,6 +133,8 @@ def evaluate(
     else:
         require_training_extra()
         from edgemeta.checkpoint import load_checkpoint
+        from edgemeta.memory import retain_freed_memory
+        retain_freed_memory()  # as in training: torch adaptation per episode would page-fault its activations
         from edgemeta.evaluate import embed_pixels, torch_logits_fn
         from edgemeta.algorithms import GRADIENT_ALGORITHMS
         ckpt = load_checkpoint(checkpoint)

@@ -5,7 +5,8 @@ returns them on free, or trims the heap top, so the next step page-faults its wa
 megabytes again: up to 16,000 minor faults and ~40% of a CPU meta-training step in a fresh process
 (see docs/benchmarks.md §6). Turning off mmap for allocations and the trimming makes the process
 reuse its own freed pages. The cost: the resident size stays at its peak until the process ends,
-which is what a training process does anyway."""
+which is what a training process does anyway. `edgemeta.train.train` and `edgemeta eval` on a
+checkpoint (torch) call it; the device runtime does not need it (ONNX Runtime keeps its own arena)."""
 from __future__ import annotations
 
 import ctypes
