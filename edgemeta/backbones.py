@@ -46,7 +46,7 @@ def deployment_args(name: str, args: dict) -> dict:
     Conv → ReLU pattern that inference runtimes fuse (ONNX Runtime's Conv+Relu, TensorRT's
     conv-BN-activation; the INT8 quantiser calibrates the activation's output) and stays the graph
     that earlier exports validated. Pooling first only pays in eager training."""
-    if "pool_first" in inspect.signature(_REGISTRY[name]).parameters:
+    if name in _REGISTRY and "pool_first" in inspect.signature(_REGISTRY[name]).parameters:
         return {**args, "pool_first": False}
     return dict(args)
 

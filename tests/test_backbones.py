@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from edgemeta.backbones import Embedder, create_backbone, list_backbones
+from edgemeta.backbones import Embedder, create_backbone, deployment_args, list_backbones
 from edgemeta.runtime import ConfigError, InputSpec
 
 
@@ -104,3 +104,10 @@ def test_pooling_first_gives_second_order_maml_the_same_meta_gradient_to_roundin
     assert len(grads[True]) == 14  # 4 × (conv, BN weight, BN bias) + head weight and bias
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_export_builds_the_literature_order_wherever_the_backbone_has_the_choice():
+    assert deployment_args("conv4", {"hidden": 32}) == {"hidden": 32, "pool_first": False}
+    assert deployment_args("resnet12", {"pool_first": True}) == {"pool_first": False}
+    assert deployment_args("edgenet", {"width": 0.5}) == {"width": 0.5}  # no max-pool, no choice
+    assert deployment_args("vgg", {}) == {}  # left for create_backbone to refuse by name
