@@ -40,13 +40,18 @@ def create_backbone(name: str, in_channels: int = 1, **kwargs) -> nn.Module:
         raise ConfigError(f"bad arguments for backbone {name!r}: {exc}") from None
 
 
+def accepts(name: str, argument: str) -> bool:
+    """Whether the registered backbone `name` takes `argument` (False for unknown names)."""
+    return name in _REGISTRY and argument in inspect.signature(_REGISTRY[name]).parameters
+
+
 def deployment_args(name: str, args: dict) -> dict:
     """Backbone arguments for the network that gets exported: the literature's activation-then-pool
     order where the backbone offers pool_first (the same function), so the graph keeps the
     Conv → ReLU pattern that inference runtimes fuse (ONNX Runtime's Conv+Relu, TensorRT's
     conv-BN-activation; the INT8 quantiser calibrates the activation's output) and stays the graph
     that earlier exports validated. Pooling first only pays in eager training."""
-    if name in _REGISTRY and "pool_first" in inspect.signature(_REGISTRY[name]).parameters:
+    if accepts(name, "pool_first"):
         return {**args, "pool_first": False}
     return dict(args)
 
