@@ -3,15 +3,17 @@ that clones the model (the way learn2learn's MAML.clone()/adapt() works), same b
 episode shape, measured side by side in one run.
 
 Columns: edgemeta as it trains on the CPU by default (functional task loop, NHWC activations,
-Conv4 pooling before its ReLU); edgemeta with the tasks vectorised (vmap / one batch); the clone
-loop on the literature's Conv4 (ReLU then pool) in the stock NCHW layout (what a learn2learn user
-runs); and the clone loop on edgemeta's backbone set-up (NHWC, pool first), to show how much of the
-difference is the backbone set-up rather than the loop.
+Conv4 pooling before its ReLU, second-order support pass in NCHW) in float32 and with
+`--precision bf16` (bfloat16 autocast); edgemeta with the tasks vectorised (vmap / one batch);
+the clone loop on the literature's Conv4 (ReLU then pool) in the stock NCHW layout (what a
+learn2learn user runs), in float32 and under the same bf16 autocast (what that user would get
+from the one-line change); and the clone loop on edgemeta's backbone set-up (NHWC, pool first),
+to show how much of the difference is the backbone set-up rather than the loop.
 
-The last column is a ceiling: the episode's convolution and matmul FLOPs (torch's FlopCounterMode)
-at the rate this CPU runs the step's dominant convolution (64→64 3×3 at 14×14, NHWC) in isolation,
-with every memory-bound pass (BatchNorm, pooling, ReLU) free — what no implementation of the same
-arithmetic can beat, as a multiple of the clone loop.
+The ceilings: the episode's convolution and matmul FLOPs (torch's FlopCounterMode) at the rate
+this CPU runs the step's dominant convolution (64→64 3×3 at 14×14, NHWC) in isolation, in float32
+and in bfloat16, with every memory-bound pass (BatchNorm, pooling, ReLU) free — what no
+implementation of the same arithmetic in that precision can beat, as a multiple of the clone loop.
 
 The process keeps its freed memory as `edgemeta train` does (edgemeta.memory), for every column:
 otherwise glibc's page faults depend on what ran before in the process and move the columns
@@ -65,12 +67,12 @@ def loop_meta_step(model, sx, sy, qx, qy, steps: int, lr: float, first_order: bo
     return total
 
 
-def conv_flops_per_second(repeats: int = 90) -> float:
-    """Rate of the Conv4 step's dominant convolution (75 images, 64→64, 3×3, 14×14, NHWC): the
-    fastest of three blocks of repeats/3 calls."""
+def conv_flops_per_second(dtype: torch.dtype = torch.float32, repeats: int = 90) -> float:
+    """Rate of the Conv4 step's dominant convolution (75 images, 64→64, 3×3, 14×14, NHWC) in
+    `dtype`: the fastest of three blocks of repeats/3 calls."""
     from edgemeta.runtime.timing import time_call
-    x = torch.randn(75, 64, 14, 14).to(memory_format=torch.channels_last)
-    w = torch.randn(64, 64, 3, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(75, 64, 14, 14, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
     best = float(time_call(lambda: torch.conv2d(x, w, padding=1), repeats, warmup=3).reshape(3, -1).mean(1).min())
     return 2 * 75 * 14 * 14 * 64 * 64 * 9 / best
 
@@ -98,19 +100,23 @@ def main() -> None:
     from edgemeta.backbones import Embedder
     from edgemeta.data import EpisodeSampler, load_dataset
     from edgemeta.memory import retain_freed_memory
+    from edgemeta.precision import autocast, native_bf16
     from edgemeta.runtime import InputSpec, pixels_to_batch
     torch.set_num_threads(args.threads)
     retained = retain_freed_memory()
-    rate = conv_flops_per_second()
+    rate, rate_bf16 = conv_flops_per_second(), conv_flops_per_second(torch.bfloat16)
     data = load_dataset(SHIPPED_DATA, 28)
     sampler = EpisodeSampler(data.labels, args.way, args.shot, args.query, seed=0)
     spec = InputSpec(28, 28, "L", (0.92,), (0.24,))
     print(f"machine: {machine()}; torch {torch.__version__}, {args.threads} threads; conv4 28×28, "
           f"{args.way}-way {args.shot}-shot {args.query}-query, {args.steps} inner step(s); freed memory retained: "
-          f"{retained}; dominant convolution alone: {rate / 1e9:.0f} GFLOP/s; episodes/s")
-    print(f"{'algorithm':>9} {'tasks':>5} | {'edgemeta':>8} | {'vectorised':>10} | {'clone loop':>10} | "
-          f"{'clone, edgemeta backbone':>10} | edgemeta/clone | vectorised/clone | clone edgemeta backbone/clone | "
-          "GFLOP/episode | ceiling/clone")
+          f"{retained}; native bf16: {native_bf16('cpu')}; dominant convolution alone: {rate / 1e9:.0f} GFLOP/s fp32, "
+          f"{rate_bf16 / 1e9:.0f} GFLOP/s bf16")
+    columns = ("edgemeta", "edgemeta bf16", "vectorised", "clone", "clone bf16", "clone, edgemeta backbone")
+    ratios = (("edgemeta", "clone"), ("edgemeta bf16", "clone"), ("edgemeta bf16", "clone bf16"),
+              ("vectorised", "clone"), ("clone, edgemeta backbone", "clone"))
+    print("episodes/s: " + " | ".join(columns) + "; ratios: " + " | ".join(f"{a}/{b}" for a, b in ratios)
+          + "; GFLOP/episode; ceiling/clone fp32 | bf16")
     for mb in [int(v) for v in args.meta_batch.split(",")]:
         episodes = sampler.episodes(mb)
         sx, sy, qx, qy = stack_tasks(episodes, lambda idx: torch.from_numpy(pixels_to_batch(data.pixels[idx])))
@@ -131,28 +137,25 @@ def main() -> None:
                 use_batch_statistics(model)
                 return model
 
-            models = {"edgemeta": make(False), "vectorised": make(True), "clone": baseline(False),
-                      "clone_edgemeta": baseline(True)}
-
-            def runner(key):
-                model = models[key]
-                if key.startswith("clone"):
-                    def run():
-                        model.zero_grad()
-                        loop_meta_step(model, sx, sy, qx, qy, args.steps, 0.4, name == "fomaml", name == "anil")
-                else:
-                    def run():
-                        model.zero_grad()
-                        model.meta_step(sx, sy, qx, qy)
+            def runner(model, clone: bool, precision: str):
+                def run():
+                    model.zero_grad()
+                    with autocast(precision, "cpu"):
+                        if clone:
+                            loop_meta_step(model, sx, sy, qx, qy, args.steps, 0.4, name == "fomaml", name == "anil")
+                        else:
+                            model.meta_step(sx, sy, qx, qy)
                 return run
-            t = interleaved({k: runner(k) for k in models}, rounds=3, repeats=5, warmup=2)
+            runs = {"edgemeta": runner(make(False), False, "fp32"), "edgemeta bf16": runner(make(False), False, "bf16"),
+                    "vectorised": runner(make(True), False, "fp32"), "clone": runner(baseline(False), True, "fp32"),
+                    "clone bf16": runner(baseline(False), True, "bf16"),
+                    "clone, edgemeta backbone": runner(baseline(True), True, "fp32")}
+            t = interleaved(runs, rounds=3, repeats=5, warmup=2)
             eps = {k: mb / v for k, v in t.items()}
-            flops = flops_per_episode(models["edgemeta"], sx, sy, qx, qy)
-            ceiling = rate / flops  # episodes/s if all FLOPs ran at that rate and nothing else cost
-            print(f"{name:>9} {mb:>5} | {eps['edgemeta']:>8.1f} | {eps['vectorised']:>10.1f} | {eps['clone']:>10.1f} | "
-                  f"{eps['clone_edgemeta']:>24.1f} | {eps['edgemeta'] / eps['clone']:>13.2f}× | "
-                  f"{eps['vectorised'] / eps['clone']:>15.2f}× | {eps['clone_edgemeta'] / eps['clone']:>28.2f}× | "
-                  f"{flops / 1e9:>13.2f} | {ceiling / eps['clone']:>12.2f}×")
+            flops = flops_per_episode(make(False), sx, sy, qx, qy)
+            print(f"{name:>6} {mb:>2} | " + " | ".join(f"{eps[k]:5.1f}" for k in columns) + " | "
+                  + " | ".join(f"{eps[a] / eps[b]:.2f}×" for a, b in ratios)
+                  + f" | {flops / 1e9:.2f} | {rate / flops / eps['clone']:.2f}× | {rate_bf16 / flops / eps['clone']:.2f}×")
 
 
 if __name__ == "__main__":

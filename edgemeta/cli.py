@@ -73,6 +73,7 @@ def train(
     val_episodes: Optional[int] = typer.Option(None, help="Fixed validation episodes per validation."),
     seed: Optional[int] = typer.Option(None, help="Seed for episodes and initialisation."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda"),
+    precision: Optional[str] = typer.Option(None, help="Training step: fp32 | bf16 (mixed precision; weights and checkpoint stay fp32)."),
     out: Optional[Path] = typer.Option(None, help="Run folder: best.safetensors, last.safetensors, metrics.jsonl."),
     resume: bool = typer.Option(False, help="Continue from OUT/last.safetensors."),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -88,7 +89,7 @@ def train(
                  batch_size=batch_size, meta_batch=meta_batch, inner_steps=inner_steps, inner_lr=inner_lr,
                  learn_inner_lr=learn_inner_lr, way=way,
                  shot=shot, query=query, episodes=episodes, lr=lr, val_every=val_every, val_episodes=val_episodes,
-                 seed=seed, device=device, out=str(out) if out else None)
+                 seed=seed, device=device, precision=precision, out=str(out) if out else None)
     flags = {k: v for k, v in flags.items() if v is not None}
     cfg = TrainConfig.from_toml(config, **flags) if config else TrainConfig.from_dict(flags)
     result = run_training(cfg, resume=resume, progress=not quiet)

@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgemeta.precision import PRECISIONS
 from edgemeta.runtime.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -45,6 +46,7 @@ class TrainConfig:
     reptile_epsilon: float = 1.0      # reptile outer step size ε (annealed by lr_schedule)
     vectorize: str = "auto"           # run a meta-batch's tasks at once: auto (on CUDA only) | on | off
     channels_last: str = "auto"       # NHWC activations while training: auto (on CPU only) | on | off
+    precision: str = "fp32"           # training step: fp32 | bf16 (autocast; weights stay fp32)
     # episodes
     way: int = 20
     shot: int = 5
@@ -100,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"lr_schedule must be cosine, step or constant, not {self.lr_schedule!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be cpu or cuda, not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be {' or '.join(PRECISIONS)}, not {self.precision!r}")
         for name in AUTO_ON:
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ConfigError(f"{name} must be auto, on or off, not {getattr(self, name)!r}")

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from edgemeta.config import TrainConfig
 from edgemeta.data import EpisodeSampler, ImageSet, load_dataset, select_split
 from edgemeta.evaluate import adaptation_logits_fn, embed_pixels
 from edgemeta.memory import retain_freed_memory
+from edgemeta.precision import autocast, native_bf16
 from edgemeta.protocol import evaluate_episodes
 from edgemeta.runtime.errors import ConfigError
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
@@ -226,6 +228,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(ALGORITHMS)}")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    if config.precision == "bf16" and not native_bf16(config.device):
+        warnings.warn(f"--precision bf16: this {config.device} has no native bfloat16 arithmetic; "
+                      "training works but runs slower than fp32", stacklevel=2)
     retain_freed_memory()
     torch.manual_seed(config.seed)
     out = Path(config.out)
@@ -270,6 +275,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
             step_loss = functools.partial(_episode_loss, dist.wrap(model), batches, sampler, config)
     # Fail before training, not at the first validation, when the validation classes are too small.
     EpisodeSampler(val_set.labels, config.val_way, config.val_shot, config.val_query, 0, class_names=val_set.classes)
+    precision = autocast(config.precision, config.device)
     t0 = time.time()
     bar = _Bar(progress and dist.is_main, config.episodes, start)
     window_loss, window_acc = [], []
@@ -280,12 +286,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                 group["lr"] = config.lr * _lr_factor(config, step)
             optimizer.zero_grad(set_to_none=True)
             if meta_step is not None:
-                loss, acc = meta_step(step)
+                with precision:
+                    loss, acc = meta_step(step)
                 loss_sum, acc_sum = loss.item() * config.meta_batch, acc.item() * config.meta_batch
             else:
                 loss_sum, acc_sum = 0.0, 0.0
                 for j in range(config.meta_batch):
-                    loss, acc = step_loss(step, j)
+                    with precision:
+                        loss, acc = step_loss(step, j)
                     (loss / config.meta_batch).backward()
                     loss_sum += loss.item()
                     acc_sum += acc.item()

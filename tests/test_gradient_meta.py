@@ -186,3 +186,20 @@ def test_channels_last_training_layout_gives_the_same_meta_update(make, vectoriz
         updates.append([p.grad if p.grad is not None else p.detach().clone() for p in model.parameters()])
     for a, b in zip(*updates):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["maml", "fomaml"])
+def test_second_order_support_pass_runs_nchw_and_the_query_pass_channels_last(first_order):
+    """Second-order MAML runs its support pass in NCHW (faster double backward through BatchNorm),
+    the query pass in the embedder's channels-last layout; first order keeps channels-last
+    throughout. Same meta-gradient either way (test above)."""
+    model = _maml(first_order=first_order)
+    model.embedder.channels_last = True
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    sx, sy, qx, qy = _tasks()
+    model.meta_step(sx[:1], sy, qx[:1], qy)
+    # two inner steps on the support set, then the query
+    assert seen == ([True, True, True] if first_order else [False, False, True])
+    assert model.embedder.channels_last

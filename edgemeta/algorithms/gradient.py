@@ -21,7 +21,7 @@ exported backbone are recomputed on training images when a checkpoint is saved
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -73,9 +73,11 @@ def recalibrate_batchnorm(embedder: Embedder, batches) -> dict[str, torch.Tensor
 
 
 @contextmanager
-def nchw_under_vmap(embedder: Embedder):
-    """vmap cannot re-stride a batched tensor to channels-last, so inside vmap the embedder keeps
-    its input's layout (NCHW); the flag is restored afterwards."""
+def nchw_activations(embedder: Embedder):
+    """The embedder keeps its input's layout (NCHW) inside the block; the flag is restored after.
+    Used where channels-last does not pay or cannot be had: under vmap (which cannot re-stride a
+    batched tensor) and on second-order MAML's support pass, whose double backward through
+    BatchNorm runs faster in NCHW (benchmarks/maml_speed.py)."""
     saved, embedder.channels_last = embedder.channels_last, False
     try:
         yield
@@ -170,18 +172,25 @@ class MAML(_Functional):
     def _lr(self, name: str) -> torch.Tensor:
         return self.inner_log_lr[name.replace(".", "_")].exp()
 
-    def adapt(self, params: dict, sx: torch.Tensor, sy: torch.Tensor, steps: int | None = None) -> dict:
+    def adapt(self, params: dict, sx: torch.Tensor, sy: torch.Tensor, steps: int | None = None,
+              meta_gradient: bool = False) -> dict:
+        """The inner loop. meta_gradient=True when the meta-gradient will flow back through it
+        (meta-training): second order, the support pass then runs in NCHW, where autograd's double
+        backward through BatchNorm is faster than in channels-last (its composite mixes layouts);
+        the query pass keeps the embedder's layout."""
         def support_loss(p):
             return F.cross_entropy(self.fmodel(p, sx), sy)
-        for _ in range(self.inner_steps if steps is None else steps):
-            g = grad(support_loss)(params)
-            if self.first_order:
-                g = {k: v.detach() for k, v in g.items()}
-            params = {k: v - self._lr(k) * g[k] for k, v in params.items()}
+        layout = nchw_activations(self.embedder) if meta_gradient and not self.first_order else nullcontext()
+        with layout:
+            for _ in range(self.inner_steps if steps is None else steps):
+                g = grad(support_loss)(params)
+                if self.first_order:
+                    g = {k: v.detach() for k, v in g.items()}
+                params = {k: v - self._lr(k) * g[k] for k, v in params.items()}
         return params
 
     def task_loss(self, params, sx, sy, qx, qy):
-        logits = self.fmodel(self.adapt(params, sx, sy), qx)
+        logits = self.fmodel(self.adapt(params, sx, sy, meta_gradient=True), qx)
         return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
 
     def meta_step(self, sx, sy, qx, qy) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +203,7 @@ class MAML(_Functional):
         finite differences (tests/test_gradient_meta.py checks both paths).
         """
         if self.first_order and self.vectorize:
-            with nchw_under_vmap(self.embedder):
+            with nchw_activations(self.embedder):
                 losses, accs = vmap(self.task_loss, in_dims=(None, 0, None, 0, None), randomness="same")(
                     self.params(), sx, sy, qx, qy)
         else:
@@ -227,11 +236,18 @@ class ANIL(nn.Module):
         self.embedder, self.inner_steps, self.inner_lr, self.first_order = embedder, inner_steps, inner_lr, first_order
         self.vectorize = vectorize
 
+    def head_logits(self, s, sy, q, n_way: int):
+        """The inner loop: the device's logistic-head SGD on support embeddings s, then query logits.
+        Always float32, as on the device, also when the backbone trains under bf16 autocast."""
+        with torch.autocast(s.device.type, enabled=False):
+            dtype = torch.promote_types(s.dtype, torch.float32)  # bf16 → fp32; fp64 (tests) stays
+            s, q = s.to(dtype), q.to(dtype)
+            w, b = logistic_fit(s.detach() if self.first_order else s, sy, n_way, self.inner_steps, self.inner_lr)
+            return logistic_logits(q, w, b)
+
     def task_logits(self, params, sx, sy, qx, n_way: int):
         z = functional_call(self.embedder, params, (torch.cat([sx, qx]),))
-        s, q = z[: sx.shape[0]], z[sx.shape[0]:]
-        w, b = logistic_fit(s.detach() if self.first_order else s, sy, n_way, self.inner_steps, self.inner_lr)
-        return logistic_logits(q, w, b)
+        return self.head_logits(z[: sx.shape[0]], sy, z[sx.shape[0]:], n_way)
 
     def task_loss(self, params, sx, sy, qx, qy, n_way):
         logits = self.task_logits(params, sx, sy, qx, n_way)
@@ -251,8 +267,7 @@ class ANIL(nn.Module):
         s, q = z[:, : sx.shape[1]], z[:, sx.shape[1]:]
 
         def head_loss(s_t, q_t):
-            w, b = logistic_fit(s_t.detach() if self.first_order else s_t, sy, n_way, self.inner_steps, self.inner_lr)
-            logits = logistic_logits(q_t, w, b)
+            logits = self.head_logits(s_t, sy, q_t, n_way)
             return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
         return backward_mean(*vmap(head_loss)(s, q))
 
@@ -294,7 +309,7 @@ class Reptile(_Functional):
         phi = {k: v.detach() for k, v in self.params().items()}
         with torch.enable_grad():
             if self.vectorize:
-                with nchw_under_vmap(self.embedder):
+                with nchw_activations(self.embedder):
                     adapted = vmap(lambda x: self.adapt(phi, x, sy), randomness="same")(sx)
             else:
                 runs = [self.adapt(phi, sx[t], sy) for t in range(sx.shape[0])]
