@@ -7,9 +7,10 @@ with vectorize=False the tasks run one after another. Vectorising is meant for a
 kernels are launch-bound (not measured: no GPU here); on a CPU these conv nets are memory-bound
 and one large batch is slower than several small ones (benchmarks/maml_speed.py), so the default
 is to vectorise on CUDA only. What speeds the CPU up is the backbone set-up — channels-last
-activations (see Embedder), max-pool before the activation (see Conv4) — and keeping freed memory
-(edgemeta.memory); vmap cannot re-stride batched tensors, so the layout switch stands down inside
-vmap.
+activations (see Embedder), max-pool before the activation (see Conv4) — keeping freed memory
+(edgemeta.memory), second-order MAML's support pass in NCHW (see MAML.adapt) and, opt-in,
+bfloat16 autocast (edgemeta.precision); vmap cannot re-stride batched tensors, so the layout
+switch stands down inside vmap.
 
 BatchNorm: as in MAML (Finn et al. 2017) and its PyTorch reimplementations, BatchNorm uses the
 batch statistics of each task's images during adaptation and evaluation (no running statistics
