@@ -75,3 +75,14 @@ def test_cli_trains_second_order_maml_in_bf16_and_keeps_float32_checkpoints(tmp_
     assert losses and np.isfinite(losses).all()
     e = run_cli("eval", out / "best.safetensors", *data, "--split-mode", "seeded", "--episodes", "10", "--json")
     assert e.exit_code == 0, e.output
+
+
+def test_bf16_on_a_device_without_native_bf16_warns_and_still_trains(tmp_path, omniglot_paths, monkeypatch):
+    import edgemeta.train as training
+    from edgemeta.config import TrainConfig
+    monkeypatch.setattr(training, "native_bf16", lambda device: False)
+    config = TrainConfig(data=[str(p) for p in omniglot_paths], split_mode="seeded", algo="protonet", way=5, shot=1,
+                         query=2, episodes=2, val_every=2, val_episodes=5, precision="bf16", out=str(tmp_path / "r"))
+    with pytest.warns(UserWarning, match="no native bfloat16 arithmetic; training works but runs slower"):
+        result = training.train(config, progress=False)
+    assert result.best_checkpoint.is_file()
