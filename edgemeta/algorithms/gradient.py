@@ -78,7 +78,7 @@ def nchw_activations(embedder: Embedder):
     """The embedder keeps its input's layout (NCHW) inside the block; the flag is restored after.
     Used where channels-last does not pay or cannot be had: under vmap (which cannot re-stride a
     batched tensor) and on second-order MAML's support pass, whose double backward through
-    BatchNorm runs faster in NCHW (benchmarks/maml_speed.py)."""
+    BatchNorm runs faster in NCHW (measured in docs/benchmarks.md, section 4)."""
     saved, embedder.channels_last = embedder.channels_last, False
     try:
         yield
