@@ -125,6 +125,11 @@ def loop_over_tasks(task_loss, tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
+def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the query logits and their accuracy (a fraction)."""
+    return F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()
+
+
 def backward_mean(losses: torch.Tensor, accs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Backpropagate the mean query loss of the meta-batch; returns (loss, accuracy) for the log."""
     loss = losses.mean()
@@ -191,8 +196,7 @@ class MAML(_Functional):
         return params
 
     def task_loss(self, params, sx, sy, qx, qy):
-        logits = self.fmodel(self.adapt(params, sx, sy, meta_gradient=True), qx)
-        return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
+        return loss_and_accuracy(self.fmodel(self.adapt(params, sx, sy, meta_gradient=True), qx), qy)
 
     def meta_step(self, sx, sy, qx, qy) -> tuple[torch.Tensor, torch.Tensor]:
         """Tasks stacked on dim 0: sx [T, n*k, C, H, W], sy [n*k] (the same labels for every task).
@@ -237,13 +241,14 @@ class ANIL(nn.Module):
         self.embedder, self.inner_steps, self.inner_lr, self.first_order = embedder, inner_steps, inner_lr, first_order
         self.vectorize = vectorize
 
-    def head_logits(self, s, sy, q, n_way: int):
+    def head_logits(self, s, sy, q, n_way: int, steps: int | None = None):
         """The inner loop: the device's logistic-head SGD on support embeddings s, then query logits.
         Always float32, as on the device, also when the backbone trains under bf16 autocast."""
         with torch.autocast(s.device.type, enabled=False):
             dtype = torch.promote_types(s.dtype, torch.float32)  # bf16 → fp32; fp64 (tests) stays
             s, q = s.to(dtype), q.to(dtype)
-            w, b = logistic_fit(s.detach() if self.first_order else s, sy, n_way, self.inner_steps, self.inner_lr)
+            w, b = logistic_fit(s.detach() if self.first_order else s, sy, n_way,
+                                self.inner_steps if steps is None else steps, self.inner_lr)
             return logistic_logits(q, w, b)
 
     def task_logits(self, params, sx, sy, qx, n_way: int):
@@ -251,8 +256,7 @@ class ANIL(nn.Module):
         return self.head_logits(z[: sx.shape[0]], sy, z[sx.shape[0]:], n_way)
 
     def task_loss(self, params, sx, sy, qx, qy, n_way):
-        logits = self.task_logits(params, sx, sy, qx, n_way)
-        return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
+        return loss_and_accuracy(self.task_logits(params, sx, sy, qx, n_way), qy)
 
     def meta_step(self, sx, sy, qx, qy):
         """A loop over tasks, or with vectorize=True: the backbone is shared by all tasks (only the
@@ -268,16 +272,14 @@ class ANIL(nn.Module):
         s, q = z[:, : sx.shape[1]], z[:, sx.shape[1]:]
 
         def head_loss(s_t, q_t):
-            logits = self.head_logits(s_t, sy, q_t, n_way)
-            return F.cross_entropy(logits, qy), (logits.argmax(1) == qy).float().mean()
+            return loss_and_accuracy(self.head_logits(s_t, sy, q_t, n_way), qy)
         return backward_mean(*vmap(head_loss)(s, q))
 
     @torch.no_grad()
     def logits_after_adaptation(self, sx, sy, qx, steps: int | None = None):
         n_way = int(sy.max()) + 1
         z = self.embedder(torch.cat([sx, qx]))
-        w, b = logistic_fit(z[: len(sx)], sy, n_way, self.inner_steps if steps is None else steps, self.inner_lr)
-        return logistic_logits(z[len(sx):], w, b)
+        return self.head_logits(z[: len(sx)], sy, z[len(sx):], n_way, steps)
 
     def head_config(self) -> dict:
         return {"kind": "logistic", "steps": self.inner_steps, "lr": self.inner_lr, "momentum": 0.0,
@@ -330,8 +332,7 @@ class Reptile(_Functional):
 
     def _query_metrics(self, sx, sy, qx, qy):
         """For the log: query loss/accuracy after adapting the new φ to the first task."""
-        logits = self.logits_after_adaptation(sx[0], sy, qx[0])
-        return F.cross_entropy(logits, qy).detach(), (logits.argmax(1) == qy).float().mean()
+        return loss_and_accuracy(self.logits_after_adaptation(sx[0], sy, qx[0]), qy)  # no graph: no_grad
 
     @torch.no_grad()
     def logits_after_adaptation(self, sx, sy, qx, steps: int | None = None):
