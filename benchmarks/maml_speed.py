@@ -22,7 +22,13 @@ The process keeps its freed memory as `edgemeta train` does (edgemeta.memory), f
 otherwise glibc's page faults depend on what ran before in the process and move the columns
 against each other.
 
+--backbone picks any registered backbone (default conv4); the clone loop then runs it in the
+literature's order (ReLU before pooling where the backbone has pool_first) in NCHW. The ceilings
+use Conv4's dominant convolution's rate whatever the backbone (about the cores' FMA limit: an
+upper bound on any backbone's FLOP rate, a loose one for depthwise convolutions).
+
     python benchmarks/maml_speed.py [--meta-batch 4,8] [--way 5] [--shot 1] [--query 15] [--steps 1]
+                                    [--backbone conv4|resnet12|edgenet]
 """
 from __future__ import annotations
 
@@ -97,10 +103,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--algorithms", default="fomaml,maml,anil")
+    ap.add_argument("--backbone", default="conv4")
     args = ap.parse_args()
     from edgemeta.algorithms import ANIL, MAML
     from edgemeta.algorithms.gradient import stack_tasks, use_batch_statistics
-    from edgemeta.backbones import Embedder
+    from edgemeta.backbones import Embedder, accepts
     from edgemeta.data import EpisodeSampler, load_dataset
     from edgemeta.memory import retain_freed_memory
     from edgemeta.precision import autocast, native_bf16
@@ -111,7 +118,7 @@ def main() -> None:
     data = load_dataset(SHIPPED_DATA, 28)
     sampler = EpisodeSampler(data.labels, args.way, args.shot, args.query, seed=0)
     spec = InputSpec(28, 28, "L", (0.92,), (0.24,))
-    print(f"machine: {machine()}; torch {torch.__version__}, {args.threads} threads; conv4 28×28, "
+    print(f"machine: {machine()}; torch {torch.__version__}, {args.threads} threads; {args.backbone} 28×28, "
           f"{args.way}-way {args.shot}-shot {args.query}-query, {args.steps} inner step(s); freed memory retained: "
           f"{retained}; native bf16: {native_bf16('cpu')}")
     columns = ("edgemeta", "edgemeta bf16", "vectorised", "clone", "clone bf16", "clone, edgemeta backbone")
@@ -126,7 +133,7 @@ def main() -> None:
         for name in args.algorithms.split(","):
             def make(vectorize):
                 torch.manual_seed(0)
-                embedder = Embedder("conv4", spec, channels_last=True)
+                embedder = Embedder(args.backbone, spec, channels_last=True)
                 if name == "anil":
                     return ANIL(embedder, args.steps, 0.4, vectorize=vectorize)
                 return MAML(embedder, args.way, args.steps, 0.4, first_order=name == "fomaml", vectorize=vectorize)
@@ -135,7 +142,8 @@ def main() -> None:
                 # a linear head on the backbone (for ANIL only the head adapts, as in learn2learn's
                 # ANIL example)
                 torch.manual_seed(0)
-                embedder = Embedder("conv4", spec, {"pool_first": edgemeta_backbone}, channels_last=edgemeta_backbone)
+                backbone_args = {"pool_first": edgemeta_backbone} if accepts(args.backbone, "pool_first") else {}
+                embedder = Embedder(args.backbone, spec, backbone_args, channels_last=edgemeta_backbone)
                 model = MAML(embedder, args.way, args.steps, 0.4)
                 use_batch_statistics(model)
                 return model
