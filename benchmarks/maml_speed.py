@@ -105,9 +105,12 @@ def main() -> None:
     ap.add_argument("--algorithms", default="fomaml,maml,anil")
     ap.add_argument("--backbone", default="conv4")
     args = ap.parse_args()
+    from edgemeta.backbones import list_backbones
+    if args.backbone not in list_backbones():
+        ap.error(f"--backbone: choose one of {', '.join(list_backbones())}")
     from edgemeta.algorithms import ANIL, MAML
     from edgemeta.algorithms.gradient import stack_tasks, use_batch_statistics
-    from edgemeta.backbones import Embedder, accepts
+    from edgemeta.backbones import Embedder, deployment_args
     from edgemeta.data import EpisodeSampler, load_dataset
     from edgemeta.memory import retain_freed_memory
     from edgemeta.precision import autocast, native_bf16
@@ -142,7 +145,7 @@ def main() -> None:
                 # a linear head on the backbone (for ANIL only the head adapts, as in learn2learn's
                 # ANIL example)
                 torch.manual_seed(0)
-                backbone_args = {"pool_first": edgemeta_backbone} if accepts(args.backbone, "pool_first") else {}
+                backbone_args = {} if edgemeta_backbone else deployment_args(args.backbone, {})
                 embedder = Embedder(args.backbone, spec, backbone_args, channels_last=edgemeta_backbone)
                 model = MAML(embedder, args.way, args.steps, 0.4)
                 use_batch_statistics(model)
