@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     from edgemeta.algorithms import Pretrain, ProtoNet
-    from edgemeta.backbones import Embedder, accepts
+    from edgemeta.backbones import Embedder, deployment_args
     from edgemeta.memory import retain_freed_memory
     from edgemeta.runtime import InputSpec
     torch.set_num_threads(args.threads)
@@ -49,7 +49,8 @@ def main() -> None:
     for label, (backbone, bargs, spec, algo) in recipes.items():
         def make(channels_last, pool_first):
             torch.manual_seed(0)
-            args_ = {**bargs, "pool_first": pool_first} if accepts(backbone, "pool_first") else bargs
+            # pool first is the backbones' default; deployment_args gives the literature's order
+            args_ = bargs if pool_first else deployment_args(backbone, bargs)
             embedder = Embedder(backbone, spec, args_, channels_last=channels_last)
             return ProtoNet(embedder) if algo == "protonet" else Pretrain(embedder, 100)
 
