@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import edgemeta
 from edgemeta.backbones import Embedder, deployment_args
-from edgemeta.runtime.errors import CheckpointError
+from edgemeta.runtime.errors import CheckpointError, ConfigError
 from edgemeta.runtime.preprocess import InputSpec
 
 FORMAT = "edgemeta-checkpoint"
@@ -51,7 +51,12 @@ class Checkpoint:
         """The trained embedding network, in eval mode, as it is deployed (deployment_args)."""
         b = self.meta["backbone"]
         embedder = Embedder(b["name"], self.spec, deployment_args(b["name"], b.get("args", {})))
-        embedder.load_state_dict(self.embedder_state())
+        try:
+            embedder.load_state_dict(self.embedder_state())
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"the checkpoint's weights do not fit its own {b['name']} description ({first}); "
+                                  "the file is damaged or was edited") from None
         return embedder.eval()
 
 
@@ -101,6 +106,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path} is a safetensors file but not an edgemeta checkpoint")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer edgemeta (format {meta['format_version']}); upgrade edgemeta")
+    _check_meta(meta, path)
     model_state = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
     optimizer_state = None
     if "optimizer_param_groups" in meta:
@@ -111,3 +117,26 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 state.setdefault(int(pid), {})[key] = v
         optimizer_state = {"state": state, "param_groups": meta.pop("optimizer_param_groups")}
     return Checkpoint(meta, model_state, optimizer_state)
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """The JSON description is data from a file: check it before anything is built from it."""
+    from edgemeta.backbones import list_backbones
+    from edgemeta.runtime.heads import check_head
+    try:
+        InputSpec.from_dict(meta["input"])
+        backbone = meta["backbone"]
+        if backbone["name"] not in list_backbones():
+            raise ConfigError(f"unknown backbone {backbone['name']!r} (this edgemeta has {', '.join(list_backbones())})")
+        if not isinstance(backbone.get("args", {}), dict):
+            raise ConfigError("backbone args must be a JSON object")
+        dim = meta["embedding_dim"]
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 1 << 16:
+            raise ConfigError(f"embedding_dim {dim!r} is not plausible")
+        head = meta["head"]
+        if isinstance(head, dict) and head.get("kind") == "finetune":
+            check_head(head.get("device_head"), "device head")
+        else:
+            check_head(head)
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} has an invalid description ({exc}); the file is damaged or was edited") from None

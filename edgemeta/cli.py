@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -31,18 +32,65 @@ def require_training_extra() -> None:
                           "(device commands enroll/predict/forget/classes/bench/eval --bundle work without it)")
 
 
+def fail(message: str) -> None:
+    """One red `error:` line on stderr (control characters shown escaped), then exit status 2."""
+    printable = "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in message)
+    err_console.print(f"[bold red]error:[/] {escape(printable)}", highlight=False)
+    raise typer.Exit(2)
+
+
+def os_error_message(exc: OSError) -> str:
+    """An environment fault (permission denied, read-only or full disk, a file in the way) as one line."""
+    where = " → ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{reason}: {where}" if where else reason
+
+
 def command(*args, **kwargs):
-    """app.command() whose user errors end in one red line and exit status 2, never a traceback."""
+    """app.command() whose user errors and environment faults end in one red line and exit status 2,
+    never a traceback."""
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*a, **kw):
             try:
                 return fn(*a, **kw)
             except EdgemetaError as exc:
-                err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-                raise typer.Exit(2) from None
+                fail(str(exc))
+            except OSError as exc:
+                fail(os_error_message(exc))
+            except MemoryError:
+                fail("out of memory; use smaller images or batches")
         return app.command(*args, **kwargs)(wrapper)
     return deco
+
+
+def print_json(value, indent: int | None = None) -> None:
+    """Strict JSON on stdout: a NaN or infinity (never valid JSON) is written as null."""
+    print(json.dumps(_finite(value), indent=indent, allow_nan=False))
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def writable_target(path: Optional[Path], what: str) -> None:
+    """Check before a long run that an output file can be written there (its folder exists, it is
+    not a folder)."""
+    from edgemeta.runtime.errors import ConfigError
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{what} {path}: folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"{what} {path}: folder {path.parent} is not writable")
 
 
 @command()
@@ -117,9 +165,10 @@ def evaluate(
 ):
     """Few-shot accuracy ± 95% CI on classes never trained on, from a checkpoint (torch) or a bundle (deployed path)."""
     from edgemeta.data import load_dataset, select_split
-    from edgemeta.protocol import evaluate_episodes
+    from edgemeta.protocol import check_episode_request, evaluate_episodes
     from edgemeta.runtime.errors import ConfigError
 
+    check_episode_request(way, shot, query, episodes)
     if (checkpoint is None) == (bundle is None):
         raise ConfigError("give a CHECKPOINT or --bundle BUNDLE (one of them)")
     from edgemeta.runtime.classifier import resolve_head
@@ -161,7 +210,7 @@ def evaluate(
     result = evaluate_episodes(embed(dataset.pixels), dataset.labels, logits_fn, way, shot, query, episodes, seed)
     path = "deployed (onnxruntime " + variant + " + numpy head)" if bundle is not None else "torch"
     if as_json:
-        print(json.dumps({**result.to_dict(), "head": head_cfg, "split": split, "classes": dataset.n_classes, "path": path}))
+        print_json({**result.to_dict(), "head": head_cfg, "split": split, "classes": dataset.n_classes, "path": path})
     else:
         console.print(f"{result}  [dim]head={head_cfg['kind']} split={split} ({dataset.n_classes} classes), {path}[/]")
 
@@ -184,7 +233,7 @@ def inspect(
     meta = ckpt.meta
     params = sum(int(t.numel()) for k, t in ckpt.model_state.items() if "running_" not in k and "num_batches" not in k)
     if as_json:
-        print(json.dumps({**meta, "parameters": params}, indent=2))
+        print_json({**meta, "parameters": params}, indent=2)
         return
     table = Table(title=str(path), show_header=False)
     spec = meta["input"]

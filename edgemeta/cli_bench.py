@@ -62,6 +62,11 @@ def bench(
     from edgemeta.runtime.bench import render_plot, run_bench
     from edgemeta.runtime.bundle import load_bundle
     from edgemeta.runtime.errors import ConfigError
+    from edgemeta.cli import writable_target
+    if repeat < 1:
+        raise ConfigError(f"--repeat must be ≥ 1, got {repeat}")
+    writable_target(json_out, "--json")  # checked before the run, not after it
+    writable_target(plot, "--plot")
     heads = ["prototype", "ridge", "logistic"] if head == "all" else [h.strip() for h in head.split(",")]
     if set(heads) - {"prototype", "ridge", "logistic"}:
         raise ConfigError(f"unknown head in {head!r}")

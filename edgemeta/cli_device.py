@@ -1,7 +1,6 @@
 """Device commands: enroll, predict, forget, classes. They import only edgemeta.runtime (no torch)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgemeta.cli import command, console
+from edgemeta.cli import command, console, print_json
 
 BACKEND_HELP = "auto (TensorRT engine if one matches this device, else ONNX Runtime) | onnxruntime | tensorrt"
 
@@ -68,8 +67,7 @@ def enroll(
             raise ConfigError("name the class with --label NAME (or use --from-folder DIR)")
         todo = {label: list(images or [])}
     clf = _open(bundle, store, head, backend, variant, reembed)
-    for name, paths in todo.items():
-        shots = clf.enroll(name, paths, mode=mode)
+    for name, shots in clf.enroll_many(todo, mode=mode).items():  # all classes checked before any is saved
         console.print(f"enrolled {name!r}: {shots} shot(s)", markup=False)
     console.print(f"{len(clf.classes)} class(es) in {store}")
 
@@ -95,13 +93,17 @@ def predict(
             reject = "auto" if unknown == "auto" else float(unknown)
         except ValueError:
             raise ConfigError("--unknown takes 'auto' or a number") from None
+        if reject != "auto" and not (reject >= 0 and reject != float("inf")):
+            raise ConfigError(f"--unknown takes 'auto' or a finite distance ≥ 0, not {unknown!r}")
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be ≥ 1, not {top_k}")
     if not Path(store).exists():
         raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
     clf = _open(bundle, store, head, backend, variant, reembed)
     result = clf.predict(list(images), top_k=top_k, reject=reject)
     rows = result.to_list()
     if as_json:
-        print(json.dumps([{"image": str(p), **r} for p, r in zip(images, rows)], indent=2))
+        print_json([{"image": str(p), **r} for p, r in zip(images, rows)], indent=2)
         return
     table = Table("image", "label", f"top {top_k}" if top_k > 1 else "probability", "distance")
     for p, r in zip(images, rows):
@@ -117,7 +119,14 @@ def forget(
     store: Path = typer.Option(..., help="Enrollment store folder."),
 ):
     """Remove enrolled classes (and their kept images) from the store."""
+    from edgemeta.runtime.errors import StoreError
+    from edgemeta.runtime.store import EnrollmentStore
+    if not EnrollmentStore(store).exists():
+        raise StoreError(f"no store at {store}; nothing to forget")
     clf = _open(bundle, store, None, "onnxruntime", "fp32")
+    missing = [label for label in labels if label not in clf.classes]
+    if missing:  # check every label before removing any
+        raise StoreError(f"{missing[0]!r} is not enrolled (enrolled: {', '.join(clf.classes) or 'none'}); nothing was removed")
     for label in labels:
         clf.forget(label)
         console.print(f"forgot {label!r}", markup=False)
@@ -137,7 +146,7 @@ def classes(
         raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
     shots = {c.label: c.shots for c in state.classes}
     if as_json:
-        print(json.dumps({"classes": shots, "head": state.head, "model_sha256": state.model_sha256}))
+        print_json({"classes": shots, "head": state.head, "model_sha256": state.model_sha256})
         return
     table = Table("class", "shots", title=f"{store} — head {state.head['kind']}")
     for k, v in shots.items():

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from edgemeta.cli import command, console
+from edgemeta.cli import command, console, print_json
 
 
 @command()
@@ -59,7 +59,13 @@ def export(
         from edgemeta.runtime.preprocess import InputSpec
         if input_size is None:
             raise ConfigError("--onnx needs --input-size (and --mean/--std if the graph does not normalise itself)")
-        parse = lambda text, default: tuple(float(v) for v in text.split(",")) if text else default  # noqa: E731
+        def parse(text, default):
+            if not text:
+                return default
+            try:
+                return tuple(float(v) for v in text.split(","))
+            except ValueError:
+                raise ConfigError(f"--mean/--std take comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
         spec = InputSpec(input_size, input_size, colour, parse(mean, (0.0,)), parse(std, (1.0,)))
         manifest = ex.wrap_onnx(source, target, spec, l2_normalized=l2_normalize, overwrite=overwrite,
                                 check_data=calib, report=report)
@@ -78,7 +84,7 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
     bundle = load_bundle(path)
     m = bundle.manifest
     if as_json:
-        print(json.dumps(m, indent=2))
+        print_json(m, indent=2)
         return
     table = Table(title=f"bundle {path}", show_header=False)
     spec = m["input"]

@@ -107,9 +107,19 @@ class TrainConfig:
         for name in AUTO_ON:
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ConfigError(f"{name} must be auto, on or off, not {getattr(self, name)!r}")
-        for name in ("way", "shot", "episodes", "meta_batch", "val_every", "val_episodes", "val_way", "val_shot"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        import math
+        for name, low in (("way", 2), ("val_way", 2), ("shot", 1), ("query", 1), ("episodes", 1), ("meta_batch", 1),
+                          ("batch_size", 1), ("val_every", 1), ("val_episodes", 1), ("val_shot", 1), ("val_query", 1),
+                          ("inner_steps", 0), ("log_every", 1), ("lr_step", 1), ("image_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be a whole number ≥ {low}, got {value!r}"
+                                  + (" (an episode needs at least two classes)" if name.endswith("way") else ""))
+        for name in ("lr", "inner_lr", "reptile_epsilon", "ridge_lambda", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or (value == 0 and name in ("lr", "ridge_lambda")):
+                raise ConfigError(f"{name} must be a finite number {'> 0' if name in ('lr', 'ridge_lambda') else '≥ 0'}, got {value!r}")
 
     def switch(self, name: str) -> bool:
         """An auto/on/off setting (see AUTO_ON) resolved for this run's device."""

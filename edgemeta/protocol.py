@@ -34,8 +34,17 @@ class EvalResult:
         return f"{self.way}-way {self.shot}-shot: {self.accuracy:.2f} ± {self.ci95:.2f} % ({self.episodes} episodes, seed {self.seed})"
 
 
+def check_episode_request(way: int, shot: int, query: int, episodes: int) -> None:
+    """Refuse a degenerate evaluation (one class, no shots, no queries, no episodes) before any work."""
+    from edgemeta.runtime.errors import ConfigError
+    for name, value, low in (("way", way, 2), ("shot", shot, 1), ("query", query, 1), ("episodes", episodes, 1)):
+        if value < low:
+            raise ConfigError(f"--{name} must be ≥ {low}, got {value}" + (" (an episode needs two classes)" if name == "way" else ""))
+
+
 def evaluate_episodes(embeddings: np.ndarray, labels: np.ndarray, logits_fn: LogitsFn, way: int, shot: int,
                       query: int = 15, episodes: int = 1000, seed: int = 0, progress=None) -> EvalResult:
+    check_episode_request(way, shot, query, episodes)
     sampler = EpisodeSampler(labels, way, shot, query, seed)
     accs = np.empty(episodes)
     for i in range(episodes):

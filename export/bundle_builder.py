@@ -1,15 +1,18 @@
 """Make bundles: from a checkpoint, from any ONNX embedding model, and add TensorRT engines."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 import edgemeta
-from edgemeta.runtime.bundle import SCHEMA, SCHEMA_VERSION, load_bundle, register_file, sha256_file, write_manifest
+from edgemeta.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, load_bundle, register_file, sha256_file, write_manifest
 from edgemeta.runtime.errors import BundleError, DataError
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
 
@@ -45,12 +48,39 @@ def _new_manifest(spec: InputSpec, input_name: str, output_name: str, dim: int, 
     }
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise BundleError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def bundle_target(out: Path, overwrite: bool, sources: tuple[Path, ...] = ()):
+    """Build a bundle into a temporary folder beside `out` and move it into place only when it is
+    complete. `out` may be replaced only if it is empty or an edgemeta bundle (and --overwrite):
+    a folder of anything else is never deleted, and a failed export leaves the old bundle intact."""
+    out = Path(out)
+    resolved = out.resolve()
+    for src in sources:
+        if resolved == Path(src).resolve() or resolved in Path(src).resolve().parents:
+            raise BundleError(f"--out {out} contains the source {src}; choose another --out")
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_dir():
+            raise BundleError(f"--out {out} exists and is not a folder; choose another --out")
+        if any(out.iterdir()):
+            if not (out / MANIFEST).is_file():
+                raise BundleError(f"--out {out} is a folder that is not an edgemeta bundle (no {MANIFEST}); "
+                                  "edgemeta will not replace it — choose another --out")
+            if not overwrite:
+                raise BundleError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        yield building
+        os.chmod(building, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "bundle")
+            os.replace(building, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)  # never leave a half-written bundle behind
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, l2_normalize: bool = False, int8: bool = False,
@@ -64,13 +94,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, l2_normalize: 
     out = Path(out)
     sources = list(calib_data or [p for p in ckpt.meta.get("train_config", {}).get("data", []) if Path(p).exists()])
     real, dataset = reference_images(sources, spec, max(calib_images, PARITY_IMAGES))
-    _prepare_out(out, overwrite)
-    try:
-        return _export(ckpt, Path(checkpoint), out, real, dataset, l2_normalize, int8, fp16, calib_images,
-                       eval_episodes, report)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written bundle behind
-        raise
+    with bundle_target(out, overwrite, (Path(checkpoint),)) as building:
+        manifest = _export(ckpt, Path(checkpoint), building, real, dataset, l2_normalize, int8, fp16, calib_images,
+                           eval_episodes, report)
+    return manifest
 
 
 def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, l2_normalize: bool, int8: bool, fp16: bool,
@@ -154,26 +181,30 @@ def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, *, head: 
         raise BundleError(f"the model takes {in_shape[1]} channels, --colour {spec.colour} gives {spec.channels}")
     if not isinstance(out_shape[1], int) or out_shape[1] < 1:
         raise BundleError("the model's embedding size (output dim 1) must be fixed")
-    out = Path(out)
-    _prepare_out(out, overwrite)
-    shutil.copyfile(src, out / "embed.onnx")
+    if isinstance(in_shape[0], int) and in_shape[0] > 0:
+        raise BundleError(f"the model's batch size is fixed at {in_shape[0]}; export it with a dynamic batch axis "
+                          "(torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}))")
+    for axis, want in ((2, spec.height), (3, spec.width)):
+        if isinstance(in_shape[axis], int) and in_shape[axis] > 0 and in_shape[axis] != want:
+            raise BundleError(f"the model takes {in_shape[2]}×{in_shape[3]} images, --input-size gives {spec.height}×{spec.width}")
     if check_data:
         probe, _ = reference_images(check_data, spec, 8)
     else:
         probe = np.random.default_rng(0).uniform(0, 255, (2, spec.channels, spec.height, spec.width)).astype(np.float32)
-    with OnnxRuntimeBackend(out / "embed.onnx", spec, int(out_shape[1]), "cpu") as backend:
-        z = backend.embed(probe)
-    if z.shape != (len(probe), out_shape[1]) or not np.isfinite(z).all():
-        shutil.rmtree(out)
-        raise BundleError(f"running the model on {len(probe)} images gave {z.shape} with non-finite values")
-    report(f"checked: runs on ONNX Runtime, embedding size {out_shape[1]}")
-    manifest = _new_manifest(spec, in_name, out_name, int(out_shape[1]), l2_normalized,
-                             head or {"kind": "prototype", "metric": "cosine" if l2_normalized else "euclidean", "scale": 1.0},
-                             {"backbone": "external", "source": src.name, "source_sha256": sha256_file(src),
-                              "opset": int(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))})
-    register_file(out, manifest, "embed.onnx", "fp32")
-    manifest["variants"]["fp32"] = {"file": "embed.onnx", "parity": None}
-    write_manifest(out, manifest)
+    with bundle_target(Path(out), overwrite, (src,)) as building:
+        shutil.copyfile(src, building / "embed.onnx")
+        with OnnxRuntimeBackend(building / "embed.onnx", spec, int(out_shape[1]), "cpu") as backend:
+            z = backend.embed(probe)
+        if z.shape != (len(probe), out_shape[1]) or not np.isfinite(z).all():
+            raise BundleError(f"running the model on {len(probe)} images gave {z.shape} with non-finite values")
+        report(f"checked: runs on ONNX Runtime, embedding size {out_shape[1]}")
+        manifest = _new_manifest(spec, in_name, out_name, int(out_shape[1]), l2_normalized,
+                                 head or {"kind": "prototype", "metric": "cosine" if l2_normalized else "euclidean", "scale": 1.0},
+                                 {"backbone": "external", "source": src.name, "source_sha256": sha256_file(src),
+                                  "opset": int(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))})
+        register_file(building, manifest, "embed.onnx", "fp32")
+        manifest["variants"]["fp32"] = {"file": "embed.onnx", "parity": None}
+        write_manifest(building, manifest)
     return manifest
 
 

@@ -123,6 +123,10 @@ def parity(onnx_path: str | Path, reference: torch.nn.Module, pixels: np.ndarray
             x = pixels[i:i + batch_size]
             ref = reference(torch.from_numpy(x)).numpy()
             got = session.run(None, {name: x})[0]
+            for side, values in (("torch", ref), ("ONNX Runtime", got)):
+                if not np.isfinite(values).all():  # max() would skip a NaN and report a perfect match
+                    raise BundleError(f"the model gives non-finite embeddings ({side}, images {i}–{i + len(x) - 1}); "
+                                      "its weights are broken (NaN/inf) — retrain or use another checkpoint")
             max_abs = max(max_abs, float(np.abs(got - ref).max()))
             max_ref = max(max_ref, float(np.abs(ref).max()))
     return {"images": int(len(pixels)), "max_abs_error": max_abs, "max_rel_error": max_abs / max(max_ref, 1e-12),

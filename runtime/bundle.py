@@ -15,7 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BundleError
+from .errors import BundleError, ConfigError
+from .heads import check_head
 from .preprocess import InputSpec
 
 SCHEMA = "edgemeta-bundle"
@@ -80,6 +81,13 @@ def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
             value = value[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise BundleError(f"{where}: field {dotted!r} should be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+    try:
+        InputSpec.from_dict(manifest["input"])
+        check_head(manifest["head"], "head")
+    except ConfigError as exc:
+        raise BundleError(f"{where}: {exc}; re-export the bundle") from None
+    if not 1 <= manifest["output"]["dim"] <= 1 << 16:
+        raise BundleError(f"{where}: output.dim {manifest['output']['dim']} is not plausible; re-export the bundle")
     for name, entry in manifest["files"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or "/" in name or name.startswith("."):
             raise BundleError(f"{where}: bad entry for file {name!r}")

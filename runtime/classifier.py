@@ -19,10 +19,11 @@ from . import heads
 from .backends import Backend, open_backend
 from .bundle import Bundle, load_bundle
 from .errors import ConfigError, ImageDecodeError, StoreError
-from .preprocess import ImageSource, load_images
+from .preprocess import ImageSource, check_pixels, load_images
 from .store import EnrolledClass, EnrollmentStore, StoreState, frozen
 
 UNKNOWN = "unknown"
+MAX_LABEL_LENGTH = 128
 HEAD_DEFAULTS = {
     "prototype": {"kind": "prototype", "metric": "euclidean", "scale": 1.0},
     "ridge": {"kind": "ridge", "lambda": 1.0, "scale": 1.0, "bias": 0.0},
@@ -105,6 +106,29 @@ def calibrate_rejection(classes: tuple[EnrolledClass, ...], metric: str, slack: 
         np.fill_diagonal(d, np.inf)
         return float(d.min() / 2)
     return None
+
+
+def check_label(label) -> str:
+    """A class label as stored: stripped, 1–128 characters, no control characters (newline, NUL,
+    ESC…), not the reserved "unknown"."""
+    import unicodedata
+    text = str(label).strip()
+    if not text or text == UNKNOWN:
+        raise StoreError(f"{text!r} cannot be a class label")
+    if len(text) > MAX_LABEL_LENGTH:
+        raise StoreError(f"class label {text[:40]!r}… is {len(text)} characters; the limit is {MAX_LABEL_LENGTH}")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in text):
+        raise StoreError(f"class label {text!r} holds control or unassigned characters; use printable text")
+    return text
+
+
+def as_source_list(images) -> list | np.ndarray:
+    """One path or bytes → a one-item list; lists, tuples and pixel arrays as they are."""
+    if isinstance(images, (str, os.PathLike, bytes)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return images
+    return list(images)
 
 
 @dataclass(frozen=True)
@@ -197,14 +221,18 @@ class FewShotClassifier:
 
     def _embed_sources(self, images) -> np.ndarray:
         spec = self.bundle.spec
+        images = as_source_list(images)
         if isinstance(images, np.ndarray):
-            if images.ndim != 4 or images.shape[1:] != (spec.height, spec.width, spec.channels):
-                raise ImageDecodeError(f"pixel arrays must be uint8 [N, {spec.height}, {spec.width}, {spec.channels}] "
-                                       f"for this bundle, got {list(images.shape)}")
-            pixels = images
+            pixels = check_pixels(images, spec)
         else:
-            pixels = load_images(list(images), spec)
-        return self.backend.embed_pixels(pixels)
+            pixels = load_images(images, spec)
+        embeddings = self.backend.embed_pixels(pixels)
+        bad = np.flatnonzero(~np.isfinite(embeddings).all(1)) if embeddings.size else []
+        if len(bad):
+            which = ", ".join(str(images[i]) if not isinstance(images, np.ndarray) else f"#{i}" for i in bad[:3])
+            raise ImageDecodeError(f"the model returned non-finite embeddings for input(s) {which}; "
+                                   "the bundle's model is broken (re-export it) or the input is not an image")
+        return embeddings
 
     def predict(self, images: list[ImageSource] | np.ndarray, top_k: int = 1,
                 reject: float | str | None = None) -> Prediction:
@@ -244,37 +272,48 @@ class FewShotClassifier:
         """Enroll a class from its support images. mode "new" refuses a label already enrolled,
         "add" adds shots to it, "replace" replaces its shots. Returns the class's shot count.
         Everything is decoded and embedded before anything changes: a bad image loses nothing."""
+        return self.enroll_many({label: images}, mode)[check_label(label)]
+
+    def enroll_many(self, classes: dict[str, list[ImageSource] | np.ndarray], mode: str = "new") -> dict[str, int]:
+        """Enroll several classes as one change: every label is checked and every image decoded and
+        embedded first; then one save. One bad class or image enrolls none. Returns shots per class."""
         if mode not in ("new", "add", "replace"):
             raise ConfigError("mode must be new, add or replace")
-        label = str(label).strip()
-        if not label or label == UNKNOWN:
-            raise StoreError(f"{label!r} cannot be a class label")
-        if isinstance(images, (str, os.PathLike, bytes)):
-            images = [images]
-        if len(images) == 0:
-            raise StoreError(f"class {label!r} has no images; give at least one support image")
+        todo: dict[str, list | np.ndarray] = {}
+        for raw, images in classes.items():
+            label = check_label(raw)
+            if label in todo:
+                raise StoreError(f"class {label!r} is given twice")
+            todo[label] = as_source_list(images)
+            if len(todo[label]) == 0:
+                raise StoreError(f"class {label!r} has no images; give at least one support image")
         with self._write_lock, self._store_lock():
             state = self._refresh()
-            idx = state.find(label)
-            if idx is not None and mode == "new":
-                raise StoreError(f"{label!r} is already enrolled ({state.classes[idx].shots} shots); "
-                                 "use add (CLI --add) to add shots or replace (CLI --replace) to start over")
-            embeddings = self._embed_sources(images)
-            kept = self._keep(images)
-            if idx is not None and mode == "add":
-                old = state.classes[idx]
-                cls_new = EnrolledClass(label, frozen(np.concatenate([old.embeddings, embeddings])), old.images + kept)
-            else:
-                cls_new = EnrolledClass(label, frozen(embeddings), kept)
-            classes = list(state.classes)
-            if idx is None:
-                classes.append(cls_new)
-            else:
-                classes[idx] = cls_new
-            self._commit(self._refit(state, tuple(classes)))
-            return cls_new.shots
+            if mode == "new":
+                taken = [(lab, state.classes[state.find(lab)].shots) for lab in todo if state.find(lab) is not None]
+                if taken:
+                    raise StoreError(f"{taken[0][0]!r} is already enrolled ({taken[0][1]} shots); "
+                                     "use add (CLI --add) to add shots or replace (CLI --replace) to start over")
+            embedded = {label: self._embed_sources(images) for label, images in todo.items()}
+            new_classes = list(state.classes)
+            for label, images in todo.items():
+                idx = state.find(label)
+                kept = self._keep(images)
+                if idx is not None and mode == "add":
+                    old = state.classes[idx]
+                    item = EnrolledClass(label, frozen(np.concatenate([old.embeddings, embedded[label]])), old.images + kept)
+                else:
+                    item = EnrolledClass(label, frozen(embedded[label]), kept)
+                if idx is None:
+                    new_classes.append(item)
+                else:
+                    new_classes[idx] = item
+            self._commit(self._refit(state, tuple(new_classes)))
+            return {c.label: c.shots for c in new_classes if c.label in todo}
 
     def forget(self, label: str) -> None:
+        if self.store is not None and not self.store.exists():
+            raise StoreError(f"no store at {self.store.path}; nothing to forget")
         with self._write_lock, self._store_lock():
             state = self._refresh()
             if state.find(label) is None:

@@ -15,6 +15,35 @@ from .errors import ConfigError
 
 METRICS = ("euclidean", "cosine")
 HEADS = ("prototype", "ridge", "logistic")
+MAX_LOGISTIC_STEPS = 10_000
+# Numeric head settings and the range each may take (a store or manifest is data, not code: a
+# crafted `steps: 1e9` must be refused, not run).
+_HEAD_BOUNDS = {"scale": (0.0, 1e6), "lambda": (1e-12, 1e12), "bias": (-1e6, 1e6), "steps": (0, MAX_LOGISTIC_STEPS),
+                "lr": (0.0, 1e3), "momentum": (0.0, 1.0), "weight_decay": (0.0, 1e3)}
+
+
+def check_head(head, where: str = "head") -> dict:
+    """Validate a head config (checkpoint / manifest / store format) and return it; ConfigError
+    naming `where` and the bad field otherwise."""
+    if not isinstance(head, dict):
+        raise ConfigError(f"{where}: the head must be a JSON object, got {type(head).__name__}")
+    kind = head.get("kind", "prototype")
+    if kind not in HEADS:
+        raise ConfigError(f"{where}: unknown head {kind!r}; choose one of {', '.join(HEADS)}")
+    if head.get("metric", "euclidean") not in METRICS:
+        raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, not {head.get('metric')!r}")
+    if head.get("optimizer", "sgd") not in ("sgd", "adam"):
+        raise ConfigError(f"{where}: optimizer must be sgd or adam, not {head.get('optimizer')!r}")
+    for name, (low, high) in _HEAD_BOUNDS.items():
+        if name not in head:
+            continue
+        value = head[name]
+        whole = name == "steps"
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                or not np.isfinite(value) or not low <= value <= high:
+            raise ConfigError(f"{where}: {name} must be {'a whole number' if whole else 'a number'} "
+                              f"from {low:g} to {high:g}, got {value!r}")
+    return head
 
 
 def one_hot(labels: np.ndarray, n_way: int, dtype=np.float32) -> np.ndarray:

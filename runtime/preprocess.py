@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import os
+import stat
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, ImageDecodeError
 
@@ -24,6 +26,26 @@ COLOUR_MODES = {"L": 1, "RGB": 3}
 RESAMPLE = Image.Resampling.LANCZOS
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+# The largest image (width × height) edgemeta decodes: 40 MP covers every phone camera; a bigger or
+# crafted image (a "decompression bomb": kilobytes on disk, gigabytes decoded) is refused before
+# its pixels are read. EDGEMETA_MAX_PIXELS overrides it.
+DEFAULT_MAX_PIXELS = 40_000_000
+# Largest side an input spec (manifest, store, checkpoint) may ask for.
+MAX_INPUT_SIDE = 4096
+
+
+def max_pixels() -> int:
+    text = os.environ.get("EDGEMETA_MAX_PIXELS", "")
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"EDGEMETA_MAX_PIXELS must be a whole number of pixels, not {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"EDGEMETA_MAX_PIXELS must be positive, not {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -42,8 +64,10 @@ class InputSpec:
     def __post_init__(self) -> None:
         if self.colour not in COLOUR_MODES:
             raise ConfigError(f"colour must be one of {sorted(COLOUR_MODES)}, not {self.colour!r}")
-        if self.height < 1 or self.width < 1:
-            raise ConfigError(f"image size must be positive, got {self.height}x{self.width}")
+        for side in (self.height, self.width):
+            if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_INPUT_SIDE:
+                raise ConfigError(f"image size must be whole numbers from 1 to {MAX_INPUT_SIDE}, "
+                                  f"got {self.height!r}x{self.width!r}")
         for name in ("mean", "std"):
             values = tuple(float(v) for v in getattr(self, name))
             if len(values) == 1 and self.channels > 1:
@@ -51,8 +75,8 @@ class InputSpec:
             if len(values) != self.channels:
                 raise ConfigError(f"{name} needs {self.channels} values for colour {self.colour}, got {len(values)}")
             object.__setattr__(self, name, values)
-        if min(self.std) <= 0:
-            raise ConfigError("std must be positive")
+        if not all(np.isfinite(self.mean + self.std)) or min(self.std) <= 0:
+            raise ConfigError("mean and std must be finite and std positive")
 
     @property
     def channels(self) -> int:
@@ -65,21 +89,50 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
-        return cls(height=int(d["height"]), width=int(d["width"]), colour=d["colour"],
-                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+        try:
+            return cls(height=d["height"], width=d["width"], colour=d["colour"],
+                       mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"input spec {d!r} is not valid: {exc}") from None
 
 
-def open_image(source: ImageSource) -> Image.Image:
-    """Open a path, raw bytes or PIL image; raise ImageDecodeError naming the file if it will not decode."""
+def open_image(source: ImageSource, size_hint: tuple[int, int] | None = None) -> Image.Image:
+    """Open a path, raw bytes or PIL image, refuse anything over max_pixels() before decoding it,
+    and decode; raise ImageDecodeError naming the file if it will not decode.
+
+    size_hint (width, height): the size the image will be resized to. A JPEG is then decoded in
+    draft mode (scaled by 1/2, 1/4 or 1/8 in the DCT domain) to no less than twice that size, so a
+    12 MP photo for a 64×64 model is never decoded in full.
+    """
     if isinstance(source, Image.Image):
         return source
     name = "<bytes>" if isinstance(source, bytes) else os.fspath(source)
+    if not isinstance(source, bytes):
+        try:
+            mode = os.stat(source).st_mode
+        except FileNotFoundError:
+            raise ImageDecodeError(f"image not found: {name}") from None
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read image {name}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise ImageDecodeError(f"{name} is not a regular file (a folder, FIFO or device); give image files")
+    limit = max_pixels()
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        image.load()
-    except FileNotFoundError:
-        raise ImageDecodeError(f"image not found: {name}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            if image.width * image.height > limit:
+                raise ImageDecodeError(f"image {name} is {image.width}×{image.height} = {image.width * image.height:,} "
+                                       f"pixels, over the limit of {limit:,} (EDGEMETA_MAX_PIXELS); resize it first")
+            if size_hint is not None and image.format == "JPEG":
+                image.draft(image.mode if image.mode in ("L", "RGB") else None, (2 * size_hint[0], 2 * size_hint[1]))
+            image.load()
+    except ImageDecodeError:
+        raise
+    except PermissionError as exc:
+        raise ImageDecodeError(f"cannot read image {name}: {exc.strerror}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image {name}: {exc}. Use a PNG or JPEG file.") from None
     return image
 
@@ -88,9 +141,17 @@ def to_pixels(image: Image.Image, spec: InputSpec) -> np.ndarray:
     """Convert colour mode and resize to the spec; returns uint8 [H, W, C].
 
     Greyscale images inside an RGB set are replicated to three channels; RGB images in a greyscale
-    set are converted with PIL's ITU-R 601-2 luma transform.
+    set are converted with PIL's ITU-R 601-2 luma transform. The EXIF orientation is applied (phone
+    photos are stored sideways); 16-bit and 32-bit greyscale are scaled to 0–255, not clipped.
     """
-    if image.mode in ("RGBA", "LA", "P"):
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit greyscale (PNG opens as I;16 or I): 0–65535 → 0–255
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.nan_to_num(np.asarray(image)), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "P", "PA"):
         # Composite transparency onto white so transparent backgrounds do not become black.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -104,7 +165,7 @@ def to_pixels(image: Image.Image, spec: InputSpec) -> np.ndarray:
 
 def load_image(source: ImageSource, spec: InputSpec) -> np.ndarray:
     """Decode one image and preprocess it: uint8 [H, W, C] as the model's input spec asks."""
-    return to_pixels(open_image(source), spec)
+    return to_pixels(open_image(source, (spec.width, spec.height)), spec)
 
 
 def load_images(sources: list[ImageSource], spec: InputSpec) -> np.ndarray:
@@ -112,6 +173,27 @@ def load_images(sources: list[ImageSource], spec: InputSpec) -> np.ndarray:
     if not sources:
         return np.zeros((0, spec.height, spec.width, spec.channels), np.uint8)
     return np.stack([load_image(s, spec) for s in sources])
+
+
+def check_pixels(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """An in-memory batch given instead of files: [N, H, W, C] for the spec, uint8, or a float/int
+    array of finite values within 0–255 (the documented pixel range). Returned as given."""
+    if not isinstance(pixels, np.ndarray):
+        raise ImageDecodeError(f"pixel arrays must be numpy arrays, got {type(pixels).__name__}")
+    if pixels.ndim != 4 or pixels.shape[1:] != (spec.height, spec.width, spec.channels):
+        raise ImageDecodeError(f"pixel arrays must be uint8 [N, {spec.height}, {spec.width}, {spec.channels}] "
+                               f"for this bundle, got {list(pixels.shape)}")
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype.kind not in "fiu":
+        raise ImageDecodeError(f"pixel arrays must be uint8 (or numbers in 0–255), got dtype {pixels.dtype}")
+    if pixels.size:
+        if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+            raise ImageDecodeError("pixel array holds NaN or infinite values; pixels must be finite, in 0–255")
+        low, high = pixels.min(), pixels.max()
+        if low < 0 or high > 255:
+            raise ImageDecodeError(f"pixel values must lie in 0–255, this array spans {low:g}…{high:g}")
+    return pixels
 
 
 def pixels_to_batch(pixels: np.ndarray) -> np.ndarray:

@@ -13,19 +13,28 @@ import hashlib
 import io
 import json
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .bundle import atomic_write_bytes
-from .errors import StoreError
+from .errors import ConfigError, StoreError
+from .heads import check_head
 
 STORE_FORMAT = "edgemeta-store"
 STORE_VERSION = 1
 STATE_FILE = "enrollment.npz"
 LOCK_FILE = ".lock"
 IMAGES_DIR = "images"
+# Names the store gives kept images: the first 32 hex digits of the file's sha256, then its suffix.
+KEPT_NAME = re.compile(r"([0-9a-f]{32})(\.[a-z0-9]{1,10})$")
+# Temp files of an interrupted atomic save (runtime.bundle.atomic_write_bytes) of the state file
+# and of a kept image.
+TEMP_NAMES = {"": re.compile(r"\.enrollment\.npz\.[A-Za-z0-9_]+\.tmp"),
+              IMAGES_DIR: re.compile(r"\.[0-9a-f]{32}\.[a-z0-9]{1,10}\.[A-Za-z0-9_]+\.tmp")}
 
 
 @dataclass(frozen=True)
@@ -92,16 +101,36 @@ def decode_state(data: bytes, where: str) -> StoreState:
             fitted = {k: frozen(z[f"fitted_{k}"]) for k in header.get("fitted", [])}
     except Exception as exc:
         raise StoreError(f"{where} is not a readable enrollment store ({exc})") from None
-    if header.get("format") != STORE_FORMAT:
+    if not isinstance(header, dict) or header.get("format") != STORE_FORMAT:
         raise StoreError(f"{where} is not an edgemeta enrollment store")
     if header.get("version", 0) > STORE_VERSION:
         raise StoreError(f"{where} was written by a newer edgemeta (store version {header['version']}); upgrade edgemeta")
-    classes, start = [], 0
-    for c in header["classes"]:
-        classes.append(EnrolledClass(c["label"], frozen(embeddings[start:start + c["shots"]]), tuple(c.get("images", []))))
-        start += c["shots"]
-    return StoreState(header["model_sha256"], header.get("variant", "fp32"), header["embedding_dim"], header["head"],
-                      tuple(classes), fitted, header.get("generation", 0))
+    try:
+        check_head(header["head"], where)
+        classes, start = [], 0
+        for c in header["classes"]:
+            shots = c["shots"]
+            if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1 or start + shots > len(embeddings):
+                raise StoreError(f"{where}: class {c['label']!r} claims {shots!r} shots the file does not hold")
+            names = tuple(c.get("images", []))
+            if not all(isinstance(n, str) and KEPT_NAME.fullmatch(n) for n in names):
+                raise StoreError(f"{where}: class {c['label']!r} names kept images the store did not write")
+            classes.append(EnrolledClass(str(c["label"]), frozen(embeddings[start:start + shots]), names))
+            start += shots
+        dim = header["embedding_dim"]
+        if start != len(embeddings) or (len(embeddings) and embeddings.shape[1] != dim):
+            raise StoreError(f"{where}: the embeddings do not match the class list ({len(embeddings)} rows)")
+        state = StoreState(str(header["model_sha256"]), str(header.get("variant", "fp32")), int(dim), header["head"],
+                           tuple(classes), fitted, int(header.get("generation", 0)))
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        if isinstance(exc, StoreError):
+            raise
+        raise StoreError(f"{where} is damaged ({exc}); restore it from a backup or enroll again into a new store") from None
+    poisoned = [c.label for c in classes if not np.isfinite(c.embeddings).all()]
+    if poisoned or not all(np.isfinite(a).all() for a in fitted.values() if a.dtype.kind == "f"):
+        raise StoreError(f"{where} holds non-finite embeddings (class {', '.join(map(repr, poisoned)) or 'head'}); "
+                         "enroll the classes again into a new store")
+    return state
 
 
 class EnrollmentStore:
@@ -110,6 +139,8 @@ class EnrollmentStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._seen: tuple | None = None  # stat of the state file at our last read or write
+        self._recorded: set[str] = set()  # kept-image names the last state we read or wrote refers to
+        self._created: set[str] = set()   # kept images this object wrote that no saved state refers to yet
 
     def _stamp(self) -> tuple | None:
         try:
@@ -133,6 +164,7 @@ class EnrollmentStore:
         stamp = self._stamp()
         state = decode_state(self.state_file.read_bytes(), str(self.state_file))
         self._seen = stamp
+        self._recorded = _image_names(state)
         return state
 
     def read_if_changed(self) -> StoreState | None:
@@ -142,10 +174,15 @@ class EnrollmentStore:
         return None if stamp is None or stamp == self._seen else self.read()
 
     def write(self, state: StoreState) -> None:
+        for c in state.classes:
+            if not np.isfinite(c.embeddings).all():
+                raise StoreError(f"refusing to save non-finite embeddings for class {c.label!r}")
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.state_file, encode_state(state))
         self._seen = self._stamp()
-        self._remove_orphan_images(state)
+        previous, self._recorded = self._recorded | self._created, _image_names(state)
+        self._created = set()
+        self._remove_released_images(previous - self._recorded)
 
     @contextlib.contextmanager
     def locked(self):
@@ -157,25 +194,61 @@ class EnrollmentStore:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             except ImportError:  # pragma: no cover - not POSIX
                 pass
+            self._remove_stale_temp_files()  # every writer holds the lock while its temp file exists
             yield
 
     def keep_image(self, data: bytes, suffix: str) -> str:
         """Store an image's bytes under images/ (content-addressed, durable); returns its file name."""
         folder = self.path / IMAGES_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(data).hexdigest()[:32] + (suffix.lower() if suffix else ".img")
+        suffix = suffix.lower() if suffix and KEPT_NAME.fullmatch("0" * 32 + suffix.lower()) else ".img"
+        name = hashlib.sha256(data).hexdigest()[:32] + suffix
         if not (folder / name).exists():
             atomic_write_bytes(folder / name, data)
+            self._created.add(name)
         return name
 
     def image_path(self, name: str) -> Path:
         return self.path / IMAGES_DIR / name
 
-    def _remove_orphan_images(self, state: StoreState) -> None:
-        folder = self.path / IMAGES_DIR
-        if not folder.is_dir():
+    def _own_folder(self, name: str) -> Path | None:
+        """A folder of the store, if it is a real folder (never a link to somewhere else)."""
+        folder = self.path / name if name else self.path
+        try:
+            return folder if stat.S_ISDIR(os.lstat(folder).st_mode) else None
+        except OSError:
+            return None
+
+    def _remove_released_images(self, names: set[str]) -> None:
+        """Delete kept images no class refers to any more — only files this store wrote: a name it
+        generates whose content still hashes to that name, a regular file (not a link) in the
+        store's own images/ folder (not a link). Anything else is left alone."""
+        folder = self._own_folder(IMAGES_DIR) if self._own_folder("") is not None else None
+        if folder is None:
             return
-        used = {name for c in state.classes for name in c.images}
-        for p in folder.iterdir():
-            if p.name not in used and not p.name.startswith("."):
-                p.unlink(missing_ok=True)
+        for name in names:
+            match = KEPT_NAME.fullmatch(name)
+            path = folder / name
+            try:
+                if not match or not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue
+                with open(path, "rb") as f:
+                    if hashlib.sha256(f.read()).hexdigest()[:32] != match.group(1):
+                        continue
+                path.unlink()
+            except OSError:
+                continue  # already gone, or not ours to remove
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files an interrupted save left behind (only names atomic_write_bytes makes)."""
+        for name, pattern in TEMP_NAMES.items():
+            folder = self._own_folder(name)
+            if folder is None:
+                continue
+            for p in folder.glob(".*.tmp"):
+                if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                    p.unlink(missing_ok=True)
+
+
+def _image_names(state: StoreState) -> set[str]:
+    return {name for c in state.classes for name in c.images}

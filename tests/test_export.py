@@ -138,9 +138,11 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(tiny_run, t
     out = tmp_path / "b"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = run_cli("export", tiny_run / "best.safetensors", "--out", out, "--calib-data", omniglot_paths[0])
-    assert result.exit_code == 2 and "--overwrite" in result.output
-    assert (out / "keep.txt").read_text() == "mine"
+    for extra in ([], ["--overwrite"]):  # a folder that is not a bundle is never replaced
+        result = run_cli("export", tiny_run / "best.safetensors", "--out", out, "--calib-data", omniglot_paths[0], *extra)
+        assert result.exit_code == 2 and "not an edgemeta bundle" in result.output
+        assert (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_bring_your_own_onnx_model(tmp_path, omniglot_paths):

@@ -23,7 +23,7 @@ from edgemeta.runtime.preprocess import InputSpec, load_image
 from .imageset import ImageSet
 from .sources import iter_image_entries, source_fingerprint
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation, 16-bit scaling, JPEG draft decoding
 LAYOUTS = ("auto", "omniglot", "folder")
 _CHARACTER_DIR = re.compile(r"character\d+$")
 

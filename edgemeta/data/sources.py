@@ -13,11 +13,27 @@ from edgemeta.runtime.preprocess import IMAGE_EXTENSIONS
 ImageEntry = tuple[tuple[str, ...], Callable[[], bytes]]
 
 
+def data_root() -> Path | None:
+    """The data root named by EDGEMETA_DATA, where configs' relative data names are looked up."""
+    root = os.environ.get("EDGEMETA_DATA")
+    return Path(root).expanduser() if root else None
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A data source as given if it exists, else the same relative name under the data root."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    root = data_root()
+    if root is not None and not path.is_absolute() and (root / path).exists():
+        return root / path
+    where = f" (nor under EDGEMETA_DATA={root})" if root is not None else " (set EDGEMETA_DATA to the folder that holds it)"
+    raise DataError(f"data path not found: {path}{where}. Pass a folder or a .zip of images.")
+
+
 def iter_image_entries(source: str | os.PathLike) -> Iterator[ImageEntry]:
     """Yield every image file under a folder or inside a zip, sorted by path, hidden files skipped."""
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"data path not found: {path}. Pass a folder or a .zip of images.")
+    path = resolve_source(source)
     if path.is_file():
         if not zipfile.is_zipfile(path):
             raise DataError(f"{path} is neither a folder nor a .zip archive")
@@ -38,7 +54,7 @@ def _is_image(rel: PurePosixPath | Path) -> bool:
 
 def source_fingerprint(source: str | os.PathLike) -> str:
     """A string that changes when the source's content changes (path, sizes, mtimes)."""
-    path = Path(source).resolve()
+    path = resolve_source(source).resolve()
     if path.is_file():
         st = path.stat()
         return f"{path}|{st.st_size}|{st.st_mtime_ns}"

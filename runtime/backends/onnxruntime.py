@@ -30,6 +30,22 @@ def choose_providers(requested: str | list[str] = "auto", available: list[str] |
     return wanted
 
 
+def check_graph_io(session, spec: InputSpec, embedding_dim: int, where: Path) -> None:
+    """The graph's own input and output shapes must agree with the manifest (an edited manifest
+    would otherwise fail inside ONNX Runtime on the first image)."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    want_in = [None, spec.channels, spec.height, spec.width]
+    shape_in = list(inputs[0].shape) if inputs else []
+    shape_out = list(outputs[0].shape) if outputs else []
+    fixed = lambda dim: isinstance(dim, int) and dim > 0  # noqa: E731  (symbolic or unknown dims are free)
+    if len(inputs) != 1 or len(shape_in) != 4 or any(fixed(g) and w is not None and g != w for g, w in zip(shape_in, want_in)):
+        raise BundleError(f"{where} takes input {shape_in}, but the manifest says [N, {spec.channels}, {spec.height}, "
+                          f"{spec.width}] ({spec.colour}); the manifest does not belong to this model — re-export the bundle")
+    if len(shape_out) != 2 or (fixed(shape_out[1]) and shape_out[1] != embedding_dim):
+        raise BundleError(f"{where} returns {shape_out}, but the manifest says embeddings of size {embedding_dim}; "
+                          "re-export the bundle")
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -51,6 +67,7 @@ class OnnxRuntimeBackend(Backend):
             raise BundleError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.model_path = Path(model_path)
+        check_graph_io(self.session, spec, embedding_dim, self.model_path)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
