@@ -172,6 +172,8 @@ class Bundle:
         return self.manifest["files"][self.manifest["variants"]["fp32"]["file"]]["sha256"]
 
     def variant_path(self, variant: str = "fp32") -> Path:
+        if variant not in VARIANTS:
+            raise BundleError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
         if variant not in self.manifest["variants"]:
             have = ", ".join(self.manifest["variants"]) or "none"
             raise BundleError(f"this bundle has no {variant} model (it has: {have}); "
