@@ -4,7 +4,7 @@ per training step (from metrics.jsonl, after the first logged window) and minor 
 whole command, for the shipped Omniglot ProtoNet recipe (30-way 5-shot 5-query) and FOMAML
 (5-way 1-shot 15-query, meta-batch 4).
 
-    python benchmarks/memory_speed.py [--data ../shared/data/omniglot/images_background.zip] [--rounds 2]
+    python benchmarks/memory_speed.py [--data omniglot/images_background.zip (under EDGEMETA_DATA)] [--rounds 2]
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def run(allocator: str, recipe: list[str], data: str, episodes: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/omniglot/images_background.zip"))
+    ap.add_argument("--data", default="omniglot/images_background.zip")
     ap.add_argument("--episodes", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()

@@ -83,6 +83,15 @@ def bundle_target(out: Path, overwrite: bool, sources: tuple[Path, ...] = ()):
         shutil.rmtree(building, ignore_errors=True)  # never leave a half-written bundle behind
 
 
+def _findable(source: str) -> bool:
+    from edgemeta.data.sources import resolve_source
+    try:
+        resolve_source(source)
+        return True
+    except DataError:
+        return False
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, l2_normalize: bool = False, int8: bool = False,
                       fp16: bool = False, calib_data: list[str] | None = None, calib_images: int = 256,
                       eval_episodes: int = 200, overwrite: bool = False, report: Report = _quiet) -> dict:
@@ -92,7 +101,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, l2_normalize: 
     ckpt = load_checkpoint(checkpoint)
     spec = ckpt.spec
     out = Path(out)
-    sources = list(calib_data or [p for p in ckpt.meta.get("train_config", {}).get("data", []) if Path(p).exists()])
+    sources = list(calib_data or [p for p in ckpt.meta.get("train_config", {}).get("data", []) if _findable(p)])
     real, dataset = reference_images(sources, spec, max(calib_images, PARITY_IMAGES))
     with bundle_target(out, overwrite, (Path(checkpoint),)) as building:
         manifest = _export(ckpt, Path(checkpoint), building, real, dataset, l2_normalize, int8, fp16, calib_images,
