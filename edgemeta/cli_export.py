@@ -46,6 +46,10 @@ def export(
     from edgemeta import export as ex
     from edgemeta.runtime.errors import ConfigError
     report = lambda msg: console.print(f"[cyan]•[/] {msg}")  # noqa: E731
+    if calib_images < 1:
+        raise ConfigError(f"--calib-images must be ≥ 1, got {calib_images}")
+    if workspace_mb < 1:
+        raise ConfigError(f"--workspace-mb must be ≥ 1, got {workspace_mb}")
     if engine:
         record = ex.add_engine(source, precision, batch, workspace_mb, dla, timing_cache, report)
         console.print(f"engine {record['file']} added to {source}")

@@ -234,10 +234,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     retain_freed_memory()
     torch.manual_seed(config.seed)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the run")
     last_path, best_path, log_path = out / "last.safetensors", out / "best.safetensors", out / "metrics.jsonl"
 
-    train_set, val_set = load_splits(config, progress)
+    train_set, val_set = load_splits(config, progress)  # bad data fails here, before the run folder exists
+    out.mkdir(parents=True, exist_ok=True)
     if config.rotations:
         train_set = train_set.with_rotations()
     if resume and last_path.exists():

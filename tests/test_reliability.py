@@ -331,6 +331,8 @@ def test_an_os_fault_while_saving_is_one_error_line_and_the_store_is_unchanged(t
     (["train", "--data", "{data}", "--way", "1", "--out", "{tmp}/run"], "way must be a whole number ≥ 2"),
     (["train", "--data", "{data}", "--lr", "nan", "--out", "{tmp}/run"], "lr must be a finite number"),
     (["train", "--data", "{data}", "--lr", "-1", "--out", "{tmp}/run"], "lr must be a finite number"),
+    (["train", "--data", "{tmp}/nope.zip", "--out", "{tmp}/run"], "data path not found"),
+    (["export", "{tmp}/fixed.onnx", "--out", "{tmp}/b", "--calib-images", "0"], "--calib-images must be ≥ 1"),
     (["predict", "{bundle}", "{data}", "--store", "{tmp}", "--unknown", "nan"], "finite distance"),
     (["predict", "{bundle}", "{data}", "--store", "{tmp}", "--top-k", "0"], "--top-k must be ≥ 1"),
     (["bench", "{bundle}", "--repeat", "0"], "--repeat must be ≥ 1"),
