@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import edgemeta
 from edgemeta.backbones import Embedder, deployment_args
 from edgemeta.runtime.errors import CheckpointError, ConfigError
+from edgemeta.runtime.heads import HeadConfig
 from edgemeta.runtime.preprocess import InputSpec
 
 FORMAT = "edgemeta-checkpoint"
@@ -38,11 +39,11 @@ class Checkpoint:
         return InputSpec.from_dict(self.meta["input"])
 
     @property
-    def device_head(self) -> dict:
+    def device_head(self) -> HeadConfig:
         """The head the device fits on the frozen embedding. MAML-family checkpoints adapt the whole
         network in torch ("finetune"); their device head is the logistic head they record."""
-        head = dict(self.meta["head"])
-        return dict(head["device_head"]) if head.get("kind") == "finetune" else head
+        head = self.meta["head"]
+        return HeadConfig.from_dict(head["device_head"] if head.get("kind") == "finetune" else head)
 
     def embedder_state(self) -> dict[str, torch.Tensor]:
         return {k[len("embedder."):]: v for k, v in self.model_state.items() if k.startswith("embedder.")}
@@ -122,7 +123,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def _check_meta(meta: dict, path: Path) -> None:
     """The JSON description is data from a file: check it before anything is built from it."""
     from edgemeta.backbones import list_backbones
-    from edgemeta.runtime.heads import check_head
     try:
         InputSpec.from_dict(meta["input"])
         backbone = meta["backbone"]
@@ -135,8 +135,8 @@ def _check_meta(meta: dict, path: Path) -> None:
             raise ConfigError(f"embedding_dim {dim!r} is not plausible")
         head = meta["head"]
         if isinstance(head, dict) and head.get("kind") == "finetune":
-            check_head(head.get("device_head"), "device head")
+            HeadConfig.from_dict(head.get("device_head"), "device head")
         else:
-            check_head(head)
+            HeadConfig.from_dict(head)
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} has an invalid description ({exc}); the file is damaged or was edited") from None

@@ -164,55 +164,16 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Few-shot accuracy ± 95% CI on classes never trained on, from a checkpoint (torch) or a bundle (deployed path)."""
-    from edgemeta.data import load_dataset, select_split
-    from edgemeta.protocol import check_episode_request, evaluate_episodes
-    from edgemeta.runtime.errors import ConfigError
-
-    check_episode_request(way, shot, query, episodes)
-    if (checkpoint is None) == (bundle is None):
-        raise ConfigError("give a CHECKPOINT or --bundle BUNDLE (one of them)")
-    from edgemeta.runtime.classifier import resolve_head
-    if bundle is not None:
-        from edgemeta.runtime import FewShotClassifier, heads
-        clf = FewShotClassifier.load(bundle, backend="onnxruntime", variant=variant)
-        spec, tc, head_cfg = clf.bundle.spec, {}, resolve_head(clf.bundle.head, None if head == "default" else head)
-        if not data:
-            raise ConfigError("--bundle needs --data (a folder or .zip of labelled images)")
-        embed = clf.embed
-        logits_fn = lambda s, y, q, n: heads.head_logits(head_cfg, s, y, q, n)  # noqa: E731
-    else:
+    from edgemeta.evaluate import evaluate as run_evaluation
+    if checkpoint is not None:
         require_training_extra()
-        from edgemeta.checkpoint import load_checkpoint
-        from edgemeta.memory import retain_freed_memory
-        retain_freed_memory()  # as in training: torch adaptation per episode would page-fault its activations
-        from edgemeta.evaluate import embed_pixels, torch_logits_fn
-        from edgemeta.algorithms import GRADIENT_ALGORITHMS
-        ckpt = load_checkpoint(checkpoint)
-        spec, tc = ckpt.spec, ckpt.meta.get("train_config", {})
-        if head == "default" and ckpt.meta.get("algorithm") in GRADIENT_ALGORITHMS:
-            # the algorithm's own adaptation, with batch statistics per task as in training
-            from edgemeta.evaluate import adaptation_logits_fn, load_adaptation_model
-            if ckpt.meta["head"]["kind"] == "finetune" and way != tc["way"]:
-                raise ConfigError(f"this {ckpt.meta['algorithm']} checkpoint adapts a {tc['way']}-way head; use --way "
-                                  f"{tc['way']}, or --head prototype|ridge|logistic for the frozen embedding")
-            head_cfg = ckpt.meta["head"]
-            embed = lambda pixels: pixels  # noqa: E731  (episodes index images; adaptation embeds them)
-            logits_fn = adaptation_logits_fn(load_adaptation_model(ckpt))
-        else:
-            head_cfg = resolve_head(ckpt.device_head, None if head == "default" else head)
-            embedder = ckpt.build_embedder()
-            embed = lambda pixels: embed_pixels(embedder, pixels)  # noqa: E731
-            logits_fn = torch_logits_fn(head_cfg)
-    sources = [str(p) for p in data] if data else tc.get("data", [])
-    dataset = load_dataset(sources, (spec.height, spec.width), spec.colour, tc.get("layout", "auto"))
-    dataset = select_split(dataset, split, split_mode or tc.get("split_mode", "auto"), tc.get("split_seed", 0),
-                           str(split_file) if split_file else "" if split_mode else tc.get("split_file", ""))
-    result = evaluate_episodes(embed(dataset.pixels), dataset.labels, logits_fn, way, shot, query, episodes, seed)
-    path = "deployed (onnxruntime " + variant + " + numpy head)" if bundle is not None else "torch"
+    done = run_evaluation(checkpoint=checkpoint, bundle=bundle, variant=variant, data=[str(p) for p in data or []],
+                          split=split, split_mode=split_mode, split_file=str(split_file) if split_file else None,
+                          way=way, shot=shot, query=query, episodes=episodes, seed=seed, head=head)
     if as_json:
-        print_json({**result.to_dict(), "head": head_cfg, "split": split, "classes": dataset.n_classes, "path": path})
+        print_json(done.to_dict())
     else:
-        console.print(f"{result}  [dim]head={head_cfg['kind']} split={split} ({dataset.n_classes} classes), {path}[/]")
+        console.print(f"{done.result}  [dim]head={done.head['kind']} split={done.split} ({done.classes} classes), {done.path}[/]")
 
 
 @command()

@@ -146,9 +146,9 @@ def classes(
         raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
     shots = {c.label: c.shots for c in state.classes}
     if as_json:
-        print_json({"classes": shots, "head": state.head, "model_sha256": state.model_sha256})
+        print_json({"classes": shots, "head": state.head.to_dict(), "model_sha256": state.model_sha256})
         return
-    table = Table("class", "shots", title=f"{store} — head {state.head['kind']}")
+    table = Table("class", "shots", title=f"{store} — head {state.head.kind}")
     for k, v in shots.items():
         table.add_row(escape(k), str(v))
     console.print(table)

@@ -1,18 +1,92 @@
-"""Evaluate a checkpoint (torch) with the few-shot protocol of edgemeta.protocol."""
+"""Few-shot evaluation of a checkpoint (torch) or a bundle (the deployed path: ONNX Runtime + the
+NumPy head) with the protocol of edgemeta.protocol. `evaluate` wires the three paths — a bundle,
+a checkpoint's frozen embedding with a device head, a gradient-based checkpoint's own adaptation.
+The module imports torch only inside the checkpoint paths: `edgemeta eval --bundle` runs on a
+device without torch."""
 from __future__ import annotations
 
-import numpy as np
-import torch
+import os
+from dataclasses import dataclass
 
-from edgemeta.heads import head_logits
-from edgemeta.protocol import LogitsFn
+import numpy as np
+
+from edgemeta.protocol import EvalResult, LogitsFn, check_episode_request, evaluate_episodes
+from edgemeta.runtime.errors import ConfigError
 from edgemeta.runtime.preprocess import pixels_to_batch
 
 
-@torch.no_grad()
-def embed_pixels(embedder: torch.nn.Module, pixels: np.ndarray, batch_size: int = 256,
-                 device: str = "cpu") -> np.ndarray:
-    """Embed uint8 [N, H, W, C] images in eval mode; returns float32 [N, D]."""
+@dataclass
+class Evaluation:
+    result: EvalResult
+    head: dict            # the head config used (JSON form)
+    split: str
+    classes: int          # classes in the evaluated split
+    path: str             # "torch" or "deployed (…)"
+
+    def to_dict(self) -> dict:
+        return {**self.result.to_dict(), "head": self.head, "split": self.split, "classes": self.classes,
+                "path": self.path}
+
+
+def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.PathLike | None = None,
+             variant: str = "fp32", data: list[str] | None = None, split: str = "test", split_mode: str | None = None,
+             split_file: str | None = None, way: int = 5, shot: int = 1, query: int = 15, episodes: int = 1000,
+             seed: int = 0, head: str = "default") -> Evaluation:
+    """Accuracy ± 95% CI on fixed episodes of one split. head "default" is the checkpoint's or the
+    bundle's own (for MAML-family checkpoints: their own adaptation); a kind name fits that device
+    head on the frozen embedding."""
+    from edgemeta.data import load_dataset, select_split
+    from edgemeta.runtime.heads import resolve_head
+    check_episode_request(way, shot, query, episodes)
+    if (checkpoint is None) == (bundle is None):
+        raise ConfigError("give a CHECKPOINT or --bundle BUNDLE (one of them)")
+    choice = None if head == "default" else head
+    if bundle is not None:
+        from edgemeta.runtime import FewShotClassifier, heads
+        if not data:
+            raise ConfigError("--bundle needs --data (a folder or .zip of labelled images)")
+        clf = FewShotClassifier.load(bundle, backend="onnxruntime", variant=variant)
+        spec, tc, head_cfg = clf.bundle.spec, {}, resolve_head(clf.bundle.head, choice)
+        embed = clf.embed
+        logits_fn = lambda s, y, q, n: heads.head_logits(head_cfg, s, y, q, n)  # noqa: E731
+        head_json, path = head_cfg.to_dict(), f"deployed (onnxruntime {variant} + numpy head)"
+    else:
+        from edgemeta.algorithms import GRADIENT_ALGORITHMS
+        from edgemeta.checkpoint import load_checkpoint
+        from edgemeta.memory import retain_freed_memory
+        retain_freed_memory()  # as in training: torch adaptation per episode would page-fault its activations
+        ckpt = load_checkpoint(checkpoint)
+        spec, tc, path = ckpt.spec, ckpt.meta.get("train_config", {}), "torch"
+        if choice is None and ckpt.meta.get("algorithm") in GRADIENT_ALGORITHMS:
+            # the algorithm's own adaptation, with batch statistics per task as in training
+            if ckpt.meta["head"]["kind"] == "finetune" and way != tc["way"]:
+                raise ConfigError(f"this {ckpt.meta['algorithm']} checkpoint adapts a {tc['way']}-way head; use --way "
+                                  f"{tc['way']}, or --head prototype|ridge|logistic for the frozen embedding")
+            head_json = ckpt.meta["head"]
+            embed = lambda pixels: pixels  # noqa: E731  (episodes index images; adaptation embeds them)
+            logits_fn = adaptation_logits_fn(load_adaptation_model(ckpt))
+        else:
+            head_cfg = resolve_head(ckpt.device_head, choice)
+            embedder = ckpt.build_embedder()
+            embed = lambda pixels: embed_pixels(embedder, pixels)  # noqa: E731
+            logits_fn, head_json = torch_logits_fn(head_cfg), head_cfg.to_dict()
+    sources = [str(p) for p in data] if data else tc.get("data", [])
+    dataset = load_dataset(sources, (spec.height, spec.width), spec.colour, tc.get("layout", "auto"))
+    dataset = select_split(dataset, split, split_mode or tc.get("split_mode", "auto"), tc.get("split_seed", 0),
+                           str(split_file) if split_file else "" if split_mode else tc.get("split_file", ""))
+    result = evaluate_episodes(embed(dataset.pixels), dataset.labels, logits_fn, way, shot, query, episodes, seed)
+    return Evaluation(result, head_json, split, dataset.n_classes, path)
+
+
+def embed_pixels(embedder, pixels: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+    """Embed uint8 [N, H, W, C] images in eval mode (torch, no gradients); returns float32 [N, D]."""
+    import torch
+    with torch.no_grad():
+        return _embed_pixels(embedder, pixels, batch_size, device)
+
+
+def _embed_pixels(embedder, pixels: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+    import torch
     was_training = embedder.training
     embedder.eval()
     out = []
@@ -23,8 +97,12 @@ def embed_pixels(embedder: torch.nn.Module, pixels: np.ndarray, batch_size: int 
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def torch_logits_fn(head: dict) -> LogitsFn:
-    """The torch head (edgemeta.heads) described by a head config, as a NumPy-in/NumPy-out function."""
+def torch_logits_fn(head) -> LogitsFn:
+    """The torch head (edgemeta.heads) described by a HeadConfig, as a NumPy-in/NumPy-out function."""
+    import torch
+
+    from edgemeta.heads import head_logits
+
     def fn(support, support_labels, query, n_way):
         with torch.no_grad():
             return head_logits(head, torch.from_numpy(support), torch.from_numpy(support_labels),
@@ -32,9 +110,11 @@ def torch_logits_fn(head: dict) -> LogitsFn:
     return fn
 
 
-def adaptation_logits_fn(model: torch.nn.Module, device: str = "cpu") -> LogitsFn:
+def adaptation_logits_fn(model, device: str = "cpu") -> LogitsFn:
     """Episodes scored by the algorithm's own adaptation (MAML/FOMAML/Reptile fine-tune the network,
     ANIL the head) on PIXELS: evaluate_episodes is given uint8 images instead of embeddings."""
+    import torch
+
     def fn(support, support_labels, query, n_way):
         t = lambda a: torch.from_numpy(pixels_to_batch(a)).to(device)  # noqa: E731
         logits = model.logits_after_adaptation(t(support), torch.from_numpy(support_labels).to(device), t(query))
@@ -42,7 +122,7 @@ def adaptation_logits_fn(model: torch.nn.Module, device: str = "cpu") -> LogitsF
     return fn
 
 
-def load_adaptation_model(ckpt) -> torch.nn.Module:
+def load_adaptation_model(ckpt):
     """Rebuild a gradient-based algorithm (backbone + head + inner-loop settings) from a checkpoint."""
     from edgemeta.algorithms import create_algorithm
     from edgemeta.backbones import Embedder

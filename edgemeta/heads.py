@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from edgemeta.runtime.heads import HeadConfig
+
 METRICS = ("euclidean", "cosine")
 
 
@@ -91,22 +93,16 @@ def logistic_fit(support: torch.Tensor, labels: torch.Tensor, n_way: int, steps:
     return weight, bias
 
 
-def head_logits(head: dict, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int,
+def head_logits(head: HeadConfig, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int,
                 scale: torch.Tensor | float | None = None, bias: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Fit the head described by a head config (as stored in checkpoints) and return query logits.
-
-    head["kind"] is "prototype" (metric, scale), "ridge" (lambda, scale, bias) or "logistic"
-    (steps, lr, momentum, weight_decay). Learnable scale/bias tensors may override the config's.
-    """
-    kind = head.get("kind", "prototype")
-    scale = head.get("scale", 1.0) if scale is None else scale
-    if kind == "prototype":
-        return prototype_logits(query, class_means(support, labels, n_way), head.get("metric", "euclidean"), scale)
-    if kind == "ridge":
-        bias = head.get("bias", 0.0) if bias is None else bias
-        return ridge_logits(query, ridge_fit(support, labels, n_way, head.get("lambda", 1.0)), scale, bias)
-    if kind == "logistic":
-        w, b = logistic_fit(support, labels, n_way, head.get("steps", 10), head.get("lr", 0.1),
-                            momentum=head.get("momentum", 0.0), weight_decay=head.get("weight_decay", 0.0))
-        return logistic_logits(query, w, b)
-    raise ValueError(f"unknown head kind {kind!r}")
+    """Fit the head a HeadConfig describes (the device's head, in torch) and return query logits.
+    Learnable scale/bias tensors may override the config's."""
+    scale = head.scale if scale is None else scale
+    if head.kind == "prototype":
+        return prototype_logits(query, class_means(support, labels, n_way), head.metric, scale)
+    if head.kind == "ridge":
+        bias = head.bias if bias is None else bias
+        return ridge_logits(query, ridge_fit(support, labels, n_way, head.ridge_lambda), scale, bias)
+    w, b = logistic_fit(support, labels, n_way, head.steps, head.lr, momentum=head.momentum,
+                        weight_decay=head.weight_decay)
+    return logistic_logits(query, w, b)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import edgemeta
 from edgemeta.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, load_bundle, register_file, sha256_file, write_manifest
 from edgemeta.runtime.errors import BundleError, DataError
+from edgemeta.runtime.heads import HeadConfig
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
 
 PARITY_IMAGES = 64
@@ -35,7 +37,8 @@ def reference_images(sources: list[str], spec: InputSpec, count: int, seed: int 
     return pixels_to_batch(data.pixels[np.sort(pick)]), data
 
 
-def _new_manifest(spec: InputSpec, input_name: str, output_name: str, dim: int, l2: bool, head: dict, model: dict) -> dict:
+def _new_manifest(spec: InputSpec, input_name: str, output_name: str, dim: int, l2: bool, head: HeadConfig,
+                  model: dict) -> dict:
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "edgemeta_version": edgemeta.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -44,7 +47,7 @@ def _new_manifest(spec: InputSpec, input_name: str, output_name: str, dim: int, 
                   "note": "decoded pixels: uint8 values as float32, NCHW, resized to height×width; "
                           "scaling and mean/std are inside the graph"},
         "output": {"name": output_name, "dim": dim, "l2_normalized": l2},
-        "head": head, "files": {}, "variants": {}, "engines": [],
+        "head": head.to_dict(), "files": {}, "variants": {}, "engines": [],
     }
 
 
@@ -127,8 +130,8 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, l2_nor
         raise BundleError(f"ONNX output differs from torch by {check['max_rel_error']:.2e} relative "
                           f"(limit {PARITY_RTOL:.0e}); the bundle was not written")
     head = ckpt.device_head
-    if l2_normalize and head.get("kind") == "prototype":
-        head = {**head, "metric": "cosine"} if head.get("metric") == "euclidean" else head
+    if l2_normalize and head.kind == "prototype":
+        head = dataclasses.replace(head, metric="cosine")
     manifest = _new_manifest(spec, in_name, out_name, int(out_shape[1]), l2_normalize, head, {
         "backbone": ckpt.meta["backbone"]["name"], "backbone_args": ckpt.meta["backbone"].get("args", {}),
         "algorithm": ckpt.meta.get("algorithm"), "source": Path(checkpoint).name,
@@ -165,7 +168,7 @@ def _add_fp16(out: Path, manifest: dict, real: np.ndarray, report: Report) -> di
     return {"file": "embed.fp16.onnx", **info}
 
 
-def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, *, head: dict | None = None,
+def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, *, head: HeadConfig | None = None,
               l2_normalized: bool = False, overwrite: bool = False, check_data: list[str] | None = None,
               report: Report = _quiet) -> dict:
     """Bring your own backbone: an ONNX model taking float32 NCHW pixels (0–255) and returning
@@ -208,7 +211,7 @@ def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, *, head: 
             raise BundleError(f"running the model on {len(probe)} images gave {z.shape} with non-finite values")
         report(f"checked: runs on ONNX Runtime, embedding size {out_shape[1]}")
         manifest = _new_manifest(spec, in_name, out_name, int(out_shape[1]), l2_normalized,
-                                 head or {"kind": "prototype", "metric": "cosine" if l2_normalized else "euclidean", "scale": 1.0},
+                                 head or HeadConfig(metric="cosine" if l2_normalized else "euclidean"),
                                  {"backbone": "external", "source": src.name, "source_sha256": sha256_file(src),
                                   "opset": int(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))})
         register_file(building, manifest, "embed.onnx", "fp32")

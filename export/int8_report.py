@@ -9,7 +9,7 @@ from edgemeta.data import select_split
 from edgemeta.protocol import evaluate_episodes
 from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgemeta.runtime.errors import DataError
-from edgemeta.runtime.heads import head_logits
+from edgemeta.runtime.heads import HeadConfig, head_logits
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
 from edgemeta.runtime.timing import summarize, time_call
 
@@ -17,7 +17,7 @@ from edgemeta.runtime.timing import summarize, time_call
 def compare_variants(fp32_path: Path, int8_path: Path, manifest: dict, dataset, episodes: int = 200,
                      way: int = 5, shots: tuple[int, ...] = (1, 5)) -> dict:
     spec = InputSpec.from_dict(manifest["input"])
-    dim, head = manifest["output"]["dim"], manifest["head"]
+    dim, head = manifest["output"]["dim"], HeadConfig.from_dict(manifest["head"])
     try:
         eval_set = select_split(dataset, "test")
     except DataError:

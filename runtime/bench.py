@@ -15,7 +15,8 @@ import numpy as np
 from . import heads
 from .backends import open_backend
 from .bundle import Bundle, load_bundle
-from .classifier import FewShotClassifier, resolve_head
+from .classifier import FewShotClassifier
+from .heads import resolve_head
 from .preprocess import load_images, pixels_to_batch
 from .timing import summarize, time_call
 
@@ -60,7 +61,7 @@ def _episode_features(rng: np.random.Generator, pool: np.ndarray, way: int, shot
 
 
 def bench_heads(features: np.ndarray, ways: list[int], shots: list[int], steps: list[int], head_names: list[str],
-                repeat: int, logistic: dict) -> tuple[list[dict], list[dict]]:
+                repeat: int, logistic: heads.HeadConfig) -> tuple[list[dict], list[dict]]:
     """Head fit latency per way/shot, and the latency of each logistic SGD step."""
     rng = np.random.default_rng(0)
     fits, step_rows = [], []
@@ -78,7 +79,7 @@ def bench_heads(features: np.ndarray, ways: list[int], shots: list[int], steps: 
                     per_step, totals = [], []
                     for _ in range(max(3, repeat // max(1, k // 5))):
                         marks = [time.perf_counter()]
-                        heads.logistic_fit(s, y, way, k, logistic.get("lr", 0.1), momentum=logistic.get("momentum", 0.9),
+                        heads.logistic_fit(s, y, way, k, logistic.lr, momentum=logistic.momentum,
                                            on_step=lambda _i: marks.append(time.perf_counter()))
                         d = np.diff(marks)
                         per_step.extend(d[1:] if len(d) > 1 else d)  # step 1 also builds the init

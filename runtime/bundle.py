@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BundleError, ConfigError
-from .heads import check_head
+from .heads import HeadConfig
 from .preprocess import InputSpec
 
 SCHEMA = "edgemeta-bundle"
@@ -83,7 +83,7 @@ def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
             raise BundleError(f"{where}: field {dotted!r} should be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
     try:
         InputSpec.from_dict(manifest["input"])
-        check_head(manifest["head"], "head")
+        HeadConfig.from_dict(manifest["head"], "head")
     except ConfigError as exc:
         raise BundleError(f"{where}: {exc}; re-export the bundle") from None
     if not 1 <= manifest["output"]["dim"] <= 1 << 16:
@@ -159,8 +159,8 @@ class Bundle:
         return self.manifest["output"]["l2_normalized"]
 
     @property
-    def head(self) -> dict:
-        return dict(self.manifest["head"])
+    def head(self) -> HeadConfig:
+        return HeadConfig.from_dict(self.manifest["head"])
 
     @property
     def engines(self) -> list[dict]:

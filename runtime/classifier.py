@@ -19,35 +19,13 @@ from . import heads
 from .backends import Backend, open_backend
 from .bundle import Bundle, load_bundle
 from .errors import ConfigError, ImageDecodeError, StoreError
+from .heads import HeadConfig, resolve_head
 from .preprocess import ImageSource, check_pixels, load_images
 from .store import EnrolledClass, EnrollmentStore, StoreState, frozen
 
 UNKNOWN = "unknown"
 MAX_LABEL_LENGTH = 128
-HEAD_DEFAULTS = {
-    "prototype": {"kind": "prototype", "metric": "euclidean", "scale": 1.0},
-    "ridge": {"kind": "ridge", "lambda": 1.0, "scale": 1.0, "bias": 0.0},
-    "logistic": {"kind": "logistic", "steps": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "optimizer": "sgd"},
-}
-
-
-def resolve_head(bundle_head: dict, head: str | dict | None) -> dict:
-    """None → the bundle's head; a kind name → the bundle's head if it is that kind, else defaults."""
-    if head is None:
-        return dict(bundle_head)
-    if isinstance(head, dict):
-        return dict(head)
-    if head not in HEAD_DEFAULTS:
-        raise ConfigError(f"unknown head {head!r}; choose one of {', '.join(HEAD_DEFAULTS)}")
-    if bundle_head.get("kind") == head:
-        return dict(bundle_head)
-    base = dict(HEAD_DEFAULTS[head])
-    if head == "logistic" and bundle_head.get("kind") == "logistic":
-        base.update(bundle_head)
-    return base
-
-
-def fit_head(head: dict, classes: tuple[EnrolledClass, ...]) -> dict:
+def fit_head(head: HeadConfig, classes: tuple[EnrolledClass, ...]) -> dict:
     """Fit the head on every enrolled class's support embeddings."""
     if not classes:
         return {}
@@ -149,7 +127,7 @@ class Prediction:
 class FewShotClassifier:
     """Embed on ONNX Runtime or TensorRT, fit only the head in NumPy, classify."""
 
-    def __init__(self, bundle: Bundle, backend: Backend, head: dict, store: EnrollmentStore | None = None,
+    def __init__(self, bundle: Bundle, backend: Backend, head: HeadConfig, store: EnrollmentStore | None = None,
                  variant: str = "fp32", keep_images: bool = True):
         self.bundle, self.backend, self.store, self.variant = bundle, backend, store, variant
         self.keep_images = keep_images and store is not None
@@ -160,7 +138,7 @@ class FewShotClassifier:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, store: str | os.PathLike | None = None,
-             head: str | dict | None = None, backend: str = "auto", variant: str = "fp32",
+             head: str | dict | HeadConfig | None = None, backend: str = "auto", variant: str = "fp32",
              threads: int | None = None, reembed: bool = False, keep_images: bool = True) -> "FewShotClassifier":
         """Open a bundle (manifest and checksums verified) and, if given, an enrollment store.
 
@@ -176,7 +154,7 @@ class FewShotClassifier:
                 clf._adopt(saved, head, reembed)
         return clf
 
-    def _adopt(self, saved: StoreState, head: str | dict | None, reembed: bool) -> None:
+    def _adopt(self, saved: StoreState, head: str | dict | HeadConfig | None, reembed: bool) -> None:
         matches = (saved.model_sha256 == self.bundle.model_sha256 and saved.variant == self.variant
                    and saved.embedding_dim == self.bundle.embedding_dim)
         if not matches:
@@ -197,7 +175,7 @@ class FewShotClassifier:
         self._state = self._with_head(saved, self._state.head if head is not None else saved.head)
 
     @staticmethod
-    def _with_head(saved: StoreState, head: dict) -> StoreState:
+    def _with_head(saved: StoreState, head: HeadConfig) -> StoreState:
         """A saved state under `head`, refitted when the head differs from the one it was fitted with."""
         if head == saved.head and (not saved.classes or "prototypes" in saved.fitted):
             return saved
@@ -209,8 +187,8 @@ class FewShotClassifier:
         return self._state.labels
 
     @property
-    def head(self) -> dict:
-        return dict(self._state.head)
+    def head(self) -> HeadConfig:
+        return self._state.head
 
     def shots(self) -> dict[str, int]:
         return {c.label: c.shots for c in self._state.classes}
@@ -251,7 +229,7 @@ class FewShotClassifier:
         k = min(top_k, len(state.classes))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, order, 1)
-        metric = state.head.get("metric", "cosine" if self.bundle.l2_normalized else "euclidean")
+        metric = state.head.rejection_metric(self.bundle.l2_normalized)
         distances = embedding_distance(query, state.fitted["prototypes"], metric).min(1)
         threshold = self._auto_threshold(state, metric) if reject == "auto" else reject
         labels = [state.classes[o[0]].label for o in order]
@@ -321,7 +299,7 @@ class FewShotClassifier:
             self._commit(self._refit(state, tuple(c for c in state.classes if c.label != label)))
 
     def _refit(self, state: StoreState, classes: tuple[EnrolledClass, ...]) -> StoreState:
-        if state.head["kind"] == "prototype":
+        if state.head.kind == "prototype":
             fitted = refit_prototypes_incrementally(state.fitted, state.classes, classes) if classes else {}
         else:
             fitted = fit_head(state.head, classes)

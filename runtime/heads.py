@@ -8,6 +8,7 @@ keeps the closed forms stable); everything else runs in the features' dtype.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,34 +17,87 @@ from .errors import ConfigError
 METRICS = ("euclidean", "cosine")
 HEADS = ("prototype", "ridge", "logistic")
 MAX_LOGISTIC_STEPS = 10_000
-# Numeric head settings and the range each may take (a store or manifest is data, not code: a
-# crafted `steps: 1e9` must be refused, not run).
-_HEAD_BOUNDS = {"scale": (0.0, 1e6), "lambda": (1e-12, 1e12), "bias": (-1e6, 1e6), "steps": (0, MAX_LOGISTIC_STEPS),
-                "lr": (0.0, 1e3), "momentum": (0.0, 1.0), "weight_decay": (0.0, 1e3)}
+HEAD_KEYS = {  # the settings each kind of head has, by their JSON names
+    "prototype": ("metric", "scale"),
+    "ridge": ("lambda", "scale", "bias"),
+    "logistic": ("steps", "lr", "momentum", "weight_decay"),
+}
+# Numeric settings and the range each may take: a store or manifest is data, not code — a crafted
+# `steps: 1e9` must be refused, not run.
+_BOUNDS = {"scale": (0.0, 1e6), "lambda": (1e-12, 1e12), "bias": (-1e6, 1e6), "steps": (0, MAX_LOGISTIC_STEPS),
+           "lr": (0.0, 1e3), "momentum": (0.0, 1.0), "weight_decay": (0.0, 1e3)}
 
 
-def check_head(head, where: str = "head") -> dict:
-    """Validate a head config (checkpoint / manifest / store format) and return it; ConfigError
-    naming `where` and the bad field otherwise."""
-    if not isinstance(head, dict):
-        raise ConfigError(f"{where}: the head must be a JSON object, got {type(head).__name__}")
-    kind = head.get("kind", "prototype")
-    if kind not in HEADS:
-        raise ConfigError(f"{where}: unknown head {kind!r}; choose one of {', '.join(HEADS)}")
-    if head.get("metric", "euclidean") not in METRICS:
-        raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, not {head.get('metric')!r}")
-    if head.get("optimizer", "sgd") not in ("sgd", "adam"):
-        raise ConfigError(f"{where}: optimizer must be sgd or adam, not {head.get('optimizer')!r}")
-    for name, (low, high) in _HEAD_BOUNDS.items():
-        if name not in head:
-            continue
-        value = head[name]
-        whole = name == "steps"
-        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
-                or not np.isfinite(value) or not low <= value <= high:
-            raise ConfigError(f"{where}: {name} must be {'a whole number' if whole else 'a number'} "
-                              f"from {low:g} to {high:g}, got {value!r}")
-    return head
+@dataclass(frozen=True)
+class HeadConfig:
+    """The head the device fits on support embeddings, and its settings: the one type checkpoints,
+    manifests, stores, the CLI and both head implementations share. JSON form: to_dict/from_dict
+    (only the kind's own keys; `lambda` for ridge_lambda)."""
+
+    kind: str = "prototype"
+    metric: str = "euclidean"      # prototype: euclidean | cosine
+    scale: float = 1.0             # prototype, ridge: logits are multiplied by it
+    ridge_lambda: float = 1.0      # ridge: L2 regulariser λ
+    bias: float = 0.0              # ridge: added to the logits
+    steps: int = 10                # logistic: SGD steps from the imprinted prototypes
+    lr: float = 0.1                # logistic
+    momentum: float = 0.9          # logistic: heavy-ball momentum
+    weight_decay: float = 0.0      # logistic
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEADS:
+            raise ConfigError(f"unknown head {self.kind!r}; choose one of {', '.join(HEADS)}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
+        for key, (low, high) in _BOUNDS.items():
+            value = getattr(self, _FIELD.get(key, key))
+            whole = key == "steps"
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                    or not np.isfinite(value) or not low <= value <= high:
+                raise ConfigError(f"{key} must be {'a whole number' if whole else 'a number'} from {low:g} to {high:g}, "
+                                  f"got {value!r}")
+
+    @classmethod
+    def from_dict(cls, d, where: str = "head") -> "HeadConfig":
+        """From the JSON form; unknown keys, bad kinds and out-of-range values raise ConfigError."""
+        if isinstance(d, HeadConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: the head must be a JSON object, got {type(d).__name__}")
+        kind = d.get("kind", "prototype")
+        allowed = set(HEAD_KEYS.get(kind, ())) | {"kind", "init"}  # "init": "prototype" is the only logistic init
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))} for a {kind!r} head")
+        try:
+            return cls(**{_FIELD.get(k, k): v for k, v in d.items() if k != "init"})
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **{k: getattr(self, _FIELD.get(k, k)) for k in HEAD_KEYS[self.kind]}}
+
+    def rejection_metric(self, l2_normalized: bool) -> str:
+        """The distance used for "unknown" rejection: the prototype head's own metric; otherwise
+        cosine for L2-normalised embeddings, euclidean for the rest."""
+        if self.kind == "prototype":
+            return self.metric
+        return "cosine" if l2_normalized else "euclidean"
+
+
+_FIELD = {"lambda": "ridge_lambda"}
+
+
+def resolve_head(default: HeadConfig, head: "str | dict | HeadConfig | None") -> HeadConfig:
+    """The head to use: None → `default` (a bundle's or checkpoint's); a kind name → `default` if it
+    is that kind, else that kind's defaults; a dict or HeadConfig → itself (validated)."""
+    if head is None:
+        return default
+    if not isinstance(head, str):
+        return HeadConfig.from_dict(head)
+    if head not in HEADS:
+        raise ConfigError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    return default if default.kind == head else HeadConfig(kind=head)
 
 
 def one_hot(labels: np.ndarray, n_way: int, dtype=np.float32) -> np.ndarray:
@@ -100,20 +154,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int = 10, lr: float = 0.1,
                  weight: np.ndarray | None = None, bias: np.ndarray | None = None, momentum: float = 0.0,
-                 weight_decay: float = 0.0, optimizer: str = "sgd", betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, on_step: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """k steps of SGD (heavy-ball momentum, L2 weight decay) or Adam on the mean softmax
-    cross-entropy of the support set, from the imprinted prototypes unless (weight, bias) are
-    given. `on_step(i)` is called after each step, so callers can time every step."""
-    if optimizer not in ("sgd", "adam"):
-        raise ConfigError(f"optimizer must be sgd or adam, not {optimizer!r}")
+                 weight_decay: float = 0.0, on_step: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """k steps of SGD (heavy-ball momentum, L2 weight decay) on the mean softmax cross-entropy of
+    the support set, from the imprinted prototypes unless (weight, bias) are given. `on_step(i)` is
+    called after each step, so callers can time every step."""
     if weight is None or bias is None:
         weight, bias = imprinted_init(class_means(support, labels, n_way))
     weight, bias = weight.astype(support.dtype, copy=True), bias.astype(support.dtype, copy=True)
     y = one_hot(labels, n_way, support.dtype)
     inv_n = support.dtype.type(1.0 / support.shape[0])
     m_w, m_b = np.zeros_like(weight), np.zeros_like(bias)
-    v_w, v_b = (np.zeros_like(weight), np.zeros_like(bias)) if optimizer == "adam" else (None, None)
     # In-place updates: at few-shot sizes the step is bound by NumPy call overhead, not arithmetic.
     for step in range(steps):
         logits = support @ weight.T
@@ -127,55 +177,40 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
         if weight_decay:
             grad_w += weight_decay * weight
         grad_b = logits.sum(0)
-        if optimizer == "sgd":
-            if momentum:
-                m_w *= momentum
-                m_w += grad_w
-                m_b *= momentum
-                m_b += grad_b
-                grad_w, grad_b = m_w, m_b
-            weight -= lr * grad_w
-            bias -= lr * grad_b
-        else:
-            b1, b2 = betas
-            m_w, m_b = b1 * m_w + (1 - b1) * grad_w, b1 * m_b + (1 - b1) * grad_b
-            v_w, v_b = b2 * v_w + (1 - b2) * grad_w ** 2, b2 * v_b + (1 - b2) * grad_b ** 2
-            c1, c2 = 1 - b1 ** (step + 1), 1 - b2 ** (step + 1)
-            weight -= lr * (m_w / c1) / (np.sqrt(v_w / c2) + eps)
-            bias -= lr * (m_b / c1) / (np.sqrt(v_b / c2) + eps)
+        if momentum:
+            m_w *= momentum
+            m_w += grad_w
+            m_b *= momentum
+            m_b += grad_b
+            grad_w, grad_b = m_w, m_b
+        weight -= lr * grad_w
+        bias -= lr * grad_b
         if on_step is not None:
             on_step(step)
     return weight, bias
 
 
-def fit(head: dict, support: np.ndarray, labels: np.ndarray, n_way: int) -> dict[str, np.ndarray]:
-    """Fit the head described by a head config (checkpoint / manifest format): the arrays `score`
-    needs. Prototypes are always included — the prototype head scores with them, and the device
-    measures rejection distances to them whatever the head."""
-    kind = head.get("kind", "prototype")
+def fit(head: HeadConfig, support: np.ndarray, labels: np.ndarray, n_way: int) -> dict[str, np.ndarray]:
+    """Fit the head: the arrays `score` needs. Prototypes are always included — the prototype head
+    scores with them, and the device measures rejection distances to them whatever the head."""
     fitted = {"prototypes": class_means(support, labels, n_way)}
-    if kind == "ridge":
-        fitted["weights"] = ridge_fit(support, labels, n_way, head.get("lambda", 1.0))
-    elif kind == "logistic":
-        fitted["weight"], fitted["bias"] = logistic_fit(
-            support, labels, n_way, head.get("steps", 10), head.get("lr", 0.1), momentum=head.get("momentum", 0.0),
-            weight_decay=head.get("weight_decay", 0.0), optimizer=head.get("optimizer", "sgd"))
-    elif kind != "prototype":
-        raise ConfigError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
+    if head.kind == "ridge":
+        fitted["weights"] = ridge_fit(support, labels, n_way, head.ridge_lambda)
+    elif head.kind == "logistic":
+        fitted["weight"], fitted["bias"] = logistic_fit(support, labels, n_way, head.steps, head.lr,
+                                                        momentum=head.momentum, weight_decay=head.weight_decay)
     return fitted
 
 
-def score(head: dict, fitted: dict[str, np.ndarray], query: np.ndarray) -> np.ndarray:
+def score(head: HeadConfig, fitted: dict[str, np.ndarray], query: np.ndarray) -> np.ndarray:
     """Logits of the query under a fitted head."""
-    kind = head.get("kind", "prototype")
-    scale = head.get("scale", 1.0)
-    if kind == "prototype":
-        return prototype_logits(query, fitted["prototypes"], head.get("metric", "euclidean"), scale)
-    if kind == "ridge":
-        return ridge_logits(query, fitted["weights"], scale, head.get("bias", 0.0))
+    if head.kind == "prototype":
+        return prototype_logits(query, fitted["prototypes"], head.metric, head.scale)
+    if head.kind == "ridge":
+        return ridge_logits(query, fitted["weights"], head.scale, head.bias)
     return logistic_logits(query, fitted["weight"], fitted["bias"])
 
 
-def head_logits(head: dict, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int) -> np.ndarray:
+def head_logits(head: HeadConfig, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int) -> np.ndarray:
     """Fit the head on the support set and score the query (one few-shot episode)."""
     return score(head, fit(head, support, labels, n_way), query)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .bundle import atomic_write_bytes
 from .errors import ConfigError, StoreError
-from .heads import check_head
+from .heads import HeadConfig
 
 STORE_FORMAT = "edgemeta-store"
 STORE_VERSION = 1
@@ -55,7 +55,7 @@ class StoreState:
     model_sha256: str
     variant: str
     embedding_dim: int
-    head: dict
+    head: HeadConfig
     classes: tuple[EnrolledClass, ...] = ()
     fitted: dict = field(default_factory=dict)  # name -> array, the fitted head
     generation: int = 0
@@ -79,7 +79,7 @@ def frozen(a: np.ndarray) -> np.ndarray:
 
 def encode_state(state: StoreState) -> bytes:
     header = {"format": STORE_FORMAT, "version": STORE_VERSION, "model_sha256": state.model_sha256,
-              "variant": state.variant, "embedding_dim": state.embedding_dim, "head": state.head,
+              "variant": state.variant, "embedding_dim": state.embedding_dim, "head": state.head.to_dict(),
               "generation": state.generation,
               "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "classes": [{"label": c.label, "shots": c.shots, "images": list(c.images)} for c in state.classes],
@@ -106,7 +106,7 @@ def decode_state(data: bytes, where: str) -> StoreState:
     if header.get("version", 0) > STORE_VERSION:
         raise StoreError(f"{where} was written by a newer edgemeta (store version {header['version']}); upgrade edgemeta")
     try:
-        check_head(header["head"], where)
+        head = HeadConfig.from_dict(header["head"], where)
         classes, start = [], 0
         for c in header["classes"]:
             shots = c["shots"]
@@ -120,7 +120,7 @@ def decode_state(data: bytes, where: str) -> StoreState:
         dim = header["embedding_dim"]
         if start != len(embeddings) or (len(embeddings) and embeddings.shape[1] != dim):
             raise StoreError(f"{where}: the embeddings do not match the class list ({len(embeddings)} rows)")
-        state = StoreState(str(header["model_sha256"]), str(header.get("variant", "fp32")), int(dim), header["head"],
+        state = StoreState(str(header["model_sha256"]), str(header.get("variant", "fp32")), int(dim), head,
                            tuple(classes), fitted, int(header.get("generation", 0)))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         if isinstance(exc, StoreError):

@@ -5,6 +5,7 @@ from PIL import Image
 
 from conftest import run_cli
 from edgemeta.runtime.bench import validate_bench
+from edgemeta.runtime.heads import HeadConfig
 
 
 def test_bench_writes_a_valid_json_with_every_stage_and_a_png(tiny_bundle, tmp_path, omniglot_paths):
@@ -38,7 +39,7 @@ def test_per_step_timings_count_the_steps_asked_for(tiny_bundle):
     heads.logistic_fit = counting
     try:
         feats = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
-        _, rows = bench_heads(feats, [5], [1], [1, 7], ["logistic"], repeat=6, logistic={"lr": 0.1})
+        _, rows = bench_heads(feats, [5], [1], [1, 7], ["logistic"], repeat=6, logistic=HeadConfig(kind="logistic", lr=0.1))
     finally:
         heads.logistic_fit = original
     assert [r["steps"] for r in rows] == [1, 7]

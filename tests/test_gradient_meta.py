@@ -147,7 +147,7 @@ def test_gradient_checkpoints_export_with_recalibrated_batchnorm(tmp_path, omnig
     exp = run_cli("export", out / "best.safetensors", "--out", tmp_path / "b", "--calib-data", omniglot_paths[0])
     assert exp.exit_code == 0, exp.output
     from edgemeta.runtime import load_bundle
-    assert load_bundle(tmp_path / "b").head["kind"] == "logistic"
+    assert load_bundle(tmp_path / "b").head.kind == "logistic"
 
 
 @pytest.mark.parametrize("make", [lambda v: _maml(first_order=True, vectorize=v),

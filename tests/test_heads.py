@@ -1,9 +1,14 @@
 import numpy as np
 import pytest
+
+from edgemeta.runtime.errors import ConfigError
+from edgemeta.runtime.heads import HeadConfig, resolve_head
 import torch
 
 from edgemeta import heads as th
 from edgemeta.runtime import heads as nh
+from edgemeta.runtime.errors import ConfigError
+from edgemeta.runtime.heads import HeadConfig, resolve_head
 
 
 def _features(n_way=5, shot=3, dim=16, query=4, seed=0, dtype=torch.float64):
@@ -43,7 +48,7 @@ def test_heads_pass_gradients_to_the_features(kind):
     s, y, q = _features(dtype=torch.float32)
     s.requires_grad_(True)
     q.requires_grad_(True)
-    logits = th.head_logits({"kind": kind, "steps": 3}, s, y, q, 5)
+    logits = th.head_logits(HeadConfig(kind=kind, steps=3), s, y, q, 5)
     loss = torch.nn.functional.cross_entropy(logits, torch.arange(5).repeat_interleave(4))
     loss.backward()
     assert s.grad.abs().sum() > 0 and q.grad.abs().sum() > 0
@@ -88,7 +93,23 @@ def test_logistic_gradient_formula_equals_autograd():
 def test_numpy_and_torch_heads_give_the_same_logits(head, shot):
     s, y, q = _features(shot=shot, dim=64, dtype=torch.float32, seed=shot)
     s, q = s.abs(), q.abs()  # post-ReLU-like features
+    head = HeadConfig.from_dict(head)
     expected = th.head_logits(head, s, y, q, 5).numpy()
     got = nh.head_logits(head, s.numpy(), y.numpy(), q.numpy(), 5)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_head_config_is_one_validated_type_with_one_set_of_defaults():
+    for d in ({"kind": "prototype", "metric": "cosine", "scale": 10.0}, {"kind": "ridge", "lambda": 0.5, "scale": 2.0, "bias": 0.1},
+              {"kind": "logistic", "steps": 5, "lr": 0.2, "momentum": 0.0, "weight_decay": 0.0}):
+        assert HeadConfig.from_dict(d).to_dict() == d
+    # a logistic head without a momentum gets the one default, whichever implementation runs it
+    assert HeadConfig.from_dict({"kind": "logistic"}).momentum == HeadConfig(kind="logistic").momentum == 0.9
+    assert resolve_head(HeadConfig(metric="cosine"), "prototype").metric == "cosine"
+    assert resolve_head(HeadConfig(metric="cosine"), "ridge") == HeadConfig(kind="ridge")
+    for bad, why in (({"kind": "svm"}, "unknown head"), ({"kind": "ridge", "steps": 3}, "unknown setting"),
+                     ({"kind": "prototype", "metric": "manhattan"}, "metric"),
+                     ({"kind": "logistic", "steps": 2.5}, "whole number"), ({"kind": "ridge", "lambda": -1}, "lambda")):
+        with pytest.raises(ConfigError, match=why):
+            HeadConfig.from_dict(bad)

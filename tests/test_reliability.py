@@ -244,7 +244,7 @@ def edited_bundle(tiny_bundle, tmp_path, edit) -> str:
     (lambda m: m["input"].update(height=20000, width=20000), "image size"),
     (lambda m: m["input"].update(height=32, width=32), "manifest does not belong"),
     (lambda m: m["output"].update(dim=7), "embeddings of size 7"),
-    (lambda m: m["head"].update(kind="logistic", steps=10**9), "steps"),
+    (lambda m: m.update(head={"kind": "logistic", "steps": 10**9}), "steps"),
     (lambda m: m["head"].update(scale=float("inf")), "scale"),
 ])
 def test_an_edited_manifest_is_refused_before_anything_is_allocated(tiny_bundle, tagalog, tmp_path, edit, why):
@@ -259,7 +259,10 @@ def test_a_crafted_store_head_is_refused_not_run(tiny_bundle, tagalog, tmp_path)
     clf.enroll("a", tagalog[sorted(tagalog)[0]][:2])
     state = EnrollmentStore(tmp_path / "s").read()
     from dataclasses import replace
-    crafted = replace(state, head={"kind": "logistic", "steps": 10**9, "lr": 0.1})
+    class Crafted:  # what a hand-edited store file holds
+        def to_dict(self):
+            return {"kind": "logistic", "steps": 10**9, "lr": 0.1}
+    crafted = replace(state, head=Crafted())
     (tmp_path / "s" / "enrollment.npz").write_bytes(encode_state(crafted))
     with pytest.raises(StoreError, match="steps"):
         FewShotClassifier.load(tiny_bundle, store=tmp_path / "s")
