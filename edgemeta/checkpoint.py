@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 import edgemeta
 from edgemeta.backbones import Embedder, deployment_args
 from edgemeta.runtime.errors import CheckpointError, ConfigError
+from edgemeta.runtime.files import atomic_write
 from edgemeta.runtime.heads import HeadConfig
 from edgemeta.runtime.preprocess import InputSpec
 
@@ -74,16 +74,7 @@ def save_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor
                 t = value if torch.is_tensor(value) else torch.tensor(value)
                 tensors[f"{_OPTIM}{pid}/{key}"] = t.detach().contiguous().cpu()
         meta = {**meta, "optimizer_param_groups": optimizer_state["param_groups"]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"edgemeta": json.dumps(meta)})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, save(tensors, metadata={"edgemeta": json.dumps(meta)}))
     return path
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BundleError, ConfigError
+from .files import atomic_write
 from .heads import HeadConfig
 from .preprocess import InputSpec
 
@@ -42,27 +42,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so that a crash leaves either the old content or the new, never a torn file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; bundles and stores are shared with other users/services
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
@@ -116,7 +95,7 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict:
 
 def write_manifest(bundle_dir: str | os.PathLike, manifest: dict) -> None:
     validate_manifest(manifest)
-    atomic_write_bytes(Path(bundle_dir) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write(Path(bundle_dir) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def register_file(bundle_dir: str | os.PathLike, manifest: dict, name: str, role: str) -> dict:

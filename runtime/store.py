@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import atomic_write_bytes
+from .files import atomic_write
 from .errors import ConfigError, StoreError
 from .heads import HeadConfig
 
@@ -31,7 +31,7 @@ LOCK_FILE = ".lock"
 IMAGES_DIR = "images"
 # Names the store gives kept images: the first 32 hex digits of the file's sha256, then its suffix.
 KEPT_NAME = re.compile(r"([0-9a-f]{32})(\.[a-z0-9]{1,10})$")
-# Temp files of an interrupted atomic save (runtime.bundle.atomic_write_bytes) of the state file
+# Temp files of an interrupted atomic save (runtime.files.atomic_write) of the state file
 # and of a kept image.
 TEMP_NAMES = {"": re.compile(r"\.enrollment\.npz\.[A-Za-z0-9_]+\.tmp"),
               IMAGES_DIR: re.compile(r"\.[0-9a-f]{32}\.[a-z0-9]{1,10}\.[A-Za-z0-9_]+\.tmp")}
@@ -178,7 +178,7 @@ class EnrollmentStore:
             if not np.isfinite(c.embeddings).all():
                 raise StoreError(f"refusing to save non-finite embeddings for class {c.label!r}")
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.state_file, encode_state(state))
+        atomic_write(self.state_file, encode_state(state))
         self._seen = self._stamp()
         previous, self._recorded = self._recorded | self._created, _image_names(state)
         self._created = set()
@@ -204,7 +204,7 @@ class EnrollmentStore:
         suffix = suffix.lower() if suffix and KEPT_NAME.fullmatch("0" * 32 + suffix.lower()) else ".img"
         name = hashlib.sha256(data).hexdigest()[:32] + suffix
         if not (folder / name).exists():
-            atomic_write_bytes(folder / name, data)
+            atomic_write(folder / name, data)
             self._created.add(name)
         return name
 
@@ -240,7 +240,7 @@ class EnrollmentStore:
                 continue  # already gone, or not ours to remove
 
     def _remove_stale_temp_files(self) -> None:
-        """Temp files an interrupted save left behind (only names atomic_write_bytes makes)."""
+        """Temp files an interrupted save left behind (only names atomic_write makes)."""
         for name, pattern in TEMP_NAMES.items():
             folder = self._own_folder(name)
             if folder is None:

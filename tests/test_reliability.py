@@ -321,7 +321,7 @@ def test_an_os_fault_while_saving_is_one_error_line_and_the_store_is_unchanged(t
 
     def disk_full(path, data):
         raise OSError(28, "No space left on device", str(path))
-    monkeypatch.setattr(store_module, "atomic_write_bytes", disk_full)
+    monkeypatch.setattr(store_module, "atomic_write", disk_full)
     line = one_error_line(run_cli("enroll", tiny_bundle, *paths, "--store", tmp_path / "s", "--label", "b"))
     assert "No space left on device" in line
     assert tree(tmp_path / "s") == before

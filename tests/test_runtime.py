@@ -167,19 +167,6 @@ def test_kill_9_during_saves_never_loses_enrolled_classes(tiny_bundle, tagalog, 
     assert EnrollmentStore(store).read().generation > 8 + 6  # the child really was saving when killed
 
 
-def test_an_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    from edgemeta.runtime import bundle as bundle_mod
-    target = tmp_path / "f.bin"
-    bundle_mod.atomic_write_bytes(target, b"old")
-
-    def boom(*a, **k):
-        raise OSError("disk yanked")
-    monkeypatch.setattr(bundle_mod.os, "replace", boom)
-    with pytest.raises(OSError):
-        bundle_mod.atomic_write_bytes(target, b"new")
-    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
-
-
 def test_predict_while_enrolling_in_another_thread_sees_consistent_heads(tiny_bundle, tagalog, tmp_path):
     chars = sorted(tagalog)
     clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s", keep_images=False)

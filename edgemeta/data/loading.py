@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from edgemeta.runtime.errors import DataError
+from edgemeta.runtime.files import atomic_write
 from edgemeta.runtime.preprocess import InputSpec, load_image
 
 from .imageset import ImageSet
@@ -126,15 +126,13 @@ def _read_cache(path: Path) -> ImageSet:
 
 
 def _write_cache(path: Path, dataset: ImageSet) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, pixels=dataset.pixels, labels=dataset.labels,
-                     classes=np.array(dataset.classes, dtype=str), groups=np.array(dataset.groups, dtype=str))
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.savez(f, pixels=dataset.pixels, labels=dataset.labels,
+                                              classes=np.array(dataset.classes, dtype=str),
+                                              groups=np.array(dataset.groups, dtype=str)), durable=False)
     except OSError:
-        Path(tmp).unlink(missing_ok=True)  # a cache that cannot be written only costs time
+        pass  # a cache that cannot be written only costs time
 
 
 def _decode_one(parts: tuple[str, ...], read, spec: InputSpec) -> np.ndarray:

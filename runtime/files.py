@@ -1,0 +1,43 @@
+"""The one way edgemeta writes a file: atomically and durably.
+
+The bytes go to a temp file beside the target (`.NAME.XXXXXXXX.tmp`), are flushed and fsynced,
+the temp file is renamed over the target and the folder is fsynced, so a crash, `kill -9` or power
+loss at any moment leaves either the old file or the new one, never a torn one. Checkpoints,
+bundle files and manifests, the enrollment store and the dataset cache all write through here.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+FILE_MODE = 0o644  # mkstemp makes 0600; bundles and stores are shared with other users and services
+
+
+def atomic_write(path: str | os.PathLike, content: bytes | Callable[[BinaryIO], None], durable: bool = True) -> None:
+    """Replace `path` with `content` (bytes, or a function writing to a binary file object).
+    durable=False skips the fsyncs (for caches, which can be rebuilt)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, (bytes, bytearray, memoryview)):
+                f.write(content)
+            else:
+                content(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
