@@ -23,13 +23,10 @@ err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
 
 
 def require_training_extra() -> None:
-    """Fail at the point of use, with the install command, when torch & co. are missing (a device install)."""
-    import importlib.util
-    from edgemeta.runtime.errors import ConfigError
-    missing = [m for m in ("torch", "safetensors", "onnx") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(f"this command needs {', '.join(missing)}: pip install 'edgemeta[train]' "
-                          "(device commands enroll/predict/forget/classes/bench/eval --bundle work without it)")
+    """Fail at the point of use, with the install command, when torch & co. are missing (a device
+    install: enroll/predict/forget/classes/bench/eval --bundle work without them)."""
+    from edgemeta.runtime.extras import require
+    require("torch", "safetensors", "onnx", purpose="this command")
 
 
 def fail(message: str) -> None:

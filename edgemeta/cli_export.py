@@ -57,9 +57,8 @@ def export(
     target = out or source.with_suffix(".bundle")
     calib = [str(p) for p in calib_data] if calib_data else None
     if onnx:
-        import importlib.util
-        if importlib.util.find_spec("onnx") is None:
-            raise ConfigError("--onnx needs the onnx package: pip install 'edgemeta[train]' (or just onnx)")
+        from edgemeta.runtime.extras import require
+        require("onnx", purpose="--onnx")
         from edgemeta.runtime.preprocess import InputSpec
         if input_size is None:
             raise ConfigError("--onnx needs --input-size (and --mean/--std if the graph does not normalise itself)")

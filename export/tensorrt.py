@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgemeta.runtime import extras
 from edgemeta.runtime.device_info import device_identity
 from edgemeta.runtime.errors import BundleError, ConfigError
 
-INSTALL_HINT = ("TensorRT is not installed: on a Jetson use JetPack's python3-libnvinfer, elsewhere "
-                "`pip install 'edgemeta[tensorrt]'`")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -78,10 +77,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, input_name: str
                  dla_core: int | None = None, precision: str = "fp32") -> dict:
     """Parse the ONNX file, build a serialized engine and write it. Returns the device identity and
     build time. Every parser error is reported; the timing cache is loaded and saved back."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BundleError(INSTALL_HINT) from None
+    trt = extras.load("tensorrt", "building a TensorRT engine")
     if dla_core is not None and precision == "fp32":
         raise ConfigError("DLA runs fp16 or int8 only: export with --fp16 or --int8 for --dla")
     logger = trt.Logger(trt.Logger.WARNING)

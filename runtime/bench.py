@@ -148,13 +148,9 @@ def validate_bench(result: dict) -> None:
 
 def render_plot(result: dict, path: str | Path) -> None:
     """PNG: p50 latency per stage (p99 as whiskers), and latency vs logistic adaptation steps."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from .errors import ConfigError
-        raise ConfigError("--plot needs matplotlib: pip install 'edgemeta[plot]'") from None
+    from .extras import load
+    load("matplotlib", "--plot").use("Agg")
+    import matplotlib.pyplot as plt
     stages = ([(f"embed b{r['batch']}", r) for r in result["embed"]]
               + [(f"{r['head']} fit {r['way']}w{r['shot']}s", r) for r in result["head_fit"]]
               + [(f"enroll {r['shot']}-shot", r) for r in result["enroll"]]

@@ -25,10 +25,8 @@ def l4t_release() -> str | None:
 def cuda_device() -> dict | None:
     """GPU name and compute capability via cuda-python, or None when there is no CUDA device."""
     try:
-        try:
-            from cuda.bindings import runtime as cudart  # cuda-python ≥ 12.6
-        except ImportError:
-            from cuda import cudart  # older cuda-python
+        from .extras import cudart as load_cudart
+        cudart = load_cudart("reading the GPU's identity")
         err, props = cudart.cudaGetDeviceProperties(0)
         if int(err) != 0:
             return None

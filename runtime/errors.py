@@ -30,5 +30,9 @@ class BundleError(EdgemetaError):
     """A bundle whose manifest or files are missing, tampered with, or made for another device."""
 
 
+class DependencyError(EdgemetaError):
+    """An optional package (an extra) that this use needs is not installed; says how to install it."""
+
+
 class StoreError(EdgemetaError):
     """An enrollment store that is missing, made for another bundle, or asked for something it lacks."""

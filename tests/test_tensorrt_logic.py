@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from edgemeta.export.tensorrt import BatchProfile, engine_file_name, engine_record
-from edgemeta.runtime import BundleError, ConfigError, load_bundle
+from edgemeta.runtime import BundleError, ConfigError, DependencyError, load_bundle
 from edgemeta.runtime.backends import matching_engine, open_backend
 from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend, choose_providers
 from edgemeta.runtime.backends.tensorrt import plan_chunks
@@ -99,7 +99,7 @@ def test_engine_build_without_tensorrt_says_how_to_install(tiny_bundle):
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here; the GPU test below covers the build")
     from edgemeta.export import add_engine
-    with pytest.raises(BundleError, match=r"pip install 'edgemeta\[tensorrt\]'"):
+    with pytest.raises(DependencyError, match=r"pip install .edgemeta\[tensorrt\]."):
         add_engine(tiny_bundle)
 
 
@@ -125,3 +125,16 @@ def test_engine_build_and_run_match_onnxruntime(tiny_bundle, tmp_path, omniglot)
     ref = OnnxRuntimeBackend(b.variant_path("fp32"), b.spec, 64, "cpu").embed(x)
     np.testing.assert_allclose(backend.embed(x), ref, rtol=1e-3, atol=1e-3)
     assert record["precision"] == "fp32"
+
+
+def test_one_missing_dependency_message_names_the_extra(monkeypatch):
+    from edgemeta.runtime import extras
+    with pytest.raises(DependencyError, match=r"--plot needs no_such_pkg: pip install 'edgemeta\[no_such_pkg\]'"):
+        extras.require("no_such_pkg", purpose="--plot")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorrt", "cuda") else real(name, *a))
+    with pytest.raises(DependencyError, match="python3-libnvinfer .*pip install 'edgemeta\\[tensorrt\\]'"):
+        extras.load("tensorrt", "the TensorRT backend")
+    monkeypatch.setattr(importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name)))
+    with pytest.raises(DependencyError, match="needs cuda-python"):
+        extras.cudart("the TensorRT backend")

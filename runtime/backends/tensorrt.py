@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import extras
 from ..errors import BundleError
 from ..preprocess import InputSpec
 from .base import Backend
 
-INSTALL_HINT = ("TensorRT backend needs tensorrt and cuda-python: on a Jetson use JetPack's "
-                "python3-libnvinfer and `pip install cuda-python`, elsewhere `pip install 'edgemeta[tensorrt]'`")
 
 
 def plan_chunks(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
@@ -30,14 +29,7 @@ def plan_chunks(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, 
 
 
 def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise BundleError(INSTALL_HINT) from None
-    return cudart
+    return extras.cudart("the TensorRT backend")
 
 
 def _check(result):
@@ -51,10 +43,7 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, engine_path: str | Path, spec: InputSpec, embedding_dim: int):
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise BundleError(INSTALL_HINT) from None
+        trt = extras.load("tensorrt", "the TensorRT backend")
         super().__init__(spec, embedding_dim)
         self._cudart = cudart = _cudart()
         self.engine_path = Path(engine_path)

@@ -1,0 +1,50 @@
+"""The one way to say an optional package is missing: at the point of use, with the exact install
+command. The device install (`pip install edgemeta`) has numpy, onnxruntime and Pillow only;
+everything else comes with an extra."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from .errors import DependencyError
+
+# module → the extra that installs it, and what to run where pip cannot (a Jetson)
+EXTRA_OF = {"torch": "train", "safetensors": "train", "onnx": "train", "onnxscript": "train",
+            "matplotlib": "plot", "tensorrt": "tensorrt", "cuda": "tensorrt"}
+JETSON_HINT = {"tensorrt": "on a Jetson use JetPack's python3-libnvinfer (JetPack ≥ 6.1)",
+               "cuda": "on a Jetson `pip install cuda-python` matching JetPack's CUDA"}
+
+
+def install_hint(module: str) -> str:
+    top = module.split(".")[0]
+    hint = f"pip install 'edgemeta[{EXTRA_OF.get(top, top)}]'"
+    return f"{JETSON_HINT[top]}, elsewhere {hint}" if top in JETSON_HINT else hint
+
+
+def require(*modules: str, purpose: str) -> None:
+    """Raise DependencyError naming what is missing for `purpose` and how to install it."""
+    missing = [m for m in modules if importlib.util.find_spec(m.split(".")[0]) is None]
+    if missing:
+        hints = sorted({install_hint(m) for m in missing})
+        raise DependencyError(f"{purpose} needs {', '.join(missing)}: {'; '.join(hints)}")
+
+
+def load(module: str, purpose: str) -> ModuleType:
+    """Import an optional module, or raise DependencyError with its install hint."""
+    require(module, purpose=purpose)
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise DependencyError(f"{purpose} needs {module}, which is installed but does not import ({exc}): "
+                              f"{install_hint(module)}") from None
+
+
+def cudart(purpose: str) -> ModuleType:
+    """cuda-python's runtime module: `cuda.bindings.runtime` (cuda-python ≥ 12.6) or `cuda.cudart`."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise DependencyError(f"{purpose} needs cuda-python: {install_hint('cuda')}")
