@@ -94,6 +94,25 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
+        """Check every field before anything runs: a typo in a choice ends in one error line, not a
+        traceback after the data loaded."""
+        from edgemeta.algorithms import ALGORITHMS
+        from edgemeta.backbones import accepts, list_backbones
+        from edgemeta.data.loading import LAYOUTS
+        from edgemeta.data.splits import SPLIT_MODES
+        from edgemeta.runtime.heads import METRICS
+        from edgemeta.runtime.preprocess import COLOUR_MODES
+        for name, allowed in (("algo", ALGORITHMS), ("backbone", tuple(list_backbones())), ("metric", METRICS),
+                              ("layout", LAYOUTS), ("split_mode", SPLIT_MODES), ("colour", tuple(COLOUR_MODES))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if not isinstance(self.backbone_args, dict):
+            raise ConfigError(f"backbone_args must be a table of arguments, not {self.backbone_args!r}")
+        unknown = [k for k in self.backbone_args if not accepts(self.backbone, k)]
+        if unknown:
+            raise ConfigError(f"backbone {self.backbone} takes no argument(s) {', '.join(unknown)}")
+        if not isinstance(self.data, list) or not all(isinstance(d, str) for d in self.data):
+            raise ConfigError(f"data must be a list of paths or data-root names, not {self.data!r}")
         if not self.data:
             raise ConfigError("no training data: pass --data PATH (a folder or .zip; repeat for several)")
         if self.optimizer not in ("adam", "sgd"):

@@ -224,8 +224,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     """Train as `config` says. The process keeps its freed heap memory from here on
     (edgemeta.memory): no page faults per step, resident size stays at its peak."""
     config.validate()
-    if config.algo not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(ALGORITHMS)}")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     if config.precision == "bf16" and not native_bf16(config.device):
