@@ -105,7 +105,8 @@ class TrainConfig:
         for name, allowed in (("algo", ALGORITHMS), ("backbone", tuple(list_backbones())), ("metric", METRICS),
                               ("layout", LAYOUTS), ("split_mode", SPLIT_MODES), ("colour", tuple(COLOUR_MODES))):
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+                label = {"algo": "algorithm", "split_mode": "split mode"}.get(name, name)
+                raise ConfigError(f"unknown {label} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if not isinstance(self.backbone_args, dict):
             raise ConfigError(f"backbone_args must be a table of arguments, not {self.backbone_args!r}")
         unknown = [k for k in self.backbone_args if not accepts(self.backbone, k)]
