@@ -14,12 +14,8 @@ SHIPPED_DATA = [ROOT / "data/omniglot/images_background_small1.zip", ROOT / "dat
 
 
 def machine() -> str:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    from edgemeta.runtime.device_info import cpu_model
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def interleaved(fns: dict, rounds: int = 5, repeats: int = 20, warmup: int = 3) -> dict:

@@ -109,7 +109,8 @@ def main() -> None:
     if args.backbone not in list_backbones():
         ap.error(f"--backbone: choose one of {', '.join(list_backbones())}")
     from edgemeta.algorithms import ANIL, MAML
-    from edgemeta.algorithms.gradient import stack_tasks, use_batch_statistics
+    from edgemeta.algorithms.batchnorm import use_batch_statistics
+    from edgemeta.data.episodes import stack_tasks
     from edgemeta.backbones import Embedder, deployment_args
     from edgemeta.data import EpisodeSampler, load_dataset
     from edgemeta.memory import retain_freed_memory

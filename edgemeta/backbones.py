@@ -8,6 +8,7 @@ are part of the model that gets exported.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from collections.abc import Callable
 
 import torch
@@ -203,3 +204,16 @@ class Embedder(nn.Module):
             # .to (not .contiguous): for one-channel input the latter keeps NCHW strides
             x = x.to(memory_format=torch.channels_last)
         return self.backbone(self.normalize(x))
+
+
+@contextmanager
+def nchw_activations(embedder: Embedder):
+    """The embedder keeps its input's layout (NCHW) inside the block; the flag is restored after.
+    Used where channels-last does not pay or cannot be had: under vmap (which cannot re-stride a
+    batched tensor) and on second-order MAML's support pass, whose double backward through
+    BatchNorm runs faster in NCHW (measured in docs/benchmarks.md, section 4)."""
+    saved, embedder.channels_last = embedder.channels_last, False
+    try:
+        yield
+    finally:
+        embedder.channels_last = saved

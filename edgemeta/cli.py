@@ -61,6 +61,43 @@ def command(*args, **kwargs):
     return deco
 
 
+class RichProgress:
+    """runtime.progress.Progress drawn with rich: a bar for tasks, a cyan bullet for messages."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self._bar, self._task = enabled, None, None
+
+    def start(self, label: str, total: int | None = None, completed: int = 0) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        self.finish()
+        self._bar = Progress(TextColumn(f"[bold]{escape(label)}"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), TextColumn("{task.description}"), transient=label != "train",
+                             console=err_console)
+        self._bar.__enter__()
+        self._task = self._bar.add_task("", total=total, completed=completed)
+
+    def update(self, completed: int | None = None, note: str = "") -> None:
+        if self._bar is None:
+            return
+        if completed is None:
+            self._bar.advance(self._task)
+        else:
+            self._bar.update(self._task, completed=completed)
+        if note:
+            self._bar.update(self._task, description=escape(note))
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            console.print(f"[cyan]•[/] {escape(text)}")
+
+
 def print_json(value, indent: int | None = None) -> None:
     """Strict JSON on stdout: a NaN or infinity (never valid JSON) is written as null."""
     print(json.dumps(_finite(value), indent=indent, allow_nan=False))
@@ -137,7 +174,7 @@ def train(
                  seed=seed, device=device, precision=precision, out=str(out) if out else None)
     flags = {k: v for k, v in flags.items() if v is not None}
     cfg = TrainConfig.from_toml(config, **flags) if config else TrainConfig.from_dict(flags)
-    result = run_training(cfg, resume=resume, progress=not quiet)
+    result = run_training(cfg, resume=resume, progress=RichProgress(enabled=not quiet))
     console.print(f"best validation accuracy {result.best_val_accuracy:.2f}% "
                   f"({cfg.val_way}-way {cfg.val_shot}-shot) in {result.seconds:.0f} s")
     console.print(f"checkpoint: {result.best_checkpoint}")

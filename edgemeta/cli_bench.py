@@ -71,9 +71,9 @@ def bench(
     if set(heads) - {"prototype", "ridge", "logistic"}:
         raise ConfigError(f"unknown head in {head!r}")
     b = load_bundle(bundle)
-    with console.status("benchmarking") as status:
-        result = run_bench(b, gather_images(images, b.spec), backend, variant, _ints(way), _ints(shot), _ints(steps),
-                           heads, _ints(batch), repeat, progress=lambda m: status.update(f"benchmarking: {m}"))
+    from edgemeta.cli import RichProgress
+    result = run_bench(b, gather_images(images, b.spec), backend, variant, _ints(way), _ints(shot), _ints(steps),
+                       heads, _ints(batch), repeat, progress=RichProgress())
     print_table(result)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))

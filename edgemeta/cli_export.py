@@ -13,7 +13,7 @@ from edgemeta.cli import command, console, print_json
 
 @command()
 def export(
-    source: Path = typer.Argument(..., help="A checkpoint (.safetensors); with --engine, an existing bundle folder."),
+    source: Path = typer.Argument(..., help="A checkpoint (.safetensors), or with --onnx your own ONNX embedding model."),
     out: Optional[Path] = typer.Option(None, help="Bundle folder to create (default: SOURCE name + '.bundle')."),
     onnx: bool = typer.Option(False, "--onnx", help="SOURCE is your own ONNX embedding model: wrap it into a bundle."),
     input_size: Optional[int] = typer.Option(None, help="--onnx: square input size in pixels."),
@@ -25,43 +25,33 @@ def export(
     fp16: bool = typer.Option(False, "--fp16", help="Add an FP16 variant (CUDA provider, TensorRT fp16 engines)."),
     calib_data: Optional[list[Path]] = typer.Option(None, help="Real images for parity, calibration and the INT8 accuracy check (folder or .zip)."),
     calib_images: int = typer.Option(256, help="Number of calibration images."),
-    engine: bool = typer.Option(False, "--engine", help="Build a TensorRT engine ON THIS DEVICE into the existing bundle SOURCE."),
-    precision: str = typer.Option("fp32", help="--engine: fp32 | fp16 | int8 (built from that ONNX variant)."),
-    batch: str = typer.Option("1:8:32", help="--engine: batch profile MIN:OPT:MAX."),
-    workspace_mb: int = typer.Option(1024, help="--engine: builder workspace limit in MiB."),
-    dla: Optional[int] = typer.Option(None, help="--engine: DLA core (Jetson Xavier/Orin), GPU fallback on."),
-    timing_cache: Optional[Path] = typer.Option(None, help="--engine: timing cache file, loaded and saved."),
-    overwrite: bool = typer.Option(False, help="Replace an existing bundle folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle (never a folder that is not one)."),
 ):
-    """Export the backbone into a bundle (manifest.json + parity-checked ONNX [+ INT8/FP16] [+ TensorRT engine]).
+    """Export the backbone into a bundle (manifest.json + parity-checked ONNX [+ INT8/FP16]). TensorRT
+    engines are built on the device into the bundle with `edgemeta build-engine`.
 
     Examples:
 
       edgemeta export ckpt.safetensors --out bundle --int8 --fp16 --calib-data photos/
 
       edgemeta export model.onnx --onnx --input-size 64 --colour RGB --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --out bundle
-
-      edgemeta export --engine bundle --precision fp16 --batch 1:8:32    (on the device, TensorRT 10)
     """
     from edgemeta import export as ex
+    from edgemeta.cli import RichProgress
     from edgemeta.runtime.errors import ConfigError
-    report = lambda msg: console.print(f"[cyan]•[/] {msg}")  # noqa: E731
-    if calib_images < 1:
-        raise ConfigError(f"--calib-images must be ≥ 1, got {calib_images}")
-    if workspace_mb < 1:
-        raise ConfigError(f"--workspace-mb must be ≥ 1, got {workspace_mb}")
-    if engine:
-        record = ex.add_engine(source, precision, batch, workspace_mb, dla, timing_cache, report)
-        console.print(f"engine {record['file']} added to {source}")
-        return
+    options = ex.ExportOptions(l2_normalize=l2_normalize, int8=int8, fp16=fp16,
+                               calib_data=tuple(str(p) for p in calib_data or ()), calib_images=calib_images,
+                               overwrite=overwrite)
     target = out or source.with_suffix(".bundle")
-    calib = [str(p) for p in calib_data] if calib_data else None
     if onnx:
         from edgemeta.runtime.extras import require
         require("onnx", purpose="--onnx")
         from edgemeta.runtime.preprocess import InputSpec
         if input_size is None:
             raise ConfigError("--onnx needs --input-size (and --mean/--std if the graph does not normalise itself)")
+        if int8 or fp16:
+            raise ConfigError("--int8/--fp16 variants are made from checkpoints; --onnx wraps your model as it is")
+
         def parse(text, default):
             if not text:
                 return default
@@ -70,15 +60,12 @@ def export(
             except ValueError:
                 raise ConfigError(f"--mean/--std take comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
         spec = InputSpec(input_size, input_size, colour, parse(mean, (0.0,)), parse(std, (1.0,)))
-        manifest = ex.wrap_onnx(source, target, spec, l2_normalized=l2_normalize, overwrite=overwrite,
-                                check_data=calib, report=report)
+        manifest = ex.wrap_onnx(source, target, spec, options, progress=RichProgress())
     else:
         from edgemeta.cli import require_training_extra
         require_training_extra()
         with console.status("exporting"):
-            manifest = ex.export_checkpoint(source, target, l2_normalize=l2_normalize, int8=int8, fp16=fp16,
-                                            calib_data=calib, calib_images=calib_images, overwrite=overwrite,
-                                            report=report)
+            manifest = ex.export_checkpoint(source, target, options, progress=RichProgress())
     console.print(f"bundle written: {target} ({', '.join(manifest['files'])})")
 
 
@@ -110,21 +97,7 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
     for e in m["engines"]:
         table.add_row("engine", f"{e['file']}: TensorRT {e['tensorrt_version']} {e['gpu_name']} sm{e['compute_capability']} "
                                 f"{e['precision']} batch {e['profile']}")
+    from edgemeta.runtime.backends import runnable_here
     for name, can in runnable_here(bundle).items():
         table.add_row(f"runs here: {name}", can)
     console.print(table)
-
-
-def runnable_here(bundle) -> dict[str, str]:
-    """Which backend on this machine can run which file of the bundle."""
-    import onnxruntime as ort
-
-    from edgemeta.runtime.backends import choose_providers
-    from edgemeta.runtime.device_info import device_identity, engine_mismatches
-    providers = ", ".join(p.replace("ExecutionProvider", "") for p in choose_providers("auto"))
-    out = {v["file"]: f"yes — onnxruntime {ort.__version__} ({providers})" for v in bundle.manifest["variants"].values()}
-    device = device_identity()
-    for e in bundle.engines:
-        why = engine_mismatches(e, device)
-        out[e["file"]] = "yes — tensorrt" if not why else "no — " + "; ".join(why) + " (rebuild with `edgemeta export --engine`)"
-    return out

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemeta.precision import PRECISIONS
+from edgemeta.precision import TRAINING_PRECISIONS
 from edgemeta.runtime.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -122,8 +122,8 @@ class TrainConfig:
             raise ConfigError(f"lr_schedule must be cosine, step or constant, not {self.lr_schedule!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be cpu or cuda, not {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be {' or '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.precision not in TRAINING_PRECISIONS:
+            raise ConfigError(f"precision must be {' or '.join(TRAINING_PRECISIONS)}, not {self.precision!r}")
         for name in AUTO_ON:
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ConfigError(f"{name} must be auto, on or off, not {getattr(self, name)!r}")

@@ -124,15 +124,13 @@ def adaptation_logits_fn(model, device: str = "cpu") -> LogitsFn:
 
 def load_adaptation_model(ckpt):
     """Rebuild a gradient-based algorithm (backbone + head + inner-loop settings) from a checkpoint."""
-    from edgemeta.algorithms import create_algorithm
+    from edgemeta.algorithms import LearnerSettings, create_algorithm
     from edgemeta.backbones import Embedder
     tc = ckpt.meta["train_config"]
     # evaluation runs on the CPU: NHWC activations there (see Embedder)
     embedder = Embedder(ckpt.meta["backbone"]["name"], ckpt.spec, ckpt.meta["backbone"].get("args", {}),
                         channels_last=True)
-    model = create_algorithm(ckpt.meta["algorithm"], embedder, n_way=tc["way"], inner_steps=tc["inner_steps"],
-                             inner_lr=tc["inner_lr"], learn_inner_lr=tc.get("learn_inner_lr", False),
-                             reptile_epsilon=tc.get("reptile_epsilon", 1.0))
+    model = create_algorithm(ckpt.meta["algorithm"], embedder, LearnerSettings.from_train_config(tc))
     state = {k: v for k, v in ckpt.model_state.items() if "running_" not in k and "num_batches_tracked" not in k}
     model.load_state_dict(state)
     return model.eval()

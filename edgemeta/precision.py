@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-PRECISIONS = ("fp32", "bf16")
+TRAINING_PRECISIONS = ("fp32", "bf16")
 
 
 def native_bf16(device: str) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemeta.data.episodes import EpisodeSampler
+from edgemeta.runtime.progress import SILENT, Progress
 
 # (support [n, D], support labels [n], query [m, D], n_way) -> logits [m, n_way]
 LogitsFn = Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
@@ -43,7 +44,7 @@ def check_episode_request(way: int, shot: int, query: int, episodes: int) -> Non
 
 
 def evaluate_episodes(embeddings: np.ndarray, labels: np.ndarray, logits_fn: LogitsFn, way: int, shot: int,
-                      query: int = 15, episodes: int = 1000, seed: int = 0, progress=None) -> EvalResult:
+                      query: int = 15, episodes: int = 1000, seed: int = 0, progress: Progress = SILENT) -> EvalResult:
     check_episode_request(way, shot, query, episodes)
     sampler = EpisodeSampler(labels, way, shot, query, seed)
     accs = np.empty(episodes)
@@ -51,7 +52,6 @@ def evaluate_episodes(embeddings: np.ndarray, labels: np.ndarray, logits_fn: Log
         ep = sampler.episode(i)
         logits = np.asarray(logits_fn(embeddings[ep.support], ep.support_labels, embeddings[ep.query], way))
         accs[i] = (logits.argmax(1) == ep.query_labels).mean()
-        if progress is not None:
-            progress()
+        progress.update(i + 1)
     ci = 1.96 * accs.std(ddof=1) / np.sqrt(episodes) if episodes > 1 else 0.0
     return EvalResult(float(100 * accs.mean()), float(100 * ci), episodes, way, shot, query, seed)

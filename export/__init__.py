@@ -2,6 +2,6 @@
 
 Offline work only; the device side that reads bundles is edgemeta.runtime.
 """
-from .bundle_builder import add_engine, export_checkpoint, wrap_onnx
+from .bundle_builder import EngineOptions, ExportOptions, add_engine, export_checkpoint, wrap_onnx
 
-__all__ = ["add_engine", "export_checkpoint", "wrap_onnx"]
+__all__ = ["EngineOptions", "ExportOptions", "add_engine", "export_checkpoint", "wrap_onnx"]

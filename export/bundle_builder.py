@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 import datetime as _dt
 import os
 import shutil
@@ -14,16 +15,48 @@ import numpy as np
 
 import edgemeta
 from edgemeta.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, load_bundle, register_file, sha256_file, write_manifest
-from edgemeta.runtime.errors import BundleError, DataError
+from edgemeta.runtime.errors import BundleError, ConfigError, DataError
 from edgemeta.runtime.heads import HeadConfig
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
+from edgemeta.runtime.progress import SILENT, Progress
 
 PARITY_IMAGES = 64
-Report = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
-    pass
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `export_checkpoint` and `wrap_onnx` make (one options object, as ONNX Runtime's
+    quantize(model_in, model_out, config))."""
+
+    l2_normalize: bool = False        # L2-normalise embeddings inside the graph (the head then uses cosine)
+    int8: bool = False                # add an INT8 (QDQ, per-channel) variant calibrated on real images
+    fp16: bool = False                # add an FP16 variant
+    calib_data: tuple[str, ...] = ()  # real images (folders or zips) for parity, calibration, the INT8 check
+    calib_images: int = 256
+    eval_episodes: int = 200          # episodes of the INT8 accuracy check
+    overwrite: bool = False           # replace an existing bundle (never a folder that is not one)
+
+    def __post_init__(self) -> None:
+        if self.calib_images < 1:
+            raise ConfigError(f"--calib-images must be ≥ 1, got {self.calib_images}")
+        if self.eval_episodes < 1:
+            raise ConfigError(f"eval_episodes must be ≥ 1, got {self.eval_episodes}")
+        object.__setattr__(self, "calib_data", tuple(str(p) for p in self.calib_data))
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """A TensorRT engine build on the device (`edgemeta build-engine`)."""
+
+    precision: str = "fp32"           # fp32 | fp16 | int8: built from that ONNX variant
+    batch: str = "1:8:32"             # the batch profile MIN:OPT:MAX
+    workspace_mb: int = 1024
+    dla_core: int | None = None
+    timing_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.workspace_mb < 1:
+            raise ConfigError(f"--workspace-mb must be ≥ 1, got {self.workspace_mb}")
 
 
 def reference_images(sources: list[str], spec: InputSpec, count: int, seed: int = 0):
@@ -95,26 +128,25 @@ def _findable(source: str) -> bool:
         return False
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, l2_normalize: bool = False, int8: bool = False,
-                      fp16: bool = False, calib_data: list[str] | None = None, calib_images: int = 256,
-                      eval_episodes: int = 200, overwrite: bool = False, report: Report = _quiet) -> dict:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
+                      progress: Progress = SILENT) -> dict:
     """Checkpoint → bundle with embed.onnx (parity-checked), optional INT8 and FP16 variants."""
     from edgemeta.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     spec = ckpt.spec
     out = Path(out)
-    sources = list(calib_data or [p for p in ckpt.meta.get("train_config", {}).get("data", []) if _findable(p)])
-    real, dataset = reference_images(sources, spec, max(calib_images, PARITY_IMAGES))
-    with bundle_target(out, overwrite, (Path(checkpoint),)) as building:
-        manifest = _export(ckpt, Path(checkpoint), building, real, dataset, l2_normalize, int8, fp16, calib_images,
-                           eval_episodes, report)
+    sources = list(options.calib_data or [p for p in ckpt.meta.get("train_config", {}).get("data", []) if _findable(p)])
+    real, dataset = reference_images(sources, spec, max(options.calib_images, PARITY_IMAGES))
+    with bundle_target(out, options.overwrite, (Path(checkpoint),)) as building:
+        manifest = _export(ckpt, Path(checkpoint), building, real, dataset, options, progress.message)
     return manifest
 
 
-def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, l2_normalize: bool, int8: bool, fp16: bool,
-            calib_images: int, eval_episodes: int, report: Report) -> dict:
+def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, options: ExportOptions,
+            report: Callable[[str], None]) -> dict:
     from .onnx_graph import PARITY_RTOL, ExportEmbedder, export_onnx, graph_io, parity
+    l2_normalize, calib_images = options.l2_normalize, options.calib_images
     spec = ckpt.spec
     embedder = ckpt.build_embedder()
     reference = ExportEmbedder(embedder, l2_normalize).eval()
@@ -140,15 +172,16 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, l2_nor
     })
     register_file(out, manifest, "embed.onnx", "fp32")
     manifest["variants"]["fp32"] = {"file": "embed.onnx", "parity": check}
-    if int8:
-        manifest["variants"]["int8"] = _add_int8(out, manifest, real[:calib_images], dataset, eval_episodes, report)
-    if fp16:
+    if options.int8:
+        manifest["variants"]["int8"] = _add_int8(out, manifest, real[:calib_images], dataset, options.eval_episodes,
+                                                 report)
+    if options.fp16:
         manifest["variants"]["fp16"] = _add_fp16(out, manifest, real[:PARITY_IMAGES], report)
     write_manifest(out, manifest)
     return manifest
 
 
-def _add_int8(out: Path, manifest: dict, calib: np.ndarray, dataset, episodes: int, report: Report) -> dict:
+def _add_int8(out: Path, manifest: dict, calib: np.ndarray, dataset, episodes: int, report: Callable[[str], None]) -> dict:
     from .int8_report import compare_variants
     from .quantize import quantize_int8
     report(f"quantizing to INT8 (QDQ, per-channel) on {len(calib)} real images")
@@ -160,7 +193,7 @@ def _add_int8(out: Path, manifest: dict, calib: np.ndarray, dataset, episodes: i
     return {"file": "embed.int8.onnx", **info}
 
 
-def _add_fp16(out: Path, manifest: dict, real: np.ndarray, report: Report) -> dict:
+def _add_fp16(out: Path, manifest: dict, real: np.ndarray, report: Callable[[str], None]) -> dict:
     from .quantize import convert_fp16
     report("converting to FP16 (for the CUDA provider and TensorRT)")
     info = convert_fp16(out / "embed.onnx", out / "embed.fp16.onnx")
@@ -168,11 +201,13 @@ def _add_fp16(out: Path, manifest: dict, real: np.ndarray, report: Report) -> di
     return {"file": "embed.fp16.onnx", **info}
 
 
-def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, *, head: HeadConfig | None = None,
-              l2_normalized: bool = False, overwrite: bool = False, check_data: list[str] | None = None,
-              report: Report = _quiet) -> dict:
+def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, options: ExportOptions = ExportOptions(),
+              head: HeadConfig | None = None, progress: Progress = SILENT) -> dict:
     """Bring your own backbone: an ONNX model taking float32 NCHW pixels (0–255) and returning
-    embeddings [N, D] becomes a bundle after the same checks (checker, op audit, a real run)."""
+    embeddings [N, D] becomes a bundle after the same checks (checker, op audit, a real run on
+    options.calib_data, else on noise). options.l2_normalize records that the graph already
+    L2-normalises its output; INT8/FP16 variants are made from checkpoints only."""
+    l2_normalized, overwrite, check_data = options.l2_normalize, options.overwrite, list(options.calib_data)
     import onnx
 
     from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -209,7 +244,7 @@ def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, *, head: 
             z = backend.embed(probe)
         if z.shape != (len(probe), out_shape[1]) or not np.isfinite(z).all():
             raise BundleError(f"running the model on {len(probe)} images gave {z.shape} with non-finite values")
-        report(f"checked: runs on ONNX Runtime, embedding size {out_shape[1]}")
+        progress.message(f"checked: runs on ONNX Runtime, embedding size {out_shape[1]}")
         manifest = _new_manifest(spec, in_name, out_name, int(out_shape[1]), l2_normalized,
                                  head or HeadConfig(metric="cosine" if l2_normalized else "euclidean"),
                                  {"backbone": "external", "source": src.name, "source_sha256": sha256_file(src),
@@ -220,18 +255,22 @@ def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, *, head: 
     return manifest
 
 
-def add_engine(bundle_dir: str | Path, precision: str = "fp32", batch: str = "1:8:32", workspace_mb: int = 1024,
-               dla_core: int | None = None, timing_cache: str | Path | None = None, report: Report = _quiet) -> dict:
+def add_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(), progress: Progress = SILENT) -> dict:
     """Build a TensorRT engine on this device from the bundle's ONNX variant and add it to the bundle."""
-    from .tensorrt import PRECISIONS, BatchProfile, build_engine, engine_file_name, engine_record
-    if precision not in PRECISIONS:
-        raise BundleError(f"precision must be one of {', '.join(PRECISIONS)}")
+    precision, batch, workspace_mb = options.precision, options.batch, options.workspace_mb
+    dla_core, timing_cache = options.dla_core, options.timing_cache
+    from edgemeta.runtime import extras
+
+    from .tensorrt import ENGINE_PRECISIONS, BatchProfile, build_engine, engine_file_name, engine_record
+    extras.require("tensorrt", purpose="building a TensorRT engine")
+    if precision not in ENGINE_PRECISIONS:
+        raise BundleError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}")
     profile = BatchProfile.parse(batch)
     bundle = load_bundle(bundle_dir)
     onnx_path = bundle.variant_path(precision)
     spec = bundle.spec
     tmp_name = f".building-{precision}.engine"
-    report(f"building a TensorRT {precision} engine, batch {batch} (minutes on a Jetson)")
+    progress.message(f"building a TensorRT {precision} engine, batch {batch} (minutes on a Jetson)")
     built = build_engine(onnx_path, bundle.path / tmp_name, bundle.input_name, (spec.channels, spec.height, spec.width),
                          profile, workspace_mb, timing_cache, dla_core, precision)
     name = engine_file_name(precision, profile, built["device"], dla_core)

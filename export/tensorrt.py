@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgemeta.runtime import extras
+from edgemeta.runtime.bundle import VARIANTS
 from edgemeta.runtime.device_info import device_identity
 from edgemeta.runtime.errors import BundleError, ConfigError
 
-PRECISIONS = ("fp32", "fp16", "int8")
+ENGINE_PRECISIONS = VARIANTS  # an engine is built from the ONNX variant of the same name
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ from . import heads
 from .backends import open_backend
 from .bundle import Bundle, load_bundle
 from .classifier import FewShotClassifier
+from .device_info import cpu_model
 from .heads import resolve_head
+from .progress import SILENT, Progress
 from .preprocess import load_images, pixels_to_batch
 from .timing import summarize, time_call
 
@@ -26,7 +28,7 @@ BENCH_VERSION = "1.0"
 
 def environment(backend) -> dict:
     import onnxruntime as ort
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_model(),
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model(),
            "cores": os.cpu_count(), "onnxruntime_version": ort.__version__,
            "available_providers": ort.get_available_providers(), "numpy_version": np.__version__,
            **backend.describe()}
@@ -43,16 +45,6 @@ def environment(backend) -> dict:
         except (OSError, subprocess.TimeoutExpired):
             env["power_mode"] = None
     return env
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _episode_features(rng: np.random.Generator, pool: np.ndarray, way: int, shot: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,10 +84,10 @@ def bench_heads(features: np.ndarray, ways: list[int], shots: list[int], steps: 
 def run_bench(bundle: str | Path | Bundle, images: list[bytes], backend: str = "auto", variant: str = "fp32",
               ways: list[int] = (5,), shots: list[int] = (1, 5), steps: list[int] = (1, 10, 50),
               head_names: list[str] = ("prototype", "ridge", "logistic"), batches: list[int] = (1, 8, 32),
-              repeat: int = 50, warmup: int = 5, progress=None) -> dict:
+              repeat: int = 50, warmup: int = 5, progress: Progress = SILENT) -> dict:
     """Measure everything; `images` are encoded image files (PNG/JPEG bytes) to decode and embed."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    tick = progress or (lambda _msg: None)
+    tick = progress.message
     be = open_backend(b, backend, variant)
     spec = b.spec
     pixels = load_images(images[: max(batches) * 2], spec)

@@ -76,7 +76,7 @@ def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
     for engine in manifest["engines"]:
         for key in ("file", "tensorrt_version", "gpu_name", "compute_capability", "precision", "profile"):
             if key not in engine:
-                raise BundleError(f"{where}: an engine entry lacks {key!r}; rebuild it with `edgemeta export --engine`")
+                raise BundleError(f"{where}: an engine entry lacks {key!r}; rebuild it with `edgemeta build-engine`")
 
 
 def read_manifest(bundle_dir: str | os.PathLike) -> dict:

@@ -75,4 +75,16 @@ def engine_mismatches(engine: dict, device: dict) -> list[str]:
 
 
 def rebuild_hint(bundle: str | Path) -> str:
-    return f"rebuild it on this device with `edgemeta export --engine {bundle}`"
+    return f"rebuild it on this device with `edgemeta build-engine {bundle}`"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (x86: "model name", Arm: "Hardware" in /proc/cpuinfo), else platform's."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import OMNIGLOT
+from edgemeta.runtime.progress import SILENT
 
 
 def _free_port() -> int:
@@ -24,7 +25,7 @@ def _rank(rank: int, world: int, port: int, algo: str, out: str, cache: str) -> 
     from edgemeta.train import train
     cfg = TrainConfig(data=[str(p) for p in OMNIGLOT], split_mode="seeded", algo=algo, way=5, shot=1, query=3,
                       meta_batch=2, inner_steps=1, episodes=3, val_every=3, val_episodes=5, out=out, seed=0)
-    result = train(cfg, progress=False)
+    result = train(cfg, progress=SILENT)
     torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items() if v is not None},
                os.path.join(out, f"rank{rank}.pt"))
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from edgemeta.algorithms import ANIL, MAML
-from edgemeta.algorithms.gradient import stack_tasks
+from edgemeta.data.episodes import stack_tasks
+from edgemeta.runtime.progress import SILENT
 from edgemeta.backbones import Embedder
 from edgemeta.data import EpisodeSampler
 from edgemeta.precision import autocast
@@ -84,5 +85,5 @@ def test_bf16_on_a_device_without_native_bf16_warns_and_still_trains(tmp_path, o
     config = TrainConfig(data=[str(p) for p in omniglot_paths], split_mode="seeded", algo="protonet", way=5, shot=1,
                          query=2, episodes=2, val_every=2, val_episodes=5, precision="bf16", out=str(tmp_path / "r"))
     with pytest.warns(UserWarning, match="no native bfloat16 arithmetic; training works but runs slower"):
-        result = training.train(config, progress=False)
+        result = training.train(config, progress=SILENT)
     assert result.best_checkpoint.is_file()

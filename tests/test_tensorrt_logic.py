@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 
+from edgemeta.export import EngineOptions
 from edgemeta.export.tensorrt import BatchProfile, engine_file_name, engine_record
 from edgemeta.runtime import BundleError, ConfigError, DependencyError, load_bundle
 from edgemeta.runtime.backends import matching_engine, open_backend
@@ -79,7 +80,7 @@ def test_auto_backend_skips_a_foreign_engine_with_a_warning_and_tensorrt_refuses
     engine, reasons = matching_engine(b, here)
     assert engine is None and "TensorRT is not installed" in reasons[0]
     assert matching_engine(b, ORIN)[0]["file"] == "e.engine"
-    with pytest.warns(RuntimeWarning, match="rebuild it on this device with `edgemeta export --engine"):
+    with pytest.warns(RuntimeWarning, match="rebuild it on this device with `edgemeta build-engine"):
         backend = open_backend(b, "auto", device=here)
     assert isinstance(backend, OnnxRuntimeBackend)
     with pytest.raises(BundleError, match="no TensorRT engine in this bundle matches this device"):
@@ -117,7 +118,7 @@ def test_engine_build_and_run_match_onnxruntime(tiny_bundle, tmp_path, omniglot)
     from edgemeta.export import add_engine
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
-    record = add_engine(copy, "fp32", "1:4:16", timing_cache=tmp_path / "cache.bin")
+    record = add_engine(copy, EngineOptions("fp32", "1:4:16", timing_cache=str(tmp_path / "cache.bin")))
     assert (tmp_path / "cache.bin").exists()
     b = load_bundle(copy)
     backend = open_backend(b, "tensorrt")

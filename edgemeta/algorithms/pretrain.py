@@ -12,10 +12,17 @@ from torch import nn
 from edgemeta.backbones import Embedder
 from edgemeta.heads import class_means, prototype_logits
 
+from .base import LearnerSettings, MetaLearner, Step, accumulate, episode_loss, register
+
 COSINE_SCALE = 10.0
 
 
-class Pretrain(nn.Module):
+@register("pretrain")
+def _pretrain(embedder: Embedder, s: LearnerSettings) -> "Pretrain":
+    return Pretrain(embedder, s.n_classes)
+
+
+class Pretrain(MetaLearner):
     def __init__(self, embedder: Embedder, n_classes: int):
         super().__init__()
         self.embedder = embedder
@@ -25,12 +32,18 @@ class Pretrain(nn.Module):
         """Logits over the training classes (forward, so DistributedDataParallel can wrap it)."""
         return self.classifier(self.embedder(x))
 
+    def meta_learn(self, step: Step) -> tuple[float, float]:
+        def loss_of(j):
+            idx, labels = step.images(j)
+            return episode_loss(step.forward(step.inputs(idx)), torch.from_numpy(labels).to(step.device))
+        return accumulate(step, loss_of)
+
     def logits_from_embeddings(self, s, support_y, q, n_way):
         return prototype_logits(q, class_means(s, support_y, n_way), "cosine", COSINE_SCALE)
 
     def head_config(self) -> dict:
         return {"kind": "prototype", "metric": "cosine", "scale": COSINE_SCALE}
 
-    def deployable_state(self) -> dict[str, torch.Tensor]:
+    def deployable_state(self, calibration_batches=None) -> dict[str, torch.Tensor]:
         """The weights worth shipping: the classifier over training classes is thrown away."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("classifier.")}

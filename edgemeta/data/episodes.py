@@ -74,3 +74,17 @@ class EpisodeSampler:
         while True:
             yield self.episode(i)
             i += 1
+
+
+def stack_tasks(episodes: list[Episode], to_input):
+    """Episodes → torch (sx [T, n*k, C, H, W], sy [n*k], qx [T, n*q, C, H, W], qy [n*q]): a
+    meta-batch of tasks for the gradient-based learners; labels are shared. `to_input` maps dataset
+    indices to a model input tensor. (torch is imported here only: the module serves the device.)"""
+    import torch
+    sy = torch.from_numpy(episodes[0].support_labels)
+    qy = torch.from_numpy(episodes[0].query_labels)
+    for ep in episodes:
+        assert np.array_equal(ep.support_labels, episodes[0].support_labels)
+    sx = torch.stack([to_input(ep.support) for ep in episodes])
+    qx = torch.stack([to_input(ep.query) for ep in episodes])
+    return sx, sy, qx, qy

@@ -19,6 +19,7 @@ import numpy as np
 from edgemeta.runtime.errors import DataError
 from edgemeta.runtime.files import atomic_write
 from edgemeta.runtime.preprocess import InputSpec, load_image
+from edgemeta.runtime.progress import SILENT, Progress
 
 from .imageset import ImageSet
 from .sources import iter_image_entries, source_fingerprint
@@ -34,7 +35,7 @@ def default_cache_dir() -> Path:
 
 def load_dataset(sources: str | os.PathLike | list, image_size: int | tuple[int, int] = 28,
                  colour: str = "L", layout: str = "auto", cache_dir: str | os.PathLike | None = None,
-                 progress: bool = False) -> ImageSet:
+                 progress: Progress = SILENT) -> ImageSet:
     """Load one or several sources (folders or zips) into one ImageSet.
 
     Several sources are merged by class; a drawing present in two sources (the Omniglot small
@@ -64,7 +65,7 @@ def load_dataset(sources: str | os.PathLike | list, image_size: int | tuple[int,
     return dataset
 
 
-def _decode(sources: list, spec: InputSpec, layout: str, progress: bool) -> ImageSet:
+def _decode(sources: list, spec: InputSpec, layout: str, progress: Progress) -> ImageSet:
     entries = {}
     for source in sources:
         for parts, read in iter_image_entries(source):
@@ -90,34 +91,15 @@ def _decode(sources: list, spec: InputSpec, layout: str, progress: bool) -> Imag
     pixels = np.empty((total, spec.height, spec.width, spec.channels), np.uint8)
     labels = np.empty(total, np.int64)
     i = 0
-    with _progress(progress, total, "decoding images") as advance:
-        for label, key in enumerate(keys):
-            for parts, read in by_class[key]:
-                pixels[i] = _decode_one(parts, read, spec)
-                labels[i] = label
-                i += 1
-                advance()
+    progress.start("decoding images", total)
+    for label, key in enumerate(keys):
+        for parts, read in by_class[key]:
+            pixels[i] = _decode_one(parts, read, spec)
+            labels[i] = label
+            i += 1
+            progress.update(i)
+    progress.finish()
     return ImageSet(pixels, labels, classes, groups)
-
-
-class _progress:
-    """A rich progress bar when asked for, a no-op otherwise."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label = enabled, total, label
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
-        self._bar = Progress(transient=True)
-        self._bar.__enter__()
-        task = self._bar.add_task(self.label, total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._bar.__exit__(*exc)
 
 
 def _read_cache(path: Path) -> ImageSet:

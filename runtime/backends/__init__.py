@@ -31,6 +31,18 @@ def matching_engine(bundle: Bundle, device: dict | None = None, precision: str |
     return None, reasons
 
 
+def runnable_here(bundle: Bundle, device: dict | None = None) -> dict[str, str]:
+    """Which backend on this machine can run which file of the bundle, in words."""
+    import onnxruntime as ort
+    providers = ", ".join(p.replace("ExecutionProvider", "") for p in choose_providers("auto"))
+    out = {v["file"]: f"yes — onnxruntime {ort.__version__} ({providers})" for v in bundle.manifest["variants"].values()}
+    device = device if device is not None else device_identity()
+    for e in bundle.engines:
+        why = engine_mismatches(e, device)
+        out[e["file"]] = "yes — tensorrt" if not why else "no — " + "; ".join(why) + f" ({rebuild_hint(bundle.path)})"
+    return out
+
+
 def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", providers: str | list[str] = "auto",
                  threads: int | None = None, device: dict | None = None) -> Backend:
     """Open the bundle's embedding network on the requested backend."""
@@ -49,4 +61,5 @@ def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", p
     return OnnxRuntimeBackend(bundle.variant_path(variant), bundle.spec, bundle.embedding_dim, providers, threads)
 
 
-__all__ = ["BACKENDS", "Backend", "OnnxRuntimeBackend", "choose_providers", "matching_engine", "open_backend"]
+__all__ = ["BACKENDS", "Backend", "OnnxRuntimeBackend", "choose_providers", "matching_engine", "open_backend",
+           "runnable_here"]

@@ -1,7 +1,6 @@
 """The one interface every backend implements: embed a float32 NCHW batch of decoded pixels."""
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -10,13 +9,12 @@ from ..preprocess import InputSpec
 
 
 class Backend(ABC):
-    """Run the bundle's embedding network. Usable as a context manager; keeps the last latency."""
+    """Run the bundle's embedding network. Usable as a context manager."""
 
     name: str = "backend"
 
     def __init__(self, spec: InputSpec, embedding_dim: int):
         self.spec, self.embedding_dim = spec, embedding_dim
-        self.last_latency_s: float | None = None
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -27,10 +25,7 @@ class Backend(ABC):
             from ..errors import ImageDecodeError
             raise ImageDecodeError(f"expected a batch shaped [N, {self.spec.channels}, {self.spec.height}, "
                                    f"{self.spec.width}], got {list(batch.shape)}")
-        t0 = time.perf_counter()
-        out = self._run(np.ascontiguousarray(batch, dtype=np.float32))
-        self.last_latency_s = time.perf_counter() - t0
-        return out
+        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def embed_pixels(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Embed decoded uint8 images [N, H, W, C] in batches: float32 [N, D]."""
@@ -39,11 +34,6 @@ class Backend(ABC):
         for i in range(0, len(pixels), batch_size):
             out[i:i + batch_size] = self.embed(pixels_to_batch(pixels[i:i + batch_size]))
         return out
-
-    def warmup(self, batch_size: int = 1, runs: int = 3) -> None:
-        x = np.zeros((batch_size, self.spec.channels, self.spec.height, self.spec.width), np.float32)
-        for _ in range(runs):
-            self.embed(x)
 
     def close(self) -> None:
         pass

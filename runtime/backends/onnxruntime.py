@@ -10,8 +10,6 @@ from ..preprocess import InputSpec
 from .base import Backend
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-              "all": "ORT_ENABLE_ALL"}
 
 
 def choose_providers(requested: str | list[str] = "auto", available: list[str] | None = None) -> list[str]:
@@ -50,13 +48,11 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, model_path: str | Path, spec: InputSpec, embedding_dim: int, providers: str | list[str] = "auto",
-                 threads: int | None = None, optimization: str = "all"):
+                 threads: int | None = None):
         import onnxruntime as ort
         super().__init__(spec, embedding_dim)
-        if optimization not in OPT_LEVELS:
-            raise ConfigError(f"optimization must be one of {', '.join(OPT_LEVELS)}")
         options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[optimization])
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3

@@ -52,7 +52,7 @@ class TensorRTBackend(Backend):
         self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
             raise BundleError(f"TensorRT could not deserialize {engine_path}; rebuild it on this device "
-                              "with `edgemeta export --engine BUNDLE`")
+                              "with `edgemeta build-engine BUNDLE`")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

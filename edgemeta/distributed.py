@@ -1,0 +1,61 @@
+"""torchrun / DistributedDataParallel plumbing for training: gloo on CPU, nccl on GPU; each rank
+draws its own episodes; only rank 0 writes checkpoints and logs. A no-op in a single process.
+Multi-node runs are the same code: torchrun sets RANK and WORLD_SIZE across machines."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class Distributed:
+    def __init__(self, device: str = "cpu"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled:
+            import torch.distributed as td
+            if not td.is_initialized():
+                td.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            self.td = td
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def episode_index(self, step: int, per_rank: int) -> int:
+        """The first episode index of this rank's tasks at `step` (ranks never share an episode)."""
+        return (step * self.world + self.rank) * per_rank
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model)
+
+    def broadcast(self, model: torch.nn.Module) -> None:
+        if self.enabled:
+            for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
+                self.td.broadcast(t.data, 0)
+
+    def average_gradients(self, model: torch.nn.Module) -> None:
+        if self.enabled:
+            for p in model.parameters():
+                if p.grad is not None:
+                    self.td.all_reduce(p.grad)
+                    p.grad /= self.world
+
+    def average_tensors(self, tensors: dict) -> dict:
+        if self.enabled:
+            for t in tensors.values():
+                self.td.all_reduce(t)
+                t /= self.world
+        return tensors
+
+    def close(self, model: torch.nn.Module) -> None:
+        if self.enabled:
+            # DDP syncs BatchNorm statistics from rank 0 at each forward; the last forward's update is
+            # local, so end with rank 0's statistics everywhere (what the checkpoint holds).
+            self.broadcast(model)
+            self.td.barrier()
+            self.td.destroy_process_group()
