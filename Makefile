@@ -12,7 +12,7 @@ DEMO_OUT ?= demo-out
 SHIPPED_CKPT := checkpoints/omniglot-conv4-protonet.safetensors
 DEVICE_BUNDLE := build/device-test-bundle
 
-.PHONY: test test-main test-device demo install clean
+.PHONY: test test-fast test-main test-device lint demo install clean
 
 install: $(STAMP)
 
@@ -23,10 +23,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-test: test-main test-device
+test: lint test-main test-device
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-main: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The edit loop: no training, export or multi-process tests (`slow`, see tests/conftest.py).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # A second environment as on a device: `pip install .` with no extras (no torch, no onnx).
 test-device: $(STAMP)

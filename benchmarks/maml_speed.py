@@ -43,7 +43,7 @@ from common import SHIPPED_DATA, interleaved, machine
 def clone_module(module: torch.nn.Module) -> torch.nn.Module:
     """learn2learn-style clone: a copy whose parameters are differentiable clones of the originals."""
     clone = copy.deepcopy(module)
-    for (name, m), (_, src) in zip(clone.named_modules(), module.named_modules()):
+    for (_, m), (_, src) in zip(clone.named_modules(), module.named_modules()):
         for pname, p in src._parameters.items():
             if p is not None:
                 m._parameters[pname] = p.clone()

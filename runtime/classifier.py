@@ -120,7 +120,7 @@ class Prediction:
         return iter((self.labels, self.probabilities))
 
     def to_list(self) -> list[dict]:
-        return [{"label": lab, "top_k": [{"label": l, "probability": round(p, 6)} for l, p in tk],
+        return [{"label": lab, "top_k": [{"label": name, "probability": round(p, 6)} for name, p in tk],
                  "distance": round(float(d), 6)} for lab, tk, d in zip(self.labels, self.top_k, self.distances)]
 
 

@@ -68,3 +68,14 @@ def tagalog(omniglot_paths):
             if "/Tagalog/" in name and name.endswith(".png"):
                 by.setdefault(name.split("/")[-2], []).append(z.read(name))
     return by
+
+
+SLOW_FIXTURES = {"tiny_run", "tiny_bundle"}  # a real training run and its export
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow`: tests that train or export a real model (through the fixtures above) or start
+    processes; `make test-fast` leaves them out for the edit loop, `make test` runs everything."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ == "test_distributed":
+            item.add_marker(pytest.mark.slow)

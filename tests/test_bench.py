@@ -25,10 +25,11 @@ def test_bench_writes_a_valid_json_with_every_stage_and_a_png(tiny_bundle, tmp_p
         assert im.format == "PNG" and im.size[0] > 800
 
 
-def test_per_step_timings_count_the_steps_asked_for(tiny_bundle):
+def test_per_step_timings_count_the_steps_asked_for(monkeypatch):
+    import numpy as np
+
     from edgemeta.runtime import heads
     from edgemeta.runtime.bench import bench_heads
-    import numpy as np
     calls = []
     original = heads.logistic_fit
 
@@ -36,12 +37,10 @@ def test_per_step_timings_count_the_steps_asked_for(tiny_bundle):
         inner = kw["on_step"]
         kw["on_step"] = lambda i: (calls.append(i), inner(i))
         return original(*a, **kw)
-    heads.logistic_fit = counting
-    try:
-        feats = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
-        _, rows = bench_heads(feats, [5], [1], [1, 7], ["logistic"], repeat=6, logistic=HeadConfig(kind="logistic", lr=0.1))
-    finally:
-        heads.logistic_fit = original
+    monkeypatch.setattr(heads, "logistic_fit", counting)
+    feats = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
+    _, rows = bench_heads(feats, [5], [1], [1, 7], ["logistic"], repeat=6, logistic=HeadConfig(kind="logistic", lr=0.1))
+    monkeypatch.undo()
     assert [r["steps"] for r in rows] == [1, 7]
     runs_1, runs_7 = max(3, 6 // 1), max(3, 6 // 1)
     assert calls.count(6) == runs_7 and calls.count(0) == runs_1 + runs_7  # every step of every run reported

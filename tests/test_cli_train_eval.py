@@ -101,3 +101,15 @@ def test_auto_on_off_switches_resolve_per_device_and_refuse_other_values(tmp_pat
     result = run_cli("train", "--config", cfg, "--out", tmp_path / "r", "--quiet")
     assert result.exit_code == 2 and "channels_last must be auto, on or off, not 'sideways'" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_every_train_flag_is_a_train_config_field():
+    """`edgemeta train`'s options are TrainConfig's fields under the same names (a flag that is not a
+    field, or is spelt differently, could never reach the training)."""
+    import inspect
+
+    from edgemeta.cli import train as train_command
+    from edgemeta.config import TrainConfig
+    fields = set(TrainConfig.__dataclass_fields__)
+    flags = set(inspect.signature(train_command).parameters) - {"config", "resume", "quiet"}
+    assert flags <= fields, sorted(flags - fields)

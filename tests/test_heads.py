@@ -7,8 +7,6 @@ import torch
 
 from edgemeta import heads as th
 from edgemeta.runtime import heads as nh
-from edgemeta.runtime.errors import ConfigError
-from edgemeta.runtime.heads import HeadConfig, resolve_head
 
 
 def _features(n_way=5, shot=3, dim=16, query=4, seed=0, dtype=torch.float64):

@@ -231,7 +231,7 @@ def test_fifos_folders_and_missing_files_are_refused_not_waited_on(tmp_path):
 
 # ------------------------------------------------------------------ 7. trusted sizes
 def edited_bundle(tiny_bundle, tmp_path, edit) -> str:
-    from edgemeta.runtime.bundle import read_manifest, write_manifest
+    from edgemeta.runtime.bundle import read_manifest
     out = tmp_path / "edited"
     shutil.copytree(tiny_bundle, out)
     manifest = read_manifest(out)

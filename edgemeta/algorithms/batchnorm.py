@@ -17,7 +17,7 @@ def use_batch_statistics(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(embedder: Embedder, batches) -> dict[str, torch.Tensor]:
+def recalibrate_batchnorm(embedder: nn.Module, batches) -> dict[str, torch.Tensor]:
     """Running statistics for every BatchNorm layer, averaged over `batches` of training images
     (cumulative mean). Returns them as state-dict entries; the module itself is left unchanged."""
     stats: dict[str, list[torch.Tensor]] = {}

@@ -35,8 +35,8 @@ class Backend(ABC):
             out[i:i + batch_size] = self.embed(pixels_to_batch(pixels[i:i + batch_size]))
         return out
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - a backend that holds no device resources has nothing to free
+        """Free device memory and sessions; the backend is unusable afterwards."""
 
     def describe(self) -> dict:
         return {"backend": self.name}
