@@ -1,5 +1,5 @@
 """One way for library code to report progress: a Progress object the caller passes in. Library
-code never prints; the CLI renders progress with rich (edgemeta.cli.RichProgress), and the
+code never prints; the CLI renders progress with rich (edgemeta.cli.common.RichProgress), and the
 default, Silent, shows nothing."""
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def test_every_train_flag_is_a_train_config_field():
     field, or is spelt differently, could never reach the training)."""
     import inspect
 
-    from edgemeta.cli import train as train_command
+    from edgemeta.cli.training import train as train_command
     from edgemeta.config import TrainConfig
     fields = set(TrainConfig.__dataclass_fields__)
     flags = set(inspect.signature(train_command).parameters) - {"config", "resume", "quiet"}

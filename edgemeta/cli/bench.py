@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from edgemeta.cli import command, console
+from edgemeta.cli.common import command, console
 
 
 def _ints(text: str) -> list[int]:
@@ -62,7 +62,7 @@ def bench(
     from edgemeta.runtime.bench import render_plot, run_bench
     from edgemeta.runtime.bundle import load_bundle
     from edgemeta.runtime.errors import ConfigError
-    from edgemeta.cli import writable_target
+    from edgemeta.cli.common import writable_target
     if repeat < 1:
         raise ConfigError(f"--repeat must be ≥ 1, got {repeat}")
     writable_target(json_out, "--json")  # checked before the run, not after it
@@ -71,7 +71,7 @@ def bench(
     if set(heads) - {"prototype", "ridge", "logistic"}:
         raise ConfigError(f"unknown head in {head!r}")
     b = load_bundle(bundle)
-    from edgemeta.cli import RichProgress
+    from edgemeta.cli.common import RichProgress
     result = run_bench(b, gather_images(images, b.spec), backend, variant, _ints(way), _ints(shot), _ints(steps),
                        heads, _ints(batch), repeat, progress=RichProgress())
     print_table(result)

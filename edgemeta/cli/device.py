@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgemeta.cli import command, console, print_json
+from edgemeta.cli.common import command, console, print_json
 
 BACKEND_HELP = "auto (TensorRT engine if one matches this device, else ONNX Runtime) | onnxruntime | tensorrt"
 
@@ -167,7 +167,7 @@ def build_engine(
 
     Example: edgemeta build-engine bundle --precision fp16 --batch 1:8:32
     """
-    from edgemeta.cli import RichProgress
+    from edgemeta.cli.common import RichProgress
     from edgemeta.export import EngineOptions, add_engine
     options = EngineOptions(precision, batch, workspace_mb, dla, str(timing_cache) if timing_cache else None)
     record = add_engine(bundle, options, progress=RichProgress())

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from edgemeta.cli import command, console, print_json
+from edgemeta.cli.common import command, console, print_json
 
 
 @command()
@@ -37,7 +37,7 @@ def export(
       edgemeta export model.onnx --onnx --input-size 64 --colour RGB --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --out bundle
     """
     from edgemeta import export as ex
-    from edgemeta.cli import RichProgress
+    from edgemeta.cli.common import RichProgress
     from edgemeta.runtime.errors import ConfigError
     options = ex.ExportOptions(l2_normalize=l2_normalize, int8=int8, fp16=fp16,
                                calib_data=tuple(str(p) for p in calib_data or ()), calib_images=calib_images,
@@ -62,7 +62,7 @@ def export(
         spec = InputSpec(input_size, input_size, colour, parse(mean, (0.0,)), parse(std, (1.0,)))
         manifest = ex.wrap_onnx(source, target, spec, options, progress=RichProgress())
     else:
-        from edgemeta.cli import require_training_extra
+        from edgemeta.cli.common import require_training_extra
         require_training_extra()
         with console.status("exporting"):
             manifest = ex.export_checkpoint(source, target, options, progress=RichProgress())

@@ -1,131 +1,14 @@
-"""The `edgemeta` command line. Each command is a thin shell over a library function; heavy
-modules (torch, onnx) are imported inside the commands that need them, so the device commands
-work on a machine without torch."""
+"""Training-side commands: train, eval, inspect."""
 from __future__ import annotations
 
-import functools
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from edgemeta.runtime.errors import EdgemetaError
-
-app = typer.Typer(help="edgemeta: few-shot image classification from meta-training to an edge device.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
-
-
-def require_training_extra() -> None:
-    """Fail at the point of use, with the install command, when torch & co. are missing (a device
-    install: enroll/predict/forget/classes/bench/eval --bundle work without them)."""
-    from edgemeta.runtime.extras import require
-    require("torch", "safetensors", "onnx", purpose="this command")
-
-
-def fail(message: str) -> None:
-    """One red `error:` line on stderr (control characters shown escaped), then exit status 2."""
-    printable = "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in message)
-    err_console.print(f"[bold red]error:[/] {escape(printable)}", highlight=False)
-    raise typer.Exit(2)
-
-
-def os_error_message(exc: OSError) -> str:
-    """An environment fault (permission denied, read-only or full disk, a file in the way) as one line."""
-    where = " → ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return f"{reason}: {where}" if where else reason
-
-
-def command(*args, **kwargs):
-    """app.command() whose user errors and environment faults end in one red line and exit status 2,
-    never a traceback."""
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **kw):
-            try:
-                return fn(*a, **kw)
-            except EdgemetaError as exc:
-                fail(str(exc))
-            except OSError as exc:
-                fail(os_error_message(exc))
-            except MemoryError:
-                fail("out of memory; use smaller images or batches")
-        return app.command(*args, **kwargs)(wrapper)
-    return deco
-
-
-class RichProgress:
-    """runtime.progress.Progress drawn with rich: a bar for tasks, a cyan bullet for messages."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self._bar, self._task = enabled, None, None
-
-    def start(self, label: str, total: int | None = None, completed: int = 0) -> None:
-        if not self.enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        self.finish()
-        self._bar = Progress(TextColumn(f"[bold]{escape(label)}"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), TextColumn("{task.description}"), transient=label != "train",
-                             console=err_console)
-        self._bar.__enter__()
-        self._task = self._bar.add_task("", total=total, completed=completed)
-
-    def update(self, completed: int | None = None, note: str = "") -> None:
-        if self._bar is None:
-            return
-        if completed is None:
-            self._bar.advance(self._task)
-        else:
-            self._bar.update(self._task, completed=completed)
-        if note:
-            self._bar.update(self._task, description=escape(note))
-
-    def finish(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar = None
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            console.print(f"[cyan]•[/] {escape(text)}")
-
-
-def print_json(value, indent: int | None = None) -> None:
-    """Strict JSON on stdout: a NaN or infinity (never valid JSON) is written as null."""
-    print(json.dumps(_finite(value), indent=indent, allow_nan=False))
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def writable_target(path: Optional[Path], what: str) -> None:
-    """Check before a long run that an output file can be written there (its folder exists, it is
-    not a folder)."""
-    from edgemeta.runtime.errors import ConfigError
-    if path is None:
-        return
-    if path.is_dir():
-        raise ConfigError(f"{what} {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise ConfigError(f"{what} {path}: folder {path.parent} does not exist; create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"{what} {path}: folder {path.parent} is not writable")
-
+from edgemeta.cli.common import RichProgress, command, console, print_json, require_training_extra
 
 @command()
 def train(
@@ -220,7 +103,7 @@ def inspect(
     if not path.exists():
         raise CheckpointError(f"not found: {path}")
     if path.is_dir():
-        from edgemeta.cli_export import inspect_bundle
+        from edgemeta.cli.export import inspect_bundle
         return inspect_bundle(path, as_json)
     require_training_extra()
     from edgemeta.checkpoint import load_checkpoint
@@ -247,11 +130,3 @@ def inspect(
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
-
-
-def main() -> None:
-    app()
-
-
-# Command groups in their own modules register on the same app.
-from edgemeta import cli_bench, cli_device, cli_export  # noqa: E402,F401

@@ -1,0 +1,59 @@
+"""The package's module graph: no import cycle (module-level imports), and the device side never
+imports the training side."""
+from __future__ import annotations
+
+import ast
+
+from conftest import ROOT
+
+PACKAGES = {"edgemeta": ROOT / "edgemeta", "edgemeta.export": ROOT / "export", "edgemeta.runtime": ROOT / "runtime"}
+
+
+def module_graph() -> dict[str, set[str]]:
+    files = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            files[".".join([package, *parts])] = path
+    graph = {}
+    for name, path in files.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # module level: what runs at import time
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module
+                deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = module_graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_the_runtime_imports_nothing_else_of_ours():
+    graph = module_graph()
+    for name, deps in graph.items():
+        if name.startswith("edgemeta.runtime"):
+            assert all(d.startswith("edgemeta.runtime") for d in deps), (name, deps)
