@@ -8,6 +8,8 @@ import numpy as np
 
 from edgemeta.runtime.errors import DataError
 
+from .imageset import indices_by_class
+
 
 @dataclass(frozen=True)
 class Episode:
@@ -30,9 +32,7 @@ class EpisodeSampler:
             raise DataError(f"way and shot must be ≥ 1 and query ≥ 0 (got way={n_way}, shot={k_shot}, query={n_query})")
         labels = np.asarray(labels, dtype=np.int64)
         n_classes = int(labels.max()) + 1 if len(labels) else 0
-        order = np.argsort(labels, kind="stable")
-        bounds = np.searchsorted(labels[order], np.arange(n_classes + 1))
-        per_class = [order[bounds[c]:bounds[c + 1]] for c in range(n_classes)]
+        per_class = indices_by_class(labels, n_classes)
         need = k_shot + n_query
         short = [c for c, idx in enumerate(per_class) if len(idx) < need]
         if short:

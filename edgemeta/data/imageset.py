@@ -12,6 +12,13 @@ import numpy as np
 from edgemeta.runtime.errors import DataError
 
 
+def indices_by_class(labels: np.ndarray, n_classes: int) -> list[np.ndarray]:
+    """For each class 0..n_classes-1, the indices of its items in `labels` (ascending)."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(n_classes + 1))
+    return [order[bounds[c]:bounds[c + 1]] for c in range(n_classes)]
+
+
 @dataclass
 class ImageSet:
     pixels: np.ndarray  # uint8 [N, H, W, C], already preprocessed to the input spec
@@ -34,9 +41,7 @@ class ImageSet:
 
     def class_indices(self) -> list[np.ndarray]:
         """For each class, the indices of its images (sorted)."""
-        order = np.argsort(self.labels, kind="stable")
-        bounds = np.searchsorted(self.labels[order], np.arange(self.n_classes + 1))
-        return [order[bounds[c]:bounds[c + 1]] for c in range(self.n_classes)]
+        return indices_by_class(self.labels, self.n_classes)
 
     def select_classes(self, class_ids: list[int] | np.ndarray) -> "ImageSet":
         """A new ImageSet with only these classes, relabelled 0..len(class_ids)-1 in the given order."""
