@@ -27,6 +27,7 @@ test: lint test-main test-device
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test-main: $(STAMP)
 	$(BIN)/python -m pytest -q

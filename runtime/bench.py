@@ -8,7 +8,9 @@ import platform
 import resource
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from .classifier import FewShotClassifier
 from .device_info import cpu_model
 from .heads import resolve_head
 from .progress import SILENT, Progress
-from .preprocess import load_images, pixels_to_batch
+from .preprocess import ImageSource, load_images, pixels_to_batch
 from .timing import summarize, time_call
 
 BENCH_SCHEMA = "edgemeta-bench"
@@ -68,7 +70,8 @@ def bench_heads(features: np.ndarray, ways: list[int], shots: list[int], steps: 
                              **summarize(time_call(lambda: heads.ridge_fit(s, y, way, 1.0), repeat))})
             if "logistic" in head_names:
                 for k in steps:
-                    per_step, totals = [], []
+                    per_step: list[float] = []
+                    totals: list[float] = []
                     for _ in range(max(3, repeat // max(1, k // 5))):
                         marks = [time.perf_counter()]
                         heads.logistic_fit(s, y, way, k, logistic.lr, momentum=logistic.momentum,
@@ -81,9 +84,9 @@ def bench_heads(features: np.ndarray, ways: list[int], shots: list[int], steps: 
     return fits, step_rows
 
 
-def run_bench(bundle: str | Path | Bundle, images: list[bytes], backend: str = "auto", variant: str = "fp32",
-              ways: list[int] = (5,), shots: list[int] = (1, 5), steps: list[int] = (1, 10, 50),
-              head_names: list[str] = ("prototype", "ridge", "logistic"), batches: list[int] = (1, 8, 32),
+def run_bench(bundle: str | Path | Bundle, images: Sequence[ImageSource], backend: str = "auto", variant: str = "fp32",
+              ways: Sequence[int] = (5,), shots: Sequence[int] = (1, 5), steps: Sequence[int] = (1, 10, 50),
+              head_names: Sequence[str] = ("prototype", "ridge", "logistic"), batches: Sequence[int] = (1, 8, 32),
               repeat: int = 50, warmup: int = 5, progress: Progress = SILENT) -> dict:
     """Measure everything; `images` are encoded image files (PNG/JPEG bytes) to decode and embed."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -93,7 +96,7 @@ def run_bench(bundle: str | Path | Bundle, images: list[bytes], backend: str = "
     pixels = load_images(images[: max(batches) * 2], spec)
     while len(pixels) < max(batches):
         pixels = np.concatenate([pixels, pixels])
-    result = {"schema": BENCH_SCHEMA, "schema_version": BENCH_VERSION,
+    result: dict[str, Any] = {"schema": BENCH_SCHEMA, "schema_version": BENCH_VERSION,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "environment": environment(be),
               "bundle": {"path": str(b.path), "backbone": b.manifest["model"]["backbone"], "variant": variant,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -158,6 +159,7 @@ class FewShotClassifier:
         matches = (saved.model_sha256 == self.bundle.model_sha256 and saved.variant == self.variant
                    and saved.embedding_dim == self.bundle.embedding_dim)
         if not matches:
+            assert self.store is not None  # only a store's state is adopted
             kept = all(c.images for c in saved.classes)
             if not reembed:
                 offer = (" Its images were kept: pass reembed=True (CLI: --reembed) to re-embed them with this bundle."
@@ -193,7 +195,7 @@ class FewShotClassifier:
     def shots(self) -> dict[str, int]:
         return {c.label: c.shots for c in self._state.classes}
 
-    def embed(self, images: list[ImageSource] | np.ndarray) -> np.ndarray:
+    def embed(self, images: Sequence[ImageSource] | np.ndarray) -> np.ndarray:
         """Decode (if needed) and embed images: float32 [N, D]."""
         return self._embed_sources(images)
 
@@ -205,14 +207,14 @@ class FewShotClassifier:
         else:
             pixels = load_images(images, spec)
         embeddings = self.backend.embed_pixels(pixels)
-        bad = np.flatnonzero(~np.isfinite(embeddings).all(1)) if embeddings.size else []
+        bad = np.flatnonzero(~np.isfinite(embeddings).all(1)) if embeddings.size else np.zeros(0, np.int64)
         if len(bad):
             which = ", ".join(str(images[i]) if not isinstance(images, np.ndarray) else f"#{i}" for i in bad[:3])
             raise ImageDecodeError(f"the model returned non-finite embeddings for input(s) {which}; "
                                    "the bundle's model is broken (re-export it) or the input is not an image")
         return embeddings
 
-    def predict(self, images: list[ImageSource] | np.ndarray, top_k: int = 1,
+    def predict(self, images: Sequence[ImageSource] | np.ndarray, top_k: int = 1,
                 reject: float | str | None = None) -> Prediction:
         """Classify images. reject="auto" answers "unknown" beyond the distance calibrated on the
         support set; a float sets that distance; None never rejects."""
@@ -246,13 +248,13 @@ class FewShotClassifier:
         return cached[1]
 
     # ---------------------------------------------------------------- changes
-    def enroll(self, label: str, images: list[ImageSource] | np.ndarray, mode: str = "new") -> int:
+    def enroll(self, label: str, images: Sequence[ImageSource] | np.ndarray, mode: str = "new") -> int:
         """Enroll a class from its support images. mode "new" refuses a label already enrolled,
         "add" adds shots to it, "replace" replaces its shots. Returns the class's shot count.
         Everything is decoded and embedded before anything changes: a bad image loses nothing."""
         return self.enroll_many({label: images}, mode)[check_label(label)]
 
-    def enroll_many(self, classes: dict[str, list[ImageSource] | np.ndarray], mode: str = "new") -> dict[str, int]:
+    def enroll_many(self, classes: dict[str, Sequence[ImageSource] | np.ndarray], mode: str = "new") -> dict[str, int]:
         """Enroll several classes as one change: every label is checked and every image decoded and
         embedded first; then one save. One bad class or image enrolls none. Returns shots per class."""
         if mode not in ("new", "add", "replace"):
@@ -268,9 +270,9 @@ class FewShotClassifier:
         with self._write_lock, self._store_lock():
             state = self._refresh()
             if mode == "new":
-                taken = [(lab, state.classes[state.find(lab)].shots) for lab in todo if state.find(lab) is not None]
+                taken = [(lab, i) for lab in todo if (i := state.find(lab)) is not None]
                 if taken:
-                    raise StoreError(f"{taken[0][0]!r} is already enrolled ({taken[0][1]} shots); "
+                    raise StoreError(f"{taken[0][0]!r} is already enrolled ({state.classes[taken[0][1]].shots} shots); "
                                      "use add (CLI --add) to add shots or replace (CLI --replace) to start over")
             embedded = {label: self._embed_sources(images) for label, images in todo.items()}
             new_classes = list(state.classes)
@@ -325,7 +327,7 @@ class FewShotClassifier:
         return self._state
 
     def _keep(self, images) -> tuple[str, ...]:
-        if not self.keep_images or isinstance(images, np.ndarray):
+        if self.store is None or not self.keep_images or isinstance(images, np.ndarray):
             return ()
         names = []
         for src in images:

@@ -70,7 +70,7 @@ class HeadConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))} for a {kind!r} head")
         try:
-            return cls(**{_FIELD.get(k, k): v for k, v in d.items() if k != "init"})
+            return cls(**{_FIELD.get(str(k), str(k)): v for k, v in d.items() if k != "init"})
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 

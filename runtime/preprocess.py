@@ -12,6 +12,7 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Union
 
@@ -168,7 +169,7 @@ def load_image(source: ImageSource, spec: InputSpec) -> np.ndarray:
     return to_pixels(open_image(source, (spec.width, spec.height)), spec)
 
 
-def load_images(sources: list[ImageSource], spec: InputSpec) -> np.ndarray:
+def load_images(sources: Sequence[ImageSource], spec: InputSpec) -> np.ndarray:
     """Decode and preprocess several images: uint8 [N, H, W, C]."""
     if not sources:
         return np.zeros((0, spec.height, spec.width, spec.channels), np.uint8)

@@ -89,7 +89,7 @@ def encode_state(state: StoreState) -> bytes:
                              else np.zeros((0, state.embedding_dim), np.float32))}
     arrays.update({f"fitted_{k}": v for k, v in state.fitted.items()})
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
     return buf.getvalue()
 
 

@@ -75,6 +75,8 @@ def test_inspect_shows_what_a_checkpoint_holds(tiny_run):
     (["train", "--backbone", "vgg", "--quiet"], "unknown backbone 'vgg'"),
     (["train", "--shot", "19", "--query", "5", "--quiet"], "lower --shot"),
     (["train", "--algo", "magic", "--quiet"], "unknown algorithm"),
+    (["train", "--metric", "manhattan", "--quiet"], "unknown metric 'manhattan'"),
+    (["train", "--data", "/no/such/dir", "--split-mode", "alphabet", "--quiet"], "unknown split mode 'alphabet'"),
     (["train", "--precision", "fp16", "--quiet"], "precision must be fp32 or bf16, not 'fp16'"),
     (["train", "--quiet"], "no training data"),
     (["eval", "/no/such.safetensors"], "checkpoint not found"),

@@ -140,6 +140,8 @@ CHILD = textwrap.dedent("""
         clf.enroll(f'tmp{i}', imgs[(i * 5) % 395:(i * 5) % 395 + 5])
         if i % 3 == 0:
             clf.forget(f'tmp{i}')
+        if i == 0:
+            print('saving', flush=True)  # at least one save done: the kill lands among saves
         i += 1
 """)
 
@@ -157,6 +159,7 @@ def test_kill_9_during_saves_never_loses_enrolled_classes(tiny_bundle, tagalog, 
         child = subprocess.Popen([sys.executable, str(script), str(tiny_bundle), str(store), str(omniglot_paths[0])],
                                  stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready"
+        assert child.stdout.readline().strip() == "saving"
         time.sleep(float(rng.uniform(0.05, 0.4)))
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
@@ -164,7 +167,7 @@ def test_kill_9_during_saves_never_loses_enrolled_classes(tiny_bundle, tagalog, 
         assert set(chars) <= set(state.labels), f"round {round_}"
         assert all(c.embeddings.shape == (5, 64) for c in state.classes)
         FewShotClassifier.load(tiny_bundle, store=store).predict([tagalog[chars[0]][9]])
-    assert EnrollmentStore(store).read().generation > 8 + 6  # the child really was saving when killed
+    assert EnrollmentStore(store).read().generation >= 8 + 6  # every round saved at least once before the kill
 
 
 def test_predict_while_enrolling_in_another_thread_sees_consistent_heads(tiny_bundle, tagalog, tmp_path):
