@@ -31,10 +31,12 @@ class Evaluation:
 def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.PathLike | None = None,
              variant: str = "fp32", data: list[str] | None = None, split: str = "test", split_mode: str | None = None,
              split_file: str | None = None, way: int = 5, shot: int = 1, query: int = 15, episodes: int = 1000,
-             seed: int = 0, head: str = "default") -> Evaluation:
+             seed: int = 0, head: str = "default", center: bool = False,
+             flip_shots: bool | None = None) -> Evaluation:
     """Accuracy ± 95% CI on fixed episodes of one split. head "default" is the checkpoint's or the
     bundle's own (for MAML-family checkpoints: their own adaptation); a kind name fits that device
-    head on the frozen embedding."""
+    head on the frozen embedding. center=True (checkpoints): CL2N features, as `export --center`
+    bakes into a bundle. flip_shots overrides the head's flipped-shot setting."""
     from edgemeta.data import load_dataset, select_split
     from edgemeta.runtime.heads import resolve_head
     check_episode_request(way, shot, query, episodes)
@@ -46,7 +48,9 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
         if not data:
             raise ConfigError("--bundle needs --data (a folder or .zip of labelled images)")
         clf = FewShotClassifier.load(bundle, backend="onnxruntime", variant=variant)
-        spec, tc, head_cfg = clf.bundle.spec, {}, resolve_head(clf.bundle.head, choice)
+        if center:
+            raise ConfigError("--center applies to checkpoints; a bundle exported with --center is centred already")
+        spec, tc, head_cfg = clf.bundle.spec, {}, _flip(resolve_head(clf.bundle.head, choice), flip_shots)
         embed = clf.embed
         logits_fn = lambda s, y, q, n: heads.head_logits(head_cfg, s, y, q, n)  # noqa: E731
         head_json, path = head_cfg.to_dict(), f"deployed (onnxruntime {variant} + numpy head)"
@@ -66,16 +70,60 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
             embed = lambda pixels: pixels  # noqa: E731  (episodes index images; adaptation embeds them)
             logits_fn = adaptation_logits_fn(load_adaptation_model(ckpt))
         else:
-            head_cfg = resolve_head(ckpt.device_head, choice)
+            head_cfg = _flip(resolve_head(ckpt.device_head, choice), flip_shots)
             embedder = ckpt.build_embedder()
-            embed = lambda pixels: embed_pixels(embedder, pixels)  # noqa: E731
+            if center:  # what `export --center` deploys: CL2N features, a cosine prototype head
+                head_cfg = head_cfg.for_normalized_embeddings()
+                mean, _ = feature_mean(ckpt, embedder)
+                embed = lambda pixels: cl2n(embed_pixels(embedder, pixels), mean)  # noqa: E731
+            else:
+                embed = lambda pixels: embed_pixels(embedder, pixels)  # noqa: E731
             logits_fn, head_json = torch_logits_fn(head_cfg), head_cfg.to_dict()
     sources = [str(p) for p in data] if data else tc.get("data", [])
     dataset = load_dataset(sources, (spec.height, spec.width), spec.colour, tc.get("layout", "auto"))
     dataset = select_split(dataset, split, split_mode or tc.get("split_mode", "auto"), tc.get("split_seed", 0),
                            str(split_file) if split_file else "" if split_mode else tc.get("split_file", ""))
-    result = evaluate_episodes(embed(dataset.pixels), dataset.labels, logits_fn, way, shot, query, episodes, seed)
+    embeddings = embed(dataset.pixels)
+    support = None
+    if isinstance(head_json, dict) and head_json.get("flip_shots"):  # support = mean of each image and its mirror
+        support = (embeddings + embed(np.ascontiguousarray(dataset.pixels[:, :, ::-1]))) / 2
+    result = evaluate_episodes(embeddings, dataset.labels, logits_fn, way, shot, query, episodes, seed,
+                               support_embeddings=support)
     return Evaluation(result, head_json, split, dataset.n_classes, path)
+
+
+def _flip(head, flip_shots: bool | None):
+    import dataclasses
+    return head if flip_shots is None else dataclasses.replace(head, flip_shots=flip_shots)
+
+
+FEATURE_MEAN_KEY = "feature_mean"
+FEATURE_MEAN_IMAGES = 10_000
+
+
+def feature_mean(ckpt, embedder=None, max_images: int = FEATURE_MEAN_IMAGES) -> tuple[np.ndarray, dict]:
+    """CL2N's center (SimpleShot): the mean embedding of the checkpoint's training classes — the one
+    the checkpoint holds (`feature_mean`), else computed on up to `max_images` images (seeded
+    sample) of its training split, read from its training data. Returns (mean, description)."""
+    from edgemeta.data import load_dataset, select_split
+    if FEATURE_MEAN_KEY in ckpt.model_state:
+        mean = ckpt.model_state[FEATURE_MEAN_KEY].float().numpy()
+        return mean, {**ckpt.meta.get(FEATURE_MEAN_KEY, {}), "source": "checkpoint"}
+    tc = ckpt.meta.get("train_config", {})
+    if not tc.get("data"):
+        raise ConfigError("this checkpoint holds no feature mean and names no training data to compute one")
+    spec = ckpt.spec
+    data = load_dataset(tc["data"], (spec.height, spec.width), spec.colour, tc.get("layout", "auto"))
+    train = select_split(data, "train", tc.get("split_mode", "auto"), tc.get("split_seed", 0), tc.get("split_file", ""))
+    pick = np.sort(np.random.default_rng(0).choice(len(train), min(max_images, len(train)), replace=False))
+    z = embed_pixels(embedder if embedder is not None else ckpt.build_embedder(), train.pixels[pick])
+    return z.mean(0).astype(np.float32), {"images": int(len(pick)), "classes": int(train.n_classes), "split": "train"}
+
+
+def cl2n(z: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """Centre, then L2-normalise (the NumPy twin of the exported graph's last two steps)."""
+    z = z - center
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
 
 def embed_pixels(embedder, pixels: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:

@@ -44,13 +44,17 @@ def check_episode_request(way: int, shot: int, query: int, episodes: int) -> Non
 
 
 def evaluate_episodes(embeddings: np.ndarray, labels: np.ndarray, logits_fn: LogitsFn, way: int, shot: int,
-                      query: int = 15, episodes: int = 1000, seed: int = 0, progress: Progress = SILENT) -> EvalResult:
+                      query: int = 15, episodes: int = 1000, seed: int = 0, progress: Progress = SILENT,
+                      support_embeddings: np.ndarray | None = None) -> EvalResult:
+    """support_embeddings (same rows as embeddings): what support images contribute when it differs
+    from what queries do (flipped-shot augmentation); default: the same embeddings."""
     check_episode_request(way, shot, query, episodes)
+    support_rows = embeddings if support_embeddings is None else support_embeddings
     sampler = EpisodeSampler(labels, way, shot, query, seed)
     accs = np.empty(episodes)
     for i in range(episodes):
         ep = sampler.episode(i)
-        logits = np.asarray(logits_fn(embeddings[ep.support], ep.support_labels, embeddings[ep.query], way))
+        logits = np.asarray(logits_fn(support_rows[ep.support], ep.support_labels, embeddings[ep.query], way))
         accs[i] = (logits.argmax(1) == ep.query_labels).mean()
         progress.update(i + 1)
     ci = 1.96 * accs.std(ddof=1) / np.sqrt(episodes) if episodes > 1 else 0.0

@@ -29,6 +29,8 @@ class ExportOptions:
     quantize(model_in, model_out, config))."""
 
     l2_normalize: bool = False        # L2-normalise embeddings inside the graph (the head then uses cosine)
+    center: bool = False              # CL2N: subtract the training classes' mean embedding, then L2-normalise
+    flip_shots: bool = False          # the bundle's head averages each support image with its mirror
     int8: bool = False                # add an INT8 (QDQ, per-channel) variant calibrated on real images
     fp16: bool = False                # add an FP16 variant
     calib_data: tuple[str, ...] = ()  # real images (folders or zips) for parity, calibration, the INT8 check
@@ -146,13 +148,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOp
 def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, options: ExportOptions,
             report: Callable[[str], None]) -> dict:
     from .onnx_graph import PARITY_RTOL, ExportEmbedder, export_onnx, graph_io, parity
-    l2_normalize, calib_images = options.l2_normalize, options.calib_images
+    l2_normalize, calib_images = options.l2_normalize or options.center, options.calib_images
     spec = ckpt.spec
     embedder = ckpt.build_embedder()
-    reference = ExportEmbedder(embedder, l2_normalize).eval()
+    center, centered = None, None
+    if options.center:
+        from edgemeta.evaluate import feature_mean
+        center, centered = feature_mean(ckpt, embedder)
+        report(f"CL2N: centering on the mean embedding of {centered['images']} training images, then L2 normalisation")
+    reference = ExportEmbedder(embedder, l2_normalize, center).eval()
 
     report("exporting ONNX (opset 17, dynamic batch)")
-    model = export_onnx(embedder, spec, out / "embed.onnx", l2_normalize)
+    model = export_onnx(embedder, spec, out / "embed.onnx", l2_normalize, center)
     in_name, _, out_name, out_shape = graph_io(model)
     noise = np.random.default_rng(0).uniform(0, 255, (8, spec.channels, spec.height, spec.width)).astype(np.float32)
     check = parity(out / "embed.onnx", reference, np.concatenate([real[:PARITY_IMAGES], noise]))
@@ -161,15 +168,17 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, option
     if check["max_rel_error"] > PARITY_RTOL:
         raise BundleError(f"ONNX output differs from torch by {check['max_rel_error']:.2e} relative "
                           f"(limit {PARITY_RTOL:.0e}); the bundle was not written")
-    head = ckpt.device_head
-    if l2_normalize and head.kind == "prototype":
-        head = dataclasses.replace(head, metric="cosine")
+    head = dataclasses.replace(ckpt.device_head, flip_shots=options.flip_shots or ckpt.device_head.flip_shots)
+    if l2_normalize:
+        head = head.for_normalized_embeddings()
     manifest = _new_manifest(spec, in_name, out_name, int(out_shape[1]), l2_normalize, head, {
         "backbone": ckpt.meta["backbone"]["name"], "backbone_args": ckpt.meta["backbone"].get("args", {}),
         "algorithm": ckpt.meta.get("algorithm"), "source": Path(checkpoint).name,
         "source_sha256": sha256_file(checkpoint), "opset": 17,
         "parameters": int(sum(p.numel() for p in embedder.parameters())),
     })
+    if centered is not None:
+        manifest["output"]["centered"] = centered
     register_file(out, manifest, "embed.onnx", "fp32")
     manifest["variants"]["fp32"] = {"file": "embed.onnx", "parity": check}
     if options.int8:

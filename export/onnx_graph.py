@@ -30,23 +30,28 @@ ALLOWED_OPS = frozenset({
 
 
 class ExportEmbedder(torch.nn.Module):
-    """The Embedder, optionally followed by L2 normalisation written with plain ops."""
+    """The Embedder, optionally followed by centering (subtract a fixed mean embedding) and L2
+    normalisation, written with plain ops: SimpleShot's CL2N costs the device nothing."""
 
-    def __init__(self, embedder: torch.nn.Module, l2_normalize: bool = False):
+    def __init__(self, embedder: torch.nn.Module, l2_normalize: bool = False, center: np.ndarray | None = None):
         super().__init__()
         self.embedder, self.l2_normalize = embedder, l2_normalize
+        self.register_buffer("center", None if center is None else torch.as_tensor(center, dtype=torch.float32)[None])
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         z = self.embedder(pixels)
+        if self.center is not None:
+            z = z - self.center
         if self.l2_normalize:
             z = z / torch.sqrt(torch.clamp((z * z).sum(1, keepdim=True), min=1e-24))
         return z
 
 
-def export_onnx(embedder: torch.nn.Module, spec, path: str | Path, l2_normalize: bool = False) -> onnx.ModelProto:
+def export_onnx(embedder: torch.nn.Module, spec, path: str | Path, l2_normalize: bool = False,
+                center: np.ndarray | None = None) -> onnx.ModelProto:
     """Export in eval mode (BatchNorm folded into the convolutions by constant folding), check the
     model fully, infer shapes, audit the operators, and save. Returns the saved model."""
-    module = ExportEmbedder(embedder.eval(), l2_normalize).eval()
+    module = ExportEmbedder(embedder.eval(), l2_normalize, center).eval()
     example = torch.zeros(2, spec.channels, spec.height, spec.width)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():

@@ -169,7 +169,8 @@ class FewShotClassifier:
                                  f"{self.variant}, dim {self.bundle.embedding_dim}.{offer}")
             if not kept:
                 raise StoreError("cannot re-embed: this store did not keep the enrolled images")
-            classes = tuple(EnrolledClass(c.label, frozen(self._embed_sources([self.store.image_path(n) for n in c.images])),
+            classes = tuple(EnrolledClass(c.label, frozen(self._embed_sources([self.store.image_path(n) for n in c.images],
+                                                                              support=True)),
                                           c.images) for c in saved.classes)
             state = replace(self._state, classes=classes, generation=saved.generation + 1)
             self._commit(replace(state, fitted=fit_head(state.head, classes)))
@@ -199,14 +200,20 @@ class FewShotClassifier:
         """Decode (if needed) and embed images: float32 [N, D]."""
         return self._embed_sources(images)
 
-    def _embed_sources(self, images) -> np.ndarray:
+    def _embed_sources(self, images, support: bool = False) -> np.ndarray:
+        """Decode and embed; support=True embeds support images as the head asks (with flip_shots,
+        the mean of each image's embedding and its horizontal mirror's)."""
         spec = self.bundle.spec
         images = as_source_list(images)
         if isinstance(images, np.ndarray):
             pixels = check_pixels(images, spec)
         else:
             pixels = load_images(images, spec)
-        embeddings = self.backend.embed_pixels(pixels)
+        if support and self._state.head.flip_shots:
+            both = self.backend.embed_pixels(np.concatenate([pixels, pixels[:, :, ::-1]]))
+            embeddings = (both[:len(pixels)] + both[len(pixels):]) / 2
+        else:
+            embeddings = self.backend.embed_pixels(pixels)
         bad = np.flatnonzero(~np.isfinite(embeddings).all(1)) if embeddings.size else np.zeros(0, np.int64)
         if len(bad):
             which = ", ".join(str(images[i]) if not isinstance(images, np.ndarray) else f"#{i}" for i in bad[:3])
@@ -274,7 +281,7 @@ class FewShotClassifier:
                 if taken:
                     raise StoreError(f"{taken[0][0]!r} is already enrolled ({state.classes[taken[0][1]].shots} shots); "
                                      "use add (CLI --add) to add shots or replace (CLI --replace) to start over")
-            embedded = {label: self._embed_sources(images) for label, images in todo.items()}
+            embedded = {label: self._embed_sources(images, support=True) for label, images in todo.items()}
             new_classes = list(state.classes)
             for label, images in todo.items():
                 idx = state.find(label)

@@ -43,10 +43,13 @@ class HeadConfig:
     lr: float = 0.1                # logistic
     momentum: float = 0.9          # logistic: heavy-ball momentum
     weight_decay: float = 0.0      # logistic
+    flip_shots: bool = False       # any head: each support image's embedding is averaged with its mirror's
 
     def __post_init__(self) -> None:
         if self.kind not in HEADS:
             raise ConfigError(f"unknown head {self.kind!r}; choose one of {', '.join(HEADS)}")
+        if not isinstance(self.flip_shots, bool):
+            raise ConfigError(f"flip_shots must be true or false, got {self.flip_shots!r}")
         if self.metric not in METRICS:
             raise ConfigError(f"metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
         for key, (low, high) in _BOUNDS.items():
@@ -65,7 +68,7 @@ class HeadConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: the head must be a JSON object, got {type(d).__name__}")
         kind = d.get("kind", "prototype")
-        allowed = set(HEAD_KEYS.get(kind, ())) | {"kind", "init"}  # "init": "prototype" is the only logistic init
+        allowed = set(HEAD_KEYS.get(kind, ())) | {"kind", "init", "flip_shots"}  # "init": "prototype", the only one
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))} for a {kind!r} head")
@@ -75,7 +78,15 @@ class HeadConfig:
             raise ConfigError(f"{where}: {exc}") from None
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, **{k: getattr(self, _FIELD.get(k, k)) for k in HEAD_KEYS[self.kind]}}
+        d = {"kind": self.kind, **{k: getattr(self, _FIELD.get(k, k)) for k in HEAD_KEYS[self.kind]}}
+        return {**d, "flip_shots": True} if self.flip_shots else d
+
+    def for_normalized_embeddings(self) -> "HeadConfig":
+        """The head as deployed on L2-normalised embeddings: a prototype head compares by cosine
+        (means of unit vectors are not unit vectors, so euclidean distance would rank differently)."""
+        if self.kind == "prototype" and self.metric != "cosine":
+            return HeadConfig(**{**self.__dict__, "metric": "cosine"})
+        return self
 
     def rejection_metric(self, l2_normalized: bool) -> str:
         """The distance used for "unknown" rejection: the prototype head's own metric; otherwise

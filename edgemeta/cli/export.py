@@ -21,6 +21,8 @@ def export(
     mean: Optional[str] = typer.Option(None, help="--onnx: per-channel mean on the [0,1] scale, e.g. 0.485,0.456,0.406 (must already be in the graph's expectations)."),
     std: Optional[str] = typer.Option(None, help="--onnx: per-channel std on the [0,1] scale."),
     l2_normalize: bool = typer.Option(False, help="L2-normalise embeddings inside the graph (the head then uses cosine)."),
+    center: bool = typer.Option(False, help="CL2N: subtract the training classes' mean embedding, then L2-normalise, inside the graph."),
+    flip_shots: bool = typer.Option(False, help="The bundle's head averages each support image with its horizontal mirror."),
     int8: bool = typer.Option(False, "--int8", help="Add an INT8 (QDQ, per-channel) variant calibrated on real images."),
     fp16: bool = typer.Option(False, "--fp16", help="Add an FP16 variant (CUDA provider, TensorRT fp16 engines)."),
     calib_data: Optional[list[Path]] = typer.Option(None, help="Real images for parity, calibration and the INT8 accuracy check (folder or .zip)."),
@@ -39,7 +41,7 @@ def export(
     from edgemeta import export as ex
     from edgemeta.cli.common import RichProgress
     from edgemeta.runtime.errors import ConfigError
-    options = ex.ExportOptions(l2_normalize=l2_normalize, int8=int8, fp16=fp16,
+    options = ex.ExportOptions(l2_normalize=l2_normalize, center=center, flip_shots=flip_shots, int8=int8, fp16=fp16,
                                calib_data=tuple(str(p) for p in calib_data or ()), calib_images=calib_images,
                                overwrite=overwrite)
     target = out or source.with_suffix(".bundle")
@@ -49,8 +51,8 @@ def export(
         from edgemeta.runtime.preprocess import InputSpec
         if input_size is None:
             raise ConfigError("--onnx needs --input-size (and --mean/--std if the graph does not normalise itself)")
-        if int8 or fp16:
-            raise ConfigError("--int8/--fp16 variants are made from checkpoints; --onnx wraps your model as it is")
+        if int8 or fp16 or center:
+            raise ConfigError("--int8/--fp16/--center are made from checkpoints; --onnx wraps your model as it is")
 
         def parse(text, default):
             if not text:

@@ -78,6 +78,8 @@ def evaluate(
     episodes: int = typer.Option(1000, help="Number of episodes; fixed by --seed so models compare on the same tasks."),
     seed: int = typer.Option(0, help="Episode seed."),
     head: str = typer.Option("default", help="default (the checkpoint's) | prototype | ridge | logistic"),
+    center: bool = typer.Option(False, help="Checkpoint: CL2N features (centred on the training classes' mean, L2-normalised)."),
+    flip_shots: Optional[bool] = typer.Option(None, help="Average each support image with its mirror (default: the head's setting)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Few-shot accuracy ± 95% CI on classes never trained on, from a checkpoint (torch) or a bundle (deployed path)."""
@@ -86,7 +88,8 @@ def evaluate(
         require_training_extra()
     done = run_evaluation(checkpoint=checkpoint, bundle=bundle, variant=variant, data=[str(p) for p in data or []],
                           split=split, split_mode=split_mode, split_file=str(split_file) if split_file else None,
-                          way=way, shot=shot, query=query, episodes=episodes, seed=seed, head=head)
+                          way=way, shot=shot, query=query, episodes=episodes, seed=seed, head=head,
+                          center=center, flip_shots=flip_shots)
     if as_json:
         print_json(done.to_dict())
     else:

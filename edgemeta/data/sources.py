@@ -20,13 +20,18 @@ def data_root() -> Path | None:
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
-    """A data source as given if it exists, else the same relative name under the data root."""
+    """A data source as given if it exists, else the same relative name under the data root. A
+    recorded path from another machine (`../data/omniglot/x.zip`) is also tried by its trailing
+    parts (`omniglot/x.zip`, then `x.zip`) under the data root."""
     path = Path(source).expanduser()
     if path.exists():
         return path
     root = data_root()
-    if root is not None and not path.is_absolute() and (root / path).exists():
-        return root / path
+    if root is not None:
+        parts = [p for p in path.parts if p not in ("..", ".", path.anchor)]
+        for i in range(len(parts)):
+            if (root / Path(*parts[i:])).exists():
+                return root / Path(*parts[i:])
     where = f" (nor under EDGEMETA_DATA={root})" if root is not None else " (set EDGEMETA_DATA to the folder that holds it)"
     raise DataError(f"data path not found: {path}{where}. Pass a folder or a .zip of images.")
 

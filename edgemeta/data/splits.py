@@ -48,11 +48,17 @@ def split_groups(groups: list[str], mode: str = "auto", seed: int = 0,
 
 
 def read_split_file(path: str) -> dict[str, list[str]]:
-    """A JSON file {"train": [...], "val": [...], "test": [...]} naming the groups of each split."""
+    """A JSON file {"train": [...], "val": [...], "test": [...]} naming the groups of each split. A
+    relative path that does not exist here is looked up in the source tree (where `data/splits/`
+    ships), so checkpoints that record `data/splits/x.json` evaluate from any folder."""
     import json
     from pathlib import Path
+    file = Path(path)
+    shipped = Path(__file__).resolve().parents[2] / path
+    if not file.exists() and not file.is_absolute() and shipped.exists():
+        file = shipped
     try:
-        parts = json.loads(Path(path).read_text())
+        parts = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read split file {path}: {exc}") from None
     if not isinstance(parts, dict) or not all(isinstance(parts.get(k), list) for k in ("train", "val", "test")):

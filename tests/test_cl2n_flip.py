@@ -1,0 +1,63 @@
+"""Better heads, free at run time: CL2N (centre on the training classes' mean embedding, then
+L2-normalise) baked into the exported graph, and flipped-shot enrollment in the runtime. Both must
+give the torch evaluation's accuracy through the deployed path on the same episodes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from edgemeta.checkpoint import load_checkpoint
+from edgemeta.evaluate import cl2n, feature_mean
+from edgemeta.runtime import FewShotClassifier, load_bundle
+from edgemeta.runtime.heads import HeadConfig
+
+
+@pytest.fixture(scope="module")
+def cl2n_bundle(tiny_run, tmp_path_factory, omniglot_paths):
+    out = tmp_path_factory.mktemp("cl2n") / "b"
+    r = run_cli("export", tiny_run / "best.safetensors", "--out", out, "--center", "--flip-shots",
+                "--calib-data", omniglot_paths[0])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_cl2n_is_in_the_graph_and_the_head_flips_shots(cl2n_bundle, tiny_run, omniglot):
+    b = load_bundle(cl2n_bundle)
+    assert b.l2_normalized and b.head.flip_shots and b.head.metric == "cosine"
+    assert b.manifest["output"]["centered"]["split"] == "train" and b.manifest["output"]["centered"]["images"] > 100
+    ckpt = load_checkpoint(tiny_run / "best.safetensors")
+    mean, _ = feature_mean(ckpt)
+    from edgemeta.evaluate import embed_pixels
+    want = cl2n(embed_pixels(ckpt.build_embedder(), omniglot.pixels[:32]), mean)
+    got = FewShotClassifier.load(cl2n_bundle).embed(omniglot.pixels[:32])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+
+
+def test_cl2n_and_flipped_shots_match_torch_evaluation_within_0_2_points(cl2n_bundle, tiny_run, omniglot_paths):
+    common = ["--data", str(omniglot_paths[0]), "--data", str(omniglot_paths[1]), "--split-mode", "seeded",
+              "--way", "5", "--shot", "1", "--episodes", "300", "--json"]
+    torch_run = run_cli("eval", tiny_run / "best.safetensors", "--center", "--flip-shots", *common)
+    assert torch_run.exit_code == 0, torch_run.output
+    deployed = run_cli("eval", "--bundle", cl2n_bundle, *common)
+    assert deployed.exit_code == 0, deployed.output
+    t, d = json.loads(torch_run.stdout), json.loads(deployed.stdout)
+    assert t["head"]["flip_shots"] and d["head"]["flip_shots"]
+    assert abs(t["accuracy"] - d["accuracy"]) <= 0.2
+    plain = json.loads(run_cli("eval", "--bundle", cl2n_bundle, "--no-flip-shots", *common).stdout)
+    assert plain["accuracy"] != d["accuracy"]  # the flag reaches the support embeddings
+
+
+def test_flipped_shot_enrollment_averages_each_image_with_its_mirror(tiny_bundle, tagalog):
+    shots = tagalog[sorted(tagalog)[0]][:3]
+    plain = FewShotClassifier.load(tiny_bundle)
+    flipped = FewShotClassifier.load(tiny_bundle, head=HeadConfig(flip_shots=True))
+    flipped.enroll("a", shots)
+    from edgemeta.runtime.preprocess import load_images
+    pixels = load_images(shots, plain.bundle.spec)
+    want = (plain.embed(pixels) + plain.embed(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
+    np.testing.assert_allclose(flipped._state.classes[0].embeddings, want, atol=1e-6)
+    assert HeadConfig.from_dict(HeadConfig(kind="ridge", flip_shots=True).to_dict()).flip_shots
