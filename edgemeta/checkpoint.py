@@ -78,6 +78,21 @@ def save_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor
     return path
 
 
+def ship_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False) -> Path:
+    """The checkpoint as it ships: deployable weights only (no optimizer state), CL2N's feature mean
+    computed on the training split and stored (so `export --center` needs no training data), and
+    with half=True float weights stored in float16 (loaded back as float32)."""
+    from edgemeta.evaluate import FEATURE_MEAN_KEY, feature_mean
+    ckpt = load_checkpoint(src)
+    mean, about = feature_mean(ckpt)
+    state = {**ckpt.model_state, FEATURE_MEAN_KEY: torch.from_numpy(mean)}
+    if half:
+        state = {k: v.half() if v.is_floating_point() and k != FEATURE_MEAN_KEY and "running_" not in k else v
+                 for k, v in state.items()}
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "format_version", "edgemeta_version")}
+    return save_checkpoint(dst, state, {**meta, FEATURE_MEAN_KEY: about, "weights_dtype": "float16" if half else "float32"})
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load a checkpoint; anything that is not an edgemeta safetensors file is refused, never unpickled."""
     path = Path(path)
@@ -99,7 +114,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer edgemeta (format {meta['format_version']}); upgrade edgemeta")
     _check_meta(meta, path)
-    model_state = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
+    # shipped checkpoints may store weights in float16 (half the size); compute is float32
+    model_state = {k[len(_MODEL):]: (v.float() if v.dtype in (torch.float16, torch.bfloat16) else v)
+                   for k, v in tensors.items() if k.startswith(_MODEL)}
     optimizer_state = None
     if "optimizer_param_groups" in meta:
         state: dict[int, dict] = {}

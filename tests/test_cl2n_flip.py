@@ -61,3 +61,27 @@ def test_flipped_shot_enrollment_averages_each_image_with_its_mirror(tiny_bundle
     want = (plain.embed(pixels) + plain.embed(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
     np.testing.assert_allclose(flipped._state.classes[0].embeddings, want, atol=1e-6)
     assert HeadConfig.from_dict(HeadConfig(kind="ridge", flip_shots=True).to_dict()).flip_shots
+
+
+def test_a_shipped_half_checkpoint_keeps_its_feature_mean_and_exports_without_training_data(tiny_run, tmp_path, omniglot_paths):
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    from edgemeta.checkpoint import ship_checkpoint
+    shipped = ship_checkpoint(tiny_run / "best.safetensors", tmp_path / "ship.safetensors", half=True)
+    full = load_checkpoint(tiny_run / "best.safetensors")
+    small = load_checkpoint(shipped)
+    assert shipped.stat().st_size < 0.6 * (tiny_run / "best.safetensors").stat().st_size
+    assert all(small.model_state[k].dtype == v.dtype for k, v in full.model_state.items())  # loaded back as float32
+    mean, about = feature_mean(small)
+    assert about["source"] == "checkpoint" and mean.shape == (full.meta["embedding_dim"],)
+    # the training data is gone: export --center still works from the stored mean
+    tensors = load_file(shipped)
+    with open(shipped, "rb") as f:
+        meta = _json.loads(_json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]["edgemeta"])
+    meta["train_config"]["data"] = ["/nowhere/omniglot.zip"]
+    save_file(tensors, tmp_path / "moved.safetensors", metadata={"edgemeta": _json.dumps(meta)})
+    r = run_cli("export", tmp_path / "moved.safetensors", "--out", tmp_path / "b", "--center", "--calib-data", omniglot_paths[0])
+    assert r.exit_code == 0, r.output
+    assert load_bundle(tmp_path / "b").manifest["output"]["centered"]["source"] == "checkpoint"

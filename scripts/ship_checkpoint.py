@@ -1,0 +1,26 @@
+"""Make a run's best checkpoint into the one that ships in checkpoints/: deployable weights only,
+CL2N's feature mean stored (computed on the training split, so `edgemeta export --center` needs no
+training data), and with --half float16 weights (half the size; BatchNorm statistics stay float32).
+
+    python scripts/ship_checkpoint.py runs/cifarfs-resnet12-pretrain/best.safetensors \
+        checkpoints/cifarfs-resnet12-pretrain.safetensors --half
+"""
+from __future__ import annotations
+
+import argparse
+
+from edgemeta.checkpoint import ship_checkpoint
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--half", action="store_true", help="store float weights in float16")
+    args = ap.parse_args()
+    path = ship_checkpoint(args.src, args.dst, half=args.half)
+    print(f"{path}: {path.stat().st_size:,} bytes")
+
+
+if __name__ == "__main__":
+    main()
