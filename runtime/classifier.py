@@ -233,13 +233,30 @@ class FewShotClassifier:
         query = self._embed_sources(images)
         return self._classify(state, query, top_k, reject)
 
+    def classify_embeddings(self, query: np.ndarray, top_k: int = 1, reject: float | str | None = None) -> Prediction:
+        """Classify embeddings already computed with this bundle (float32 [N, D]), e.g. by `embed`."""
+        state = self._state
+        if not state.classes:
+            raise StoreError("no classes are enrolled; enroll some first (`edgemeta enroll`)")
+        if top_k < 1:
+            raise ConfigError("top_k must be ≥ 1")
+        return self._classify(state, query, top_k, reject)
+
     def _classify(self, state: StoreState, query: np.ndarray, top_k: int, reject) -> Prediction:
-        probs = heads.softmax(heads.score(state.head, state.fitted, query))
+        metric = state.head.rejection_metric(self.bundle.l2_normalized)
+        if state.head.kind == "prototype":
+            # one distance computation serves the logits and the rejection distance
+            raw = heads.prototype_logits(query, state.fitted["prototypes"], metric, 1.0)
+            logits = raw * np.float32(state.head.scale)
+            all_distances = np.sqrt(np.maximum(-raw, 0.0)) if metric == "euclidean" else 1.0 - raw
+        else:
+            logits = heads.score(state.head, state.fitted, query)
+            all_distances = embedding_distance(query, state.fitted["prototypes"], metric)
+        probs = heads.softmax(logits)
         k = min(top_k, len(state.classes))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, order, 1)
-        metric = state.head.rejection_metric(self.bundle.l2_normalized)
-        distances = embedding_distance(query, state.fitted["prototypes"], metric).min(1)
+        distances = all_distances.min(1)
         threshold = self._auto_threshold(state, metric) if reject == "auto" else reject
         labels = [state.classes[o[0]].label for o in order]
         if threshold is not None:

@@ -368,3 +368,28 @@ def test_implausible_checkpoint_metadata_is_one_error_line(tiny_run, tmp_path, o
         line = one_error_line(run_cli("export", tmp_path / "bad.safetensors", "--out", tmp_path / "b",
                                       "--calib-data", omniglot_paths[0]))
         assert why in line and not (tmp_path / "b").exists()
+
+
+def test_a_rotated_phone_jpeg_enrolls_like_the_upright_one(tiny_bundle, tagalog):
+    upright = np.asarray(Image.open(io.BytesIO(tagalog[sorted(tagalog)[0]][0])).convert("RGB").resize((120, 160)))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned; "rotate 270° clockwise to display"
+    stored = png_bytes(np.ascontiguousarray(np.rot90(upright, -1)), format="JPEG", exif=exif.tobytes(), quality=95)
+    plain = png_bytes(upright, format="JPEG", quality=95)
+    clf = FewShotClassifier.load(tiny_bundle)
+    a, b = clf.embed([stored, plain])
+    assert np.linalg.norm(a - b) < 0.1 * np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "LA", "I;16", "1"])
+def test_exotic_image_modes_decode_to_the_model_input(mode):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    image = {"CMYK": rgb.convert("CMYK"), "P": rgb.convert("P"), "RGBA": rgb.convert("RGBA"), "LA": rgb.convert("LA"),
+             "I;16": Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)), "1": rgb.convert("1")}[mode]
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG" if mode == "CMYK" else "PNG")
+    for spec in (InputSpec(28, 28, "L"), InputSpec(32, 32, "RGB")):
+        pixels = load_image(buf.getvalue(), spec)
+        assert pixels.dtype == np.uint8 and pixels.shape == (spec.height, spec.width, spec.channels)
+        assert 30 < pixels.mean() < 225  # not blank: decoded, converted, scaled

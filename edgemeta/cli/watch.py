@@ -1,0 +1,111 @@
+"""`edgemeta watch`: classify a camera, a video or a stream frame by frame, or enroll a class from it."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgemeta.cli.common import command, console, err_console, writable_target
+
+SOURCE_HELP = ("/dev/video0 | v4l2:///dev/video0 | csi://0 (Jetson CSI camera) | clip.mp4 | file://… | rtsp://… | "
+               "a folder of images | a GStreamer pipeline ending in appsink")
+
+
+@command()
+def watch(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    store: Path = typer.Option(..., help="Enrollment store folder."),
+    source: str = typer.Option(..., help=SOURCE_HELP),
+    jsonl: Optional[Path] = typer.Option(None, help="Write one JSON line per classified frame here (default: stdout)."),
+    every: int = typer.Option(1, help="Classify every Nth frame."),
+    smooth: int = typer.Option(1, help="Show the most frequent label of the last K frames (1: no smoothing)."),
+    top_k: int = typer.Option(1, help="The K most likely classes per frame."),
+    unknown: Optional[str] = typer.Option(None, help="'auto' or a distance: farther frames are 'unknown'."),
+    max_frames: Optional[int] = typer.Option(None, help="Stop after classifying this many frames."),
+    duration: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
+    realtime: Optional[bool] = typer.Option(None, help="Drop frames when the model is slower than the source (default: for cameras and streams)."),
+    enroll: Optional[str] = typer.Option(None, help="Enroll a class of this name from the source instead of classifying."),
+    shots: int = typer.Option(5, help="--enroll: frames to capture."),
+    spacing: int = typer.Option(5, help="--enroll: take every Sth frame (near-duplicates are skipped)."),
+    add: bool = typer.Option(False, "--add", help="--enroll: add shots to a class that is already enrolled."),
+    then_watch: bool = typer.Option(False, help="--enroll: go on classifying after enrolling."),
+    head: Optional[str] = typer.Option(None, help="prototype | ridge | logistic (default: the store's)."),
+    backend: str = typer.Option("auto", help="auto | onnxruntime | tensorrt"),
+    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16"),
+):
+    """Classify a live source frame by frame (one JSON line per frame), or enroll a class from it.
+
+    Examples: edgemeta watch bundle --store enrolled --source /dev/video0 --smooth 5 ·
+    edgemeta watch bundle --store enrolled --source csi://0 --enroll mug --shots 5 --then-watch
+    """
+    from edgemeta.runtime import FewShotClassifier
+    from edgemeta.runtime.errors import ConfigError
+    from edgemeta.runtime.sources import VideoSource
+    from edgemeta.runtime.watch import enroll_from_source, watch as run_watch
+    reject = None
+    if unknown is not None:
+        try:
+            reject = "auto" if unknown == "auto" else float(unknown)
+        except ValueError:
+            raise ConfigError("--unknown takes 'auto' or a number") from None
+        if reject != "auto" and not (reject >= 0 and reject != float("inf")):
+            raise ConfigError(f"--unknown takes 'auto' or a finite distance ≥ 0, not {unknown!r}")
+    for name, value in (("--every", every), ("--smooth", smooth), ("--top-k", top_k), ("--shots", shots),
+                        ("--spacing", spacing)):
+        if value < 1:
+            raise ConfigError(f"{name} must be ≥ 1, got {value}")
+    if max_frames is not None and max_frames < 1:
+        raise ConfigError(f"--max-frames must be ≥ 1, got {max_frames}")
+    if duration is not None and not duration > 0:
+        raise ConfigError(f"--duration must be > 0 seconds, got {duration}")
+    writable_target(jsonl, "--jsonl")
+    clf = FewShotClassifier.load(bundle, store=store, head=head, backend=backend, variant=variant)
+    with VideoSource(source, clf.bundle.spec, realtime=realtime, keep_images=enroll is not None) as frames:
+        if enroll is not None:
+            count = enroll_from_source(clf, enroll, frames, shots, spacing, mode="add" if add else "new")
+            console.print(f"enrolled {enroll!r} from {source}: {count} shot(s); {len(clf.classes)} class(es) in {store}",
+                          markup=False)
+            if not then_watch:
+                return
+        out = open(jsonl, "w") if jsonl else sys.stdout
+        status = _Status(enabled=err_console.is_terminal)
+        try:
+            def emit(result: dict) -> None:
+                out.write(json.dumps(result) + "\n")
+                out.flush()
+                status.update(result)
+            summary = run_watch(clf, frames, every=every, smooth=smooth, top_k=top_k, reject=reject,
+                                max_frames=max_frames, duration=duration, on_result=emit)
+        finally:
+            status.close()
+            if jsonl:
+                out.close()
+    message = (f"{summary.classified} frame(s) classified of {summary.read} read, {summary.dropped} dropped, "
+               f"{summary.fps:.1f} frames/s")
+    err_console.print(message + ("; " + "; ".join(summary.errors) if summary.errors else ""), markup=False)
+
+
+class _Status:
+    """A live status line on a terminal: frames/s and the per-stage latency of the last frame."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.count, self.t0, self.live = enabled, 0, time.perf_counter(), None
+        if enabled:
+            self.live = err_console.status("watching")
+            self.live.__enter__()
+
+    def update(self, result: dict) -> None:
+        self.count += 1
+        if self.live is not None:
+            fps = self.count / max(time.perf_counter() - self.t0, 1e-9)
+            ms = result["ms"]
+            self.live.update(f"{fps:5.1f} frames/s · decode {ms['decode']:.1f} ms · embed {ms['embed']:.1f} ms · "
+                             f"head {ms['head']:.2f} ms · {result['label']} · dropped {result['dropped']}")
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)

@@ -1,0 +1,254 @@
+"""Live sources: frames from a camera, a video file, an RTSP stream, a GStreamer pipeline or a
+folder of images, decoded and resized to the model's input in a reader thread.
+
+Source strings follow jetson-inference's videoSource conventions:
+
+  /dev/video0, v4l2:///dev/video0   a V4L2 camera (USB webcam)
+  csi://0                           the Jetson CSI camera (nvarguscamerasrc GStreamer pipeline)
+  clip.mp4, file:///path/clip.mp4   a video file
+  rtsp://host/stream, http(s)://…   a network stream
+  photos/                           a folder of images, in name order
+  "… ! appsink"                     a raw GStreamer pipeline (OpenCV built with GStreamer)
+
+Video goes through OpenCV's VideoCapture (`pip install 'edgemeta[video]'`; on a Jetson the system
+OpenCV, which has GStreamer). A folder needs only Pillow.
+
+Real time: the reader thread decodes and resizes while the caller embeds; between them sits a queue
+of `queue_size` frames. A live source (camera, stream, pipeline, or a file read with realtime=True)
+never waits for the caller: when the queue is full the oldest frame is dropped, so the newest frame
+wins and results never lag by more than the queue. A file or folder otherwise waits for the caller,
+so every frame is seen.
+"""
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .preprocess import IMAGE_EXTENSIONS, InputSpec, load_image, to_pixels
+
+CSI_PIPELINE = ("nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM), width={width}, height={height}, "
+                "framerate={fps}/1 ! nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR ! "
+                "appsink drop=true max-buffers=1")
+LIVE_KINDS = ("v4l2", "csi", "stream", "gstreamer")
+STALL_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str      # v4l2 | csi | file | stream | folder | gstreamer
+    target: str    # what is opened: a device path, a pipeline, a path or a URL
+
+    @property
+    def live(self) -> bool:
+        return self.kind in LIVE_KINDS
+
+
+def parse_source(text: str, csi_size: tuple[int, int] = (1280, 720), csi_fps: int = 30) -> SourceSpec:
+    """What a source string names; nothing is opened."""
+    text = str(text).strip()
+    if not text:
+        raise DataError("--source is empty: give a camera (/dev/video0, csi://0), a video file, a URL or a folder")
+    if "!" in text:
+        return SourceSpec("gstreamer", text)
+    if text.startswith("csi://"):
+        sensor = text[len("csi://"):] or "0"
+        if not sensor.isdigit():
+            raise DataError(f"{text}: a CSI camera is csi://N with N the sensor number, e.g. csi://0")
+        return SourceSpec("csi", CSI_PIPELINE.format(sensor=sensor, width=csi_size[0], height=csi_size[1], fps=csi_fps))
+    if text.startswith("v4l2://"):
+        return SourceSpec("v4l2", text[len("v4l2://"):])
+    if re.match(r"/dev/video\d+$", text):
+        return SourceSpec("v4l2", text)
+    if re.match(r"(rtsp|rtmp|http|https)://", text):
+        return SourceSpec("stream", text)
+    path = text[len("file://"):] if text.startswith("file://") else text
+    if Path(path).is_dir():
+        return SourceSpec("folder", path)
+    if not Path(path).exists():
+        raise DataError(f"source not found: {path} (a camera is /dev/videoN or csi://N, a stream rtsp://…)")
+    return SourceSpec("file", path)
+
+
+@dataclass
+class Frame:
+    index: int                    # position in the source, counting frames that were dropped
+    timestamp: float              # seconds: the file's own clock (index / fps), else since the source opened
+    pixels: np.ndarray            # uint8 [H, W, C]: the model's input (InputSpec size and colour)
+    image: np.ndarray | None = None  # uint8 RGB at the source's size, when asked for (enrollment)
+    decode_ms: float = 0.0        # reading, colour conversion and resizing, in the reader thread
+
+
+@dataclass
+class SourceStats:
+    read: int = 0                 # frames decoded
+    dropped: int = 0              # frames thrown away because the caller was slower (live sources)
+    fps: float | None = None      # the source's nominal rate, when it has one
+    errors: list[str] = field(default_factory=list)
+
+
+_END = object()
+
+
+class VideoSource:
+    """Iterate Frames from a source. Use as a context manager (the reader thread and the capture
+    are released on exit). realtime: drop frames when the caller is slow; default: live sources
+    only. keep_images: also hand out each frame at full size (RGB)."""
+
+    def __init__(self, source: str, spec: InputSpec, *, realtime: bool | None = None, queue_size: int = 2,
+                 keep_images: bool = False, stall_seconds: float = STALL_SECONDS):
+        if queue_size < 1:
+            raise DataError(f"queue size must be ≥ 1, got {queue_size}")
+        self.spec, self.keep_images, self.stall_seconds = spec, keep_images, stall_seconds
+        self.source = parse_source(source)
+        self.realtime = self.source.live if realtime is None else realtime
+        self.stats = SourceStats()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self._open()
+        self._thread = threading.Thread(target=self._read_loop, name="edgemeta-source", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ opening
+    def _open(self) -> None:
+        self._files: list[Path] = []
+        self._capture = None
+        if self.source.kind == "folder":
+            self._files = sorted(p for p in Path(self.source.target).iterdir()
+                                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            if not self._files:
+                raise DataError(f"folder {self.source.target} holds no images (png, jpg, …)")
+            return
+        from .extras import load
+        cv2 = load("cv2", "reading video and cameras")
+        target = self.source.target
+        if self.source.kind in ("csi", "gstreamer"):
+            capture = cv2.VideoCapture(target, cv2.CAP_GSTREAMER)
+        elif self.source.kind == "v4l2":
+            if not Path(target).exists():
+                raise DataError(f"camera {target} not found (is it plugged in? `ls /dev/video*` lists the cameras)")
+            capture = cv2.VideoCapture(target, cv2.CAP_V4L2)
+        else:
+            capture = cv2.VideoCapture(target)
+        if not capture.isOpened():
+            capture.release()
+            why = {"csi": "is this a Jetson with a CSI camera, and OpenCV built with GStreamer (JetPack's python3-opencv)?",
+                   "gstreamer": "check the pipeline with gst-launch-1.0, and that OpenCV has GStreamer support",
+                   "stream": "check the URL and that the stream is up",
+                   "v4l2": "is another program using the camera?",
+                   "file": "the file is damaged, truncated or in a format OpenCV cannot decode"}[self.source.kind]
+            raise DataError(f"cannot open {self.source.kind} source {target}: {why}")
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        self.stats.fps = float(fps) if fps and fps > 0 and np.isfinite(fps) else None
+        self._capture, self._cv2 = capture, cv2
+
+    # ------------------------------------------------------------------ the reader thread
+    def _frames(self):
+        """(raw RGB array or image path, source timestamp or None)."""
+        if self._files:
+            for path in self._files:
+                yield path, None
+            return
+        cv2 = self._cv2
+        while not self._stop.is_set():
+            ok, bgr = self._capture.read()
+            if not ok or bgr is None:
+                if self.source.live:
+                    self.stats.errors.append(f"{self.source.kind} source {self.source.target} stopped delivering frames")
+                return
+            if bgr.ndim == 2:
+                rgb = np.repeat(bgr[..., None], 3, axis=2)
+            elif bgr.shape[2] == 4:
+                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB)
+            else:
+                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # OpenCV decodes to BGR; the model was trained on RGB
+            position = self._capture.get(cv2.CAP_PROP_POS_MSEC)
+            yield rgb, (position / 1000.0 if self.source.kind == "file" and position >= 0 else None)
+
+    def _read_loop(self) -> None:
+        t_open = time.perf_counter()
+        period = 1.0 / self.stats.fps if self.realtime and self.source.kind == "file" and self.stats.fps else 0.0
+        try:
+            for index, (raw, stamp) in enumerate(self._frames()):
+                if self._stop.is_set():
+                    break
+                if period:  # a file read in real time arrives at its own frame rate, as from a camera
+                    wait = t_open + index * period - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                t0 = time.perf_counter()
+                if isinstance(raw, Path):
+                    pixels, image = load_image(raw, self.spec), None
+                    if self.keep_images:
+                        from .preprocess import open_image
+                        image = np.asarray(open_image(raw).convert("RGB"))
+                else:
+                    from PIL import Image
+                    pixels = to_pixels(Image.fromarray(raw), self.spec)
+                    image = raw if self.keep_images else None
+                frame = Frame(index, stamp if stamp is not None else time.perf_counter() - t_open, pixels, image,
+                              (time.perf_counter() - t0) * 1e3)
+                self.stats.read += 1
+                self._put(frame)
+        except DataError as exc:  # an undecodable image in a folder
+            self.stats.errors.append(str(exc))
+        except Exception as exc:  # a camera that disappears mid-read: reported, never a traceback
+            self.stats.errors.append(f"{self.source.kind} source {self.source.target} failed: {exc}")
+        finally:
+            self._put(_END, final=True)
+
+    def _put(self, item, final: bool = False) -> None:
+        while not self._stop.is_set():
+            if self.realtime and not final:
+                try:
+                    self._queue.put_nowait(item)
+                    return
+                except queue.Full:
+                    try:
+                        self._queue.get_nowait()  # the newest frame wins: drop the oldest
+                        self.stats.dropped += 1
+                    except queue.Empty:
+                        pass
+                    continue
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    # ------------------------------------------------------------------ the caller's side
+    def __iter__(self):
+        while True:
+            try:
+                item = self._queue.get(timeout=self.stall_seconds)
+            except queue.Empty:
+                raise DataError(f"{self.source.kind} source {self.source.target} stalled: no frame for "
+                                f"{self.stall_seconds:.0f} s") from None
+            if item is _END:
+                if self.stats.errors and self.stats.read == 0:
+                    raise DataError(self.stats.errors[0])
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
+        if self._capture is not None:
+            self._capture.release()
+
+    def __enter__(self) -> "VideoSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
