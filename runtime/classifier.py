@@ -150,6 +150,7 @@ class FewShotClassifier:
         clf = cls(b, open_backend(b, backend, variant, threads=threads), resolve_head(b.head, head),
                   EnrollmentStore(store) if store is not None else None, variant, keep_images)
         if clf.store is not None:
+            clf.store.tidy()
             saved = clf.store.read()
             if saved is not None:
                 clf._adopt(saved, head, reembed)

@@ -197,6 +197,18 @@ class EnrollmentStore:
             self._remove_stale_temp_files()  # every writer holds the lock while its temp file exists
             yield
 
+    def tidy(self) -> None:
+        """At open: remove the temp files an interrupted save left, under the lock (a writer in
+        another process holds it while its temp file exists). A store that cannot be locked — a
+        read-only folder — is left as it is; nothing is created."""
+        if self._own_folder("") is None or not (self.path / STATE_FILE).exists():
+            return
+        try:
+            with self.locked():
+                pass
+        except OSError:
+            pass
+
     def keep_image(self, data: bytes, suffix: str) -> str:
         """Store an image's bytes under images/ (content-addressed, durable); returns its file name."""
         folder = self.path / IMAGES_DIR
