@@ -41,9 +41,35 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
         quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        # biases stay float: TensorRT's DequantizeLinear takes int8/fp8/int4 inputs only, and an
+                        # int32 bias behind a DequantizeLinear will not parse (onnxruntime#17738, NVIDIA/TensorRT#3360)
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+    audit_qdq(out_path)
     return {"method": "static QDQ, MinMax calibration", "weights": "int8 symmetric per-channel",
-            "activations": "int8 symmetric per-tensor", "calibration_images": int(len(calib_pixels))}
+            "activations": "int8 symmetric per-tensor", "biases": "float32",
+            "calibration_images": int(len(calib_pixels))}
+
+
+def audit_qdq(path: str | Path) -> None:
+    """The INT8 graph is one TensorRT can build: every DequantizeLinear dequantizes int8 (an int8
+    initializer, or the output of a QuantizeLinear to int8), and the operators pass the op audit."""
+    import onnx
+
+    from edgemeta.runtime.errors import BundleError
+
+    from .onnx_graph import check_model
+    model = onnx.load(str(path))
+    check_model(model)
+    int8 = onnx.TensorProto.INT8
+    initializers = {t.name: t.data_type for t in model.graph.initializer}
+    quantized = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+                 and initializers.get(n.input[2]) == int8}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            source = node.input[0]
+            if initializers.get(source, int8) != int8 or (source not in initializers and source not in quantized):
+                raise BundleError(f"INT8 graph: DequantizeLinear {node.name!r} dequantizes {source!r}, which is not "
+                                  "int8; TensorRT accepts only int8 inputs there")
 
 
 def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict:

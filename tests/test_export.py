@@ -167,3 +167,23 @@ def test_inspect_bundle_shows_files_checksums_and_what_runs_here(tiny_bundle):
     assert out.exit_code == 0, out.output
     for text in ("edgemeta-bundle 1.0", "embed.int8.onnx", "✓", "runs here: embed.onnx", "onnxruntime", "parity rel"):
         assert text in out.stdout
+
+
+def test_int8_variant_keeps_biases_float_so_tensorrt_can_parse_it(tiny_bundle):
+    """Every DequantizeLinear in embed.int8.onnx dequantizes int8 (no int32 bias behind one)."""
+    import onnx
+
+    from edgemeta.export.quantize import audit_qdq
+    model = onnx.load(str(tiny_bundle / "embed.int8.onnx"))
+    dtypes = {t.name: t.data_type for t in model.graph.initializer}
+    dq_inputs = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq_inputs and all(dtypes.get(name, onnx.TensorProto.INT8) == onnx.TensorProto.INT8 for name in dq_inputs)
+    assert not any(t.data_type == onnx.TensorProto.INT32 for t in model.graph.initializer)
+    audit_qdq(tiny_bundle / "embed.int8.onnx")
+    # and the audit does catch an int32 bias behind a DequantizeLinear
+    bias = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8)
+    bias.data_type = onnx.TensorProto.INT32
+    bad = tiny_bundle.parent / "bad.int8.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(Exception, match="not int8|does not pass"):
+        audit_qdq(bad)
