@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from dataclasses import dataclass
 import datetime as _dt
 import os
@@ -278,16 +279,23 @@ def add_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(),
     bundle = load_bundle(bundle_dir)
     onnx_path = bundle.variant_path(precision)
     spec = bundle.spec
-    tmp_name = f".building-{precision}.engine"
+    tmp_path = bundle.path / f".building-{precision}.engine"
     progress.message(f"building a TensorRT {precision} engine, batch {batch} (minutes on a Jetson)")
-    built = build_engine(onnx_path, bundle.path / tmp_name, bundle.input_name, (spec.channels, spec.height, spec.width),
-                         profile, workspace_mb, timing_cache, dla_core, precision)
-    name = engine_file_name(precision, profile, built["device"], dla_core)
-    (bundle.path / tmp_name).replace(bundle.path / name)
-    manifest = bundle.manifest
-    register_file(bundle.path, manifest, name, f"tensorrt-{precision}")
-    record = engine_record(name, precision, profile, built["device"], manifest["files"][onnx_path.name]["sha256"],
-                           dla_core, workspace_mb, built["build_seconds"])
-    manifest["engines"] = [e for e in manifest["engines"] if e["file"] != name] + [record]
-    write_manifest(bundle.path, manifest)
+    try:
+        built = build_engine(onnx_path, tmp_path, bundle.input_name, (spec.channels, spec.height, spec.width),
+                             profile, workspace_mb, timing_cache, dla_core, precision, log=progress.message)
+        name = engine_file_name(precision, profile, built["device"], dla_core)
+        # the record is complete before anything is registered: a failure leaves the bundle as it was
+        manifest = json.loads(json.dumps(bundle.manifest))
+        record = engine_record(name, precision, profile, built["device"], manifest["files"][onnx_path.name]["sha256"],
+                               dla_core, workspace_mb, built["build_seconds"], built.get("placement"))
+        tmp_path.replace(bundle.path / name)
+        register_file(bundle.path, manifest, name, f"tensorrt-{precision}")
+        manifest["engines"] = [e for e in manifest["engines"] if e["file"] != name] + [record]
+        write_manifest(bundle.path, manifest)
+    finally:
+        tmp_path.unlink(missing_ok=True)  # never an orphan .building-*.engine
+    if record.get("placement"):
+        p = record["placement"]
+        progress.message(f"DLA core {dla_core}: {p['dla_layers']} layer(s) on the DLA, {p['gpu_layers']} fell back to the GPU")
     return record

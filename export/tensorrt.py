@@ -17,7 +17,8 @@ from pathlib import Path
 from edgemeta.runtime import extras
 from edgemeta.runtime.bundle import VARIANTS
 from edgemeta.runtime.device_info import device_identity
-from edgemeta.runtime.errors import BundleError, ConfigError
+from edgemeta.runtime.errors import BundleError, ConfigError, DependencyError
+from edgemeta.runtime.files import atomic_write
 
 ENGINE_PRECISIONS = VARIANTS  # an engine is built from the ONNX variant of the same name
 
@@ -53,6 +54,14 @@ class BatchProfile:
     def to_dict(self) -> dict:
         return {"min": self.min, "opt": self.opt, "max": self.max}
 
+    @property
+    def static(self) -> bool:
+        return self.min == self.opt == self.max
+
+    @property
+    def text(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
 
 def engine_file_name(precision: str, profile: BatchProfile, device: dict, dla_core: int | None = None) -> str:
     """Engine names say what makes them valid: precision, batch profile, GPU, TensorRT version."""
@@ -62,51 +71,134 @@ def engine_file_name(precision: str, profile: BatchProfile, device: dict, dla_co
 
 
 def engine_record(file: str, precision: str, profile: BatchProfile, device: dict, source_sha256: str,
-                  dla_core: int | None, workspace_mb: int, build_seconds: float) -> dict:
-    """The manifest entry of an engine: everything the runtime checks before using it."""
+                  dla_core: int | None, workspace_mb: int, build_seconds: float, placement: dict | None = None) -> dict:
+    """The manifest entry of an engine: everything the runtime checks before using it. Orin modules
+    all report "Orin" 8.7, so the SM count and the DLA core count are recorded and compared too."""
     if not device.get("tensorrt_version") or not device.get("compute_capability"):
         raise BundleError("cannot record an engine without the TensorRT version and GPU it was built on")
-    return {"file": file, "precision": precision, "profile": profile.to_dict(),
+    return {"file": file, "precision": precision, "tf32": False, "profile": profile.to_dict(),
             "tensorrt_version": device["tensorrt_version"], "gpu_name": device["gpu_name"],
-            "compute_capability": device["compute_capability"], "l4t": device.get("l4t"),
-            "dla_core": dla_core, "source_onnx_sha256": source_sha256, "workspace_mb": workspace_mb,
-            "build_seconds": round(build_seconds, 1)}
+            "compute_capability": device["compute_capability"], "sm_count": device.get("sm_count"),
+            "dla_cores": device.get("dla_cores"), "l4t": device.get("l4t"),
+            "dla_core": dla_core, "placement": placement, "source_onnx_sha256": source_sha256,
+            "workspace_mb": workspace_mb, "build_seconds": round(build_seconds, 1)}
+
+
+MIN_TENSORRT_MAJOR = 10  # strongly typed networks; JetPack 6.0 ships 8.6, JetPack ≥ 6.1 ships 10.3
+
+
+def require_tensorrt(trt, purpose: str) -> None:
+    """TensorRT ≥ 10 or one clear error (JetPack 6.0's TensorRT 8.6 has no strongly typed networks)."""
+    major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
+    if major < MIN_TENSORRT_MAJOR:
+        raise DependencyError(f"{purpose} needs TensorRT ≥ {MIN_TENSORRT_MAJOR} (JetPack ≥ 6.1, L4T R36.4); "
+                              f"this machine has TensorRT {trt.__version__}")
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, input_name: str, input_shape_chw: tuple[int, int, int],
                  profile: BatchProfile, workspace_mb: int = 1024, timing_cache: str | Path | None = None,
-                 dla_core: int | None = None, precision: str = "fp32") -> dict:
-    """Parse the ONNX file, build a serialized engine and write it. Returns the device identity and
-    build time. Every parser error is reported; the timing cache is loaded and saved back."""
+                 dla_core: int | None = None, precision: str = "fp32", log=lambda msg: None) -> dict:
+    """Parse the ONNX file, build a serialized engine and write it. Returns the device identity (read
+    before the build, so a device problem fails in seconds, not after minutes), the build time and,
+    for DLA builds, which layers run on the DLA and which fell back to the GPU."""
     trt = extras.load("tensorrt", "building a TensorRT engine")
-    if dla_core is not None and precision == "fp32":
-        raise ConfigError("DLA runs fp16 or int8 only: export with --fp16 or --int8 for --dla")
+    require_tensorrt(trt, "building an engine")
+    device = device_identity()
+    if not device.get("compute_capability"):
+        raise BundleError(f"no usable CUDA device here ({device.get('cuda_error') or 'cuda-python found none'}); "
+                          "engines are built on the device that runs them")
+    if dla_core is not None:
+        if precision == "fp32":
+            raise ConfigError("DLA runs fp16 or int8 only: export with --fp16 or --int8 for --dla")
+        if not profile.static:
+            raise ConfigError(f"DLA engines need a static batch (MIN = OPT = MAX, e.g. --batch 8), not {profile.text}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    if dla_core is not None and not 0 <= dla_core < builder.num_DLA_cores:
+        raise ConfigError(f"--dla {dla_core}: this device has {builder.num_DLA_cores} DLA core(s)"
+                          + (f" (0…{builder.num_DLA_cores - 1})" if builder.num_DLA_cores else " (Jetson AGX/NX Orin have them)"))
+    # TensorRT 10.x documents DLA builds only the way trtexec makes them (--useDLACore --fp16/--int8
+    # --allowGPUFallback): a weakly typed network with precision flags. Whether 10.x accepts a strongly
+    # typed network on the DLA is not documented, so DLA builds follow trtexec; GPU builds are
+    # strongly typed (precision from the ONNX variant), the path TensorRT 11 keeps.
+    weak_for_dla = dla_core is not None and int(str(trt.__version__).split(".")[0]) == 10
+    flags = 0 if weak_for_dla else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise BundleError(f"TensorRT could not parse {onnx_path}:\n  " + "\n  ".join(errors))
+        raise BundleError(f"TensorRT could not parse {onnx_path}: " + " | ".join(errors))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # an "fp32" engine really fp32 (TF32 is on by default on Ampere/Orin)
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(input_name, *profile.shapes(*input_shape_chw))
     config.add_optimization_profile(opt_profile)
     cache_path = Path(timing_cache) if timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _load_timing_cache(config, cache_path, log)
     if dla_core is not None:
-        if builder.num_DLA_cores == 0:
-            raise ConfigError("--dla asked for, but this device has no DLA cores (Jetson Xavier / Orin have them)")
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+        if weak_for_dla:
+            config.set_flag(trt.BuilderFlag.FP16)
+            if precision == "int8":
+                config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization from the QDQ graph
+            log("DLA build as trtexec does it in TensorRT 10 (weakly typed network, --fp16/--int8 flags)")
     t0 = time.time()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BundleError(f"TensorRT failed to build an engine from {onnx_path}; see the log above")
-    Path(engine_path).write_bytes(bytes(serialized))
+    plan = bytes(serialized)
+    atomic_write(engine_path, plan)
     if cache_path is not None:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"device": device_identity(), "build_seconds": time.time() - t0}
+        _save_timing_cache(config, cache_path, log)
+    placement = _layer_placement(trt, plan, logger, dla_core) if dla_core is not None else None
+    return {"device": device, "build_seconds": time.time() - t0, "placement": placement,
+            "typing": "weak (trtexec's DLA path)" if weak_for_dla else "strong"}
+
+
+def _load_timing_cache(config, cache_path: Path | None, log) -> None:
+    """Load a timing cache; a stale or unreadable one (e.g. after a JetPack upgrade) is replaced by a
+    fresh cache with a warning, before the build rather than after it."""
+    data = cache_path.read_bytes() if cache_path is not None and cache_path.exists() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    if data:
+        log(f"timing cache {cache_path} does not fit this TensorRT or device; building with a fresh one")
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise BundleError("TensorRT could not create a timing cache")
+
+
+def _save_timing_cache(config, cache_path: Path, log) -> None:
+    """Save the timing cache atomically, under a lock (two builds may share one cache file); only a
+    real, non-empty cache is written."""
+    cache = config.get_timing_cache()
+    data = bytes(cache.serialize()) if cache is not None else b""
+    if not data:
+        log("TensorRT returned an empty timing cache; nothing saved")
+        return
+    import fcntl
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_path.with_name(cache_path.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        atomic_write(cache_path, data)
+
+
+def _layer_placement(trt, plan: bytes, logger, dla_core: int) -> dict | None:
+    """Which layers run on the DLA and which fell back to the GPU, from the engine inspector (layer
+    information as JSON); None where the inspector is not available."""
+    import json
+    runtime = trt.Runtime(logger)
+    runtime.DLA_core = dla_core
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None or not hasattr(engine, "create_engine_inspector"):
+        return None
+    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = info.get("Layers", [])
+    dla = [layer.get("Name", "?") for layer in layers if isinstance(layer, dict) and "DLA" in str(layer.get("LayerType", ""))
+           + str(layer.get("Metadata", ""))]
+    return {"dla_layers": len(dla), "gpu_layers": len(layers) - len(dla), "layers": len(layers)}

@@ -22,16 +22,31 @@ def l4t_release() -> str | None:
         return None
 
 
-def cuda_device() -> dict | None:
-    """GPU name and compute capability via cuda-python, or None when there is no CUDA device."""
+def cuda_device() -> dict:
+    """GPU name, compute capability and SM count via cuda-python; where there is none, None values
+    and `cuda_error` saying why (cuda-python missing, a driver error, no device) — not silence."""
+    none = {"gpu_name": None, "compute_capability": None, "sm_count": None}
     try:
         from .extras import cudart as load_cudart
         cudart = load_cudart("reading the GPU's identity")
+    except Exception as exc:
+        return {**none, "cuda_error": str(exc)}
+    try:
         err, props = cudart.cudaGetDeviceProperties(0)
-        if int(err) != 0:
-            return None
-        name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-        return {"gpu_name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
+    except Exception as exc:  # a cuda-python built for another CUDA major version fails here
+        return {**none, "cuda_error": f"cuda-python could not query the GPU: {exc}"}
+    if int(err) != 0:
+        return {**none, "cuda_error": f"CUDA error {err} reading device 0 (driver, or no GPU)"}
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {"gpu_name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}",
+            "sm_count": int(getattr(props, "multiProcessorCount", 0)) or None}
+
+
+def dla_cores() -> int | None:
+    """DLA cores TensorRT can use here (Jetson AGX/NX Orin: 1–2; elsewhere 0), None without TensorRT."""
+    try:
+        import tensorrt as trt
+        return int(trt.Runtime(trt.Logger(trt.Logger.ERROR)).num_DLA_cores)
     except Exception:
         return None
 
@@ -46,8 +61,9 @@ def tensorrt_version() -> str | None:
 
 def device_identity() -> dict:
     """Everything an engine's validity depends on, read from this machine (None where absent)."""
-    gpu = cuda_device() or {"gpu_name": None, "compute_capability": None}
-    return {"tensorrt_version": tensorrt_version(), **gpu, "l4t": l4t_release()}
+    version = tensorrt_version()
+    return {"tensorrt_version": version, **cuda_device(), "dla_cores": dla_cores() if version else None,
+            "l4t": l4t_release()}
 
 
 def engine_mismatches(engine: dict, device: dict) -> list[str]:
@@ -69,6 +85,11 @@ def engine_mismatches(engine: dict, device: dict) -> list[str]:
                            f"this GPU is {device['compute_capability']} ({device['gpu_name']})")
         elif engine["gpu_name"] != device["gpu_name"]:
             reasons.append(f"built on {engine['gpu_name']}, this GPU is {device['gpu_name']}")
+    if engine.get("sm_count") and device.get("sm_count") and engine["sm_count"] != device["sm_count"]:
+        reasons.append(f"built on a {engine['gpu_name']} with {engine['sm_count']} SMs, this one has {device['sm_count']}")
+    if engine.get("dla_core") is not None and device.get("dla_cores") is not None \
+            and engine["dla_core"] >= device["dla_cores"]:
+        reasons.append(f"built for DLA core {engine['dla_core']}, this device has {device['dla_cores']} DLA core(s)")
     if engine.get("l4t") and device.get("l4t") and engine["l4t"] != device["l4t"]:
         reasons.append(f"built on L4T {engine['l4t']}, this device runs L4T {device['l4t']}")
     return reasons

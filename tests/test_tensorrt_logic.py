@@ -83,7 +83,7 @@ def test_auto_backend_skips_a_foreign_engine_with_a_warning_and_tensorrt_refuses
     with pytest.warns(RuntimeWarning, match="rebuild it on this device with `edgemeta build-engine"):
         backend = open_backend(b, "auto", device=here)
     assert isinstance(backend, OnnxRuntimeBackend)
-    with pytest.raises(BundleError, match="no TensorRT engine in this bundle matches this device"):
+    with pytest.raises(BundleError, match="no fp32 TensorRT engine in this bundle runs on this device"):
         open_backend(b, "tensorrt", device=here)
 
 
@@ -108,9 +108,12 @@ _HAS_GPU = importlib.util.find_spec("tensorrt") is not None and device_identity(
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _HAS_GPU, reason="needs TensorRT 10 and a CUDA device (Jetson with JetPack 6, or a GPU machine); "
+@pytest.mark.skipif(not _HAS_GPU, reason="needs TensorRT 10 and a CUDA device (Jetson with JetPack ≥ 6.1, or a GPU machine); "
                                          "not installable on the CPU CI machines")
-def test_engine_build_and_run_match_onnxruntime(tiny_bundle, tmp_path, omniglot):
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_engine_build_and_run_match_onnxruntime(tiny_bundle, tmp_path, omniglot, precision):
+    """On a GPU: each precision builds, a second build reuses the timing cache, batches below the
+    profile minimum are padded and larger ones chunked, and the backend closes."""
     import shutil
 
     import numpy as np
@@ -118,14 +121,20 @@ def test_engine_build_and_run_match_onnxruntime(tiny_bundle, tmp_path, omniglot)
     from edgemeta.export import add_engine
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
-    record = add_engine(copy, EngineOptions("fp32", "1:4:16", timing_cache=str(tmp_path / "cache.bin")))
-    assert (tmp_path / "cache.bin").exists()
+    cache = tmp_path / "cache.bin"
+    record = add_engine(copy, EngineOptions(precision, "2:4:16", timing_cache=str(cache)))
+    assert cache.exists() and cache.stat().st_size > 0
+    add_engine(copy, EngineOptions(precision, "2:4:16", timing_cache=str(cache)))  # reloads the cache
     b = load_bundle(copy)
-    backend = open_backend(b, "tensorrt")
-    x = omniglot.pixels[:37].transpose(0, 3, 1, 2).astype(np.float32)  # 37 > max 16: chunked
-    ref = OnnxRuntimeBackend(b.variant_path("fp32"), b.spec, 64, "cpu").embed(x)
-    np.testing.assert_allclose(backend.embed(x), ref, rtol=1e-3, atol=1e-3)
-    assert record["precision"] == "fp32"
+    backend = open_backend(b, "tensorrt", variant=precision)
+    ref = OnnxRuntimeBackend(b.variant_path(precision), b.spec, 64, "cpu")
+    tolerance = {"fp32": 1e-3, "fp16": 2e-2, "int8": 5e-2}[precision]
+    for n in (1, 37):  # 1 < profile min 2: padded; 37 > max 16: chunked
+        x = omniglot.pixels[:n].transpose(0, 3, 1, 2).astype(np.float32)
+        got, want = backend.embed(x), ref.embed(x)
+        assert np.abs(got - want).max() <= tolerance * max(1.0, np.abs(want).max())
+    assert record["precision"] == precision and record["tf32"] is False
+    backend.close()
 
 
 def test_one_missing_dependency_message_names_the_extra(monkeypatch):
@@ -139,3 +148,13 @@ def test_one_missing_dependency_message_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name)))
     with pytest.raises(DependencyError, match="needs cuda-python"):
         extras.cudart("the TensorRT backend")
+
+
+def test_two_onnxruntime_packages_in_one_environment_are_reported_with_the_fix():
+    from edgemeta.runtime.backends.onnxruntime import check_one_onnxruntime
+    with pytest.warns(RuntimeWarning, match="pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"):
+        check_one_onnxruntime(["onnxruntime", "onnxruntime-gpu"])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_one_onnxruntime(["onnxruntime"])

@@ -9,9 +9,9 @@ import warnings
 
 from ..bundle import Bundle
 from ..device_info import device_identity, engine_mismatches, rebuild_hint
-from ..errors import BundleError, ConfigError
+from ..errors import BundleError, ConfigError, DependencyError
 from .base import Backend
-from .onnxruntime import OnnxRuntimeBackend, choose_providers
+from .onnxruntime import OnnxRuntimeBackend, choose_providers, tensorrt_ep_options
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -49,16 +49,23 @@ def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", p
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend in ("auto", "tensorrt") and (bundle.engines or backend == "tensorrt"):
-        engine, reasons = matching_engine(bundle, device)
+        engine, reasons = matching_engine(bundle, device, precision=variant)  # an fp16 engine never serves fp32
         if engine is not None:
             from .tensorrt import TensorRTBackend
-            return TensorRTBackend(bundle.path / engine["file"], bundle.spec, bundle.embedding_dim)
-        message = ("no TensorRT engine in this bundle matches this device: " + (" | ".join(reasons) or "the bundle has none")
-                   + f"; {rebuild_hint(bundle.path)}")
+            try:
+                return TensorRTBackend(bundle.path / engine["file"], bundle.spec, bundle.embedding_dim,
+                                       dla_core=engine.get("dla_core"))
+            except (BundleError, DependencyError, MemoryError) as exc:
+                if backend == "tensorrt":
+                    raise
+                reasons = [f"{engine['file']} matches but did not load: {exc}"]
+        message = (f"no {variant} TensorRT engine in this bundle runs on this device: "
+                   + (" | ".join(reasons) or "the bundle has none") + f"; {rebuild_hint(bundle.path)}")
         if backend == "tensorrt":
             raise BundleError(message)
         warnings.warn(message + ". Falling back to ONNX Runtime.", RuntimeWarning, stacklevel=2)
-    return OnnxRuntimeBackend(bundle.variant_path(variant), bundle.spec, bundle.embedding_dim, providers, threads)
+    return OnnxRuntimeBackend(bundle.variant_path(variant), bundle.spec, bundle.embedding_dim, providers, threads,
+                              trt_options=tensorrt_ep_options(bundle, variant))
 
 
 __all__ = ["BACKENDS", "Backend", "OnnxRuntimeBackend", "choose_providers", "matching_engine", "open_backend",

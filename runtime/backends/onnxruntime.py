@@ -12,12 +12,31 @@ from .base import Backend
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+def onnxruntime_packages() -> list[str]:
+    """The ONNX Runtime distributions installed in this environment (there should be one)."""
+    from importlib.metadata import distributions
+    names = {(d.metadata["Name"] or "").lower() for d in distributions()}
+    return sorted(n for n in names if n.startswith("onnxruntime") and not n.startswith("onnxruntime-extensions"))
+
+
+def check_one_onnxruntime(packages: list[str] | None = None) -> None:
+    """onnxruntime and onnxruntime-gpu share one import name: installed together, one silently
+    overwrites the other and the GPU providers vanish (onnxruntime#26996). Warn with the fix."""
+    packages = onnxruntime_packages() if packages is None else packages
+    if len(packages) > 1:
+        import warnings
+        gpu = next((p for p in packages if p != "onnxruntime"), packages[-1])
+        warnings.warn(f"both {' and '.join(packages)} are installed; they cannot share an environment. "
+                      f"Keep one: `pip uninstall -y {' '.join(packages)} && pip install {gpu}`", RuntimeWarning, stacklevel=3)
+
+
 def choose_providers(requested: str | list[str] = "auto", available: list[str] | None = None) -> list[str]:
     """'auto' → the best available of TensorRT EP, CUDA, CPU (in that order, CPU always last);
     'cpu' → CPU only; a list → those, all of which must be available."""
     import onnxruntime as ort
     available = list(available if available is not None else ort.get_available_providers())
     if requested == "auto":
+        check_one_onnxruntime()
         return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
     if requested == "cpu":
         return ["CPUExecutionProvider"]
@@ -44,11 +63,27 @@ def check_graph_io(session, spec: InputSpec, embedding_dim: int, where: Path) ->
                           "re-export the bundle")
 
 
+def tensorrt_ep_options(bundle, variant: str, cache_root: str | Path | None = None) -> dict:
+    """Options for ONNX Runtime's TensorRT execution provider: engine and timing caches (keyed by the
+    model's checksum and variant, so a second run does not rebuild for minutes), the profile shapes
+    from the bundle's input spec (batch 1…32, no rebuild per batch size), and the precision of the
+    variant (fp16 or INT8 QDQ)."""
+    import os
+    spec = bundle.spec
+    root = Path(cache_root or os.environ.get("EDGEMETA_TRT_CACHE") or Path.home() / ".cache" / "edgemeta" / "trt-ep")
+    folder = root / f"{bundle.model_sha256[:16]}-{variant}"
+    shape = lambda n: f"{bundle.input_name}:{n}x{spec.channels}x{spec.height}x{spec.width}"  # noqa: E731
+    return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(folder),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(folder),
+            "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(8), "trt_profile_max_shapes": shape(32),
+            "trt_fp16_enable": variant == "fp16", "trt_int8_enable": variant == "int8"}
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, model_path: str | Path, spec: InputSpec, embedding_dim: int, providers: str | list[str] = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, trt_options: dict | None = None):
         import onnxruntime as ort
         super().__init__(spec, embedding_dim)
         options = ort.SessionOptions()
@@ -57,10 +92,21 @@ class OnnxRuntimeBackend(Backend):
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         self.providers = choose_providers(providers)
+        trt = "TensorrtExecutionProvider"
+        listed = [(p, trt_options) if p == trt and trt_options else p for p in self.providers]
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+            self.session = ort.InferenceSession(str(model_path), options, providers=listed)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BundleError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+            if trt not in self.providers or len(self.providers) == 1:
+                raise BundleError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+            import warnings
+            warnings.warn(f"ONNX Runtime's TensorRT provider failed ({str(exc).splitlines()[0]}); "
+                          "using the CUDA/CPU providers", RuntimeWarning, stacklevel=2)
+            self.providers = [p for p in self.providers if p != trt]
+            try:
+                self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+            except Exception as exc2:
+                raise BundleError(f"ONNX Runtime cannot load {model_path}: {exc2}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.model_path = Path(model_path)
         check_graph_io(self.session, spec, embedding_dim, self.model_path)

@@ -42,24 +42,39 @@ def _check(result):
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, engine_path: str | Path, spec: InputSpec, embedding_dim: int):
+    def __init__(self, engine_path: str | Path, spec: InputSpec, embedding_dim: int, dla_core: int | None = None):
         trt = extras.load("tensorrt", "the TensorRT backend")
+        from edgemeta.runtime.device_info import rebuild_hint
+        major = int(str(trt.__version__).split(".")[0] or 0)
+        if major < 10:
+            raise BundleError(f"the TensorRT backend needs TensorRT ≥ 10 (JetPack ≥ 6.1); this is {trt.__version__}")
         super().__init__(spec, embedding_dim)
         self._cudart = cudart = _cudart()
         self.engine_path = Path(engine_path)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        if dla_core is not None:
+            self._runtime.DLA_core = dla_core  # before deserialising, as trtexec does (the default is −1)
         self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
-            raise BundleError(f"TensorRT could not deserialize {engine_path}; rebuild it on this device "
-                              "with `edgemeta build-engine BUNDLE`")
+            raise BundleError(f"TensorRT could not deserialize {engine_path}; {rebuild_hint(self.engine_path.parent)}")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise BundleError(f"TensorRT could not create an execution context for {engine_path} (out of device memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(inputs) != 1 or len(outputs) != 1:
             raise BundleError(f"expected one input and one output tensor, engine has {inputs} → {outputs}")
         self.input_name, self.output_name = inputs[0], outputs[0]
+        for name in (self.input_name, self.output_name):  # buffers below are float32: say so if they are not
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            if dtype != np.float32:
+                raise BundleError(f"engine tensor {name!r} is {dtype}, edgemeta feeds and reads float32; "
+                                  "export the model with float32 inputs and outputs")
+        out_shape = tuple(self.engine.get_tensor_shape(self.output_name))
+        if len(out_shape) != 2 or (out_shape[1] > 0 and out_shape[1] != embedding_dim):
+            raise BundleError(f"engine output {self.output_name!r} is {out_shape}, the manifest says [N, {embedding_dim}]")
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         self._chw = spec.channels * spec.height * spec.width
@@ -81,7 +96,10 @@ class TensorRTBackend(Backend):
             n = stop - start
             self._h_in[: n * self._chw] = batch[start:stop].reshape(-1)
             self._h_in[n * self._chw: size * self._chw] = 0.0
-            self.context.set_input_shape(self.input_name, (size, self.spec.channels, self.spec.height, self.spec.width))
+            shape = (size, self.spec.channels, self.spec.height, self.spec.width)
+            if not self.context.set_input_shape(self.input_name, shape):
+                raise BundleError(f"TensorRT refused input shape {shape} for {self.input_name!r} "
+                                  f"(profile batch {self.min_batch}…{self.max_batch})")
             _check(cudart.cudaMemcpyAsync(self._d_in, self._h_in_ptr, size * self._chw * 4,
                                           cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream))
             if not self.context.execute_async_v3(int(self._stream)):

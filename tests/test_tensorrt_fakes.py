@@ -1,0 +1,398 @@
+"""edgemeta's own control flow around TensorRT, tested with small RECORDING FAKES of the `tensorrt`
+and cuda-python runtime modules. Nothing here is verified on TensorRT: the fakes only record which
+calls edgemeta makes, in which order, and return what the TensorRT 10 Python API documents. The
+real engine build and run are covered by the GPU test in test_tensorrt_logic.py and by
+scripts/gpu_check.sh on a machine that has TensorRT."""
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from edgemeta.runtime import BundleError, ConfigError, DependencyError, load_bundle
+
+DIM = 64
+
+
+class Recorder:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __call__(self, *entry):
+        self.calls.append(entry)
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+
+def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, cache_ok: bool = True,
+                  build_ok: bool = True, context_ok: bool = True, out_dtype: str = "FLOAT", shape_ok: bool = True):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+
+    class Enum:
+        def __init__(self, name):
+            self.name = name
+
+        def __repr__(self):
+            return self.name
+
+        def __int__(self):
+            return 0
+    trt.Logger = type("Logger", (), {"WARNING": 2, "ERROR": 1, "__init__": lambda self, level=0: None})
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=Enum("STRONGLY_TYPED"))
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", GPU_FALLBACK="GPU_FALLBACK", FP16="FP16", INT8="INT8")
+    trt.DeviceType = types.SimpleNamespace(DLA="DLA", GPU="GPU")
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF")
+    trt.LayerInformationFormat = types.SimpleNamespace(JSON="JSON")
+    trt.nptype = lambda dt: {"FLOAT": np.float32, "HALF": np.float16}[dt]
+
+    class Cache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return b"cache:" + self.data if self.data is not None else b""
+
+    class Config:
+        def __init__(self):
+            self.default_device_type, self._dla = "GPU", None
+
+        def set_memory_pool_limit(self, pool, size):
+            rec("set_memory_pool_limit", pool, size)
+
+        def clear_flag(self, flag):
+            rec("clear_flag", flag)
+
+        def set_flag(self, flag):
+            rec("set_flag", flag)
+
+        def add_optimization_profile(self, profile):
+            rec("add_optimization_profile", profile.shapes)
+
+        def create_timing_cache(self, data):
+            rec("create_timing_cache", bytes(data))
+            return Cache(bytes(data)) if cache_ok or not data else None
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            rec("set_timing_cache", cache.data, ignore_mismatch)
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+        @property
+        def DLA_core(self):
+            return self._dla
+
+        @DLA_core.setter
+        def DLA_core(self, value):
+            rec("config.DLA_core", value)
+            self._dla = value
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes = (name, lo, opt, hi)
+
+    class Builder:
+        num_DLA_cores = dla_cores
+
+        def __init__(self, logger):
+            rec("Builder")
+
+        def create_network(self, flags):
+            rec("create_network", "strong" if flags else "weak")
+            return object()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            rec("build_serialized_network", config.default_device_type)
+            return b"PLAN" if build_ok else None
+    trt.Builder = Builder
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            rec("parse_from_file", path)
+            return True
+    trt.OnnxParser = Parser
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shape = engine, None
+
+        def set_tensor_address(self, name, address):
+            rec("set_tensor_address", name)
+            self.engine.addresses[name] = address
+
+        def set_input_shape(self, name, shape):
+            rec("set_input_shape", shape)
+            self.shape = shape
+            return shape_ok
+
+        def execute_async_v3(self, stream):
+            rec("execute_async_v3")
+            n, chw = self.shape[0], int(np.prod(self.shape[1:]))
+            cuda = sys.modules["cuda.bindings.runtime"]
+
+            def run():  # on the stream: output row i = the mean pixel of image i, repeated
+                x = np.frombuffer(cuda.DEVICE[self.engine.addresses["pixels"]], np.float32, n * chw).reshape(n, chw)
+                out = np.repeat(x.mean(1, keepdims=True), DIM, 1).astype(np.float32)
+                cuda.DEVICE[self.engine.addresses["embedding"]][: out.nbytes] = out.tobytes()
+            cuda.PENDING.append(run)
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def __init__(self):
+            self.addresses = {}
+
+        def get_tensor_name(self, i):
+            return ["pixels", "embedding"][i]
+
+        def get_tensor_mode(self, name):
+            return "INPUT" if name == "pixels" else "OUTPUT"
+
+        def get_tensor_dtype(self, name):
+            return "FLOAT" if name == "pixels" else out_dtype
+
+        def get_tensor_shape(self, name):
+            return (-1, 1, 28, 28) if name == "pixels" else (-1, DIM)
+
+        def get_tensor_profile_shape(self, name, index):
+            return (1, 1, 28, 28), (4, 1, 28, 28), (16, 1, 28, 28)
+
+        def create_execution_context(self):
+            return Context(self) if context_ok else None
+
+    class Runtime:
+        num_DLA_cores = dla_cores
+
+        def __init__(self, logger):
+            self._dla = -1
+
+        @property
+        def DLA_core(self):
+            return self._dla
+
+        @DLA_core.setter
+        def DLA_core(self, value):
+            rec("runtime.DLA_core", value)
+            self._dla = value
+
+        def deserialize_cuda_engine(self, plan):
+            rec("deserialize_cuda_engine")
+            return Engine()
+    trt.Runtime = Runtime
+    return trt
+
+
+def fake_cudart(rec: Recorder):
+    cuda = types.ModuleType("cuda.bindings.runtime")
+    cuda.DEVICE, cuda.PENDING, cuda.HOST = {}, [], {}
+    cuda.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice="H2D", cudaMemcpyDeviceToHost="D2H")
+    props = types.SimpleNamespace(name=b"Orin", major=8, minor=7, multiProcessorCount=16)
+    cuda.cudaGetDeviceProperties = lambda i: (0, props)
+    cuda.cudaStreamCreate = lambda: (rec("cudaStreamCreate"), (0, 7))[1]
+
+    def malloc(size):
+        ptr = 1000 + len(cuda.DEVICE)
+        cuda.DEVICE[ptr] = bytearray(size)
+        return 0, ptr
+
+    def malloc_host(size):
+        buf = (ctypes.c_char * size)()
+        cuda.HOST[ctypes.addressof(buf)] = buf
+        return 0, ctypes.addressof(buf)
+
+    def memcpy(dst, src, size, kind, stream):
+        rec("cudaMemcpyAsync", kind)
+
+        def run():  # copies land when the stream runs, i.e. at synchronise
+            if kind == "H2D":
+                cuda.DEVICE[dst][:size] = ctypes.string_at(src, size)
+            else:
+                ctypes.memmove(dst, bytes(cuda.DEVICE[src][:size]), size)
+        cuda.PENDING.append(run)
+        return (0,)
+
+    def synchronize(stream):
+        rec("cudaStreamSynchronize")
+        while cuda.PENDING:
+            cuda.PENDING.pop(0)()
+        return (0,)
+    cuda.cudaMalloc, cuda.cudaMallocHost, cuda.cudaMemcpyAsync = malloc, malloc_host, memcpy
+    cuda.cudaStreamSynchronize = synchronize
+    cuda.cudaFree = lambda p: rec("cudaFree")
+    cuda.cudaFreeHost = lambda p: rec("cudaFreeHost")
+    cuda.cudaStreamDestroy = lambda s: rec("cudaStreamDestroy")
+    return cuda
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """Install the fakes as `tensorrt` and `cuda.bindings.runtime`; returns (recorder, install)."""
+    rec = Recorder()
+
+    def install(**kw):
+        monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(rec, **kw))
+        monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
+        monkeypatch.setitem(sys.modules, "cuda.bindings", types.ModuleType("cuda.bindings"))
+        monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", fake_cudart(rec))
+        import importlib.util as iu
+        real = iu.find_spec
+        monkeypatch.setattr(iu, "find_spec", lambda name, *a: object() if name in ("tensorrt", "cuda") else real(name, *a))
+    return rec, install
+
+
+def copy_bundle(tiny_bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    return out
+
+
+def test_fp32_build_clears_tf32_and_is_strongly_typed(fakes, tiny_bundle, tmp_path):
+    from edgemeta.export import EngineOptions, add_engine
+    rec, install = fakes
+    install()
+    bundle = copy_bundle(tiny_bundle, tmp_path)
+    record = add_engine(bundle, EngineOptions("fp32", "1:4:16"))
+    assert ("clear_flag", "TF32") in rec.calls and ("set_flag", "GPU_FALLBACK") not in rec.calls
+    assert ("create_network", "strong") in rec.calls and ("set_flag", "FP16") not in rec.calls
+    assert rec.names().index("parse_from_file") < rec.names().index("build_serialized_network")
+    assert record["tf32"] is False and record["sm_count"] == 16 and record["gpu_name"] == "Orin"
+    assert (bundle / record["file"]).read_bytes() == b"PLAN" and not list(bundle.glob(".building-*"))
+    assert load_bundle(bundle).engines[0]["file"] == record["file"]
+
+
+def test_dla_needs_a_static_batch_and_a_real_core(fakes, tiny_bundle, tmp_path):
+    from edgemeta.export import EngineOptions, add_engine
+    rec, install = fakes
+    install(dla_cores=2)
+    bundle = copy_bundle(tiny_bundle, tmp_path)
+    with pytest.raises(ConfigError, match="static batch"):
+        add_engine(bundle, EngineOptions("fp16", "1:8:32", dla_core=0))
+    with pytest.raises(ConfigError, match="this device has 2 DLA core"):
+        add_engine(bundle, EngineOptions("fp16", "8", dla_core=2))
+    with pytest.raises(ConfigError, match="fp16 or int8"):
+        add_engine(bundle, EngineOptions("fp32", "8", dla_core=0))
+    record = add_engine(bundle, EngineOptions("fp16", "8", dla_core=1))
+    assert ("config.DLA_core", 1) in rec.calls and ("set_flag", "GPU_FALLBACK") in rec.calls
+    assert ("build_serialized_network", "DLA") in rec.calls and record["dla_core"] == 1
+    assert ("clear_flag", "TF32") not in rec.calls
+    # TensorRT 10 documents DLA only as trtexec builds it: weakly typed, precision flags
+    assert ("create_network", "weak") in rec.calls and ("set_flag", "FP16") in rec.calls
+
+
+def test_old_tensorrt_is_refused_before_anything_is_built(fakes, tiny_bundle, tmp_path):
+    from edgemeta.export import EngineOptions, add_engine
+    rec, install = fakes
+    install(version="8.6.2")
+    with pytest.raises(DependencyError, match="TensorRT ≥ 10 .*JetPack ≥ 6.1"):
+        add_engine(copy_bundle(tiny_bundle, tmp_path), EngineOptions())
+    assert "Builder" not in rec.names()
+
+
+def test_a_stale_timing_cache_is_replaced_and_saved_only_when_real(fakes, tiny_bundle, tmp_path):
+    from edgemeta.export import EngineOptions, add_engine
+    rec, install = fakes
+    install(cache_ok=False)
+    cache = tmp_path / "trt.cache"
+    cache.write_bytes(b"from-an-older-jetpack")
+    messages = []
+    progress = types.SimpleNamespace(message=messages.append)
+    add_engine(copy_bundle(tiny_bundle, tmp_path), EngineOptions(timing_cache=str(cache)), progress=progress)
+    assert [c for c in rec.calls if c[0] == "create_timing_cache"] == [("create_timing_cache", b"from-an-older-jetpack"),
+                                                                          ("create_timing_cache", b"")]
+    assert any("fresh one" in m for m in messages)
+    assert cache.read_bytes() == b"cache:"  # the fresh cache, written atomically after the build
+
+
+def test_a_failed_build_leaves_no_orphan_and_the_manifest_unchanged(fakes, tiny_bundle, tmp_path):
+    from edgemeta.export import EngineOptions, add_engine
+    rec, install = fakes
+    install(build_ok=False)
+    bundle = copy_bundle(tiny_bundle, tmp_path)
+    before = (bundle / "manifest.json").read_text()
+    with pytest.raises(BundleError, match="failed to build"):
+        add_engine(bundle, EngineOptions())
+    assert (bundle / "manifest.json").read_text() == before
+    assert not [p for p in bundle.iterdir() if "engine" in p.name]
+
+
+def _engine_bundle(tiny_bundle, tmp_path, precision="fp32", dla_core=None):
+    from edgemeta.export.tensorrt import BatchProfile, engine_record
+    from edgemeta.runtime.bundle import register_file, write_manifest
+    bundle = copy_bundle(tiny_bundle, tmp_path)
+    (bundle / "e.engine").write_bytes(b"PLAN")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    register_file(bundle, manifest, "e.engine", f"tensorrt-{precision}")
+    device = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "sm_count": 16,
+              "dla_cores": 2, "l4t": None}
+    manifest["engines"] = [engine_record("e.engine", precision, BatchProfile(1, 4, 16), device, "x", dla_core, 64, 1.0)]
+    write_manifest(bundle, manifest)
+    return load_bundle(bundle), device
+
+
+def test_the_backend_sets_the_dla_core_before_deserialising_and_chunks_with_ordered_copies(fakes, tiny_bundle, tmp_path):
+    from edgemeta.runtime.backends import open_backend
+    from edgemeta.runtime.backends.tensorrt import TensorRTBackend
+    rec, install = fakes
+    install(dla_cores=2)
+    bundle, device = _engine_bundle(tiny_bundle, tmp_path, "fp16", dla_core=1)
+    backend = open_backend(bundle, "tensorrt", variant="fp16", device=device)
+    assert isinstance(backend, TensorRTBackend)
+    assert rec.names().index("runtime.DLA_core") < rec.names().index("deserialize_cuda_engine")
+    x = np.random.default_rng(0).uniform(0, 255, (37, 1, 28, 28)).astype(np.float32)  # 37 > max 16: 3 chunks
+    rec.calls.clear()
+    out = backend.embed(x)
+    np.testing.assert_allclose(out[:, 0], x.reshape(37, -1).mean(1), rtol=1e-5)
+    shapes = [c[1][0] for c in rec.calls if c[0] == "set_input_shape"]
+    assert shapes == [16, 16, 5]
+    per_chunk = ["set_input_shape", "cudaMemcpyAsync", "execute_async_v3", "cudaMemcpyAsync", "cudaStreamSynchronize"]
+    assert rec.names() == per_chunk * 3
+    backend.close()
+    assert {"cudaFree", "cudaFreeHost", "cudaStreamDestroy"} <= set(rec.names())
+
+
+def test_engine_selection_by_variant_and_fallback_when_an_engine_will_not_load(fakes, tiny_bundle, tmp_path):
+    from edgemeta.runtime.backends import OnnxRuntimeBackend, open_backend
+    rec, install = fakes
+    install(context_ok=False)
+    bundle, device = _engine_bundle(tiny_bundle, tmp_path, "fp16")
+    with pytest.warns(RuntimeWarning, match="no fp32 TensorRT engine"):  # an fp16 engine never serves fp32
+        assert isinstance(open_backend(bundle, "auto", variant="fp32", device=device), OnnxRuntimeBackend)
+    with pytest.warns(RuntimeWarning, match="did not load: TensorRT could not create an execution context"):
+        assert isinstance(open_backend(bundle, "auto", variant="fp16", device=device), OnnxRuntimeBackend)
+    with pytest.raises(BundleError, match="execution context"):
+        open_backend(bundle, "tensorrt", variant="fp16", device=device)
+
+
+@pytest.mark.parametrize("kw, why", [({"out_dtype": "HALF"}, "float16, edgemeta feeds and reads float32"),
+                                     ({"shape_ok": False}, "refused input shape")])
+def test_engine_tensors_are_checked(fakes, tiny_bundle, tmp_path, kw, why):
+    from edgemeta.runtime.backends import open_backend
+    rec, install = fakes
+    install(**kw)
+    bundle, device = _engine_bundle(tiny_bundle, tmp_path)
+    with pytest.raises(BundleError, match=why):
+        backend = open_backend(bundle, "tensorrt", device=device)
+        backend.embed(np.zeros((2, 1, 28, 28), np.float32))
