@@ -158,3 +158,26 @@ def test_two_onnxruntime_packages_in_one_environment_are_reported_with_the_fix()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_one_onnxruntime(["onnxruntime"])
+
+
+def test_onnxruntime_tensorrt_provider_gets_caches_profiles_and_precision_and_falls_back(tiny_bundle, monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    from edgemeta.runtime.backends.onnxruntime import tensorrt_ep_options
+    b = load_bundle(tiny_bundle)
+    opts = tensorrt_ep_options(b, "int8", cache_root=tmp_path)
+    assert opts["trt_int8_enable"] and not opts["trt_fp16_enable"] and opts["trt_engine_cache_enable"]
+    assert opts["trt_engine_cache_path"].endswith(f"{b.model_sha256[:16]}-int8")
+    assert opts["trt_profile_min_shapes"] == f"{b.input_name}:1x1x28x28" and opts["trt_profile_max_shapes"].endswith(":32x1x28x28")
+    # a TensorRT provider that fails to start: a warning, then CUDA/CPU
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    real = ort.InferenceSession
+
+    def session(path, options=None, providers=None):
+        if any((p[0] if isinstance(p, tuple) else p) == "TensorrtExecutionProvider" for p in providers):
+            raise RuntimeError("TensorRT EP: libnvinfer.so.10 not found")
+        return real(path, options, providers=providers)
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with pytest.warns(RuntimeWarning, match="TensorRT provider failed .*libnvinfer"):
+        backend = open_backend(b, "onnxruntime")
+    assert backend.providers == ["CPUExecutionProvider"]

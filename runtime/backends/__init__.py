@@ -54,7 +54,7 @@ def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", p
             from .tensorrt import TensorRTBackend
             try:
                 return TensorRTBackend(bundle.path / engine["file"], bundle.spec, bundle.embedding_dim,
-                                       dla_core=engine.get("dla_core"))
+                                       dla_core=engine.get("dla_core"), precision=engine["precision"])
             except (BundleError, DependencyError, MemoryError) as exc:
                 if backend == "tensorrt":
                     raise

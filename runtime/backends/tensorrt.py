@@ -42,13 +42,15 @@ def _check(result):
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, engine_path: str | Path, spec: InputSpec, embedding_dim: int, dla_core: int | None = None):
+    def __init__(self, engine_path: str | Path, spec: InputSpec, embedding_dim: int, dla_core: int | None = None,
+                 precision: str | None = None):
         trt = extras.load("tensorrt", "the TensorRT backend")
         from edgemeta.runtime.device_info import rebuild_hint
         major = int(str(trt.__version__).split(".")[0] or 0)
         if major < 10:
             raise BundleError(f"the TensorRT backend needs TensorRT ≥ 10 (JetPack ≥ 6.1); this is {trt.__version__}")
         super().__init__(spec, embedding_dim)
+        self.precision, self.dla_core = precision, dla_core
         self._cudart = cudart = _cudart()
         self.engine_path = Path(engine_path)
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -125,4 +127,4 @@ class TensorRTBackend(Backend):
     def describe(self) -> dict:
         import tensorrt as trt
         return {"backend": self.name, "engine": self.engine_path.name, "tensorrt_version": trt.__version__,
-                "profile": [self.min_batch, self.max_batch]}
+                "precision": self.precision, "dla_core": self.dla_core, "profile": [self.min_batch, self.max_batch]}
