@@ -138,3 +138,30 @@ def test_channel_stats_are_per_channel_on_unit_scale(tmp_path):
     mean, std = load_dataset(tmp_path, 8, "RGB", cache_dir=False).channel_stats()
     assert mean == (0.5, 0.0, 0.5)
     assert std == (0.5, 0.001, 0.5)  # a constant channel gets the floor, never a division by zero
+
+
+def test_cifar_fs_split_and_its_archive_layout(tmp_path):
+    """CIFAR-FS: the shipped split names the published 64 train and 16 validation classes, disjoint;
+    the loader reads the archive as it is (<root>/<split>/<class>/NNN.png, with a class named
+    `train`) — here a small archive of the same layout, since CIFAR images are never shipped."""
+    import json
+
+    from conftest import ROOT
+    split = json.loads((ROOT / "data/splits/cifar-fs.json").read_text())
+    assert len(split["train"]) == 64 and len(split["val"]) == 16 and split["test"] == []
+    assert not set(split["train"]) & set(split["val"]) and "train" in split["train"]
+    rng = np.random.default_rng(0)
+    archive = tmp_path / "cifar-fs.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for part, names in (("train", ["train", split["train"][1], split["train"][2]]), ("val", split["val"][:3])):
+            for name in names:
+                for i in range(4):
+                    buf = __import__("io").BytesIO()
+                    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+                    z.writestr(f"cifar-fs/{part}/{name}/{i:03d}.png", buf.getvalue())
+    data = load_dataset(archive, 32, "RGB", "folder", cache_dir=False)
+    assert data.n_classes == 6 and "train" in data.classes
+    train = select_split(data, "train", split_file=str(ROOT / "data/splits/cifar-fs.json"))
+    val = select_split(data, "val", split_file=str(ROOT / "data/splits/cifar-fs.json"))
+    assert sorted(train.classes) == sorted(["train", split["train"][1], split["train"][2]])
+    assert sorted(val.classes) == sorted(split["val"][:3]) and len(train) == len(val) == 12

@@ -103,23 +103,27 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
     assert bad.exit_code == 2 and "holds a conv4 backbone" in bad.output
 
 
-@pytest.mark.parametrize("name,dim", [("tinyimagenet-conv4-pretrain", 1024), ("tinyimagenet-conv4-finetune", 1024),
-                                      ("tinyimagenet-edgenet-pretrain", 128)])
-def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name, dim):
+@pytest.mark.parametrize("name,dim,side,extra", [("tinyimagenet-conv4-pretrain", 1024, 64, []),
+                                                 ("tinyimagenet-conv4-finetune", 1024, 64, []),
+                                                 ("tinyimagenet-edgenet-pretrain", 128, 64, []),
+                                                 ("cifarfs-resnet12-pretrain", 256, 32, ["--center", "--flip-shots"])])
+def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name, dim, side, extra):
     from conftest import ROOT
     from edgemeta.runtime import FewShotClassifier, load_bundle
     ckpt = ROOT / "checkpoints" / f"{name}.safetensors"
-    r = run_cli("export", ckpt, "--out", tmp_path / "b", "--calib-data", omniglot_paths[0], "--calib-images", "64")
+    r = run_cli("export", ckpt, "--out", tmp_path / "b", "--calib-data", omniglot_paths[0], "--calib-images", "64", *extra)
     assert r.exit_code == 0, r.output
     bundle = load_bundle(tmp_path / "b")
-    assert bundle.spec.colour == "RGB" and bundle.spec.height == 64 and bundle.embedding_dim == dim
+    assert bundle.spec.colour == "RGB" and bundle.spec.height == side and bundle.embedding_dim == dim
+    if extra:  # CL2N from the feature mean stored in the shipped checkpoint: no training data needed
+        assert bundle.manifest["output"]["centered"]["source"] == "checkpoint" and bundle.head.flip_shots
     assert bundle.manifest["variants"]["fp32"]["parity"]["max_rel_error"] < 1e-4
     # colour images a user might enroll: three hues with texture; held-out samples of each hue come back right
     rng = np.random.default_rng(0)
 
     def photo(hue):
         base = np.array(hue, np.float32)
-        img = base * rng.uniform(0.6, 1.0, (64, 64, 1)) + rng.normal(0, 12, (64, 64, 3))
+        img = base * rng.uniform(0.6, 1.0, (side, side, 1)) + rng.normal(0, 12, (side, side, 3))
         return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     hues = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
     clf = FewShotClassifier.load(tmp_path / "b")
