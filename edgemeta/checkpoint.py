@@ -78,10 +78,11 @@ def save_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor
     return path
 
 
-def ship_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False) -> Path:
+def ship_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False, flip_shots: bool = False) -> Path:
     """The checkpoint as it ships: deployable weights only (no optimizer state), CL2N's feature mean
-    computed on the training split and stored (so `export --center` needs no training data), and
-    with half=True float weights stored in float16 (loaded back as float32)."""
+    computed on the training split and stored (so `export --center` needs no training data), with
+    half=True float weights stored in float16 (loaded back as float32), and with flip_shots=True a
+    device head that enrolls flipped shots (where validation showed it helps)."""
     from edgemeta.evaluate import FEATURE_MEAN_KEY, feature_mean
     ckpt = load_checkpoint(src)
     mean, about = feature_mean(ckpt)
@@ -90,6 +91,10 @@ def ship_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool =
         state = {k: v.half() if v.is_floating_point() and k != FEATURE_MEAN_KEY and "running_" not in k else v
                  for k, v in state.items()}
     meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "format_version", "edgemeta_version")}
+    if flip_shots:
+        import dataclasses
+        head = dataclasses.replace(ckpt.device_head, flip_shots=True).to_dict()
+        meta["head"] = {**meta["head"], "device_head": head} if meta["head"].get("kind") == "finetune" else head
     return save_checkpoint(dst, state, {**meta, FEATURE_MEAN_KEY: about, "weights_dtype": "float16" if half else "float32"})
 
 

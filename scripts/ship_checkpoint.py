@@ -3,7 +3,7 @@ CL2N's feature mean stored (computed on the training split, so `edgemeta export 
 training data), and with --half float16 weights (half the size; BatchNorm statistics stay float32).
 
     python scripts/ship_checkpoint.py runs/cifarfs-resnet12-pretrain/best.safetensors \
-        checkpoints/cifarfs-resnet12-pretrain.safetensors --half
+        checkpoints/cifarfs-resnet12-pretrain.safetensors --half --flip-shots
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ def main() -> None:
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--half", action="store_true", help="store float weights in float16")
+    ap.add_argument("--flip-shots", action="store_true", help="the device head enrolls flipped shots")
     args = ap.parse_args()
-    path = ship_checkpoint(args.src, args.dst, half=args.half)
+    path = ship_checkpoint(args.src, args.dst, half=args.half, flip_shots=args.flip_shots)
     print(f"{path}: {path.stat().st_size:,} bytes")
 
 
