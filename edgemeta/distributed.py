@@ -59,3 +59,9 @@ class Distributed:
             self.broadcast(model)
             self.td.barrier()
             self.td.destroy_process_group()
+            if not self.is_main:
+                # A rank that exits the moment the group is destroyed, while rank 0 is still closing
+                # its connections, aborted in about half of two-process gloo runs here ("terminate
+                # called without an active exception", torch 2.13); a short linger avoids that race.
+                import time
+                time.sleep(0.2)

@@ -39,6 +39,7 @@ class TrainResult:
     episodes: int
     seconds: float
     model: torch.nn.Module | None = None
+    is_main: bool = True  # rank 0 (or a single process): the one that writes and reports
 
 
 def load_splits(config: TrainConfig, progress: Progress = SILENT) -> tuple[ImageSet, ImageSet]:
@@ -207,6 +208,10 @@ def _set_up(config: TrainConfig, resume: bool, progress: Progress) -> _Run:
         run.start, run.best = ckpt.meta["episode"], ckpt.meta["metrics"].get("best_val_accuracy", -1.0)
     elif run.log_path.exists():
         run.log_path.unlink()
+    if dist.enabled and config.switch("channels_last"):
+        # parameters in the layout their gradients arrive in (NHWC activations give NHWC weight
+        # gradients): DistributedDataParallel's buckets then match, with no copy per bucket
+        model.to(memory_format=torch.channels_last)
     dist.broadcast(model)
     if not model.syncs_own_gradients:
         run.forward = dist.wrap(model)  # DistributedDataParallel averages the gradients of the forward
@@ -271,7 +276,8 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress = SILENT
         show.update(done, _note(record))
     show.finish()
     run.dist.close(run.model)
-    return TrainResult(run.best_path, run.last_path, run.best, c.episodes, time.time() - t0, run.model)
+    return TrainResult(run.best_path, run.last_path, run.best, c.episodes, time.time() - t0, run.model,
+                       is_main=run.dist.is_main)
 
 
 def _note(record: dict | None) -> str:

@@ -1,5 +1,6 @@
 """Distributed meta-training: 2 CPU processes (gloo), each with its own episodes; gradients are
 averaged, so both ranks end with identical weights; only rank 0 writes."""
+import json
 import os
 import socket
 
@@ -43,3 +44,31 @@ def test_two_ranks_end_with_identical_weights(tmp_path, algo):
     assert (tmp_path / "best.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1  # one log, from rank 0 only
+
+
+def _torchrun_two_nodes(out, episodes: int, resume: bool, port: int) -> list:
+    """The multi-node form of torchrun (c10d rendezvous), simulated with two "nodes" on 127.0.0.1."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"edgemeta-test-{port}", "-m", "edgemeta", "train",
+           "--data", str(OMNIGLOT[1]), "--split-mode", "seeded", "--way", "5", "--episodes", str(episodes),
+           "--val-every", "3", "--val-episodes", "10", "--out", str(out), "--quiet", *(["--resume"] if resume else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    return [(n.wait(timeout=300), *n.communicate()) for n in nodes]
+
+
+def test_multi_node_torchrun_reports_once_without_stride_warnings_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    for episodes, resume in ((6, False), (9, True)):
+        results = _torchrun_two_nodes(out, episodes, resume, _free_port())
+        assert all(code == 0 for code, _, _ in results), results
+        stdout = "".join(o for _, o, _ in results)
+        stderr = "".join(e for _, _, e in results)
+        assert stdout.count("best validation accuracy") == 1, stdout  # only rank 0 reports
+        assert "Grad strides do not match" not in stderr and "terminate called" not in stderr
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logs[-1]["episode"] == 9 and [r["episode"] for r in logs if "val_acc" in r] == [3, 6, 9]

@@ -58,6 +58,8 @@ def train(
     flags = {k: v for k, v in flags.items() if v is not None}
     cfg = TrainConfig.from_toml(config, **flags) if config else TrainConfig.from_dict(flags)
     result = run_training(cfg, resume=resume, progress=RichProgress(enabled=not quiet))
+    if not result.is_main:
+        return  # under torchrun only rank 0 reports
     console.print(f"best validation accuracy {result.best_val_accuracy:.2f}% "
                   f"({cfg.val_way}-way {cfg.val_shot}-shot) in {result.seconds:.0f} s")
     console.print(f"checkpoint: {result.best_checkpoint}")
