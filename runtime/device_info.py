@@ -78,7 +78,7 @@ def engine_mismatches(engine: dict, device: dict) -> list[str]:
     elif engine["tensorrt_version"] != device["tensorrt_version"]:
         reasons.append(f"built with TensorRT {engine['tensorrt_version']}, this device has {device['tensorrt_version']}")
     if device.get("compute_capability") is None:
-        reasons.append("no CUDA device here")
+        reasons.append("no CUDA device here" + (f" ({device['cuda_error']})" if device.get("cuda_error") else ""))
     else:
         if engine["compute_capability"] != device["compute_capability"]:
             reasons.append(f"built for compute capability {engine['compute_capability']} ({engine['gpu_name']}), "

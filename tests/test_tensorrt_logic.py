@@ -181,3 +181,17 @@ def test_onnxruntime_tensorrt_provider_gets_caches_profiles_and_precision_and_fa
     with pytest.warns(RuntimeWarning, match="TensorRT provider failed .*libnvinfer"):
         backend = open_backend(b, "onnxruntime")
     assert backend.providers == ["CPUExecutionProvider"]
+
+
+def test_a_cuda_error_is_reported_not_hidden_as_no_device(monkeypatch):
+    import sys
+    import types
+
+    from edgemeta.runtime.device_info import cuda_device, engine_mismatches
+    cuda = types.ModuleType("cuda.bindings.runtime")
+    cuda.cudaGetDeviceProperties = lambda i: (35, None)  # cudaErrorInsufficientDriver
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cuda)
+    device = {"tensorrt_version": "10.3.0", **cuda_device(), "l4t": None}
+    assert device["compute_capability"] is None and "CUDA error 35" in device["cuda_error"]
+    reasons = engine_mismatches(ORIN, device)
+    assert any("no CUDA device here (CUDA error 35" in r for r in reasons)
