@@ -102,11 +102,15 @@ class VideoSource:
     only. keep_images: also hand out each frame at full size (RGB)."""
 
     def __init__(self, source: str, spec: InputSpec, *, realtime: bool | None = None, queue_size: int = 2,
-                 keep_images: bool = False, stall_seconds: float = STALL_SECONDS):
+                 keep_images: bool = False, stall_seconds: float = STALL_SECONDS,
+                 capture_size: tuple[int, int] | None = None):
+        """capture_size (width, height): ask a camera for frames of this size (V4L2, CSI) — decoding
+        a 640×480 frame instead of a 1080p one is most of a live source's cost."""
         if queue_size < 1:
             raise DataError(f"queue size must be ≥ 1, got {queue_size}")
         self.spec, self.keep_images, self.stall_seconds = spec, keep_images, stall_seconds
-        self.source = parse_source(source)
+        self.capture_size = capture_size
+        self.source = parse_source(source, csi_size=capture_size or (1280, 720))
         self.realtime = self.source.live if realtime is None else realtime
         self.stats = SourceStats()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -136,6 +140,9 @@ class VideoSource:
             capture = cv2.VideoCapture(target, cv2.CAP_V4L2)
         else:
             capture = cv2.VideoCapture(target)
+        if self.capture_size is not None and self.source.kind == "v4l2":
+            capture.set(cv2.CAP_PROP_FRAME_WIDTH, self.capture_size[0])
+            capture.set(cv2.CAP_PROP_FRAME_HEIGHT, self.capture_size[1])
         if not capture.isOpened():
             capture.release()
             why = {"csi": "is this a Jetson with a CSI camera, and OpenCV built with GStreamer (JetPack's python3-opencv)?",

@@ -139,3 +139,18 @@ def test_a_folder_of_images_is_a_source(shipped_bundle, enrolled, tagalog, tmp_p
     results = watch_results(shipped_bundle, "--store", enrolled, "--source", tmp_path)
     assert [r["frame"] for r in results] == list(range(5))
     assert np.mean([r["raw_label"] == chars[2] for r in results]) >= 0.8
+
+
+def test_source_strings_follow_jetson_inference_conventions():
+    from edgemeta.runtime.sources import parse_source
+    csi = parse_source("csi://1", csi_size=(640, 480))
+    assert csi.kind == "csi" and csi.live and "sensor-id=1" in csi.target and "width=640, height=480" in csi.target
+    assert parse_source("v4l2:///dev/video2").target == "/dev/video2" and parse_source("/dev/video0").kind == "v4l2"
+    assert parse_source("rtsp://cam.local/stream").kind == "stream"
+    assert parse_source("v4l2src ! videoconvert ! appsink").kind == "gstreamer"
+
+
+def test_capture_size_is_checked(shipped_bundle, enrolled, clips):
+    folder, _ = clips
+    r = run_cli("watch", shipped_bundle, "--store", enrolled, "--source", folder / "test.avi", "--capture-size", "big")
+    assert r.exit_code == 2 and "WIDTHxHEIGHT" in r.stderr

@@ -27,6 +27,7 @@ def watch(
     unknown: Optional[str] = typer.Option(None, help="'auto' or a distance: farther frames are 'unknown'."),
     max_frames: Optional[int] = typer.Option(None, help="Stop after classifying this many frames."),
     duration: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
+    capture_size: Optional[str] = typer.Option(None, help="Ask a camera (V4L2, CSI) for WIDTHxHEIGHT frames, e.g. 640x480."),
     realtime: Optional[bool] = typer.Option(None, help="Drop frames when the model is slower than the source (default: for cameras and streams)."),
     enroll: Optional[str] = typer.Option(None, help="Enroll a class of this name from the source instead of classifying."),
     shots: int = typer.Option(5, help="--enroll: frames to capture."),
@@ -63,8 +64,18 @@ def watch(
     if duration is not None and not duration > 0:
         raise ConfigError(f"--duration must be > 0 seconds, got {duration}")
     writable_target(jsonl, "--jsonl")
+    size = None
+    if capture_size is not None:
+        try:
+            width, height = (int(v) for v in capture_size.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--capture-size takes WIDTHxHEIGHT, e.g. 640x480, not {capture_size!r}") from None
+        if not (0 < width <= 8192 and 0 < height <= 8192):
+            raise ConfigError(f"--capture-size {capture_size} is out of range")
+        size = (width, height)
     clf = FewShotClassifier.load(bundle, store=store, head=head, backend=backend, variant=variant)
-    with VideoSource(source, clf.bundle.spec, realtime=realtime, keep_images=enroll is not None) as frames:
+    with VideoSource(source, clf.bundle.spec, realtime=realtime, keep_images=enroll is not None,
+                     capture_size=size) as frames:
         if enroll is not None:
             count = enroll_from_source(clf, enroll, frames, shots, spacing, mode="add" if add else "new")
             console.print(f"enrolled {enroll!r} from {source}: {count} shot(s); {len(clf.classes)} class(es) in {store}",
