@@ -123,3 +123,19 @@ def writable_target(path: Optional[Path], what: str) -> None:
         raise ConfigError(f"{what} {path}: folder {path.parent} does not exist; create it first")
     if not os.access(path.parent, os.W_OK):
         raise ConfigError(f"{what} {path}: folder {path.parent} is not writable")
+
+
+def parse_unknown(text: Optional[str]) -> float | str | None:
+    """--unknown: None (never reject), 'auto' (calibrated on the support set) or a finite distance ≥ 0."""
+    from edgemeta.runtime.errors import ConfigError
+    if text is None:
+        return None
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError("--unknown takes 'auto' or a number") from None
+    if not (value >= 0 and value != float("inf")):
+        raise ConfigError(f"--unknown takes 'auto' or a finite distance ≥ 0, not {text!r}")
+    return value

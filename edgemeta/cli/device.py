@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgemeta.cli.common import command, console, print_json
+from edgemeta.cli.common import command, console, parse_unknown, print_json
 
 BACKEND_HELP = "auto (TensorRT engine if one matches this device, else ONNX Runtime) | onnxruntime | tensorrt"
 
@@ -87,14 +87,7 @@ def predict(
 ):
     """Classify images against the enrolled classes. Example: edgemeta predict bundle --store enrolled photo.jpg --top-k 3"""
     from edgemeta.runtime.errors import ConfigError, StoreError
-    reject = None
-    if unknown is not None:
-        try:
-            reject = "auto" if unknown == "auto" else float(unknown)
-        except ValueError:
-            raise ConfigError("--unknown takes 'auto' or a number") from None
-        if reject != "auto" and not (reject >= 0 and reject != float("inf")):
-            raise ConfigError(f"--unknown takes 'auto' or a finite distance ≥ 0, not {unknown!r}")
+    reject = parse_unknown(unknown)
     if top_k < 1:
         raise ConfigError(f"--top-k must be ≥ 1, not {top_k}")
     if not Path(store).exists():

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from edgemeta.cli.common import command, console, err_console, writable_target
+from edgemeta.cli.common import command, console, err_console, parse_unknown, writable_target
 
 SOURCE_HELP = ("/dev/video0 | v4l2:///dev/video0 | csi://0 (Jetson CSI camera) | clip.mp4 | file://… | rtsp://… | "
                "a folder of images | a GStreamer pipeline ending in appsink")
@@ -47,14 +47,7 @@ def watch(
     from edgemeta.runtime.errors import ConfigError
     from edgemeta.runtime.sources import VideoSource
     from edgemeta.runtime.watch import enroll_from_source, watch as run_watch
-    reject = None
-    if unknown is not None:
-        try:
-            reject = "auto" if unknown == "auto" else float(unknown)
-        except ValueError:
-            raise ConfigError("--unknown takes 'auto' or a number") from None
-        if reject != "auto" and not (reject >= 0 and reject != float("inf")):
-            raise ConfigError(f"--unknown takes 'auto' or a finite distance ≥ 0, not {unknown!r}")
+    reject = parse_unknown(unknown)
     for name, value in (("--every", every), ("--smooth", smooth), ("--top-k", top_k), ("--shots", shots),
                         ("--spacing", spacing)):
         if value < 1:
