@@ -201,6 +201,10 @@ class FewShotClassifier:
         """Decode (if needed) and embed images: float32 [N, D]."""
         return self._embed_sources(images)
 
+    def embed_support(self, images: Sequence[ImageSource] | np.ndarray) -> np.ndarray:
+        """Embed support images as enrollment does (with flipped shots when the head asks)."""
+        return self._embed_sources(images, support=True)
+
     def _embed_sources(self, images, support: bool = False) -> np.ndarray:
         """Decode and embed; support=True embeds support images as the head asks (with flip_shots,
         the mean of each image's embedding and its horizontal mirror's)."""

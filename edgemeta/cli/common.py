@@ -44,6 +44,11 @@ def os_error_message(exc: OSError) -> str:
 def command(*args, **kwargs):
     """app.command() whose user errors and environment faults end in one red line and exit status 2,
     never a traceback."""
+    return command_of(app, *args, **kwargs)
+
+
+def command_of(group: typer.Typer, *args, **kwargs):
+    """The same for a command of a sub-app (`edgemeta gallery export`)."""
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*a, **kw):
@@ -55,7 +60,7 @@ def command(*args, **kwargs):
                 fail(os_error_message(exc))
             except MemoryError:
                 fail("out of memory; use smaller images or batches")
-        return app.command(*args, **kwargs)(wrapper)
+        return group.command(*args, **kwargs)(wrapper)
     return deco
 
 

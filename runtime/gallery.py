@@ -1,0 +1,175 @@
+"""Galleries: a store's enrolled classes in one portable, checksummed file, to back up a device
+or deploy the same classes to many.
+
+A gallery is an .npz (no pickles) holding a JSON header — format, model sha256, variant, embedding
+size, head, the classes with their shot counts and kept-image names — the support embeddings, and
+with images=True the kept image files, so a device with another model can re-embed them. The header
+carries the sha256 of every array; an import checks it, and every bound, before anything changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StoreError
+from .files import atomic_write
+from .heads import HeadConfig
+from .store import KEPT_NAME, EnrolledClass, EnrollmentStore, StoreState, frozen
+
+GALLERY_FORMAT = "edgemeta-gallery"
+GALLERY_VERSION = 1
+MAX_CLASSES = 100_000
+MAX_SHOTS = 10_000
+MAX_IMAGE_BYTES = 64 << 20
+CONFLICTS = ("skip", "add", "replace", "error")
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def export_gallery(store_path: str | os.PathLike, out: str | os.PathLike, images: bool = False) -> dict:
+    """Write the store's classes to one gallery file (atomically); returns its header."""
+    store = EnrollmentStore(store_path)
+    state = store.read()
+    if state is None:
+        raise StoreError(f"no store at {store_path}; enroll classes first")
+    if not state.classes:
+        raise StoreError(f"the store at {store_path} has no classes to export")
+    arrays = {"embeddings": np.concatenate([c.embeddings for c in state.classes]).astype(np.float32)}
+    if images:
+        missing = [c.label for c in state.classes if not c.images]
+        if missing:
+            raise StoreError(f"class {missing[0]!r} kept no images; export without --with-images, or enroll it again")
+        for name in sorted({n for c in state.classes for n in c.images}):
+            arrays[f"image_{name}"] = np.frombuffer(store.image_path(name).read_bytes(), np.uint8)
+    header = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, "model_sha256": state.model_sha256,
+              "variant": state.variant, "embedding_dim": state.embedding_dim, "head": state.head.to_dict(),
+              "classes": [{"label": c.label, "shots": c.shots, "images": list(c.images) if images else []}
+                          for c in state.classes],
+              "sha256": {k: _digest(v) for k, v in arrays.items()}}
+    buf = io.BytesIO()
+    np.savez(buf, header=np.array(json.dumps(header)), **arrays)  # type: ignore[arg-type]
+    atomic_write(out, buf.getvalue())
+    return header
+
+
+def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], dict[str, bytes]]:
+    """Read and check a gallery: (header, classes, kept images by name). Anything wrong — not a
+    gallery, a checksum, a shape, a NaN, a path for an image name, a count out of bounds — raises
+    StoreError with one line; nothing is written."""
+    where = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            arrays = {k: z[k] for k in z.files if k != "header"}
+    except FileNotFoundError:
+        raise StoreError(f"gallery not found: {where}") from None
+    except Exception as exc:
+        raise StoreError(f"{where} is not a readable gallery ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != GALLERY_FORMAT:
+        raise StoreError(f"{where} is not an edgemeta gallery")
+    if header.get("version", 0) > GALLERY_VERSION:
+        raise StoreError(f"{where} was written by a newer edgemeta (gallery version {header['version']})")
+    try:
+        sums, entries, dim = header["sha256"], header["classes"], header["embedding_dim"]
+        HeadConfig.from_dict(header["head"], f"{where}: head")
+        if set(sums) != set(arrays) or any(_digest(arrays[k]) != v for k, v in sums.items()):
+            raise StoreError(f"{where} does not match its checksums (damaged or edited); export it again")
+        if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_CLASSES:
+            raise StoreError(f"{where}: {len(entries) if isinstance(entries, list) else '?'} classes is out of bounds")
+        embeddings = arrays["embeddings"]
+        if isinstance(dim, bool) or not isinstance(dim, int) or embeddings.ndim != 2 or embeddings.shape[1] != dim \
+                or embeddings.dtype != np.float32:
+            raise StoreError(f"{where}: embeddings {embeddings.shape} {embeddings.dtype} do not match dim {dim}")
+        if not np.isfinite(embeddings).all():
+            raise StoreError(f"{where} holds non-finite embeddings")
+        images = {k[len("image_"):]: v.tobytes() for k, v in arrays.items() if k.startswith("image_")}
+        if any(not KEPT_NAME.fullmatch(n) or len(b) > MAX_IMAGE_BYTES
+               or hashlib.sha256(b).hexdigest()[:32] != n[:32] for n, b in images.items()):
+            raise StoreError(f"{where} names images that are not content-addressed kept images")
+        classes, start = [], 0
+        from .classifier import check_label
+        for entry in entries:
+            shots, names = entry["shots"], tuple(entry.get("images", []))
+            if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= MAX_SHOTS \
+                    or start + shots > len(embeddings):
+                raise StoreError(f"{where}: class {entry.get('label')!r} claims {shots!r} shots the file does not hold")
+            if any(n not in images for n in names):
+                raise StoreError(f"{where}: class {entry['label']!r} names images the file does not hold")
+            classes.append(EnrolledClass(check_label(entry["label"]), frozen(embeddings[start:start + shots]), names))
+            start += shots
+        if start != len(embeddings) or len({c.label for c in classes}) != len(classes):
+            raise StoreError(f"{where}: the class list does not match the embeddings")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"{where} is damaged ({exc})") from None
+    return header, classes, images
+
+
+def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, replace_all: bool = False,
+                   on_conflict: str = "error", classifier=None) -> StoreState:
+    """Apply a gallery to a store in one atomic save. replace_all: the store's classes become the
+    gallery's; otherwise they merge, and a label in both follows on_conflict (skip: keep the
+    store's; add: append the gallery's shots; replace: take the gallery's; error: change nothing).
+    A gallery made for another model than the store (or than `bundle`) is refused unless it carries
+    its images and `classifier` (a FewShotClassifier on the store's bundle) is given: the images are
+    then re-embedded with it."""
+    if on_conflict not in CONFLICTS:
+        raise StoreError(f"--on-conflict must be one of {', '.join(CONFLICTS)}, not {on_conflict!r}")
+    header, classes, images = read_gallery(path)
+    store = EnrollmentStore(store_path)
+    with store.locked():
+        saved = store.read()
+        target = ((saved.model_sha256, saved.variant) if saved is not None else
+                  (classifier.bundle.model_sha256, classifier.variant) if classifier is not None else
+                  (header["model_sha256"], header["variant"]))
+        if (header["model_sha256"], header["variant"]) != target:
+            classes = _reembed(classes, images, classifier, target, header, path)
+        for name in {n for c in classes for n in c.images}:
+            store.keep_image(images[name], Path(name).suffix)
+        head = saved.head if saved is not None else HeadConfig.from_dict(header["head"])
+        current = list(saved.classes) if saved is not None and not replace_all else []
+        merged = _merge(current, classes, on_conflict)
+        from .classifier import fit_head
+        dim = int(merged[0].embeddings.shape[1])
+        state = StoreState(target[0], target[1], dim, head, tuple(merged), {},
+                           (saved.generation + 1) if saved is not None else 0)
+        state = replace(state, fitted={k: frozen(v) for k, v in fit_head(head, state.classes).items()})
+        store.write(state)
+    return state
+
+
+def _merge(current: list[EnrolledClass], incoming: list[EnrolledClass], on_conflict: str) -> list[EnrolledClass]:
+    merged = list(current)
+    index = {c.label: i for i, c in enumerate(merged)}
+    for c in incoming:
+        i = index.get(c.label)
+        if i is None:
+            index[c.label] = len(merged)
+            merged.append(c)
+        elif on_conflict == "error":
+            raise StoreError(f"class {c.label!r} is in the store and in the gallery; choose --on-conflict "
+                             "skip|add|replace, or --replace the whole store; nothing was changed")
+        elif on_conflict == "add":
+            old = merged[i]
+            merged[i] = EnrolledClass(c.label, frozen(np.concatenate([old.embeddings, c.embeddings])), old.images + c.images)
+        elif on_conflict == "replace":
+            merged[i] = c
+    return merged
+
+
+def _reembed(classes, images, classifier, target, header, path) -> list[EnrolledClass]:
+    other = f"{path} was made for another model (sha {header['model_sha256'][:12]}…, {header['variant']})"
+    if not all(c.images for c in classes):
+        raise StoreError(f"{other} and carries no images to re-embed; export it with --with-images, "
+                         "or enroll the classes again")
+    if classifier is None or (classifier.bundle.model_sha256, classifier.variant) != target:
+        raise StoreError(f"{other}; pass the store's bundle (--bundle) to re-embed its images")
+    return [EnrolledClass(c.label, frozen(classifier.embed_support([images[n] for n in c.images])), c.images)
+            for c in classes]
