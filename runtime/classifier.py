@@ -19,7 +19,7 @@ import numpy as np
 from . import heads
 from .backends import Backend, open_backend
 from .bundle import Bundle, load_bundle
-from .errors import ConfigError, ImageDecodeError, StoreError
+from .errors import BundleError, ConfigError, ImageDecodeError, StoreError
 from .heads import HeadConfig, resolve_head
 from .preprocess import ImageSource, check_pixels, load_images
 from .store import EnrolledClass, EnrollmentStore, StoreState, frozen
@@ -147,6 +147,9 @@ class FewShotClassifier:
         store, its classes are re-embedded with this bundle instead.
         """
         b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if "frozen" in b.manifest:
+            raise BundleError(f"{b.path} is a frozen classifier (classes and head inside): use "
+                              "edgemeta.runtime.frozen.FrozenClassifier, or `edgemeta predict` without --store")
         clf = cls(b, open_backend(b, backend, variant, threads=threads), resolve_head(b.head, head),
                   EnrollmentStore(store) if store is not None else None, variant, keep_images)
         if clf.store is not None:

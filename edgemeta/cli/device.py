@@ -76,7 +76,7 @@ def enroll(
 def predict(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     images: list[Path] = typer.Argument(..., help="Images to classify."),
-    store: Path = typer.Option(..., help="Enrollment store folder."),
+    store: Optional[Path] = typer.Option(None, help="Enrollment store folder (not for a frozen classifier from `edgemeta freeze`)."),
     top_k: int = typer.Option(1, help="Show the K most likely classes."),
     unknown: Optional[str] = typer.Option(None, help="'auto' (calibrated on the support set) or a distance: farther images are 'unknown'."),
     head: Optional[str] = typer.Option(None, help="prototype | ridge | logistic (default: the store's)."),
@@ -90,10 +90,18 @@ def predict(
     reject = parse_unknown(unknown)
     if top_k < 1:
         raise ConfigError(f"--top-k must be ≥ 1, not {top_k}")
-    if not Path(store).exists():
-        raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
-    clf = _open(bundle, store, head, backend, variant, reembed)
-    result = clf.predict(list(images), top_k=top_k, reject=reject)
+    from edgemeta.runtime.frozen import FrozenClassifier, is_frozen
+    if is_frozen(bundle):
+        if store is not None or head is not None:
+            raise ConfigError(f"{bundle} is a frozen classifier: its classes and head are inside it (no --store/--head)")
+        result = FrozenClassifier.load(bundle).predict(list(images), top_k=top_k, reject=reject)
+    else:
+        if store is None:
+            raise ConfigError("give the enrollment store with --store DIR (or predict with a frozen classifier)")
+        if not Path(store).exists():
+            raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
+        clf = _open(bundle, store, head, backend, variant, reembed)
+        result = clf.predict(list(images), top_k=top_k, reject=reject)
     rows = result.to_list()
     if as_json:
         print_json([{"image": str(p), **r} for p, r in zip(images, rows)], indent=2)

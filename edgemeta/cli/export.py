@@ -103,3 +103,22 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
     for name, can in runnable_here(bundle).items():
         table.add_row(f"runs here: {name}", can)
     console.print(table)
+
+
+@command()
+def freeze(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    store: Path = typer.Option(..., help="Enrollment store whose classes and fitted head go into the graph."),
+    out: Path = typer.Option(..., help="Folder to write: classifier.onnx, labels.txt, manifest, Triton and DeepStream configs."),
+    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16: the ONNX variant the frozen graph is built from."),
+    overwrite: bool = typer.Option(False, help="Replace an existing frozen classifier."),
+):
+    """Freeze backbone + fitted head into one ONNX graph (probabilities and nearest-class distance) for
+    Triton, DeepStream's nvinfer or TensorRT. Re-freeze whenever the classes change."""
+    from edgemeta.runtime.extras import require
+    require("onnx", purpose="edgemeta freeze")
+    from edgemeta.cli.common import RichProgress
+    from edgemeta.export.freeze import freeze as run_freeze
+    manifest = run_freeze(bundle, store, out, variant=variant, overwrite=overwrite, progress=RichProgress())
+    console.print(f"frozen classifier written: {out} ({len(manifest['frozen']['classes'])} classes; "
+                  f"triton/, deepstream/, labels.txt)", markup=False)

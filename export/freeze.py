@@ -1,0 +1,177 @@
+"""`edgemeta freeze`: one ONNX graph = the bundle's backbone + a store's fitted head as plain layers,
+for pipelines that want a single model (Triton, DeepStream's nvinfer as a secondary classifier).
+
+The head is linear once fitted. A prototype head with euclidean distance scores
+−‖x − c‖² = 2c·x − ‖c‖² − ‖x‖², and the last term is the same for every class, so the logits are
+a MatMul and an Add; cosine normalises then multiplies; ridge and logistic are linear already.
+The graph returns `probabilities` [N, C] (softmax) and `distance` [N] (to the nearest prototype, in
+the metric the runtime rejects "unknown" with). Written beside it: labels.txt, a Triton model
+repository entry and a DeepStream nvinfer config. The folder is a bundle of its own (manifest,
+sha256s, the class list and the store's model sha), so `edgemeta predict` and `inspect` take it.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgemeta.runtime.bundle import register_file, write_manifest
+from edgemeta.runtime.errors import StoreError
+from edgemeta.runtime.progress import SILENT, Progress
+
+from .bundle_builder import bundle_target
+from .onnx_graph import check_model
+
+PROBABILITIES, DISTANCE = "probabilities", "distance"
+
+
+def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, variant: str = "fp32",
+           overwrite: bool = False, max_batch: int = 32, progress: Progress = SILENT) -> dict:
+    from edgemeta.runtime import FewShotClassifier
+    from edgemeta.runtime.classifier import calibrate_rejection
+    clf = FewShotClassifier.load(bundle_dir, store=store_dir, variant=variant, backend="onnxruntime")
+    state = clf._state
+    if not state.classes:
+        raise StoreError(f"the store at {store_dir} has no classes to freeze")
+    bundle = clf.bundle
+    model = onnx.load(str(bundle.variant_path(variant)))
+    metric = state.head.rejection_metric(bundle.l2_normalized)
+    _append_head(model, state.head, state.fitted, metric)
+    model = check_model(model)
+    labels = state.labels
+    threshold = calibrate_rejection(state.classes, metric)
+    with bundle_target(Path(out), overwrite, ()) as building:
+        onnx.save(model, str(building / "classifier.onnx"))
+        (building / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+        manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "variants", "engines")}
+        manifest.update(files={}, variants={}, engines=[])
+        manifest["output"] = {"name": PROBABILITIES, "dim": len(labels), "l2_normalized": False,
+                              "distance": DISTANCE, "embedding_dim": bundle.embedding_dim}
+        manifest["frozen"] = {"classes": labels, "shots": [c.shots for c in state.classes],
+                              "store_model_sha256": state.model_sha256, "variant": variant,
+                              "head": state.head.to_dict(), "distance_metric": metric, "auto_threshold": threshold,
+                              "source_bundle_sha256": bundle.model_sha256}
+        register_file(building, manifest, "classifier.onnx", "frozen-classifier")
+        register_file(building, manifest, "labels.txt", "labels")
+        manifest["variants"]["fp32"] = {"file": "classifier.onnx", "parity": None, "frozen_from": variant}
+        _write_triton(building, manifest, max_batch)
+        _write_deepstream(building, manifest, max_batch)
+        write_manifest(building, manifest)
+    progress.message(f"frozen: {len(labels)} classes, head {state.head.kind}, distance {metric}")
+    return manifest
+
+
+def _const(graph, name: str, array: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    return name
+
+
+def _append_head(model: onnx.ModelProto, head, fitted: dict, metric: str) -> None:
+    graph = model.graph
+    emb = graph.output[0].name
+    protos = fitted["prototypes"].astype(np.float32)
+    nodes = []
+    axis1 = _const(graph, "head_axis1", np.array([1], np.int64))
+
+    def node(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], name=f"head_{output}", **attrs))
+        return output
+
+    if metric == "cosine":
+        sq = node("ReduceSum", [node("Mul", [emb, emb], "head_xx"), axis1], "head_x2", keepdims=1)
+        norm = node("Max", [node("Sqrt", [sq], "head_xnorm"), _const(graph, "head_eps", np.array(1e-12, np.float32))],
+                    "head_xnorm_safe")
+        unit = node("Div", [emb, norm], "head_unit")
+        pn = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
+        cos = node("MatMul", [unit, _const(graph, "head_protos_unit_t", pn.T.copy())], "head_cos")
+        nearest = node("ReduceMax", [cos], "head_cos_max", axes=[1], keepdims=0)
+        node("Sub", [_const(graph, "head_one", np.array(1.0, np.float32)), nearest], DISTANCE)
+        similarity = cos
+    else:
+        score = node("Sub", [node("MatMul", [emb, _const(graph, "head_protos2_t", (2 * protos).T.copy())], "head_2xc"),
+                             _const(graph, "head_protos_sq", (protos * protos).sum(1))], "head_score")  # 2x·c − ‖c‖²
+        x2 = node("ReduceSum", [node("Mul", [emb, emb], "head_xx"), axis1], "head_x2", keepdims=0)
+        d2 = node("Sub", [x2, node("ReduceMax", [score], "head_score_max", axes=[1], keepdims=0)], "head_d2")
+        node("Sqrt", [node("Max", [d2, _const(graph, "head_zero", np.array(0.0, np.float32))], "head_d2_pos")], DISTANCE)
+        similarity = score
+    if head.kind == "prototype":
+        logits = node("Mul", [similarity, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_logits")
+    elif head.kind == "ridge":
+        raw = node("MatMul", [emb, _const(graph, "head_ridge_w", fitted["weights"].astype(np.float32))], "head_ridge")
+        scaled = node("Mul", [raw, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_ridge_scaled")
+        logits = node("Add", [scaled, _const(graph, "head_bias", np.array(head.bias, np.float32))], "head_logits")
+    else:
+        raw = node("MatMul", [emb, _const(graph, "head_logistic_w", fitted["weight"].T.astype(np.float32).copy())],
+                   "head_logistic")
+        logits = node("Add", [raw, _const(graph, "head_logistic_b", fitted["bias"].astype(np.float32))], "head_logits")
+    node("Softmax", [logits], PROBABILITIES, axis=1)
+    graph.node.extend(nodes)
+    batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [batch, protos.shape[0]]),
+                         helper.make_tensor_value_info(DISTANCE, TensorProto.FLOAT, [batch])])
+
+
+def _write_triton(folder: Path, manifest: dict, max_batch: int) -> None:
+    """A Triton model repository entry: triton/frozen-classifier/{config.pbtxt, 1/model.onnx}."""
+    spec = manifest["input"]
+    entry = folder / "triton" / "frozen-classifier"
+    (entry / "1").mkdir(parents=True)
+    shutil.copyfile(folder / "classifier.onnx", entry / "1" / "model.onnx")
+    channels = 3 if spec["colour"] == "RGB" else 1
+    (entry / "config.pbtxt").write_text(f'''name: "frozen-classifier"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch}
+input [
+  {{
+    name: "{spec['name']}"
+    data_type: TYPE_FP32
+    dims: [ {channels}, {spec['height']}, {spec['width']} ]
+  }}
+]
+output [
+  {{
+    name: "{PROBABILITIES}"
+    data_type: TYPE_FP32
+    dims: [ {manifest['output']['dim']} ]
+    label_filename: "labels.txt"
+  }},
+  {{
+    name: "{DISTANCE}"
+    data_type: TYPE_FP32
+    dims: [ 1 ]
+    reshape: {{ shape: [ ] }}
+  }}
+]
+dynamic_batching {{ }}
+''')
+    shutil.copyfile(folder / "labels.txt", entry / "labels.txt")
+
+
+def _write_deepstream(folder: Path, manifest: dict, max_batch: int) -> None:
+    """A DeepStream nvinfer config for the frozen graph as a secondary classifier: pixels go in as
+    0–255 floats (net-scale-factor 1, no offsets; the graph normalises), RGB or grey."""
+    spec = manifest["input"]
+    channels = 3 if spec["colour"] == "RGB" else 1
+    (folder / "deepstream").mkdir()
+    (folder / "deepstream" / "config_infer_secondary_classifier.txt").write_text(f"""[property]
+gpu-id=0
+onnx-file=../classifier.onnx
+labelfile-path=../labels.txt
+batch-size={max_batch}
+network-type=1
+process-mode=2
+network-mode=0
+net-scale-factor=1.0
+model-color-format={0 if channels == 3 else 2}
+infer-dims={channels};{spec['height']};{spec['width']}
+output-blob-names={PROBABILITIES}
+classifier-threshold=0.0
+gie-unique-id=2
+""")
+
+
+__all__ = ["freeze"]

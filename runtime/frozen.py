@@ -1,0 +1,77 @@
+"""A frozen classifier (`edgemeta freeze`): backbone and fitted head in one ONNX graph that returns
+class probabilities and the nearest-class distance. Run here with ONNX Runtime, no store needed;
+elsewhere with Triton, DeepStream or TensorRT."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import MANIFEST, Bundle, load_bundle
+from .classifier import UNKNOWN, Prediction, as_source_list
+from .errors import BundleError, ConfigError
+from .preprocess import ImageSource, check_pixels, load_images, pixels_to_batch
+
+
+def is_frozen(bundle_dir: str | os.PathLike) -> bool:
+    """Whether a folder holds a frozen classifier rather than an embedding bundle."""
+    try:
+        return "frozen" in json.loads((Path(bundle_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+class FrozenClassifier:
+    def __init__(self, bundle: Bundle, providers: str | list[str] = "auto"):
+        import onnxruntime as ort
+
+        from .backends.onnxruntime import choose_providers
+        if "frozen" not in bundle.manifest:
+            raise BundleError(f"{bundle.path} is an embedding bundle, not a frozen classifier; give it a --store")
+        self.bundle, self.frozen = bundle, bundle.manifest["frozen"]
+        self.labels: list[str] = list(self.frozen["classes"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(bundle.variant_path("fp32")), options,
+                                                providers=choose_providers(providers))
+        except Exception as exc:
+            raise BundleError(f"ONNX Runtime cannot load {bundle.variant_path('fp32')}: {exc}") from None
+        outputs = [o.name for o in self.session.get_outputs()]
+        if outputs != ["probabilities", "distance"] or len(self.labels) != self.bundle.manifest["output"]["dim"]:
+            raise BundleError(f"{bundle.path}: the frozen graph returns {outputs}; re-freeze it")
+
+    @classmethod
+    def load(cls, bundle_dir: str | os.PathLike) -> "FrozenClassifier":
+        return cls(load_bundle(bundle_dir))
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [N, H, W, C] → (probabilities [N, C], distance [N]), one graph call per 64 images."""
+        name = self.session.get_inputs()[0].name
+        probs, dists = [], []
+        for i in range(0, len(pixels), 64):
+            p, d = self.session.run(None, {name: pixels_to_batch(pixels[i:i + 64])})
+            probs.append(p)
+            dists.append(d)
+        return np.concatenate(probs), np.concatenate(dists)
+
+    def predict(self, images: Sequence[ImageSource] | np.ndarray, top_k: int = 1,
+                reject: float | str | None = None) -> Prediction:
+        if top_k < 1:
+            raise ConfigError("top_k must be ≥ 1")
+        images = as_source_list(images)
+        spec = self.bundle.spec
+        pixels = check_pixels(images, spec) if isinstance(images, np.ndarray) else load_images(images, spec)
+        probs, distances = self.run(pixels)
+        k = min(top_k, len(self.labels))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top_p = np.take_along_axis(probs, order, 1)
+        labels = [self.labels[o[0]] for o in order]
+        threshold = self.frozen.get("auto_threshold") if reject == "auto" else reject
+        if threshold is not None:
+            labels = [UNKNOWN if d > float(threshold) else lab for lab, d in zip(labels, distances)]
+        top = [[(self.labels[j], float(p)) for j, p in zip(o, ps)] for o, ps in zip(order, top_p)]
+        return Prediction(labels, top_p, top, distances)

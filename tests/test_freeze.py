@@ -1,0 +1,67 @@
+"""`edgemeta freeze`: the frozen graph (backbone + fitted head) gives the runtime's labels exactly,
+probabilities within 1e-5 and the same distances, for every head kind; it passes the op audit; it
+is a bundle `predict` and `inspect` take with no store; Triton and DeepStream configs come with it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from edgemeta.runtime import FewShotClassifier, load_bundle
+from edgemeta.runtime.frozen import FrozenClassifier
+
+
+@pytest.fixture(scope="module")
+def queries(tagalog):
+    return [img for c in sorted(tagalog)[:5] for img in tagalog[c][12:16]]
+
+
+@pytest.mark.parametrize("head", ["prototype", "ridge", "logistic"])
+@pytest.mark.parametrize("l2", [False, True])
+def test_frozen_graph_matches_the_runtime(tiny_run, tiny_bundle, tagalog, queries, tmp_path, omniglot_paths, head, l2):
+    bundle = tiny_bundle
+    if l2:  # an L2-normalised bundle: cosine prototypes and cosine rejection distances
+        bundle = tmp_path / "l2"
+        r = run_cli("export", tiny_run / "best.safetensors", "--out", bundle, "--l2-normalize",
+                    "--calib-data", omniglot_paths[0])
+        assert r.exit_code == 0, r.output
+    clf = FewShotClassifier.load(bundle, store=tmp_path / "s", head=head)
+    for c in sorted(tagalog)[:5]:
+        clf.enroll(c, tagalog[c][:3])
+    r = run_cli("freeze", bundle, "--store", tmp_path / "s", "--out", tmp_path / "frozen")
+    assert r.exit_code == 0, r.output
+    frozen = FrozenClassifier.load(tmp_path / "frozen")
+    want, got = clf.predict(queries, top_k=3), frozen.predict(queries, top_k=3)
+    assert got.labels == want.labels
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-5)
+    np.testing.assert_allclose(got.distances, want.distances, rtol=1e-4, atol=1e-4)
+    assert frozen.predict(queries, reject="auto").labels == clf.predict(queries, reject="auto").labels
+
+
+def test_frozen_folder_is_a_bundle_with_triton_and_deepstream_configs(tiny_bundle, tagalog, queries, tmp_path):
+    clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s")
+    chars = sorted(tagalog)[:5]
+    for c in chars:
+        clf.enroll(c, tagalog[c][:3])
+    assert run_cli("freeze", tiny_bundle, "--store", tmp_path / "s", "--out", tmp_path / "f").exit_code == 0
+    b = load_bundle(tmp_path / "f")  # manifest and sha256s verified
+    assert b.manifest["frozen"]["classes"] == chars and (tmp_path / "f" / "labels.txt").read_text().split() == chars
+    assert b.manifest["frozen"]["store_model_sha256"] == clf.bundle.model_sha256
+    triton = (tmp_path / "f" / "triton" / "frozen-classifier" / "config.pbtxt").read_text()
+    for key in ('platform: "onnxruntime_onnx"', "max_batch_size: 32", 'name: "probabilities"', "dims: [ 5 ]",
+                "dynamic_batching", "dims: [ 1, 28, 28 ]"):
+        assert key in triton, key
+    assert (tmp_path / "f" / "triton" / "frozen-classifier" / "1" / "model.onnx").exists()
+    ds = (tmp_path / "f" / "deepstream" / "config_infer_secondary_classifier.txt").read_text()
+    for key in ("network-type=1", "process-mode=2", "output-blob-names=probabilities", "infer-dims=1;28;28",
+                "labelfile-path=../labels.txt", "net-scale-factor=1.0", "model-color-format=2"):
+        assert key in ds, key
+    (tmp_path / "q.png").write_bytes(queries[0])
+    r = run_cli("predict", tmp_path / "f", tmp_path / "q.png", "--json")
+    assert r.exit_code == 0, r.output and json.loads(r.stdout)[0]["label"] == chars[0]
+    assert "frozen classifier" in run_cli("predict", tmp_path / "f", tmp_path / "q.png", "--store", tmp_path / "s").stderr
+    assert run_cli("inspect", tmp_path / "f").exit_code == 0
+    with pytest.raises(Exception, match="frozen classifier"):
+        FewShotClassifier.load(tmp_path / "f")
