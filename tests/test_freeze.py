@@ -65,3 +65,16 @@ def test_frozen_folder_is_a_bundle_with_triton_and_deepstream_configs(tiny_bundl
     assert run_cli("inspect", tmp_path / "f").exit_code == 0
     with pytest.raises(Exception, match="frozen classifier"):
         FewShotClassifier.load(tmp_path / "f")
+
+
+def test_an_int8_store_freezes_from_the_int8_graph(tiny_bundle, tagalog, queries, tmp_path):
+    clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s8", variant="int8")
+    for c in sorted(tagalog)[:5]:
+        clf.enroll(c, tagalog[c][:3])
+    r = run_cli("freeze", tiny_bundle, "--store", tmp_path / "s8", "--out", tmp_path / "f8", "--variant", "int8")
+    assert r.exit_code == 0, r.output
+    frozen = FrozenClassifier.load(tmp_path / "f8")
+    assert frozen.frozen["variant"] == "int8"
+    want, got = clf.predict(queries), frozen.predict(queries)
+    assert got.labels == want.labels
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-4)
