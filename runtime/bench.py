@@ -132,6 +132,42 @@ def run_bench(bundle: str | Path | Bundle, images: Sequence[ImageSource], backen
     return result
 
 
+def run_frozen_bench(bundle: str | Path | Bundle, images: Sequence[ImageSource], batches: Sequence[int] = (1, 8, 32),
+                     repeat: int = 50, warmup: int = 5, progress: Progress = SILENT) -> dict:
+    """A frozen classifier (`edgemeta freeze`): its graph (backbone + head in one call) on decoded
+    pixels, and `predict` end to end (decode + graph), per batch size. Nothing to fit or enroll."""
+    from .frozen import FrozenClassifier
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    clf = FrozenClassifier(b)
+    spec = b.spec
+    pixels = load_images(list(images[: max(batches) * 2]), spec)
+    while len(pixels) < max(batches):
+        pixels = np.concatenate([pixels, pixels])
+
+    class Described:  # the environment block names what ran
+        def describe(self):
+            return {"backend": "onnxruntime", "model": "classifier.onnx (frozen)",
+                    "providers": clf.session.get_providers()}
+    result: dict[str, Any] = {"schema": BENCH_SCHEMA, "schema_version": BENCH_VERSION,
+                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "environment": environment(Described()),
+                              "bundle": {"path": str(b.path), "backbone": b.manifest["model"]["backbone"], "variant": "frozen",
+                                         "classes": len(clf.labels), "input": [spec.channels, spec.height, spec.width]},
+                              "config": {"batches": list(batches), "repeat": repeat, "warmup": warmup},
+                              "embed": [], "head_fit": [], "logistic_steps": [], "enroll": [], "graph": [], "predict": []}
+    progress.message("frozen graph")
+    for batch in batches:
+        x = pixels[:batch]
+        s = summarize(time_call(lambda: clf.run(x), repeat, warmup))
+        result["graph"].append({"batch": batch, **s, "images_per_s": batch / (s["p50_ms"] / 1e3)})
+    progress.message("predict (decode + graph)")
+    for batch in batches:
+        q = [images[i % len(images)] for i in range(batch)]
+        result["predict"].append({"batch": batch, **summarize(time_call(lambda: clf.predict(q), max(5, repeat // 5), 1))})
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
 def validate_bench(result: dict) -> None:
     """Check a bench JSON has the schema and every stage (used by tests and by readers)."""
     if result.get("schema") != BENCH_SCHEMA or str(result.get("schema_version", "")).split(".")[0] != BENCH_VERSION.split(".")[0]:
@@ -149,6 +185,7 @@ def render_plot(result: dict, path: str | Path) -> None:
     stages = ([(f"embed b{r['batch']}", r) for r in result["embed"]]
               + [(f"{r['head']} fit {r['way']}w{r['shot']}s", r) for r in result["head_fit"]]
               + [(f"enroll {r['shot']}-shot", r) for r in result["enroll"]]
+              + [(f"frozen graph b{r['batch']}", r) for r in result.get("graph", [])]
               + [(f"predict b{r['batch']}", r) for r in result["predict"]])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.4, 1]})
     names = [n for n, _ in stages]
@@ -171,7 +208,11 @@ def render_plot(result: dict, path: str | Path) -> None:
     ax2.set_ylabel("head fit latency p50, ms")
     ax2.set_title("latency vs adaptation steps")
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
+    if result["logistic_steps"]:
+        ax2.legend(fontsize=8)
+    else:  # a frozen classifier fits nothing on the device
+        ax2.text(0.5, 0.5, "no adaptation on the device\n(frozen classifier)", ha="center", va="center",
+                 transform=ax2.transAxes)
     env = result["environment"]
     fig.suptitle(f"edgemeta bench — {result['bundle']['backbone']} {result['bundle']['variant']} on {env.get('backend')} "
                  f"({env.get('cpu')}, {env.get('cores')} cores)", fontsize=10)

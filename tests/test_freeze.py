@@ -78,3 +78,19 @@ def test_an_int8_store_freezes_from_the_int8_graph(tiny_bundle, tagalog, queries
     want, got = clf.predict(queries), frozen.predict(queries)
     assert got.labels == want.labels
     np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-4)
+
+
+def test_bench_takes_a_frozen_classifier(tiny_bundle, tagalog, tmp_path, omniglot_paths):
+    from edgemeta.runtime.bench import validate_bench
+    clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s")
+    for c in sorted(tagalog)[:3]:
+        clf.enroll(c, tagalog[c][:2])
+    assert run_cli("freeze", tiny_bundle, "--store", tmp_path / "s", "--out", tmp_path / "f").exit_code == 0
+    r = run_cli("bench", tmp_path / "f", "--batch", "1,4", "--repeat", "3", "--images", omniglot_paths[0],
+                "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "b.json").read_text())
+    validate_bench(result)
+    assert [g["batch"] for g in result["graph"]] == [1, 4] and all(g["p50_ms"] > 0 for g in result["graph"])
+    assert [p["batch"] for p in result["predict"]] == [1, 4] and result["bundle"]["classes"] == 3
+    assert (tmp_path / "b.png").stat().st_size > 1000

@@ -72,8 +72,12 @@ def bench(
         raise ConfigError(f"unknown head in {head!r}")
     b = load_bundle(bundle)
     from edgemeta.cli.common import RichProgress
-    result = run_bench(b, gather_images(images, b.spec), backend, variant, _ints(way), _ints(shot), _ints(steps),
-                       heads, _ints(batch), repeat, progress=RichProgress())
+    if "frozen" in b.manifest:  # a frozen classifier: the graph and predict per batch, nothing to fit
+        from edgemeta.runtime.bench import run_frozen_bench
+        result = run_frozen_bench(b, gather_images(images, b.spec), _ints(batch), repeat, progress=RichProgress())
+    else:
+        result = run_bench(b, gather_images(images, b.spec), backend, variant, _ints(way), _ints(shot), _ints(steps),
+                           heads, _ints(batch), repeat, progress=RichProgress())
     print_table(result)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
@@ -97,6 +101,8 @@ def print_table(result: dict) -> None:
         row(f"logistic {r['steps']} steps {r['way']}w{r['shot']}s", r["total"], f"per step p50 {r['per_step']['p50_ms'] * 1e3:.1f} µs")
     for r in result["enroll"]:
         row(f"enroll a class, {r['shot']}-shot", r, f"{r['per_shot_p50_ms']:.2f} ms per shot (decode+embed+fit)")
+    for r in result.get("graph", []):
+        row(f"frozen graph batch {r['batch']}", r, f"{r['images_per_s']:.0f} images/s (backbone + head)")
     for r in result["predict"]:
         row(f"predict batch {r['batch']}", r, "decode+embed+head")
     t.caption = f"peak RSS {result['peak_rss_mb']:.0f} MB"
