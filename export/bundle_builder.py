@@ -277,6 +277,9 @@ def add_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(),
         raise BundleError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}")
     profile = BatchProfile.parse(batch)
     bundle = load_bundle(bundle_dir)
+    if "frozen" in bundle.manifest and precision != "fp32":
+        raise BundleError(f"a frozen classifier holds one graph (frozen from the {bundle.manifest['frozen']['variant']} "
+                          "variant): build its engine with --precision fp32, or freeze from another --variant")
     onnx_path = bundle.variant_path(precision)
     spec = bundle.spec
     tmp_path = bundle.path / f".building-{precision}.engine"

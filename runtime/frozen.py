@@ -25,7 +25,11 @@ def is_frozen(bundle_dir: str | os.PathLike) -> bool:
 
 
 class FrozenClassifier:
-    def __init__(self, bundle: Bundle, providers: str | list[str] = "auto"):
+    """backend: auto (a TensorRT engine built into the folder with `edgemeta build-engine` if one
+    matches this device, else ONNX Runtime) | onnxruntime | tensorrt."""
+
+    def __init__(self, bundle: Bundle, providers: str | list[str] = "auto", backend: str = "auto",
+                 device: dict | None = None):
         import onnxruntime as ort
 
         from .backends.onnxruntime import choose_providers
@@ -33,6 +37,7 @@ class FrozenClassifier:
             raise BundleError(f"{bundle.path} is an embedding bundle, not a frozen classifier; give it a --store")
         self.bundle, self.frozen = bundle, bundle.manifest["frozen"]
         self.labels: list[str] = list(self.frozen["classes"])
+        self.engine = self._open_engine(backend, device)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
@@ -45,11 +50,42 @@ class FrozenClassifier:
             raise BundleError(f"{bundle.path}: the frozen graph returns {outputs}; re-freeze it")
 
     @classmethod
-    def load(cls, bundle_dir: str | os.PathLike) -> "FrozenClassifier":
-        return cls(load_bundle(bundle_dir))
+    def load(cls, bundle_dir: str | os.PathLike, backend: str = "auto", device: dict | None = None) -> "FrozenClassifier":
+        return cls(load_bundle(bundle_dir), backend=backend, device=device)
+
+    def _open_engine(self, backend: str, device: dict | None):
+        """The frozen graph's TensorRT engine, when asked for or when `auto` finds a matching one."""
+        import warnings
+
+        from .backends import BACKENDS, matching_engine
+        from .device_info import rebuild_hint
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        if backend == "onnxruntime" or (backend == "auto" and not self.bundle.engines):
+            return None
+        engine, reasons = matching_engine(self.bundle, device, precision="fp32")
+        if engine is not None:
+            from .backends.tensorrt import TensorRTBackend
+            try:
+                return TensorRTBackend(self.bundle.path / engine["file"], self.bundle.spec, len(self.labels),
+                                       dla_core=engine.get("dla_core"), precision=engine["precision"],
+                                       named_outputs={"probabilities": len(self.labels), "distance": 1})
+            except BundleError as exc:
+                if backend == "tensorrt":
+                    raise
+                reasons = [f"{engine['file']} matches but did not load: {exc}"]
+        message = ("no TensorRT engine of this frozen classifier runs here: " + (" | ".join(reasons) or "none built")
+                   + f"; {rebuild_hint(self.bundle.path)}")
+        if backend == "tensorrt":
+            raise BundleError(message)
+        warnings.warn(message + ". Using ONNX Runtime.", RuntimeWarning, stacklevel=3)
+        return None
 
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, H, W, C] → (probabilities [N, C], distance [N]), one graph call per 64 images."""
+        if self.engine is not None:
+            out = self.engine.run_outputs(pixels_to_batch(pixels))
+            return out["probabilities"], out["distance"]
         name = self.session.get_inputs()[0].name
         probs, dists = [], []
         for i in range(0, len(pixels), 64):

@@ -31,7 +31,9 @@ class Recorder:
 
 
 def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, cache_ok: bool = True,
-                  build_ok: bool = True, context_ok: bool = True, out_dtype: str = "FLOAT", shape_ok: bool = True):
+                  build_ok: bool = True, context_ok: bool = True, out_dtype: str = "FLOAT", shape_ok: bool = True,
+                  outputs: dict | None = None):
+    outputs = outputs or {"embedding": DIM}  # output name → row width (1: shape [N])
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
 
@@ -152,21 +154,22 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
             n, chw = self.shape[0], int(np.prod(self.shape[1:]))
             cuda = sys.modules["cuda.bindings.runtime"]
 
-            def run():  # on the stream: output row i = the mean pixel of image i, repeated
+            def run():  # on the stream: each output's row i = the mean pixel of image i, repeated
                 x = np.frombuffer(cuda.DEVICE[self.engine.addresses["pixels"]], np.float32, n * chw).reshape(n, chw)
-                out = np.repeat(x.mean(1, keepdims=True), DIM, 1).astype(np.float32)
-                cuda.DEVICE[self.engine.addresses["embedding"]][: out.nbytes] = out.tobytes()
+                for name, width in outputs.items():
+                    out = np.repeat(x.mean(1, keepdims=True), width, 1).astype(np.float32)
+                    cuda.DEVICE[self.engine.addresses[name]][: out.nbytes] = out.tobytes()
             cuda.PENDING.append(run)
             return True
 
     class Engine:
-        num_io_tensors = 2
+        num_io_tensors = 1 + len(outputs)
 
         def __init__(self):
             self.addresses = {}
 
         def get_tensor_name(self, i):
-            return ["pixels", "embedding"][i]
+            return ["pixels", *outputs][i]
 
         def get_tensor_mode(self, name):
             return "INPUT" if name == "pixels" else "OUTPUT"
@@ -175,7 +178,9 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
             return "FLOAT" if name == "pixels" else out_dtype
 
         def get_tensor_shape(self, name):
-            return (-1, 1, 28, 28) if name == "pixels" else (-1, DIM)
+            if name == "pixels":
+                return (-1, 1, 28, 28)
+            return (-1,) if outputs[name] == 1 else (-1, outputs[name])
 
         def get_tensor_profile_shape(self, name, index):
             return (1, 1, 28, 28), (4, 1, 28, 28), (16, 1, 28, 28)
@@ -396,3 +401,32 @@ def test_engine_tensors_are_checked(fakes, tiny_bundle, tmp_path, kw, why):
     with pytest.raises(BundleError, match=why):
         backend = open_backend(bundle, "tensorrt", device=device)
         backend.embed(np.zeros((2, 1, 28, 28), np.float32))
+
+
+def test_a_frozen_classifier_gets_an_engine_with_both_outputs(fakes, tiny_bundle, tagalog, tmp_path):
+    from edgemeta.export import EngineOptions, add_engine
+    from edgemeta.export.freeze import freeze
+    from edgemeta.runtime import FewShotClassifier
+    from edgemeta.runtime.frozen import FrozenClassifier
+    clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s")
+    for c in sorted(tagalog)[:3]:
+        clf.enroll(c, tagalog[c][:2])
+    freeze(tiny_bundle, tmp_path / "s", tmp_path / "f")
+    rec, install = fakes
+    install(outputs={"probabilities": 3, "distance": 1})
+    with pytest.raises(BundleError, match="--precision fp32"):
+        add_engine(tmp_path / "f", EngineOptions("fp16", "1:4:16"))
+    record = add_engine(tmp_path / "f", EngineOptions("fp32", "1:4:16"))
+    device = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "sm_count": 16,
+              "dla_cores": 0, "l4t": None}
+    frozen = FrozenClassifier.load(tmp_path / "f", backend="tensorrt", device=device)
+    assert frozen.engine is not None and frozen.engine.engine_path.name == record["file"]
+    x = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    probs, dist = frozen.run(x)
+    assert probs.shape == (5, 3) and dist.shape == (5,)
+    np.testing.assert_allclose(dist, x.reshape(5, -1).mean(1), rtol=1e-5)  # what the fake engine returns
+    # ONNX Runtime when asked, and when auto finds no engine for this device
+    assert FrozenClassifier.load(tmp_path / "f", backend="onnxruntime").engine is None
+    with pytest.warns(RuntimeWarning, match="no TensorRT engine of this frozen classifier runs here"):
+        other = {**device, "compute_capability": "8.9", "gpu_name": "RTX"}
+        assert FrozenClassifier.load(tmp_path / "f", device=other).engine is None

@@ -43,14 +43,14 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, engine_path: str | Path, spec: InputSpec, embedding_dim: int, dla_core: int | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, named_outputs: dict[str, int] | None = None):
         trt = extras.load("tensorrt", "the TensorRT backend")
         from edgemeta.runtime.device_info import rebuild_hint
         major = int(str(trt.__version__).split(".")[0] or 0)
         if major < 10:
             raise BundleError(f"the TensorRT backend needs TensorRT ≥ 10 (JetPack ≥ 6.1); this is {trt.__version__}")
         super().__init__(spec, embedding_dim)
-        self.precision, self.dla_core = precision, dla_core
+        self.precision, self.dla_core, self.squeeze = precision, dla_core, named_outputs is not None
         self._cudart = cudart = _cudart()
         self.engine_path = Path(engine_path)
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -66,34 +66,51 @@ class TensorRTBackend(Backend):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise BundleError(f"expected one input and one output tensor, engine has {inputs} → {outputs}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
-        for name in (self.input_name, self.output_name):  # buffers below are float32: say so if they are not
+        # what each output row holds: an embedding bundle has one output [N, D]; a frozen classifier
+        # has probabilities [N, C] and distance [N]
+        expected: dict[str, int] = dict(named_outputs) if named_outputs else \
+            {outputs[0] if len(outputs) == 1 else "?": embedding_dim}
+        if len(inputs) != 1 or sorted(outputs) != sorted(expected):
+            raise BundleError(f"expected one input and the outputs {sorted(expected)}, engine has {inputs} → {outputs}")
+        self.input_name, self.output_names = inputs[0], list(expected)
+        self.output_name = self.output_names[0]
+        for name in (self.input_name, *self.output_names):  # buffers below are float32: say so if they are not
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
             if dtype != np.float32:
                 raise BundleError(f"engine tensor {name!r} is {dtype}, edgemeta feeds and reads float32; "
                                   "export the model with float32 inputs and outputs")
-        out_shape = tuple(self.engine.get_tensor_shape(self.output_name))
-        if len(out_shape) != 2 or (out_shape[1] > 0 and out_shape[1] != embedding_dim):
-            raise BundleError(f"engine output {self.output_name!r} is {out_shape}, the manifest says [N, {embedding_dim}]")
+        self._row = {}
+        for name, width in expected.items():
+            shape = tuple(self.engine.get_tensor_shape(name))
+            row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            if len(shape) > 2 or (shape[1:] and shape[1] > 0 and row != width):
+                raise BundleError(f"engine output {name!r} is {shape}, the manifest says [N, {width}]")
+            self._row[name] = width
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         self._chw = spec.channels * spec.height * spec.width
-        in_bytes, out_bytes = self.max_batch * self._chw * 4, self.max_batch * embedding_dim * 4
+        in_bytes = self.max_batch * self._chw * 4
         self._stream = _check(cudart.cudaStreamCreate())
         self._d_in = _check(cudart.cudaMalloc(in_bytes))
-        self._d_out = _check(cudart.cudaMalloc(out_bytes))
         self._h_in_ptr = _check(cudart.cudaMallocHost(in_bytes))
-        self._h_out_ptr = _check(cudart.cudaMallocHost(out_bytes))
         self._h_in = np.ctypeslib.as_array((ctypes.c_float * (in_bytes // 4)).from_address(int(self._h_in_ptr)))
-        self._h_out = np.ctypeslib.as_array((ctypes.c_float * (out_bytes // 4)).from_address(int(self._h_out_ptr)))
         self.context.set_tensor_address(self.input_name, int(self._d_in))
-        self.context.set_tensor_address(self.output_name, int(self._d_out))
+        self._d_out, self._h_out_ptr, self._h_out = {}, {}, {}
+        for name, width in self._row.items():
+            out_bytes = self.max_batch * width * 4
+            self._d_out[name] = _check(cudart.cudaMalloc(out_bytes))
+            self._h_out_ptr[name] = _check(cudart.cudaMallocHost(out_bytes))
+            self._h_out[name] = np.ctypeslib.as_array((ctypes.c_float * (out_bytes // 4)).from_address(int(self._h_out_ptr[name])))
+            self.context.set_tensor_address(name, int(self._d_out[name]))
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        cudart, d = self._cudart, self.embedding_dim
-        out = np.empty((len(batch), d), np.float32)
+        return self.run_outputs(batch)[self.output_name]
+
+    def run_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output for float32 NCHW pixels: {name: [N, width]} (width 1 squeezed to [N])."""
+        cudart = self._cudart
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        out = {name: np.empty((len(batch), w), np.float32) for name, w in self._row.items()}
         for start, stop, size in plan_chunks(len(batch), self.min_batch, self.max_batch):
             n = stop - start
             self._h_in[: n * self._chw] = batch[start:stop].reshape(-1)
@@ -106,20 +123,28 @@ class TensorRTBackend(Backend):
                                           cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream))
             if not self.context.execute_async_v3(int(self._stream)):
                 raise BundleError("TensorRT execution failed")
-            _check(cudart.cudaMemcpyAsync(self._h_out_ptr, self._d_out, size * d * 4,
-                                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
+            for name, w in self._row.items():
+                _check(cudart.cudaMemcpyAsync(self._h_out_ptr[name], self._d_out[name], size * w * 4,
+                                              cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
             _check(cudart.cudaStreamSynchronize(self._stream))
-            out[start:stop] = self._h_out[: n * d].reshape(n, d)
+            for name, w in self._row.items():
+                out[name][start:stop] = self._h_out[name][: n * w].reshape(n, w)
+        if self.squeeze:  # named outputs of width 1 (a frozen classifier's distance) come back as [N]
+            return {name: v[:, 0] if self._row[name] == 1 else v for name, v in out.items()}
         return out
 
     def close(self) -> None:
         cudart = self._cudart
-        for ptr, free in ((getattr(self, "_d_in", None), cudart.cudaFree), (getattr(self, "_d_out", None), cudart.cudaFree),
-                          (getattr(self, "_h_in_ptr", None), cudart.cudaFreeHost),
-                          (getattr(self, "_h_out_ptr", None), cudart.cudaFreeHost)):
+        device = [getattr(self, "_d_in", None), *getattr(self, "_d_out", {}).values()]
+        host = [getattr(self, "_h_in_ptr", None), *getattr(self, "_h_out_ptr", {}).values()]
+        for ptr in device:
             if ptr is not None:
-                free(ptr)
-        self._d_in = self._d_out = self._h_in_ptr = self._h_out_ptr = None
+                cudart.cudaFree(ptr)
+        for ptr in host:
+            if ptr is not None:
+                cudart.cudaFreeHost(ptr)
+        self._d_in = self._h_in_ptr = None
+        self._d_out, self._h_out_ptr = {}, {}
         if getattr(self, "_stream", None) is not None:
             cudart.cudaStreamDestroy(self._stream)
             self._stream = None
