@@ -40,6 +40,9 @@ class TrainConfig:
     metric: str = "euclidean"         # protonet: euclidean | cosine
     ridge_lambda: float = 1.0         # r2d2
     init: str = ""                    # start the backbone from this checkpoint's weights (e.g. a pretrain run)
+    teacher: str = ""                 # distill: a pretrain run's last.safetensors (keeps its classifier)
+    distill_alpha: float = 0.5        # distill: weight of the teacher's soft targets (1 − α: the labels)
+    distill_temperature: float = 4.0  # distill: softening temperature T
     inner_steps: int = 5              # maml | fomaml | anil | reptile: adaptation steps per task
     inner_lr: float = 0.4             # inner-loop step size
     learn_inner_lr: bool = False      # maml/fomaml: meta-learn one step size per layer (Meta-SGD style)
@@ -135,6 +138,11 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be a whole number ≥ {low}, got {value!r}"
                                   + (" (an episode needs at least two classes)" if name.endswith("way") else ""))
+        if not 0.0 <= self.distill_alpha <= 1.0 or not self.distill_temperature > 0:
+            raise ConfigError(f"distill_alpha must be in [0, 1] and distill_temperature > 0, got "
+                              f"{self.distill_alpha!r}, {self.distill_temperature!r}")
+        if self.algo == "distill" and not self.teacher:
+            raise ConfigError("--algo distill needs teacher = \"RUN/last.safetensors\" (a pretrain run's last checkpoint)")
         for name in ("lr", "inner_lr", "reptile_epsilon", "ridge_lambda", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \

@@ -133,3 +133,25 @@ def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, o
     queries = [(name, photo(hue)) for name, hue in hues.items() for _ in range(4)]
     labels = clf.predict([q for _, q in queries]).labels
     assert labels == [name for name, _ in queries]
+
+
+def test_self_distillation_learns_from_a_pretrain_runs_teacher(tmp_path, omniglot_paths):
+    """--algo distill: a student pre-trained again on the teacher's softened logits plus the labels;
+    the teacher must keep its classifier (last.safetensors), and only the student ships."""
+    from edgemeta.checkpoint import load_checkpoint
+    data = [x for p in omniglot_paths for x in ("--data", p)]
+    common = [*data, "--split-mode", "seeded", "--batch-size", "32", "--episodes", "12", "--val-every", "6",
+              "--val-episodes", "20", "--quiet"]
+    assert run_cli("train", "--algo", "pretrain", *common, "--out", tmp_path / "teacher").exit_code == 0
+    bad = run_cli("train", "--algo", "distill", "--teacher", tmp_path / "teacher" / "best.safetensors", *common,
+                  "--out", tmp_path / "x")
+    assert bad.exit_code == 2 and "no classifier over the training classes" in bad.output
+    assert "needs" in run_cli("train", "--algo", "distill", *common, "--out", tmp_path / "y").output
+    r = run_cli("train", "--algo", "distill", "--teacher", tmp_path / "teacher" / "last.safetensors", *common,
+                "--out", tmp_path / "student")
+    assert r.exit_code == 0, r.output
+    student = load_checkpoint(tmp_path / "student" / "best.safetensors")
+    assert not any(k.startswith(("teacher.", "classifier.")) for k in student.model_state)
+    assert student.meta["algorithm"] == "distill" and student.device_head.metric == "cosine"
+    log = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["episode"] == 12 and np.isfinite(log[-1]["loss"])

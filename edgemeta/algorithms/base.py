@@ -41,6 +41,9 @@ class LearnerSettings:
     learn_inner_lr: bool = False
     reptile_epsilon: float = 1.0
     vectorize: bool = False
+    teacher: str = ""
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
 
     @classmethod
     def from_train_config(cls, config, n_classes: int = 0) -> "LearnerSettings":

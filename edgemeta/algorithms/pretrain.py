@@ -15,6 +15,7 @@ from edgemeta.heads import class_means, prototype_logits
 from .base import LearnerSettings, MetaLearner, Step, accumulate, episode_loss, register
 
 COSINE_SCALE = 10.0
+IMAGE_BATCH_ALGORITHMS = ("pretrain", "distill")  # learn from labelled image batches, not episodes
 
 
 @register("pretrain")
@@ -45,5 +46,55 @@ class Pretrain(MetaLearner):
         return {"kind": "prototype", "metric": "cosine", "scale": COSINE_SCALE}
 
     def deployable_state(self, calibration_batches=None) -> dict[str, torch.Tensor]:
-        """The weights worth shipping: the classifier over training classes is thrown away."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("classifier.")}
+        """The weights worth shipping: the classifier over training classes (and a teacher) are thrown away."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("classifier.", "teacher."))}
+
+
+@register("distill")
+def _distill(embedder: Embedder, s: LearnerSettings) -> "Distill":
+    return Distill(embedder, s.n_classes, s.teacher, s.distill_alpha, s.distill_temperature)
+
+
+class Distill(Pretrain):
+    """Self-distillation (RFS, Tian et al. 2020; born-again networks): pre-training again, the loss a
+    mix of the labels' cross-entropy and the KL divergence to a trained teacher's softened logits,
+    α·T²·KL(teacher/T ‖ student/T) + (1 − α)·CE. The teacher is a pre-training run's
+    last.safetensors (it keeps its classifier over the training classes); it never trains."""
+
+    def __init__(self, embedder: Embedder, n_classes: int, teacher: str, alpha: float = 0.5, temperature: float = 4.0):
+        super().__init__(embedder, n_classes)
+        from edgemeta.checkpoint import load_checkpoint
+        from edgemeta.runtime.errors import ConfigError
+        if not teacher:
+            raise ConfigError("--algo distill needs a teacher: teacher = \"RUN/last.safetensors\" of a pretrain run")
+        ckpt = load_checkpoint(teacher)
+        head = {k[len("classifier."):]: v for k, v in ckpt.model_state.items() if k.startswith("classifier.")}
+        if ckpt.meta.get("algorithm") not in ("pretrain", "distill") or set(head) != {"weight", "bias"}:
+            raise ConfigError(f"teacher {teacher} has no classifier over the training classes; use the pretrain "
+                              "run's last.safetensors (best.safetensors ships without it)")
+        if head["weight"].shape[0] != n_classes:
+            raise ConfigError(f"teacher {teacher} knows {head['weight'].shape[0]} classes, the data has {n_classes}")
+        model = Pretrain(ckpt.build_embedder(), n_classes)
+        model.classifier.load_state_dict(head)
+        self.teacher = model.eval().requires_grad_(False)
+        self.alpha, self.temperature = alpha, temperature
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher's BatchNorm keeps its statistics
+        return self
+
+    def meta_learn(self, step: Step) -> tuple[float, float]:
+        import torch.nn.functional as F
+        t = self.temperature
+
+        def loss_of(j):
+            idx, labels = step.images(j)
+            x, y = step.inputs(idx), torch.from_numpy(labels).to(step.device)
+            logits = step.forward(x)
+            with torch.no_grad():
+                soft = F.softmax(self.teacher(x) / t, dim=1)
+            kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
+            ce, acc = episode_loss(logits, y)
+            return self.alpha * kd + (1 - self.alpha) * ce, acc
+        return accumulate(step, loss_of)
