@@ -20,7 +20,7 @@ import numpy as np
 from .errors import StoreError
 from .files import atomic_write
 from .heads import HeadConfig
-from .store import KEPT_NAME, EnrolledClass, EnrollmentStore, StoreState, frozen
+from .store import KEPT_NAME, EnrolledClass, EnrollmentStore, StoreState, check_format, frozen
 
 GALLERY_FORMAT = "edgemeta-gallery"
 GALLERY_VERSION = 1
@@ -73,10 +73,7 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
         raise StoreError(f"gallery not found: {where}") from None
     except Exception as exc:
         raise StoreError(f"{where} is not a readable gallery ({exc})") from None
-    if not isinstance(header, dict) or header.get("format") != GALLERY_FORMAT:
-        raise StoreError(f"{where} is not an edgemeta gallery")
-    if header.get("version", 0) > GALLERY_VERSION:
-        raise StoreError(f"{where} was written by a newer edgemeta (gallery version {header['version']})")
+    check_format(header, GALLERY_FORMAT, GALLERY_VERSION, "gallery", where)
     try:
         sums, entries, dim = header["sha256"], header["classes"], header["embedding_dim"]
         HeadConfig.from_dict(header["head"], f"{where}: head")

@@ -93,6 +93,14 @@ def encode_state(state: StoreState) -> bytes:
     return buf.getvalue()
 
 
+def check_format(header, fmt: str, version: int, what: str, where: str) -> None:
+    """A file's JSON header names our format, at a version this edgemeta reads."""
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise StoreError(f"{where} is not an edgemeta {what}")
+    if not isinstance(header.get("version", 0), int) or header.get("version", 0) > version:
+        raise StoreError(f"{where} was written by a newer edgemeta ({what} version {header.get('version')}); upgrade edgemeta")
+
+
 def decode_state(data: bytes, where: str) -> StoreState:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
@@ -101,10 +109,7 @@ def decode_state(data: bytes, where: str) -> StoreState:
             fitted = {k: frozen(z[f"fitted_{k}"]) for k in header.get("fitted", [])}
     except Exception as exc:
         raise StoreError(f"{where} is not a readable enrollment store ({exc})") from None
-    if not isinstance(header, dict) or header.get("format") != STORE_FORMAT:
-        raise StoreError(f"{where} is not an edgemeta enrollment store")
-    if header.get("version", 0) > STORE_VERSION:
-        raise StoreError(f"{where} was written by a newer edgemeta (store version {header['version']}); upgrade edgemeta")
+    check_format(header, STORE_FORMAT, STORE_VERSION, "enrollment store", where)
     try:
         head = HeadConfig.from_dict(header["head"], where)
         classes, start = [], 0
