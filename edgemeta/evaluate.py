@@ -47,9 +47,9 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
         from edgemeta.runtime import FewShotClassifier, heads
         if not data:
             raise ConfigError("--bundle needs --data (a folder or .zip of labelled images)")
-        clf = FewShotClassifier.load(bundle, backend="onnxruntime", variant=variant)
         if center:
             raise ConfigError("--center applies to checkpoints; a bundle exported with --center is centred already")
+        clf = FewShotClassifier.load(bundle, backend="onnxruntime", variant=variant)
         spec, tc, head_cfg = clf.bundle.spec, {}, _flip(resolve_head(clf.bundle.head, choice), flip_shots)
         embed = clf.embed
         logits_fn = lambda s, y, q, n: heads.head_logits(head_cfg, s, y, q, n)  # noqa: E731

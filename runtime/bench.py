@@ -146,8 +146,10 @@ def run_frozen_bench(bundle: str | Path | Bundle, images: Sequence[ImageSource],
 
     class Described:  # the environment block names what ran
         def describe(self):
+            if clf.engine is not None:
+                return {**clf.engine.describe(), "model": "frozen classifier"}
             return {"backend": "onnxruntime", "model": "classifier.onnx (frozen)",
-                    "providers": clf.session.get_providers()}
+                    "providers": clf.session.get_providers() if clf.session is not None else []}
     result: dict[str, Any] = {"schema": BENCH_SCHEMA, "schema_version": BENCH_VERSION,
                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "environment": environment(Described()),

@@ -26,6 +26,8 @@ from .store import EnrolledClass, EnrollmentStore, StoreState, frozen
 
 UNKNOWN = "unknown"
 MAX_LABEL_LENGTH = 128
+
+
 def fit_head(head: HeadConfig, classes: tuple[EnrolledClass, ...]) -> dict:
     """Fit the head on every enrolled class's support embeddings."""
     if not classes:
@@ -51,9 +53,25 @@ def refit_prototypes_incrementally(fitted: dict, old: tuple[EnrolledClass, ...],
 
 def embedding_distance(query: np.ndarray, prototypes: np.ndarray, metric: str) -> np.ndarray:
     """[m, C] distances used for rejection: euclidean, or 1 − cosine for cosine heads."""
-    if metric == "cosine":
-        return 1.0 - heads.prototype_logits(query, prototypes, "cosine", 1.0)
-    return np.sqrt(np.maximum(-heads.prototype_logits(query, prototypes, "euclidean", 1.0), 0.0))
+    return similarity_to_distance(heads.prototype_logits(query, prototypes, metric, 1.0), metric)
+
+
+def similarity_to_distance(similarity: np.ndarray, metric: str) -> np.ndarray:
+    """The prototype head's unscaled logits (−‖q − p‖², or cos) → the rejection distance."""
+    return 1.0 - similarity if metric == "cosine" else np.sqrt(np.maximum(-similarity, 0.0))
+
+
+def make_prediction(labels: list[str], probs: np.ndarray, distances: np.ndarray, top_k: int,
+                    threshold: float | None) -> Prediction:
+    """Top-k labels and probabilities per row; rows farther than `threshold` are "unknown"."""
+    k = min(top_k, len(labels))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top_p = np.take_along_axis(probs, order, 1)
+    best = [labels[o[0]] for o in order]
+    if threshold is not None:
+        best = [UNKNOWN if d > float(threshold) else lab for lab, d in zip(best, distances)]
+    top = [[(labels[j], float(p)) for j, p in zip(o, ps)] for o, ps in zip(order, top_p)]
+    return Prediction(best, top_p, top, distances)
 
 
 def paired_distance(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
@@ -222,8 +240,8 @@ class FewShotClassifier:
             embeddings = (both[:len(pixels)] + both[len(pixels):]) / 2
         else:
             embeddings = self.backend.embed_pixels(pixels)
-        bad = np.flatnonzero(~np.isfinite(embeddings).all(1)) if embeddings.size else np.zeros(0, np.int64)
-        if len(bad):
+        if not np.isfinite(embeddings).all():  # one reduction on the hot path; the culprits only on failure
+            bad = np.flatnonzero(~np.isfinite(embeddings).all(1))
             which = ", ".join(str(images[i]) if not isinstance(images, np.ndarray) else f"#{i}" for i in bad[:3])
             raise ImageDecodeError(f"the model returned non-finite embeddings for input(s) {which}; "
                                    "the bundle's model is broken (re-export it) or the input is not an image")
@@ -233,22 +251,20 @@ class FewShotClassifier:
                 reject: float | str | None = None) -> Prediction:
         """Classify images. reject="auto" answers "unknown" beyond the distance calibrated on the
         support set; a float sets that distance; None never rejects."""
-        state = self._state  # one snapshot: a concurrent enroll cannot tear this prediction
-        if not state.classes:
-            raise StoreError("no classes are enrolled; enroll some first (`edgemeta enroll`)")
-        if top_k < 1:
-            raise ConfigError("top_k must be ≥ 1")
-        query = self._embed_sources(images)
-        return self._classify(state, query, top_k, reject)
+        state = self._ready(top_k)  # one snapshot: a concurrent enroll cannot tear this prediction
+        return self._classify(state, self._embed_sources(images), top_k, reject)
 
     def classify_embeddings(self, query: np.ndarray, top_k: int = 1, reject: float | str | None = None) -> Prediction:
         """Classify embeddings already computed with this bundle (float32 [N, D]), e.g. by `embed`."""
+        return self._classify(self._ready(top_k), query, top_k, reject)
+
+    def _ready(self, top_k: int) -> StoreState:
         state = self._state
         if not state.classes:
             raise StoreError("no classes are enrolled; enroll some first (`edgemeta enroll`)")
         if top_k < 1:
             raise ConfigError("top_k must be ≥ 1")
-        return self._classify(state, query, top_k, reject)
+        return state
 
     def _classify(self, state: StoreState, query: np.ndarray, top_k: int, reject) -> Prediction:
         metric = state.head.rejection_metric(self.bundle.l2_normalized)
@@ -256,21 +272,12 @@ class FewShotClassifier:
             # one distance computation serves the logits and the rejection distance
             raw = heads.prototype_logits(query, state.fitted["prototypes"], metric, 1.0)
             logits = raw * np.float32(state.head.scale)
-            all_distances = np.sqrt(np.maximum(-raw, 0.0)) if metric == "euclidean" else 1.0 - raw
+            all_distances = similarity_to_distance(raw, metric)
         else:
             logits = heads.score(state.head, state.fitted, query)
             all_distances = embedding_distance(query, state.fitted["prototypes"], metric)
-        probs = heads.softmax(logits)
-        k = min(top_k, len(state.classes))
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        top_p = np.take_along_axis(probs, order, 1)
-        distances = all_distances.min(1)
         threshold = self._auto_threshold(state, metric) if reject == "auto" else reject
-        labels = [state.classes[o[0]].label for o in order]
-        if threshold is not None:
-            labels = [UNKNOWN if d > float(threshold) else lab for lab, d in zip(labels, distances)]
-        top = [[(state.classes[j].label, float(p)) for j, p in zip(o, ps)] for o, ps in zip(order, top_p)]
-        return Prediction(labels, top_p, top, distances)
+        return make_prediction(state.labels, heads.softmax(logits), all_distances.min(1), top_k, threshold)
 
     def _auto_threshold(self, state: StoreState, metric: str) -> float | None:
         """calibrate_rejection, computed once per enrolled state (states are immutable)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import MANIFEST, Bundle, load_bundle
-from .classifier import UNKNOWN, Prediction, as_source_list
+from .classifier import Prediction, as_source_list, make_prediction
 from .errors import BundleError, ConfigError
 from .preprocess import ImageSource, check_pixels, load_images, pixels_to_batch
 
@@ -37,7 +37,13 @@ class FrozenClassifier:
             raise BundleError(f"{bundle.path} is an embedding bundle, not a frozen classifier; give it a --store")
         self.bundle, self.frozen = bundle, bundle.manifest["frozen"]
         self.labels: list[str] = list(self.frozen["classes"])
-        self.engine = self._open_engine(backend, device)
+        from .backends import open_engine  # the frozen graph's engine (`edgemeta build-engine` on the folder)
+        self.engine = open_engine(bundle, backend, "fp32", device,
+                                  named_outputs={"probabilities": len(self.labels), "distance": 1},
+                                  subject="TensorRT engine of this frozen classifier runs here", stacklevel=3)
+        self.session = None
+        if self.engine is not None:
+            return
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
@@ -53,39 +59,12 @@ class FrozenClassifier:
     def load(cls, bundle_dir: str | os.PathLike, backend: str = "auto", device: dict | None = None) -> "FrozenClassifier":
         return cls(load_bundle(bundle_dir), backend=backend, device=device)
 
-    def _open_engine(self, backend: str, device: dict | None):
-        """The frozen graph's TensorRT engine, when asked for or when `auto` finds a matching one."""
-        import warnings
-
-        from .backends import BACKENDS, matching_engine
-        from .device_info import rebuild_hint
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-        if backend == "onnxruntime" or (backend == "auto" and not self.bundle.engines):
-            return None
-        engine, reasons = matching_engine(self.bundle, device, precision="fp32")
-        if engine is not None:
-            from .backends.tensorrt import TensorRTBackend
-            try:
-                return TensorRTBackend(self.bundle.path / engine["file"], self.bundle.spec, len(self.labels),
-                                       dla_core=engine.get("dla_core"), precision=engine["precision"],
-                                       named_outputs={"probabilities": len(self.labels), "distance": 1})
-            except BundleError as exc:
-                if backend == "tensorrt":
-                    raise
-                reasons = [f"{engine['file']} matches but did not load: {exc}"]
-        message = ("no TensorRT engine of this frozen classifier runs here: " + (" | ".join(reasons) or "none built")
-                   + f"; {rebuild_hint(self.bundle.path)}")
-        if backend == "tensorrt":
-            raise BundleError(message)
-        warnings.warn(message + ". Using ONNX Runtime.", RuntimeWarning, stacklevel=3)
-        return None
-
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, H, W, C] → (probabilities [N, C], distance [N]), one graph call per 64 images."""
         if self.engine is not None:
             out = self.engine.run_outputs(pixels_to_batch(pixels))
             return out["probabilities"], out["distance"]
+        assert self.session is not None
         name = self.session.get_inputs()[0].name
         probs, dists = [], []
         for i in range(0, len(pixels), 64):
@@ -102,12 +81,5 @@ class FrozenClassifier:
         spec = self.bundle.spec
         pixels = check_pixels(images, spec) if isinstance(images, np.ndarray) else load_images(images, spec)
         probs, distances = self.run(pixels)
-        k = min(top_k, len(self.labels))
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        top_p = np.take_along_axis(probs, order, 1)
-        labels = [self.labels[o[0]] for o in order]
-        threshold = self.frozen.get("auto_threshold") if reject == "auto" else reject
-        if threshold is not None:
-            labels = [UNKNOWN if d > float(threshold) else lab for lab, d in zip(labels, distances)]
-        top = [[(self.labels[j], float(p)) for j, p in zip(o, ps)] for o, ps in zip(order, top_p)]
-        return Prediction(labels, top_p, top, distances)
+        threshold = self.frozen.get("auto_threshold") if reject == "auto" else None if reject is None else float(reject)
+        return make_prediction(self.labels, probs, distances, top_k, threshold)

@@ -128,11 +128,11 @@ def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, repla
                   (header["model_sha256"], header["variant"]))
         if (header["model_sha256"], header["variant"]) != target:
             classes = _reembed(classes, images, classifier, target, header, path)
-        for name in {n for c in classes for n in c.images}:
-            store.keep_image(images[name], Path(name).suffix)
         head = saved.head if saved is not None else HeadConfig.from_dict(header["head"])
         current = list(saved.classes) if saved is not None and not replace_all else []
-        merged = _merge(current, classes, on_conflict)
+        merged = _merge(current, classes, on_conflict)  # a refused conflict leaves no file behind
+        for name in {n for c in classes for n in c.images}:
+            store.keep_image(images[name], Path(name).suffix)
         from .classifier import fit_head
         dim = int(merged[0].embeddings.shape[1])
         state = StoreState(target[0], target[1], dim, head, tuple(merged), {},

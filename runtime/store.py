@@ -240,6 +240,8 @@ class EnrollmentStore:
         """Delete kept images no class refers to any more — only files this store wrote: a name it
         generates whose content still hashes to that name, a regular file (not a link) in the
         store's own images/ folder (not a link). Anything else is left alone."""
+        if not names:  # the usual save: nothing released, no file-system calls
+            return
         folder = self._own_folder(IMAGES_DIR) if self._own_folder("") is not None else None
         if folder is None:
             return

@@ -43,30 +43,43 @@ def runnable_here(bundle: Bundle, device: dict | None = None) -> dict[str, str]:
     return out
 
 
+def open_engine(bundle: Bundle, backend: str = "auto", variant: str = "fp32", device: dict | None = None,
+                named_outputs: dict[str, int] | None = None, subject: str = "", stacklevel: int = 3):
+    """The bundle's TensorRT engine for `variant` on this device, or None where ONNX Runtime should
+    run instead: backend "onnxruntime", or "auto" with no engine that matches and loads (a warning
+    says why). backend "tensorrt" raises instead of falling back. named_outputs: see TensorRTBackend."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "onnxruntime" or (backend == "auto" and not bundle.engines):
+        return None
+    engine, reasons = matching_engine(bundle, device, precision=variant)  # an fp16 engine never serves fp32
+    if engine is not None:
+        from .tensorrt import TensorRTBackend
+        dim = sum(named_outputs.values()) if named_outputs else bundle.embedding_dim
+        try:
+            return TensorRTBackend(bundle.path / engine["file"], bundle.spec, dim, dla_core=engine.get("dla_core"),
+                                   precision=engine["precision"], named_outputs=named_outputs)
+        except (BundleError, DependencyError, MemoryError) as exc:
+            if backend == "tensorrt":
+                raise
+            reasons = [f"{engine['file']} matches but did not load: {exc}"]
+    message = (f"no {subject or f'{variant} TensorRT engine in this bundle runs on this device'}: "
+               + (" | ".join(reasons) or "the bundle has none") + f"; {rebuild_hint(bundle.path)}")
+    if backend == "tensorrt":
+        raise BundleError(message)
+    warnings.warn(message + ". Falling back to ONNX Runtime.", RuntimeWarning, stacklevel=stacklevel)
+    return None
+
+
 def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", providers: str | list[str] = "auto",
                  threads: int | None = None, device: dict | None = None) -> Backend:
     """Open the bundle's embedding network on the requested backend."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if backend in ("auto", "tensorrt") and (bundle.engines or backend == "tensorrt"):
-        engine, reasons = matching_engine(bundle, device, precision=variant)  # an fp16 engine never serves fp32
-        if engine is not None:
-            from .tensorrt import TensorRTBackend
-            try:
-                return TensorRTBackend(bundle.path / engine["file"], bundle.spec, bundle.embedding_dim,
-                                       dla_core=engine.get("dla_core"), precision=engine["precision"])
-            except (BundleError, DependencyError, MemoryError) as exc:
-                if backend == "tensorrt":
-                    raise
-                reasons = [f"{engine['file']} matches but did not load: {exc}"]
-        message = (f"no {variant} TensorRT engine in this bundle runs on this device: "
-                   + (" | ".join(reasons) or "the bundle has none") + f"; {rebuild_hint(bundle.path)}")
-        if backend == "tensorrt":
-            raise BundleError(message)
-        warnings.warn(message + ". Falling back to ONNX Runtime.", RuntimeWarning, stacklevel=2)
+    engine = open_engine(bundle, backend, variant, device)
+    if engine is not None:
+        return engine
     return OnnxRuntimeBackend(bundle.variant_path(variant), bundle.spec, bundle.embedding_dim, providers, threads,
                               trt_options=tensorrt_ep_options(bundle, variant))
 
 
-__all__ = ["BACKENDS", "Backend", "OnnxRuntimeBackend", "choose_providers", "matching_engine", "open_backend",
+__all__ = ["BACKENDS", "Backend", "OnnxRuntimeBackend", "choose_providers", "matching_engine", "open_backend", "open_engine",
            "runnable_here"]
