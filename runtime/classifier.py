@@ -19,7 +19,7 @@ import numpy as np
 from . import heads
 from .backends import Backend, open_backend
 from .bundle import Bundle, load_bundle
-from .errors import BundleError, ConfigError, ImageDecodeError, StoreError
+from .errors import BundleError, ClassExistsError, ConfigError, ImageDecodeError, LabelError, StoreError, UnknownClassError
 from .heads import HeadConfig, resolve_head
 from .preprocess import ImageSource, check_pixels, load_images
 from .store import EnrolledClass, EnrollmentStore, StoreState, frozen
@@ -74,6 +74,22 @@ def make_prediction(labels: list[str], probs: np.ndarray, distances: np.ndarray,
     return Prediction(best, top_p, top, distances)
 
 
+def parse_unknown(text: str | None, name: str = "unknown") -> float | str | None:
+    """The rejection setting as users type it: None (never reject), 'auto' (calibrated on the
+    support set) or a finite distance ≥ 0."""
+    if text is None:
+        return None
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} takes 'auto' or a number") from None
+    if not (value >= 0 and value != float("inf")):
+        raise ConfigError(f"{name} takes 'auto' or a finite distance ≥ 0, not {text!r}")
+    return value
+
+
 def paired_distance(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
     """Row i of a to row i of b, in the metric of embedding_distance: [n]."""
     if metric == "cosine":
@@ -111,11 +127,11 @@ def check_label(label) -> str:
     import unicodedata
     text = str(label).strip()
     if not text or text == UNKNOWN:
-        raise StoreError(f"{text!r} cannot be a class label")
+        raise LabelError(f"{text!r} cannot be a class label")
     if len(text) > MAX_LABEL_LENGTH:
-        raise StoreError(f"class label {text[:40]!r}… is {len(text)} characters; the limit is {MAX_LABEL_LENGTH}")
+        raise LabelError(f"class label {text[:40]!r}… is {len(text)} characters; the limit is {MAX_LABEL_LENGTH}")
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in text):
-        raise StoreError(f"class label {text!r} holds control or unassigned characters; use printable text")
+        raise LabelError(f"class label {text!r} holds control or unassigned characters; use printable text")
     return text
 
 
@@ -311,7 +327,7 @@ class FewShotClassifier:
             if mode == "new":
                 taken = [(lab, i) for lab in todo if (i := state.find(lab)) is not None]
                 if taken:
-                    raise StoreError(f"{taken[0][0]!r} is already enrolled ({state.classes[taken[0][1]].shots} shots); "
+                    raise ClassExistsError(f"{taken[0][0]!r} is already enrolled ({state.classes[taken[0][1]].shots} shots); "
                                      "use add (CLI --add) to add shots or replace (CLI --replace) to start over")
             embedded = {label: self._embed_sources(images, support=True) for label, images in todo.items()}
             new_classes = list(state.classes)
@@ -336,7 +352,7 @@ class FewShotClassifier:
         with self._write_lock, self._store_lock():
             state = self._refresh()
             if state.find(label) is None:
-                raise StoreError(f"{label!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'})")
+                raise UnknownClassError(f"{label!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'})")
             self._commit(self._refit(state, tuple(c for c in state.classes if c.label != label)))
 
     def _refit(self, state: StoreState, classes: tuple[EnrolledClass, ...]) -> StoreState:
@@ -351,6 +367,18 @@ class FewShotClassifier:
         if self.store is not None:
             self.store.write(state)  # durable first, then visible
         self._state = state
+
+    def refresh(self) -> bool:
+        """Pick up classes another process (`edgemeta enroll`, another service) saved since the last
+        look: one stat of the store file when nothing changed. Skipped while this object is writing
+        (its own write refreshes first). Returns whether the enrolled state changed."""
+        if self.store is None or not self._write_lock.acquire(blocking=False):
+            return False
+        try:
+            before = self._state
+            return self._refresh() is not before
+        finally:
+            self._write_lock.release()
 
     def _store_lock(self):
         import contextlib

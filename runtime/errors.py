@@ -18,6 +18,10 @@ class ImageDecodeError(DataError):
     """An image file that will not decode or does not have the expected channels."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image with more pixels than edgemeta decodes (EDGEMETA_MAX_PIXELS): a decompression bomb or a scan."""
+
+
 class ConfigError(EdgemetaError):
     """An unknown backbone, algorithm or head, or an invalid option value."""
 
@@ -36,3 +40,15 @@ class DependencyError(EdgemetaError):
 
 class StoreError(EdgemetaError):
     """An enrollment store that is missing, made for another bundle, or asked for something it lacks."""
+
+
+class LabelError(StoreError):
+    """A class label that cannot be stored: empty, too long, control characters, or reserved."""
+
+
+class UnknownClassError(StoreError):
+    """A class that is not enrolled."""
+
+
+class ClassExistsError(StoreError):
+    """A class that is already enrolled, where a new one was asked for."""

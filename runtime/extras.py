@@ -11,7 +11,9 @@ from .errors import DependencyError
 
 # module → the extra that installs it, and what to run where pip cannot (a Jetson)
 EXTRA_OF = {"torch": "train", "safetensors": "train", "onnx": "train", "onnxscript": "train",
-            "matplotlib": "plot", "tensorrt": "tensorrt", "cuda": "tensorrt", "cv2": "video"}
+            "matplotlib": "plot", "tensorrt": "tensorrt", "cuda": "tensorrt", "cv2": "video",
+            "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
+            "prometheus_client": "serve"}
 JETSON_HINT = {"tensorrt": "on a Jetson use JetPack's python3-libnvinfer (JetPack ≥ 6.1)",
                "cuda": "on a Jetson `pip install cuda-python` matching JetPack's CUDA",
                "cv2": "on a Jetson JetPack's python3-opencv (it has GStreamer)"}

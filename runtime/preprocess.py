@@ -19,7 +19,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ConfigError, ImageDecodeError
+from .errors import ConfigError, ImageDecodeError, ImageTooLargeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 COLOUR_MODES = {"L": 1, "RGB": 3}
@@ -128,7 +128,7 @@ def open_image(source: ImageSource, size_hint: tuple[int, int] | None = None) ->
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             if image.width * image.height > limit:
-                raise ImageDecodeError(f"image {name} is {image.width}×{image.height} = {image.width * image.height:,} "
+                raise ImageTooLargeError(f"image {name} is {image.width}×{image.height} = {image.width * image.height:,} "
                                        f"pixels, over the limit of {limit:,} (EDGEMETA_MAX_PIXELS); resize it first")
             if size_hint is not None and image.format == "JPEG":
                 image.draft(image.mode if image.mode in ("L", "RGB") else None, (2 * size_hint[0], 2 * size_hint[1]))
@@ -137,8 +137,11 @@ def open_image(source: ImageSource, size_hint: tuple[int, int] | None = None) ->
         raise
     except PermissionError as exc:
         raise ImageDecodeError(f"cannot read image {name}: {exc.strerror}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image {name} is too large to decode ({exc}); resize it first") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"cannot decode image {name}: not an image format Pillow reads. Use a PNG or JPEG file.") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image {name}: {exc}. Use a PNG or JPEG file.") from None
     return image
 

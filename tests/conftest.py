@@ -59,6 +59,15 @@ def tiny_bundle(tiny_run, tmp_path_factory, omniglot_paths):
 
 
 @pytest.fixture(scope="session")
+def shipped_bundle(tmp_path_factory, omniglot_paths):
+    """The shipped Omniglot checkpoint exported (fp32, parity-checked on real drawings), through the CLI."""
+    out = tmp_path_factory.mktemp("shipped") / "bundle"
+    r = run_cli("export", SHIPPED_CHECKPOINT, "--out", out, "--calib-data", omniglot_paths[1])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
 def tagalog(omniglot_paths):
     """Real drawings of an alphabet never used in training: {character: [png bytes × 20]}."""
     import zipfile
@@ -70,7 +79,7 @@ def tagalog(omniglot_paths):
     return by
 
 
-SLOW_FIXTURES = {"tiny_run", "tiny_bundle"}  # a real training run and its export
+SLOW_FIXTURES = {"tiny_run", "tiny_bundle", "shipped_bundle"}  # a real training run and the exports
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHIPPED_CHECKPOINT, run_cli
+from conftest import run_cli
 
 cv2 = pytest.importorskip("cv2", reason="edgemeta[video] (opencv-python-headless) is part of the dev install")
 
@@ -26,14 +26,6 @@ def write_clip(path, drawings: list[bytes], fps: float = 25.0) -> None:
         canvas.paste(Image.open(io.BytesIO(data)).convert("RGB"), ((SIDE - 105) // 2, (SIDE - 105) // 2))
         writer.write(cv2.cvtColor(np.asarray(canvas), cv2.COLOR_RGB2BGR))
     writer.release()
-
-
-@pytest.fixture(scope="module")
-def shipped_bundle(tmp_path_factory, omniglot_paths):
-    out = tmp_path_factory.mktemp("watch") / "bundle"
-    r = run_cli("export", SHIPPED_CHECKPOINT, "--out", out, "--calib-data", omniglot_paths[1])
-    assert r.exit_code == 0, r.output
-    return out
 
 
 @pytest.fixture(scope="module")

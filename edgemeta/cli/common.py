@@ -132,15 +132,5 @@ def writable_target(path: Optional[Path], what: str) -> None:
 
 def parse_unknown(text: Optional[str]) -> float | str | None:
     """--unknown: None (never reject), 'auto' (calibrated on the support set) or a finite distance ≥ 0."""
-    from edgemeta.runtime.errors import ConfigError
-    if text is None:
-        return None
-    if text == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError("--unknown takes 'auto' or a number") from None
-    if not (value >= 0 and value != float("inf")):
-        raise ConfigError(f"--unknown takes 'auto' or a finite distance ≥ 0, not {text!r}")
-    return value
+    from edgemeta.runtime.classifier import parse_unknown as parse
+    return parse(text, "--unknown")

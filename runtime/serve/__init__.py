@@ -1,0 +1,58 @@
+"""`edgemeta serve`: the device as a service — an HTTP API, a web page that enrolls from the
+browser's camera, Prometheus metrics — over one FewShotClassifier loaded once.
+
+FastAPI, uvicorn, python-multipart and prometheus-client are imported only in this package
+(`pip install 'edgemeta[serve]'`); like the rest of the runtime it never imports torch.
+
+    from edgemeta.runtime import FewShotClassifier
+    from edgemeta.runtime.serve import ServeSettings, run
+    run(FewShotClassifier.load("bundle/", store="enrolled/"), ServeSettings(port=8050))
+"""
+from __future__ import annotations
+
+import errno
+import signal
+import socket
+import threading
+
+from ..classifier import FewShotClassifier
+from ..errors import ConfigError
+from ..extras import load, require
+from .settings import ServeSettings, read_api_key
+
+__all__ = ["ServeSettings", "read_api_key", "run", "check_port_free"]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One clear error before loading anything when the address cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host.strip("[]"), port))
+        except socket.gaierror:
+            raise ConfigError(f"--host {host} is not an address of this machine") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is in use (another `edgemeta serve`?); pick another with --port") from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def run(clf: FewShotClassifier, settings: ServeSettings, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+        log_level: str = "info") -> None:
+    """Serve until Ctrl-C or SIGTERM: uvicorn stops accepting, lets requests in flight finish, then
+    the classifier is closed (every enrollment was saved atomically when it was made)."""
+    require("fastapi", "uvicorn", "multipart", "prometheus_client", purpose="edgemeta serve")
+    from .app import Service, create_app
+    uvicorn = load("uvicorn", "edgemeta serve")
+    app = create_app(Service(clf, settings))
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the handler
+    # it found; a no-op one here makes a requested stop exit with status 0, not a KeyboardInterrupt.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, ssl_certfile=ssl_certfile,
+                    ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=10, server_header=False)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,323 @@
+"""The HTTP service: one `FewShotClassifier`, loaded once, behind FastAPI.
+
+Routes (JSON; errors are `{"error": "…"}` with the status that says what went wrong):
+
+    GET    /                               the web page (camera, live predictions, enrollment)
+    GET    /v1/classes                     enrolled classes and their shot counts
+    POST   /v1/classes/{label}/images      enroll images (multipart), ?mode=new|add|replace
+    DELETE /v1/classes/{label}             forget a class
+    POST   /v1/predict                     classify images (multipart, or one image/jpeg|png body)
+    GET    /v1/model                       the bundle, head, variant, backend and device
+    GET    /v2/health/live, /v2/health/ready
+    GET    /metrics                        Prometheus
+
+Import this module only after `extras.require` has checked the [serve] extra (`serve.run` does).
+CPU work (decoding, embedding, enrollment) runs in the server's thread pool; every embedding goes
+through one `BatchingBackend`, so concurrent predictions share backend calls.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..classifier import FewShotClassifier, parse_unknown
+from ..errors import (ClassExistsError, ConfigError, DataError, EdgemetaError, ImageTooLargeError, LabelError,
+                      StoreError, UnknownClassError)
+from ..preprocess import load_images
+from .batching import BatchingBackend
+from .metrics import ServiceMetrics
+from .settings import ServeSettings
+
+STATIC = Path(__file__).parent / "static"
+# The first matching type gives the status of an error a client caused.
+STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
+    (ImageTooLargeError, 413), (LabelError, 400), (UnknownClassError, 404), (ClassExistsError, 409),
+    (DataError, 400), (ConfigError, 400), (StoreError, 409), (EdgemetaError, 400))
+IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream"}
+
+
+class TooLarge(Exception):
+    """The request is over a limit (body bytes, images per request): 413."""
+
+
+class NoClassesError(StoreError):
+    pass
+
+
+class Service:
+    """What the routes share: the classifier (its backend wrapped for batching), metrics, readiness."""
+
+    def __init__(self, clf: FewShotClassifier, settings: ServeSettings):
+        self.clf, self.settings = clf, settings
+        self.metrics = ServiceMetrics()
+        self.batcher = BatchingBackend(clf.backend, settings.max_batch, settings.batch_window_ms / 1e3,
+                                       on_batch=self.metrics.record_batch)
+        clf.backend = self.batcher
+        self.ready = False
+        self.started = time.time()
+
+    def warm_up(self) -> None:
+        """Run the largest and smallest batch once (allocations, kernels chosen), then report ready."""
+        spec = self.clf.bundle.spec
+        for n in sorted({1, self.settings.max_batch}):
+            self.batcher.embed_pixels(np.zeros((n, spec.height, spec.width, spec.channels), np.uint8))
+        self.metrics.classes.set(len(self.clf.classes))
+        self.ready = True
+
+    def close(self) -> None:
+        self.ready = False
+        self.clf.close()
+
+    def classes(self) -> dict:
+        self.clf.refresh()
+        self.metrics.classes.set(len(self.clf.classes))
+        return {"classes": [{"label": lab, "shots": n} for lab, n in self.clf.shots().items()],
+                "head": self.clf.head.kind}
+
+    def predict(self, images: list[tuple[str, bytes]], top_k: int, reject: Any) -> dict:
+        t0 = time.perf_counter()
+        with self.batcher.expect():  # the batcher may wait (≤ the window) for this request while it decodes
+            self.clf.refresh()
+            if not self.clf.classes:
+                raise NoClassesError("no classes are enrolled; enroll some first (POST /v1/classes/{label}/images)")
+            pixels = load_images([data for _, data in images], self.clf.bundle.spec)
+            t1 = time.perf_counter()
+            query = self.clf.embed(pixels)
+        t2 = time.perf_counter()
+        prediction = self.clf.classify_embeddings(query, top_k=top_k, reject=reject)
+        t3 = time.perf_counter()
+        for stage, seconds in (("decode", t1 - t0), ("embed", t2 - t1), ("head", t3 - t2)):
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.metrics.images.labels("predict").inc(len(images))
+        results = prediction.to_list()
+        for (name, _), item in zip(images, results):
+            item["image"] = name
+        return {"predictions": results,
+                "ms": {"decode": round((t1 - t0) * 1e3, 3), "embed": round((t2 - t1) * 1e3, 3),
+                       "head": round((t3 - t2) * 1e3, 3), "total": round((t3 - t0) * 1e3, 3)}}
+
+    def enroll(self, label: str, images: list[tuple[str, bytes]], mode: str) -> dict:
+        t0 = time.perf_counter()
+        shots = self.clf.enroll(label, [data for _, data in images], mode=mode)
+        self.metrics.stage_seconds.labels("enroll").observe(time.perf_counter() - t0)
+        self.metrics.images.labels("enroll").inc(len(images))
+        self.metrics.classes.set(len(self.clf.classes))
+        return {"label": label.strip(), "shots": shots, "classes": len(self.clf.classes),
+                "ms": {"enroll": round((time.perf_counter() - t0) * 1e3, 3)}}
+
+    def forget(self, label: str) -> dict:
+        self.clf.forget(label)
+        self.metrics.classes.set(len(self.clf.classes))
+        return {"forgotten": label, "classes": len(self.clf.classes)}
+
+    def model(self) -> dict:
+        b = self.clf.bundle
+        m = b.manifest.get("model") or {}
+        return {"name": Path(b.path).name, "backbone": m.get("backbone"), "algorithm": m.get("algorithm"), "model_sha256": b.model_sha256,
+                "input": b.spec.to_dict(), "embedding_dim": b.embedding_dim, "l2_normalized": b.l2_normalized,
+                "head": self.clf.head.to_dict(), "variant": self.clf.variant, "backend": self.batcher.describe(),
+                "device": _device(), "edgemeta": _version(), "classes": len(self.clf.classes),
+                "uptime_s": round(time.time() - self.started, 1)}
+
+
+def _device() -> dict:
+    from ..device_info import cpu_model, device_identity
+    try:
+        identity = device_identity()
+    except Exception:  # noqa: BLE001 - a description only; never fail /v1/model over it
+        identity = {}
+    return {"cpu": cpu_model(), **{k: v for k, v in identity.items() if v is not None}}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("edgemeta")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a source checkout)
+        return "unknown"
+
+
+def status_of(exc: Exception) -> int:
+    return next((status for kind, status in STATUS_OF if isinstance(exc, kind)), 500)
+
+
+class Guard:
+    """ASGI middleware: the body-size limit (from Content-Length, and counted as it arrives), and
+    the request count and latency per route template (`/v1/classes/{label:path}`) for /metrics."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.service.settings.max_body_bytes
+        t0, status = time.perf_counter(), [500]
+        length = dict(scope["headers"]).get(b"content-length")
+        received = [0]
+
+        async def limited_receive():
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise TooLarge(f"the request body is {int(length):,} bytes; the limit is {limit:,} (--max-body-mb)")
+            message = await receive()
+            received[0] += len(message.get("body", b""))
+            if received[0] > limit:
+                raise TooLarge(f"the request body is over the limit of {limit:,} bytes (--max-body-mb)")
+            return message
+
+        async def recording_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # the router records the route it chose
+            if route != "/metrics":
+                m = self.service.metrics
+                m.requests.labels(route, scope["method"], str(status[0])).inc()
+                m.request_seconds.labels(route).observe(time.perf_counter() - t0)
+
+
+def create_app(service: Service):
+    """The FastAPI app over a loaded service (the CLI loads the classifier first, so a bad bundle
+    or store is one error line before anything listens)."""
+    settings = service.settings
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await run_in_threadpool(service.warm_up)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.close)
+
+    app = FastAPI(title="edgemeta", version=_version(), lifespan=lifespan,
+                  description="Few-shot classification on the device: enroll classes from a few images, then predict.")
+
+    def check_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise HTTPException(401, "wrong API key" if given else "missing API key: send it in the x-api-key header")
+
+    keyed = [Depends(check_key)]
+    v1 = APIRouter(prefix="/v1", dependencies=keyed)
+
+    async def read_images(request: Request) -> list[tuple[str, bytes]]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            try:
+                form = await request.form(max_files=settings.max_images + 1, max_fields=32)
+            except HTTPException as exc:
+                if "Too many files" in str(exc.detail):
+                    raise TooLarge(f"more than {settings.max_images} images in one request (--max-images)") from None
+                raise
+            try:
+                images = [(getattr(v, "filename", None) or f"image-{i}", await v.read())
+                          for i, (_, v) in enumerate(form.multi_items()) if not isinstance(v, str)]
+            finally:
+                await form.close()
+        elif ctype in IMAGE_TYPES:
+            images = [("body", await request.body())]
+        else:
+            raise DataError("send images as multipart/form-data (field `images`), or one image as an image/jpeg or "
+                            f"image/png body; got content type {ctype or 'none'!r}")
+        if not images:
+            raise DataError("the request holds no images")
+        if len(images) > settings.max_images:
+            raise TooLarge(f"{len(images)} images in one request; the limit is {settings.max_images} (--max-images)")
+        return images
+
+    @v1.get("/classes", summary="Enrolled classes and their shot counts")
+    async def list_classes():
+        return await run_in_threadpool(service.classes)
+
+    @v1.post("/classes/{label:path}/images", summary="Enroll images as a class", status_code=200)
+    async def enroll(label: str, request: Request,
+                     mode: str = Query("new", description="new: refuse a label already enrolled · add · replace")):
+        if mode not in ("new", "add", "replace"):
+            raise ConfigError(f"mode must be new, add or replace, not {mode!r}")
+        images = await read_images(request)
+        result = await run_in_threadpool(service.enroll, label, images, mode)
+        return JSONResponse(result, status_code=201 if mode == "new" else 200)
+
+    @v1.delete("/classes/{label:path}", summary="Forget a class")
+    async def forget(label: str):
+        return await run_in_threadpool(service.forget, label)
+
+    @v1.post("/predict", summary="Classify images")
+    async def predict(request: Request, top_k: int = Query(1, ge=1, le=100, description="classes per image"),
+                      unknown: str | None = Query(None, description="'auto' or a distance: farther images are 'unknown'")):
+        reject = parse_unknown(unknown, "unknown")
+        images = await read_images(request)
+        return await run_in_threadpool(service.predict, images, top_k, reject)
+
+    @v1.get("/model", summary="The bundle, head, variant, backend and device")
+    async def model():
+        return service.model()
+
+    app.include_router(v1)
+
+    @app.get("/v2/health/live", summary="The process is up")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="The model is loaded and warmed up")
+    async def ready():
+        return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
+
+    @app.get("/metrics", dependencies=keyed, summary="Prometheus metrics")
+    async def metrics():
+        body, ctype = service.metrics.exposition()
+        return Response(body, media_type=ctype)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def error(status: int, message: str, headers=None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(EdgemetaError)
+    async def on_edgemeta_error(request, exc: EdgemetaError):
+        return error(status_of(exc), str(exc))
+
+    @app.exception_handler(TooLarge)
+    async def on_too_large(request, exc: TooLarge):
+        return error(413, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'query')}: {e['msg']}" for e in exc.errors())
+        return error(400, problems or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request, exc: Exception):
+        return error(500, f"internal error: {type(exc).__name__}")
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["x-api-key", "content-type"])
+    app.add_middleware(Guard, service=service)
+    return app
