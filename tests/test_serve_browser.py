@@ -1,0 +1,137 @@
+"""The web page of `edgemeta serve` in a real browser: headless Chromium (Debian's `chromium` and
+`chromium-driver`, driven by Selenium) whose camera is a fake device playing a .y4m video built here
+from shipped Omniglot drawings. Two browsers, each "looking at" a different character, enroll a class
+from the camera; each then shows its own class as the live prediction; one class is forgotten from
+the page. Screenshots go to build/screenshots/ (EDGEMETA_SCREENSHOTS overrides) for a person to look at.
+
+`.ci/run` installs Chromium, so CI runs this for real; elsewhere it is skipped, saying what to install."""
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_helpers import Server
+
+pytest.importorskip("fastapi", reason="edgemeta[serve] is part of the dev install")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is part of the dev install")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver; .ci/run does)")
+ROOT = Path(__file__).resolve().parent.parent
+SIDE = 240
+FRAMES = 30
+
+
+def write_y4m(path: Path, drawing: bytes) -> None:
+    """A 240×240 4:2:0 clip of one drawing held up to a camera: it drifts and turns a little from
+    frame to frame, on a slightly uneven white."""
+    ink = Image.open(io.BytesIO(drawing)).convert("L").resize((180, 180), Image.Resampling.LANCZOS)
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{SIDE} H{SIDE} F10:1 Ip A1:1 C420jpeg\n".encode())
+        for i in range(FRAMES):
+            angle = 6 * math.sin(2 * math.pi * i / FRAMES)
+            turned = ink.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=255)
+            frame = Image.new("L", (SIDE, SIDE), 255)
+            frame.paste(turned, (30 + round(6 * math.cos(2 * math.pi * i / FRAMES)), 30 + round(4 * math.sin(4 * math.pi * i / FRAMES))))
+            grey = np.clip(np.asarray(frame, np.float32) - 12 + rng.normal(0, 3, (SIDE, SIDE)), 0, 255).astype(np.uint8)
+            ycbcr = Image.fromarray(grey).convert("RGB").convert("YCbCr")
+            y, cb, cr = ycbcr.split()
+            f.write(b"FRAME\n" + y.tobytes() + cb.resize((SIDE // 2, SIDE // 2)).tobytes() + cr.resize((SIDE // 2, SIDE // 2)).tobytes())
+
+
+def browser(y4m: Path):
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,960",
+                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-video-capture={y4m}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def wait_for(driver, condition, what: str, timeout: float = 30.0):
+    from selenium.webdriver.support.ui import WebDriverWait
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+    except Exception:
+        shot = screenshots() / f"failed-{what.replace(' ', '-')}.png"
+        driver.save_screenshot(str(shot))
+        raise AssertionError(f"timed out waiting for {what}; page text: {driver.find_element('tag name', 'body').text!r}; screenshot {shot}") from None
+
+
+def screenshots() -> Path:
+    folder = Path(os.environ.get("EDGEMETA_SCREENSHOTS", ROOT / "build" / "screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def text(driver, element_id: str) -> str:
+    return driver.find_element("id", element_id).text
+
+
+def classes_on_page(driver) -> dict[str, str]:
+    """Read in one script call: the list is re-rendered every few seconds."""
+    return driver.execute_script("return Object.fromEntries([...document.querySelectorAll('#classes li[data-label]')]"
+                                 ".map(li => [li.dataset.label, li.querySelector('.shots').textContent]))")
+
+
+def enroll_from_camera(driver, url: str, label: str) -> None:
+    driver.get(url)
+    wait_for(driver, lambda d: d.execute_script("return document.getElementById('video').videoWidth") > 0, "the camera")
+    assert driver.execute_script("return document.getElementById('video').videoWidth") == SIDE  # frames come from our clip
+    field = driver.find_element("id", "label")
+    field.clear()
+    field.send_keys(label)
+    driver.execute_script("document.getElementById('shots').value = 4; document.getElementById('spacing').value = 250;")
+    driver.find_element("id", "enroll-camera").click()
+    wait_for(driver, lambda d: classes_on_page(d).get(label) == "4 shots", f"{label} enrolled")
+
+
+def test_enroll_two_classes_from_the_camera_predict_live_and_forget(shipped_bundle, tagalog, tmp_path):
+    import httpx
+    chars = sorted(tagalog)
+    clips = {}
+    for name, char in (("alpha", chars[0]), ("beta", chars[3])):
+        clips[name] = tmp_path / f"{name}.y4m"
+        write_y4m(clips[name], tagalog[char][0])
+    srv = Server(shipped_bundle, tmp_path / "store")
+    drivers = {}
+    try:
+        drivers["alpha"] = browser(clips["alpha"])
+        enroll_from_camera(drivers["alpha"], srv.url, "alpha")
+        drivers["beta"] = browser(clips["beta"])
+        enroll_from_camera(drivers["beta"], srv.url, "beta")
+        for name, driver in drivers.items():  # each camera is recognised as its own class, live
+            wait_for(driver, lambda d, name=name: text(d, "live-label") == name, f"live prediction {name}")
+            wait_for(driver, lambda d: set(classes_on_page(d)) == {"alpha", "beta"}, "both classes listed")
+            assert text(driver, "ms-embed").endswith("ms") and text(driver, "ms-rtt").endswith("ms")
+            top = driver.execute_script("return [...document.querySelectorAll('#top li .name')].map(e => e.textContent)")
+            assert top[:1] == [name] and len(top) == 2
+            driver.save_screenshot(str(screenshots() / f"serve-page-{name}.png"))
+        assert text(drivers["alpha"], "health") == "ready" and "conv4" in text(drivers["alpha"], "model")
+        # forget beta from alpha's page
+        drivers["alpha"].find_element("css selector", "#classes li[data-label='beta'] button").click()
+        wait_for(drivers["alpha"], lambda d: set(classes_on_page(d)) == {"alpha"}, "beta forgotten")
+        assert "forgot" in text(drivers["alpha"], "message")
+        assert [c["label"] for c in httpx.get(srv.url + "/v1/classes").json()["classes"]] == ["alpha"]
+        # the phone-sized layout: one column, nothing wider than the screen
+        drivers["alpha"].set_window_size(390, 844)
+        wide = drivers["alpha"].execute_script("return document.documentElement.scrollWidth")
+        assert wide <= drivers["alpha"].execute_script("return window.innerWidth")
+        drivers["alpha"].save_screenshot(str(screenshots() / "serve-page-phone.png"))
+    finally:
+        for driver in drivers.values():
+            driver.quit()
+        srv.stop()
