@@ -8,7 +8,7 @@
 set -euo pipefail
 OUT="${1:-runs/compare}"
 PRECISION="${2:-fp32}"
-DATA=(--data omniglot/images_background.zip)   # under the data root, EDGEMETA_DATA
+DATA=(--data omniglot:background)   # `edgemeta data fetch omniglot` puts it under the data root
 TEST=(--data data/omniglot/images_background_small1.zip --data data/omniglot/images_background_small2.zip)
 COMMON=(--split-mode alphabets --way 5 --shot 1 --query 15 --meta-batch 4 --episodes 200 --val-every 100
         --val-episodes 100 --precision "$PRECISION" --quiet)

@@ -141,15 +141,15 @@ def test_channel_stats_are_per_channel_on_unit_scale(tmp_path):
 
 
 def test_cifar_fs_split_and_its_archive_layout(tmp_path):
-    """CIFAR-FS: the shipped split names the published 64 train and 16 validation classes, disjoint;
+    """CIFAR-FS: the shipped split names the published 64 train, 16 validation and 20 test classes, disjoint;
     the loader reads the archive as it is (<root>/<split>/<class>/NNN.png, with a class named
     `train`) — here a small archive of the same layout, since CIFAR images are never shipped."""
     import json
 
     from conftest import ROOT
     split = json.loads((ROOT / "data/splits/cifar-fs.json").read_text())
-    assert len(split["train"]) == 64 and len(split["val"]) == 16 and split["test"] == []
-    assert not set(split["train"]) & set(split["val"]) and "train" in split["train"]
+    assert [len(split[s]) for s in ("train", "val", "test")] == [64, 16, 20]
+    assert len(set(split["train"]) | set(split["val"]) | set(split["test"])) == 100 and "train" in split["train"]
     rng = np.random.default_rng(0)
     archive = tmp_path / "cifar-fs.zip"
     with zipfile.ZipFile(archive, "w") as z:

@@ -5,7 +5,7 @@ of edgemeta.cli.common; none imports from this module."""
 from __future__ import annotations
 
 # Imported in the order `edgemeta --help` lists the commands.
-from . import training, export, device, watch, serve, bench, gallery  # noqa: F401,I001  (registers the commands)
+from . import training, data, export, device, watch, serve, bench, gallery  # noqa: F401,I001  (registers the commands)
 from .common import app, print_json
 
 __all__ = ["app", "main", "print_json"]

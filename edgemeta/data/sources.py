@@ -13,27 +13,36 @@ from edgemeta.runtime.preprocess import IMAGE_EXTENSIONS
 ImageEntry = tuple[tuple[str, ...], Callable[[], bytes]]
 
 
-def data_root() -> Path | None:
-    """The data root named by EDGEMETA_DATA, where configs' relative data names are looked up."""
-    root = os.environ.get("EDGEMETA_DATA")
-    return Path(root).expanduser() if root else None
+def data_root() -> Path:
+    """The data root: EDGEMETA_DATA, else the per-user cache folder (edgemeta.data.catalog.default_root)."""
+    from edgemeta.data.catalog import default_root
+    return default_root()
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
-    """A data source as given if it exists, else the same relative name under the data root. A
-    recorded path from another machine (`../data/omniglot/x.zip`) is also tried by its trailing
-    parts (`omniglot/x.zip`, then `x.zip`) under the data root."""
+    """A data source: a dataset name (`omniglot:background`, `cifar-fs`; see `edgemeta data list`)
+    under the data root; else a path as given if it exists; else the same relative name under the
+    data root. A recorded path from another machine (`../data/omniglot/x.zip`) is also tried by its
+    trailing parts (`omniglot/x.zip`, then `x.zip`) under the data root."""
+    from edgemeta.data.catalog import CATALOG, parse_name
+    root = data_root()
+    text = os.fspath(source)
+    if text.partition(":")[0] in CATALOG:
+        dataset, part = parse_name(text)
+        path = dataset.part_path(root, part)
+        if not path.is_file():
+            raise DataError(f"dataset {text} is not under the data root {root}: run `edgemeta data fetch {dataset.name}` "
+                            "(or set EDGEMETA_DATA to the folder that holds it)")
+        return path
     path = Path(source).expanduser()
     if path.exists():
         return path
-    root = data_root()
-    if root is not None:
-        parts = [p for p in path.parts if p not in ("..", ".", path.anchor)]
-        for i in range(len(parts)):
-            if (root / Path(*parts[i:])).exists():
-                return root / Path(*parts[i:])
-    where = f" (nor under EDGEMETA_DATA={root})" if root is not None else " (set EDGEMETA_DATA to the folder that holds it)"
-    raise DataError(f"data path not found: {path}{where}. Pass a folder or a .zip of images.")
+    parts = [p for p in path.parts if p not in ("..", ".", path.anchor)]
+    for i in range(len(parts)):
+        if (root / Path(*parts[i:])).exists():
+            return root / Path(*parts[i:])
+    raise DataError(f"data path not found: {path} (nor under the data root {root}; set EDGEMETA_DATA, or "
+                    "`edgemeta data fetch NAME` a known dataset). Pass a folder or a .zip of images.")
 
 
 def iter_image_entries(source: str | os.PathLike) -> Iterator[ImageEntry]:
