@@ -237,3 +237,33 @@ def test_the_pickle_reader_refuses_code(tmp_path):
     with pytest.raises(DataError, match="refusing to load"):
         build_cifar_fs(tmp_path / "c.tar.gz", tmp_path / "out.zip", [], [], [])
     assert not (tmp_path / "out.zip").exists()
+
+
+def test_tiny_imagenet_is_rebuilt_in_our_layout(tmp_path):
+    """The official layout (train/<wnid>/images/<wnid>_<i>.JPEG, val/images + val_annotations.txt) →
+    tiny-imagenet-fs/<wnid>/… with the 100 train and the class's validation images, bytes unchanged."""
+    from edgemeta.data.builders import build_tiny_imagenet_fs
+    with zipfile.ZipFile(OMNIGLOT[0]) as z:
+        drawing = z.read(sorted(n for n in z.namelist() if n.endswith(".png"))[0])
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(drawing)).convert("RGB").resize((64, 64)).save(jpeg, format="JPEG")
+    names = {"n01443537": "goldfish", "n01629819": "salamander"}
+    with zipfile.ZipFile(tmp_path / "tiny-imagenet-200.zip", "w") as z:
+        for wnid in [*names, "n09999999"]:
+            for i in range(100):
+                z.writestr(f"tiny-imagenet-200/train/{wnid}/images/{wnid}_{i}.JPEG", jpeg.getvalue())
+        lines = []
+        for k in range(6):
+            wnid = [*names, "n09999999"][k % 3]
+            z.writestr(f"tiny-imagenet-200/val/images/val_{k}.JPEG", jpeg.getvalue())
+            lines.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t63\t63")
+        z.writestr("tiny-imagenet-200/val/val_annotations.txt", "\n".join(lines) + "\n")
+    assert build_tiny_imagenet_fs(tmp_path / "tiny-imagenet-200.zip", tmp_path / "out.zip", names) == 2 * 102
+    with zipfile.ZipFile(tmp_path / "out.zip") as z:
+        listing = z.namelist()
+        assert z.read("tiny-imagenet-fs/classes.tsv").decode() == "n01443537\tgoldfish\nn01629819\tsalamander\n"
+        assert z.read("tiny-imagenet-fs/n01629819/val_1.JPEG") == jpeg.getvalue()
+    assert sum(n.startswith("tiny-imagenet-fs/n01443537/") for n in listing) == 102 and not any("n09999999" in n for n in listing)
+    with pytest.raises(DataError, match="lacks"):
+        build_tiny_imagenet_fs(tmp_path / "tiny-imagenet-200.zip", tmp_path / "bad.zip", {"n00000001": "nothing"})
+    assert not (tmp_path / "bad.zip").exists()
