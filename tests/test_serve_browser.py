@@ -128,8 +128,10 @@ def test_enroll_two_classes_from_the_camera_predict_live_and_forget(shipped_bund
         assert [c["label"] for c in httpx.get(srv.url + "/v1/classes").json()["classes"]] == ["alpha"]
         # the phone-sized layout: one column, nothing wider than the screen
         drivers["alpha"].set_window_size(390, 844)
-        wide = drivers["alpha"].execute_script("return document.documentElement.scrollWidth")
-        assert wide <= drivers["alpha"].execute_script("return window.innerWidth")
+        wider = drivers["alpha"].execute_script(
+            "const w = document.documentElement.clientWidth; return [...document.querySelectorAll('body *')]"
+            ".filter(e => e.getBoundingClientRect().right > w + 1).map(e => `${e.tagName}#${e.id}.${e.className}`)")
+        assert wider == []
         drivers["alpha"].save_screenshot(str(screenshots() / "serve-page-phone.png"))
     finally:
         for driver in drivers.values():
