@@ -43,6 +43,7 @@ class TrainConfig:
     teacher: str = ""                 # distill: a pretrain run's last.safetensors (keeps its classifier)
     distill_alpha: float = 0.5        # distill: weight of the teacher's soft targets (1 − α: the labels)
     distill_temperature: float = 4.0  # distill: softening temperature T
+    rotation_weight: float = 0.0      # pretrain/distill: weight of the auxiliary rotation-prediction loss (0: off)
     inner_steps: int = 5              # maml | fomaml | anil | reptile: adaptation steps per task
     inner_lr: float = 0.4             # inner-loop step size
     learn_inner_lr: bool = False      # maml/fomaml: meta-learn one step size per layer (Meta-SGD style)
@@ -141,6 +142,11 @@ class TrainConfig:
         if not 0.0 <= self.distill_alpha <= 1.0 or not self.distill_temperature > 0:
             raise ConfigError(f"distill_alpha must be in [0, 1] and distill_temperature > 0, got "
                               f"{self.distill_alpha!r}, {self.distill_temperature!r}")
+        if isinstance(self.rotation_weight, bool) or not isinstance(self.rotation_weight, (int, float)) \
+                or not 0 <= self.rotation_weight <= 10:
+            raise ConfigError(f"rotation_weight must be a number in [0, 10], got {self.rotation_weight!r}")
+        if self.rotation_weight and self.algo not in ("pretrain", "distill"):
+            raise ConfigError(f"rotation_weight is an auxiliary loss of pretrain and distill, not of {self.algo}")
         if self.algo == "distill" and not self.teacher:
             raise ConfigError("--algo distill needs teacher = \"RUN/last.safetensors\" (a pretrain run's last checkpoint)")
         for name in ("lr", "inner_lr", "reptile_epsilon", "ridge_lambda", "weight_decay"):

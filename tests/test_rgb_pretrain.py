@@ -156,3 +156,37 @@ def test_self_distillation_learns_from_a_pretrain_runs_teacher(tmp_path, omniglo
     assert student.meta["algorithm"] == "distill" and student.device_head.metric == "cosine"
     log = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["episode"] == 12 and np.isfinite(log[-1]["loss"])
+
+
+def test_rotation_self_supervision_is_an_auxiliary_head_that_never_ships(tmp_path, omniglot_paths):
+    """--rotation-weight: a second head learns the quarter turn of a rotated copy of each batch; the
+    run's last checkpoint keeps it (to resume), the shipped best does not; other algorithms refuse it."""
+    from edgemeta.algorithms import create_algorithm
+    from edgemeta.algorithms.base import LearnerSettings, Step
+    from edgemeta.backbones import Embedder
+    from edgemeta.checkpoint import load_checkpoint
+    from edgemeta.runtime.preprocess import InputSpec
+    data = [x for p in omniglot_paths for x in ("--data", p)]
+    common = [*data, "--split-mode", "seeded", "--batch-size", "32", "--episodes", "6", "--val-every", "6",
+              "--val-episodes", "10", "--quiet"]
+    r = run_cli("train", "--algo", "pretrain", "--rotation-weight", "0.5", *common, "--out", tmp_path / "rot")
+    assert r.exit_code == 0, r.output
+    assert any(k.startswith("rotation_head.") for k in load_checkpoint(tmp_path / "rot" / "last.safetensors").model_state)
+    assert not any(k.startswith("rotation_head.") for k in load_checkpoint(tmp_path / "rot" / "best.safetensors").model_state)
+    bad = run_cli("train", "--algo", "protonet", "--rotation-weight", "0.5", *common, "--out", tmp_path / "x")
+    assert bad.exit_code == 2 and "auxiliary loss of pretrain and distill" in bad.output
+    # the auxiliary loss is the rotation head's cross-entropy on really rotated images
+    torch.manual_seed(0)
+    learner = create_algorithm("pretrain", Embedder("conv4", InputSpec(28, 28, "L")), LearnerSettings(n_classes=3, rotation_weight=1.0))
+    x = torch.rand(8, 1, 28, 28)
+    seen = []
+    step = Step(index=0, meta_batch=1, way=3, episodes=list, images=lambda j: (np.arange(8), np.zeros(8, np.int64)),
+                inputs=lambda idx: x, forward=lambda *a: seen.append(a) or learner(*a), average_gradients=lambda m: None,
+                average_tensors=lambda d: d)
+    logits, aux = learner._logits_and_aux(step, x, 0)
+    turns = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(0))
+    rotated = seen[0][1]
+    for i in range(8):
+        assert torch.equal(rotated[i], torch.rot90(x[i], int(turns[i]), dims=(1, 2)))
+    expected = torch.nn.functional.cross_entropy(learner.rotation_head(learner.embedder(rotated)), turns)
+    assert logits.shape == (8, 3) and aux.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -44,6 +44,7 @@ class LearnerSettings:
     teacher: str = ""
     distill_alpha: float = 0.5
     distill_temperature: float = 4.0
+    rotation_weight: float = 0.0
 
     @classmethod
     def from_train_config(cls, config, n_classes: int = 0) -> "LearnerSettings":

@@ -3,7 +3,11 @@ classification: a good embedding is all you need"; the first stage of Meta-Basel
 2021): a linear classifier over all training classes on top of the backbone, thrown away after
 training. The embedding is then used with the device heads; its default head is the cosine
 prototype classifier (Meta-Baseline), which an episodic fine-tune (`--algo protonet --metric
-cosine --init CKPT`) can sharpen."""
+cosine --init CKPT`) can sharpen.
+
+With rotation_weight > 0, a second linear head predicts by how many quarter turns each image of a
+rotated copy of the batch was rotated (self-supervision as an auxiliary loss: Gidaris et al. 2019,
+"Boosting few-shot visual learning with self-supervision"); it is thrown away with the classifier."""
 from __future__ import annotations
 
 import torch
@@ -20,23 +24,45 @@ IMAGE_BATCH_ALGORITHMS = ("pretrain", "distill")  # learn from labelled image ba
 
 @register("pretrain")
 def _pretrain(embedder: Embedder, s: LearnerSettings) -> "Pretrain":
-    return Pretrain(embedder, s.n_classes)
+    return Pretrain(embedder, s.n_classes, s.rotation_weight)
 
 
 class Pretrain(MetaLearner):
-    def __init__(self, embedder: Embedder, n_classes: int):
+    def __init__(self, embedder: Embedder, n_classes: int, rotation_weight: float = 0.0):
         super().__init__()
         self.embedder = embedder
         self.classifier = nn.Linear(embedder.embed_dim, n_classes)
+        self.rotation_weight = rotation_weight
+        if rotation_weight > 0:
+            self.rotation_head = nn.Linear(embedder.embed_dim, 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits over the training classes (forward, so DistributedDataParallel can wrap it)."""
-        return self.classifier(self.embedder(x))
+    def forward(self, x: torch.Tensor, rotated: torch.Tensor | None = None):
+        """Logits over the training classes; with `rotated`, also the rotation logits of that batch
+        (one forward, so DistributedDataParallel can wrap it)."""
+        logits = self.classifier(self.embedder(x))
+        if rotated is None:
+            return logits
+        return logits, self.rotation_head(self.embedder(rotated))
+
+    def _logits_and_aux(self, step: Step, x: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Class logits, and the weighted rotation loss (0.0 when off)."""
+        if not self.rotation_weight:
+            return step.forward(x), 0.0
+        turns = torch.randint(0, 4, (len(x),), generator=torch.Generator().manual_seed(step.index * 1009 + j))
+        rotated = x.clone()
+        for k in range(1, 4):
+            chosen = (turns == k).nonzero().flatten().to(x.device)
+            rotated[chosen] = torch.rot90(x[chosen], k, dims=(2, 3))
+        logits, rotation_logits = step.forward(x, rotated)
+        aux = nn.functional.cross_entropy(rotation_logits, turns.to(x.device))
+        return logits, self.rotation_weight * aux
 
     def meta_learn(self, step: Step) -> tuple[float, float]:
         def loss_of(j):
             idx, labels = step.images(j)
-            return episode_loss(step.forward(step.inputs(idx)), torch.from_numpy(labels).to(step.device))
+            logits, aux = self._logits_and_aux(step, step.inputs(idx), j)
+            loss, acc = episode_loss(logits, torch.from_numpy(labels).to(step.device))
+            return loss + aux, acc
         return accumulate(step, loss_of)
 
     def logits_from_embeddings(self, s, support_y, q, n_way):
@@ -47,12 +73,12 @@ class Pretrain(MetaLearner):
 
     def deployable_state(self, calibration_batches=None) -> dict[str, torch.Tensor]:
         """The weights worth shipping: the classifier over training classes (and a teacher) are thrown away."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("classifier.", "teacher."))}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("classifier.", "teacher.", "rotation_head."))}
 
 
 @register("distill")
 def _distill(embedder: Embedder, s: LearnerSettings) -> "Distill":
-    return Distill(embedder, s.n_classes, s.teacher, s.distill_alpha, s.distill_temperature)
+    return Distill(embedder, s.n_classes, s.teacher, s.distill_alpha, s.distill_temperature, s.rotation_weight)
 
 
 class Distill(Pretrain):
@@ -61,8 +87,9 @@ class Distill(Pretrain):
     α·T²·KL(teacher/T ‖ student/T) + (1 − α)·CE. The teacher is a pre-training run's
     last.safetensors (it keeps its classifier over the training classes); it never trains."""
 
-    def __init__(self, embedder: Embedder, n_classes: int, teacher: str, alpha: float = 0.5, temperature: float = 4.0):
-        super().__init__(embedder, n_classes)
+    def __init__(self, embedder: Embedder, n_classes: int, teacher: str, alpha: float = 0.5, temperature: float = 4.0,
+                 rotation_weight: float = 0.0):
+        super().__init__(embedder, n_classes, rotation_weight)
         from edgemeta.checkpoint import load_checkpoint
         from edgemeta.runtime.errors import ConfigError
         if not teacher:
@@ -91,10 +118,10 @@ class Distill(Pretrain):
         def loss_of(j):
             idx, labels = step.images(j)
             x, y = step.inputs(idx), torch.from_numpy(labels).to(step.device)
-            logits = step.forward(x)
+            logits, aux = self._logits_and_aux(step, x, j)
             with torch.no_grad():
                 soft = F.softmax(self.teacher(x) / t, dim=1)
             kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
             ce, acc = episode_loss(logits, y)
-            return self.alpha * kd + (1 - self.alpha) * ce, acc
+            return self.alpha * kd + (1 - self.alpha) * ce + aux, acc
         return accumulate(step, loss_of)
