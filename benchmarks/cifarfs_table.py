@@ -23,7 +23,7 @@ from edgemeta.runtime import FewShotClassifier
 from edgemeta.runtime.preprocess import pixels_to_batch
 
 SPLIT = str(ROOT / "data/splits/cifar-fs.json")
-DATA = ["cifar-fs.zip"]
+DATA = ["cifar-fs"]
 
 
 def main() -> None:

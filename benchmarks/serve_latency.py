@@ -3,9 +3,11 @@
 1. latency of one 64×64 image: HTTP POST /v1/predict (keep-alive, raw image/png body) vs
    `FewShotClassifier.predict` on the same bytes in this process — p50 / p99 and what HTTP adds;
 2. throughput at 1, 4 and 16 concurrent clients (one process each, keep-alive) with dynamic
-   batching off (--max-batch 1) and on (--max-batch 32).
+   batching off (--max-batch 1), on with the 2 ms window (the default on a GPU) and on without
+   waiting (--batch-window-ms 0, the default on a CPU: requests queued while the backend is busy
+   share the next call).
 
-    python benchmarks/serve_latency.py [--checkpoint checkpoints/tinyimagenet-edgenet-pretrain.safetensors] [--seconds 5]
+    python benchmarks/serve_latency.py [--checkpoint checkpoints/tinyimagenet-edgenet-pretrain.safetensors] [--seconds 3] [--rounds 3]
 
 The server and the clients share this machine's cores, as they would on a device serving a local
 camera page; the figures are for comparing the rows of one run, not absolute.
@@ -87,8 +89,9 @@ def throughput(port: int, images: list[bytes], clients: int, seconds: float) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints/tinyimagenet-edgenet-pretrain.safetensors"))
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     export_checkpoint(args.checkpoint, tmp / "bundle", ExportOptions())
@@ -118,19 +121,24 @@ def main() -> None:
     finally:
         server.stop()
 
-    rows = {}
-    for max_batch in (1, 32):
-        server = Server(tmp / "bundle", tmp / "store", "--max-batch", str(max_batch))
-        try:
+    configs = {"off": ("--max-batch", "1"), "on, 2 ms": ("--max-batch", "32", "--batch-window-ms", "2"),
+               "on, no wait": ("--max-batch", "32", "--batch-window-ms", "0")}
+    servers = {name: Server(tmp / "bundle", tmp / "store", *flags) for name, flags in configs.items()}
+    rows: dict = {}
+    try:
+        for _ in range(args.rounds):  # interleaved rounds: off, on, off, on … so drift hits both alike
             for clients in (1, 4, 16):
-                rows[max_batch, clients] = throughput(server.port, queries, clients, args.seconds)
-        finally:
+                for name, server in servers.items():
+                    rows.setdefault((name, clients), []).append(throughput(server.port, queries, clients, args.seconds))
+    finally:
+        for server in servers.values():
             server.stop()
-    print(f"throughput, {args.seconds:g} s per row (requests/s, client p50):")
+    print(f"throughput, median of {args.rounds} interleaved rounds of {args.seconds:g} s (requests/s, client p50):")
     for clients in (1, 4, 16):
-        off, on = rows[1, clients], rows[32, clients]
-        print(f"  {clients:2d} clients: batching off {off[0]:7.1f} req/s ({off[1]:.2f} ms) · on {on[0]:7.1f} req/s "
-              f"({on[1]:.2f} ms) · on/off {on[0] / off[0]:.2f}×")
+        med = {name: np.median(np.array(rows[name, clients]), axis=0) for name in configs}
+        cells = " · ".join(f"{name} {m[0]:6.1f} req/s ({m[1]:.2f} ms)" for name, m in med.items())
+        ratios = ", ".join(f"{name}/off {med[name][0] / med['off'][0]:.2f}×" for name in configs if name != "off")
+        print(f"  {clients:2d} clients: {cells} · {ratios}")
 
 
 if __name__ == "__main__":

@@ -122,3 +122,19 @@ def test_close_drains_then_refuses():
 def test_settings_are_checked(kwargs):
     with pytest.raises(ConfigError):
         BatchingBackend(Recording(), **kwargs)
+
+
+@pytest.mark.parametrize("described, window", [
+    ({"backend": "onnxruntime", "providers": ["CPUExecutionProvider"]}, 0.0),
+    ({"backend": "onnxruntime", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}, 2.0),
+    ({"backend": "onnxruntime", "providers": ["TensorrtExecutionProvider", "CPUExecutionProvider"]}, 2.0),
+    ({"backend": "tensorrt"}, 2.0),
+])
+def test_the_default_window_waits_only_on_a_gpu(described, window):
+    pytest.importorskip("fastapi", reason="edgemeta[serve] is part of the dev install")
+    from edgemeta.runtime.serve.app import default_window_ms
+
+    class Described(Recording):
+        def describe(self):
+            return described
+    assert default_window_ms(Described()) == window

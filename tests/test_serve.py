@@ -44,9 +44,11 @@ def chars(tagalog):
 
 @pytest.fixture(scope="module")
 def server(shipped_bundle, tmp_path_factory):
-    """Limits small enough to test: 1 MiB bodies, 8 images a request, 1 MP images."""
+    """Limits small enough to test: 1 MiB bodies, 8 images a request, 1 MP images; the 2 ms batch
+    window of a GPU backend (on this CPU the default is 0)."""
     store = tmp_path_factory.mktemp("serve") / "store"
-    srv = Server(shipped_bundle, store, "--max-body-mb", "1", "--max-images", "8", env={"EDGEMETA_MAX_PIXELS": "1000000"})
+    srv = Server(shipped_bundle, store, "--max-body-mb", "1", "--max-images", "8", "--batch-window-ms", "2",
+                 env={"EDGEMETA_MAX_PIXELS": "1000000"})
     yield srv
     srv.stop()
 
@@ -223,7 +225,8 @@ def test_api_key_required_when_set(shipped_bundle, tmp_path, tagalog):
             assert c.post("/v1/predict", headers=ok, files=image).status_code == 409  # nothing enrolled yet
             assert c.post("/v1/classes/a/images", headers=ok, files=image).status_code == 201
             assert c.get("/v1/classes", headers=ok).json()["classes"] == [{"label": "a", "shots": 1}]
-            assert c.get("/v1/model", headers=ok).json()["backend"]["max_batch"] == 1
+            backend = c.get("/v1/model", headers=ok).json()["backend"]
+            assert backend["max_batch"] == 1 and backend["batch_window_ms"] == 0.0  # a CPU backend waits for no one
     finally:
         assert srv.stop() == 0
 

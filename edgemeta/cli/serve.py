@@ -22,7 +22,7 @@ def serve(
     api_key_file: Optional[Path] = typer.Option(None, help="File whose first line is the key clients send as x-api-key (mode 600)."),
     insecure: bool = typer.Option(False, "--insecure", help="Serve on a non-localhost address without a key."),
     max_batch: int = typer.Option(32, help="Images per backend call when requests arrive together; 1 turns batching off."),
-    batch_window_ms: float = typer.Option(2.0, help="How long a batch waits for requests still decoding (ms)."),
+    batch_window_ms: Optional[float] = typer.Option(None, help="How long a batch waits for requests still decoding (ms); default 2 on a GPU backend, 0 on a CPU."),
     max_body_mb: float = typer.Option(32.0, help="Largest request body (MiB)."),
     max_images: int = typer.Option(64, help="Most images in one request."),
     cors_origin: Optional[list[str]] = typer.Option(None, help="Allow pages from this origin to call the API (repeatable; none by default)."),

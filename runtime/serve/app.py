@@ -61,8 +61,8 @@ class Service:
     def __init__(self, clf: FewShotClassifier, settings: ServeSettings):
         self.clf, self.settings = clf, settings
         self.metrics = ServiceMetrics()
-        self.batcher = BatchingBackend(clf.backend, settings.max_batch, settings.batch_window_ms / 1e3,
-                                       on_batch=self.metrics.record_batch)
+        window_ms = settings.batch_window_ms if settings.batch_window_ms is not None else default_window_ms(clf.backend)
+        self.batcher = BatchingBackend(clf.backend, settings.max_batch, window_ms / 1e3, on_batch=self.metrics.record_batch)
         clf.backend = self.batcher
         self.ready = False
         self.started = time.time()
@@ -129,6 +129,20 @@ class Service:
                 "head": self.clf.head.to_dict(), "variant": self.clf.variant, "backend": self.batcher.describe(),
                 "device": _device(), "edgemeta": _version(), "classes": len(self.clf.classes),
                 "uptime_s": round(time.time() - self.started, 1)}
+
+
+GPU_WINDOW_MS = 2.0
+
+
+def default_window_ms(backend) -> float:
+    """How long a batch waits for company by default: 2 ms on a GPU (TensorRT, or ONNX Runtime's CUDA or
+    TensorRT provider), where one call of 16 costs little more than one of 1; 0 on a CPU, where ONNX
+    Runtime's cost per image is flat in the batch size and waiting measured slower (docs/benchmarks.md
+    §12). With 0, requests that queue while the backend is busy still share the next call."""
+    described = backend.describe()
+    on_gpu = described.get("backend") == "tensorrt" or any(
+        p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in described.get("providers", []))
+    return GPU_WINDOW_MS if on_gpu else 0.0
 
 
 def _device() -> dict:
