@@ -13,6 +13,11 @@ Source strings follow jetson-inference's videoSource conventions:
 Video goes through OpenCV's VideoCapture (`pip install 'edgemeta[video]'`; on a Jetson the system
 OpenCV, which has GStreamer). A folder needs only Pillow.
 
+Motion-JPEG (what most USB cameras send, and MJPG files): each frame is a JPEG, so for FFmpeg-read
+files and streams the reader takes the compressed frame and decodes it the way `predict` decodes a
+photo — in JPEG draft mode, scaled in the DCT domain to about the model's size — instead of a full
+1080p decode, colour conversion and resize.
+
 Real time: the reader thread decodes and resizes while the caller embeds; between them sits a queue
 of `queue_size` frames. A live source (camera, stream, pipeline, or a file read with realtime=True)
 never waits for the caller: when the queue is full the oldest frame is dropped, so the newest frame
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .preprocess import IMAGE_EXTENSIONS, InputSpec, load_image, to_pixels
+from .preprocess import IMAGE_EXTENSIONS, InputSpec, load_image, open_image, to_pixels
 
 CSI_PIPELINE = ("nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM), width={width}, height={height}, "
                 "framerate={fps}/1 ! nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR ! "
@@ -123,6 +128,7 @@ class VideoSource:
     def _open(self) -> None:
         self._files: list[Path] = []
         self._capture = None
+        self.compressed = False  # frames arrive as JPEG bytes (Motion-JPEG through FFmpeg)
         if self.source.kind == "folder":
             self._files = sorted(p for p in Path(self.source.target).iterdir()
                                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
@@ -153,11 +159,29 @@ class VideoSource:
             raise DataError(f"cannot open {self.source.kind} source {target}: {why}")
         fps = capture.get(cv2.CAP_PROP_FPS)
         self.stats.fps = float(fps) if fps and fps > 0 and np.isfinite(fps) else None
+        self.compressed = self._jpeg_packets(capture, cv2)
         self._capture, self._cv2 = capture, cv2
+
+    def _jpeg_packets(self, capture, cv2) -> bool:
+        """Switch an FFmpeg-read Motion-JPEG file or stream to handing out its compressed frames
+        (CAP_PROP_FORMAT = -1). A probe capture checks first that the packets really are JPEGs."""
+        if self.source.kind not in ("file", "stream") or capture.getBackendName() != "FFMPEG":
+            return False
+        fourcc = int(capture.get(cv2.CAP_PROP_FOURCC))
+        if "".join(chr((fourcc >> (8 * i)) & 0xFF) for i in range(4)).upper() != "MJPG":
+            return False
+        probe = cv2.VideoCapture(self.source.target)
+        try:
+            ok = probe.set(cv2.CAP_PROP_FORMAT, -1)
+            got, packet = probe.read() if ok else (False, None)
+            jpeg = bool(got) and packet is not None and packet.size > 4 and bytes(packet.ravel()[:2]) == b"\xff\xd8"
+        finally:
+            probe.release()
+        return jpeg and bool(capture.set(cv2.CAP_PROP_FORMAT, -1))
 
     # ------------------------------------------------------------------ the reader thread
     def _frames(self):
-        """(raw RGB array or image path, source timestamp or None)."""
+        """(image path, JPEG bytes or RGB array; source timestamp or None)."""
         if self._files:
             for path in self._files:
                 yield path, None
@@ -169,14 +193,18 @@ class VideoSource:
                 if self.source.live:
                     self.stats.errors.append(f"{self.source.kind} source {self.source.target} stopped delivering frames")
                 return
+            position = self._capture.get(cv2.CAP_PROP_POS_MSEC)
+            stamp = position / 1000.0 if self.source.kind == "file" and position >= 0 else None
+            if self.compressed:
+                yield bgr.tobytes(), stamp
+                continue
             if bgr.ndim == 2:
                 rgb = np.repeat(bgr[..., None], 3, axis=2)
             elif bgr.shape[2] == 4:
                 rgb = cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB)
             else:
                 rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # OpenCV decodes to BGR; the model was trained on RGB
-            position = self._capture.get(cv2.CAP_PROP_POS_MSEC)
-            yield rgb, (position / 1000.0 if self.source.kind == "file" and position >= 0 else None)
+            yield rgb, stamp
 
     def _read_loop(self) -> None:
         t_open = time.perf_counter()
@@ -190,10 +218,9 @@ class VideoSource:
                     if wait > 0:
                         time.sleep(wait)
                 t0 = time.perf_counter()
-                if isinstance(raw, Path):
+                if isinstance(raw, (Path, bytes)):  # an image file, or a Motion-JPEG frame
                     pixels, image = load_image(raw, self.spec), None
                     if self.keep_images:
-                        from .preprocess import open_image
                         image = np.asarray(open_image(raw).convert("RGB"))
                 else:
                     from PIL import Image

@@ -146,3 +146,28 @@ def test_capture_size_is_checked(shipped_bundle, enrolled, clips):
     folder, _ = clips
     r = run_cli("watch", shipped_bundle, "--store", enrolled, "--source", folder / "test.avi", "--capture-size", "big")
     assert r.exit_code == 2 and "WIDTHxHEIGHT" in r.stderr
+
+
+def test_motion_jpeg_frames_are_decoded_from_their_jpeg_bytes(tmp_path, tagalog, shipped_bundle):
+    """An MJPG file hands its compressed frames to the reader (draft-mode decode at about the model's
+    size); another codec is decoded by OpenCV. Both give the model the same drawing."""
+    from edgemeta.runtime import load_bundle
+    from edgemeta.runtime.sources import VideoSource
+    drawings = tagalog[sorted(tagalog)[0]][:8]
+    write_clip(tmp_path / "mjpg.avi", drawings)
+    writer = cv2.VideoWriter(str(tmp_path / "other.avi"), cv2.VideoWriter_fourcc(*"FFV1"), 25.0, (SIDE, SIDE))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write FFV1")
+    for data in drawings:
+        canvas = Image.new("RGB", (SIDE, SIDE), "white")
+        canvas.paste(Image.open(io.BytesIO(data)).convert("RGB"), ((SIDE - 105) // 2, (SIDE - 105) // 2))
+        writer.write(cv2.cvtColor(np.asarray(canvas), cv2.COLOR_RGB2BGR))
+    writer.release()
+    spec = load_bundle(shipped_bundle).spec
+    with VideoSource(str(tmp_path / "mjpg.avi"), spec, keep_images=True) as fast, VideoSource(str(tmp_path / "other.avi"), spec) as slow:
+        assert fast.compressed and not slow.compressed
+        a, b = list(fast), list(slow)
+    assert len(a) == len(b) == 8 and a[0].image.shape == (SIDE, SIDE, 3)
+    diff = np.abs(np.stack([f.pixels for f in a]).astype(int) - np.stack([f.pixels for f in b]).astype(int))
+    assert diff.mean() < 4.0  # grey levels out of 255: JPEG loss and the DCT-domain downscale
+    assert [f.index for f in a] == list(range(8)) and a[1].timestamp == pytest.approx(0.04, abs=1e-3)
