@@ -72,3 +72,12 @@ def test_device_cli_enroll_predict_forget_without_torch(drawings, tmp_path):
 def test_training_commands_say_what_to_install(tmp_path):
     r = edgemeta("train", "--data", DATA)
     assert r.returncode == 2 and "pip install 'edgemeta[train]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_and_watch_say_what_to_install(tmp_path):
+    """The service and live sources are extras: without them, one line with the install command."""
+    r = edgemeta("serve", BUNDLE, "--store", tmp_path / "s")
+    assert r.returncode == 2 and "pip install 'edgemeta[serve]'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s").exists()
+    r = edgemeta("data", "list", "--root", tmp_path / "data")  # datasets need no training extra
+    assert r.returncode == 0 and "omniglot:background" in r.stdout
