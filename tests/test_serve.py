@@ -110,7 +110,7 @@ def test_classes_model_health_and_the_page(client, enrolled):
         "origin": "http://evil.example", "access-control-request-method": "GET"}).headers  # no CORS by default
 
 
-def test_enroll_modes_and_forget(client, tagalog, enrolled):
+def test_enroll_modes_and_forget(server, client, tagalog, enrolled):
     c = enrolled[0]
     assert client.post(f"/v1/classes/{c}/images", params={"mode": "add"}, files=files(tagalog[c][5:7])).json()["shots"] == 7
     assert client.post(f"/v1/classes/{c}/images", params={"mode": "replace"}, files=files(tagalog[c][:5])).json()["shots"] == 5
@@ -120,6 +120,12 @@ def test_enroll_modes_and_forget(client, tagalog, enrolled):
     assert name in [x["label"] for x in client.get("/v1/classes").json()["classes"]]
     r = client.delete(f"/v1/classes/{name}")
     assert r.status_code == 200 and r.json() == {"forgotten": name, "classes": len(enrolled)}
+    # a label is never a path: "../escape" is a label like any other, its images named by their sha256
+    before = set(server.store.parent.iterdir())
+    r = client.post("/v1/classes/..%2F..%2Fescape/images", files=files(tagalog[c][9:11]))
+    assert r.status_code == 201 and r.json()["label"] == "../../escape"
+    assert set(server.store.parent.iterdir()) == before and not list(server.store.rglob("*escape*"))
+    assert client.delete("/v1/classes/..%2F..%2Fescape").status_code == 200
 
 
 @pytest.mark.parametrize("case, status", [
