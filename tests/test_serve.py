@@ -265,19 +265,28 @@ def test_refuses_to_start_unsafely(shipped_bundle, tmp_path):
 def test_sigterm_finishes_requests_in_flight_and_keeps_the_store(shipped_bundle, tmp_path, tagalog):
     srv = Server(shipped_bundle, tmp_path / "store")
     chars = sorted(tagalog)[:4]
-    results: dict[str, int] = {}
+    results: dict[str, int | str] = {}
+    started = threading.Barrier(len(chars) + 1)
 
     def enroll(c: str) -> None:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
-            results[c] = client.post(f"/v1/classes/{c}/images", files=files(tagalog[c][:10])).status_code
+            client.get("/v2/health/live")  # connected before the signal
+            started.wait()
+            try:
+                results[c] = client.post(f"/v1/classes/{c}/images", files=files(tagalog[c][:10])).status_code
+            except httpx.HTTPError as exc:  # not accepted once the server is shutting down
+                results[c] = type(exc).__name__
     threads = [threading.Thread(target=enroll, args=(c,)) for c in chars]
     for t in threads:
         t.start()
-    threading.Event().wait(0.05)
-    assert srv.stop(signal.SIGTERM) == 0
+    started.wait()
+    threading.Event().wait(0.01)
+    assert srv.stop(signal.SIGTERM) == 0  # a clean exit
     for t in threads:
         t.join()
     done = [c for c, status in results.items() if status == 201]
+    assert done, results  # requests in flight at the signal finished
+    assert all(status == 201 or isinstance(status, str) for status in results.values()), results  # no 5xx
     with FewShotClassifier.load(shipped_bundle, store=tmp_path / "store") as clf:
         assert set(done) <= set(clf.classes)  # every enrollment answered 201 is on disk
         assert all(n == 10 for n in clf.shots().values())  # and none is torn
