@@ -30,7 +30,7 @@ step "4. on the device: enroll classes from a folder, then classify held-out ima
 rm -rf "$OUT/store"
 if [ -n "${PHOTOS:-}" ]; then
   # your photos: the RGB checkpoint (64×64 colour), calibrated on your own images
-  edgemeta export checkpoints/tinyimagenet-edgenet-pretrain.safetensors --out "$OUT/rgb-bundle" --calib-data "$PHOTOS" --overwrite
+  edgemeta export checkpoints/tinyimagenet-edgenet-distill.safetensors --out "$OUT/rgb-bundle" --calib-data "$PHOTOS" --overwrite
   edgemeta enroll "$OUT/rgb-bundle" --store "$OUT/store" --from-folder "$PHOTOS"
   edgemeta classes --store "$OUT/store"
 else

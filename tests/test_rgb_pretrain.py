@@ -106,6 +106,7 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
 @pytest.mark.parametrize("name,dim,side,extra", [("tinyimagenet-conv4-pretrain", 1024, 64, []),
                                                  ("tinyimagenet-conv4-finetune", 1024, 64, []),
                                                  ("tinyimagenet-edgenet-pretrain", 128, 64, []),
+                                                 ("tinyimagenet-edgenet-distill", 128, 64, ["--center"]),
                                                  ("cifarfs-resnet12-pretrain", 256, 32, ["--center", "--flip-shots"]),
                                                  ("cifarfs-edgenet-pretrain", 128, 32, ["--center"]),
                                                  ("cifarfs-edgenet-distill", 128, 32, ["--center"])])
