@@ -66,6 +66,7 @@ class Service:
         clf.backend = self.batcher
         self.ready = False
         self.started = time.time()
+        self._device: dict | None = None
 
     def warm_up(self) -> None:
         """Run the largest and smallest batch once (allocations, kernels chosen), then report ready."""
@@ -121,13 +122,18 @@ class Service:
         self.metrics.classes.set(len(self.clf.classes))
         return {"forgotten": label, "classes": len(self.clf.classes)}
 
+    def device(self) -> dict:
+        if self._device is None:  # probing CUDA and /proc takes milliseconds: once per process
+            self._device = _device()
+        return self._device
+
     def model(self) -> dict:
         b = self.clf.bundle
         m = b.manifest.get("model") or {}
         return {"name": Path(b.path).name, "backbone": m.get("backbone"), "algorithm": m.get("algorithm"), "model_sha256": b.model_sha256,
                 "input": b.spec.to_dict(), "embedding_dim": b.embedding_dim, "l2_normalized": b.l2_normalized,
                 "head": self.clf.head.to_dict(), "variant": self.clf.variant, "backend": self.batcher.describe(),
-                "device": _device(), "edgemeta": _version(), "classes": len(self.clf.classes),
+                "device": self.device(), "edgemeta": _version(), "classes": len(self.clf.classes),
                 "uptime_s": round(time.time() - self.started, 1)}
 
 
