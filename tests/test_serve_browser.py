@@ -2,7 +2,7 @@
 `chromium-driver`, driven by Selenium) whose camera is a fake device playing a .y4m video built here
 from shipped Omniglot drawings. Two browsers, each "looking at" a different character, enroll a class
 from the camera; each then shows its own class as the live prediction; one class is forgotten from
-the page. Screenshots go to build/screenshots/ (EDGEMETA_SCREENSHOTS overrides) for a person to look at.
+the page and one enrolled from uploaded photos. Screenshots go to build/screenshots/ (EDGEMETA_SCREENSHOTS overrides) for a person to look at.
 
 `.ci/run` installs Chromium, so CI runs this for real; elsewhere it is skipped, saying what to install."""
 from __future__ import annotations
@@ -126,6 +126,16 @@ def test_enroll_two_classes_from_the_camera_predict_live_and_forget(shipped_bund
         wait_for(drivers["alpha"], lambda d: set(classes_on_page(d)) == {"alpha"}, "beta forgotten")
         assert "forgot" in text(drivers["alpha"], "message")
         assert [c["label"] for c in httpx.get(srv.url + "/v1/classes").json()["classes"]] == ["alpha"]
+        # enroll from uploaded photos
+        uploads = []
+        for i, data in enumerate(tagalog[chars[6]][:3]):
+            uploads.append(tmp_path / f"gamma-{i}.png")
+            uploads[-1].write_bytes(data)
+        field = drivers["alpha"].find_element("id", "label")
+        field.clear()
+        field.send_keys("gamma")
+        drivers["alpha"].find_element("id", "upload").send_keys("\n".join(str(p) for p in uploads))
+        wait_for(drivers["alpha"], lambda d: classes_on_page(d).get("gamma") == "3 shots", "gamma uploaded")
         # the phone-sized layout: one column, nothing wider than the screen
         drivers["alpha"].set_window_size(390, 844)
         wider = drivers["alpha"].execute_script(
