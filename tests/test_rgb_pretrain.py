@@ -109,7 +109,8 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
                                                  ("tinyimagenet-edgenet-distill", 128, 64, ["--center"]),
                                                  ("cifarfs-resnet12-pretrain", 256, 32, ["--center", "--flip-shots"]),
                                                  ("cifarfs-edgenet-pretrain", 128, 32, ["--center"]),
-                                                 ("cifarfs-edgenet-distill", 128, 32, ["--center"])])
+                                                 ("cifarfs-edgenet-distill", 128, 32, ["--center"]),
+                                                 ("cifarfs-edgenet-rotation-distill", 128, 32, ["--center"])])
 def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name, dim, side, extra):
     from conftest import ROOT
     from edgemeta.runtime import FewShotClassifier, load_bundle
