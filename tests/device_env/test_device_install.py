@@ -1,5 +1,6 @@
 """Run by `make test` in a second environment made with `pip install .` (no extras): no torch,
 no onnx — what a Jetson has. Proves the runtime and the device CLI need nothing more."""
+import importlib
 import importlib.util
 import json
 import os
@@ -79,5 +80,8 @@ def test_serve_and_watch_say_what_to_install(tmp_path):
     r = edgemeta("serve", BUNDLE, "--store", tmp_path / "s")
     assert r.returncode == 2 and "pip install 'edgemeta[serve]'" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "s").exists()
+    runtime = importlib.import_module("edgemeta.runtime")
+    static = Path(runtime.__file__).parent / "serve" / "static"
+    assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "style.css"}  # the page ships in the wheel
     r = edgemeta("data", "list", "--root", tmp_path / "data")  # datasets need no training extra
     assert r.returncode == 0 and "omniglot:background" in r.stdout
