@@ -23,7 +23,8 @@ class Server:
 
     def __init__(self, bundle: Path, store: Path, *args: str, env: dict | None = None, log: Path | None = None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "--ssl-certfile" in args else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.store = store
         self.log = log or store.with_name(store.name + f"-serve-{self.port}.log")
         self._log_file = open(self.log, "wb")
@@ -38,7 +39,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"edgemeta serve exited with {self.proc.returncode}: {self.log.read_text()}")
             try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=1.0).status_code == 200:
+                if httpx.get(self.url + "/v2/health/ready", timeout=1.0, verify=False).status_code == 200:  # readiness only
                     return
             except httpx.HTTPError:
                 pass

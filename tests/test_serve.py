@@ -262,6 +262,29 @@ def test_refuses_to_start_unsafely(shipped_bundle, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_https_with_a_certificate(shipped_bundle, tmp_path, tagalog):
+    """--ssl-certfile/--ssl-keyfile: the service speaks HTTPS (what a phone's browser needs for the camera)."""
+    import shutil
+    import ssl
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key),
+                    "-out", str(cert), "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    srv = Server(shipped_bundle, tmp_path / "store", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    try:
+        assert srv.url.startswith("https://")
+        with httpx.Client(base_url=srv.url, timeout=30, verify=ssl.create_default_context(cafile=str(cert))) as c:  # verified against our certificate
+            assert c.post("/v1/classes/a/images", files=files(tagalog[sorted(tagalog)[0]][:2])).status_code == 201
+            assert c.get("/v1/classes").json()["classes"] == [{"label": "a", "shots": 2}]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(srv.url.replace("https", "http") + "/v2/health/live", timeout=5)  # no plain HTTP on that port
+    finally:
+        assert srv.stop() == 0
+
+
 def test_sigterm_finishes_requests_in_flight_and_keeps_the_store(shipped_bundle, tmp_path, tagalog):
     srv = Server(shipped_bundle, tmp_path / "store")
     chars = sorted(tagalog)[:4]
