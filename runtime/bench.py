@@ -18,7 +18,7 @@ from . import heads
 from .backends import open_backend
 from .bundle import Bundle, load_bundle
 from .classifier import FewShotClassifier
-from .device_info import cpu_model
+from .device_info import cpu_model, tensorrt_version
 from .heads import resolve_head
 from .progress import SILENT, Progress
 from .preprocess import ImageSource, load_images, pixels_to_batch
@@ -34,11 +34,7 @@ def environment(backend) -> dict:
            "cores": os.cpu_count(), "onnxruntime_version": ort.__version__,
            "available_providers": ort.get_available_providers(), "numpy_version": np.__version__,
            **backend.describe()}
-    try:
-        import tensorrt
-        env["tensorrt_version"] = tensorrt.__version__
-    except Exception:
-        env["tensorrt_version"] = None
+    env["tensorrt_version"] = tensorrt_version()
     model = Path("/proc/device-tree/model")
     if model.exists():  # Jetson: board model and power mode
         env["jetson_model"] = model.read_bytes().rstrip(b"\x00").decode(errors="replace")

@@ -56,6 +56,13 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
     trt.LayerInformationFormat = types.SimpleNamespace(JSON="JSON")
     trt.nptype = lambda dt: {"FLOAT": np.float32, "HALF": np.float16}[dt]
 
+    def recorded_dla_core(owner: str) -> property:
+        """`DLA_core` as TensorRT's config and runtime have it; every set is recorded as OWNER.DLA_core."""
+        def set_core(self, value):
+            rec(f"{owner}.DLA_core", value)
+            self._dla = value
+        return property(lambda self: self._dla, set_core)
+
     class Cache:
         def __init__(self, data):
             self.data = data
@@ -91,14 +98,7 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
         def get_timing_cache(self):
             return self.cache
 
-        @property
-        def DLA_core(self):
-            return self._dla
-
-        @DLA_core.setter
-        def DLA_core(self, value):
-            rec("config.DLA_core", value)
-            self._dla = value
+        DLA_core = recorded_dla_core("config")
 
     class Profile:
         def set_shape(self, name, lo, opt, hi):
@@ -194,14 +194,7 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
         def __init__(self, logger):
             self._dla = -1
 
-        @property
-        def DLA_core(self):
-            return self._dla
-
-        @DLA_core.setter
-        def DLA_core(self, value):
-            rec("runtime.DLA_core", value)
-            self._dla = value
+        DLA_core = recorded_dla_core("runtime")
 
         def deserialize_cuda_engine(self, plan):
             rec("deserialize_cuda_engine")

@@ -80,11 +80,11 @@ def _download(url: str, part: Path, progress: Progress, timeout: float) -> None:
             return
         raise
     with response:
-        resumed = response.status == 206
-        length = response.headers.get("Content-Length")
-        total = (have if resumed else 0) + int(length) if length and length.isdigit() else None
-        progress.start(f"download {part.name[:-5]}", total, have if resumed else 0)
+        resumed = response.status == 206  # else the server sent the whole file: start over
         done = have if resumed else 0
+        length = response.headers.get("Content-Length")
+        total = done + int(length) if length and length.isdigit() else None
+        progress.start(f"download {part.name[:-5]}", total, done)
         with open(part, "ab" if resumed else "wb") as out:
             while True:
                 try:
@@ -163,15 +163,6 @@ def install_from(f: RemoteFile, given: Path, root: Path, dataset: str) -> Path:
     return target
 
 
-def _is_verified(f: RemoteFile, root: Path, ledger: dict) -> bool:
-    """In place and unchanged since its verified fetch (size and sha256 against the ledger)."""
-    target = f.path(root)
-    entry = ledger.get(_rel(root, target))
-    if not target.is_file() or not entry:
-        return False
-    return target.stat().st_size == entry.get("size") and digests(target)["sha256"] == entry.get("sha256")
-
-
 def fetch(name: str, root: Path, *, mirrors: tuple[str, ...] = (), from_files: tuple[Path, ...] = (),
           accept_terms: bool = False, progress: Progress = SILENT, timeout: float = 30.0,
           catalog: dict[str, Dataset] = CATALOG) -> dict[str, Path]:
@@ -195,23 +186,24 @@ def fetch(name: str, root: Path, *, mirrors: tuple[str, ...] = (), from_files: t
     for f in dataset.files:
         if f.name in given:
             install_from(f, given[f.name], root, name)
-        elif _is_verified(f, root, ledger):
+        elif _matches_ledger(root, f.path(root), ledger):  # in place and unchanged since its verified fetch
             continue
         else:
             fetch_file(f, root, mirrors=mirrors, progress=progress, timeout=timeout, dataset=name)
         changed = True
+    parts = {p: root / rel for p, rel in dataset.parts.items()}
     if dataset.build is not None:
-        parts = {p: root / rel for p, rel in dataset.parts.items()}
         ledger = read_ledger(root)
         stale = changed or any(not _matches_ledger(root, path, ledger) for path in parts.values())
         if stale:
             progress.message(f"building {', '.join(dataset.parts.values())} from {', '.join(by_name)}")
             dataset.build(root)
             _record(root, {_rel(root, path): {**digests(path), "built_from": sorted(by_name)} for path in parts.values()})
-    return {p: root / rel for p, rel in dataset.parts.items()}
+    return parts
 
 
 def _matches_ledger(root: Path, path: Path, ledger: dict) -> bool:
+    """The file is there with the size and sha256 the ledger recorded at its verified fetch or build."""
     entry = ledger.get(_rel(root, path))
     return path.is_file() and bool(entry) and path.stat().st_size == entry.get("size") and digests(path)["sha256"] == entry.get("sha256")
 

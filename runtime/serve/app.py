@@ -51,10 +51,6 @@ class TooLarge(Exception):
     """The request is over a limit (body bytes, images per request): 413."""
 
 
-class NoClassesError(StoreError):
-    pass
-
-
 class Service:
     """What the routes share: the classifier (its backend wrapped for batching), metrics, readiness."""
 
@@ -91,7 +87,7 @@ class Service:
         with self.batcher.expect():  # the batcher may wait (≤ the window) for this request while it decodes
             self.clf.refresh()
             if not self.clf.classes:
-                raise NoClassesError("no classes are enrolled; enroll some first (POST /v1/classes/{label}/images)")
+                raise StoreError("no classes are enrolled; enroll some first (POST /v1/classes/{label}/images)")
             pixels = load_images([data for _, data in images], self.clf.bundle.spec)
             t1 = time.perf_counter()
             query = self.clf.embed(pixels)
@@ -111,11 +107,12 @@ class Service:
     def enroll(self, label: str, images: list[tuple[str, bytes]], mode: str) -> dict:
         t0 = time.perf_counter()
         shots = self.clf.enroll(label, [data for _, data in images], mode=mode)
-        self.metrics.stage_seconds.labels("enroll").observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.stage_seconds.labels("enroll").observe(seconds)
         self.metrics.images.labels("enroll").inc(len(images))
         self.metrics.classes.set(len(self.clf.classes))
         return {"label": label.strip(), "shots": shots, "classes": len(self.clf.classes),
-                "ms": {"enroll": round((time.perf_counter() - t0) * 1e3, 3)}}
+                "ms": {"enroll": round(seconds * 1e3, 3)}}
 
     def forget(self, label: str) -> dict:
         self.clf.forget(label)
@@ -151,21 +148,18 @@ def default_window_ms(backend) -> float:
     return GPU_WINDOW_MS if on_gpu else 0.0
 
 
+def _version() -> str:
+    """The installed edgemeta's version (the runtime imports nothing of ours outside itself)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("edgemeta")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown"
+
+
 def _device() -> dict:
     from ..device_info import cpu_model, device_identity
-    try:
-        identity = device_identity()
-    except Exception:  # noqa: BLE001 - a description only; never fail /v1/model over it
-        identity = {}
-    return {"cpu": cpu_model(), **{k: v for k, v in identity.items() if v is not None}}
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("edgemeta")
-    except Exception:  # noqa: BLE001 - not installed as a distribution (a source checkout)
-        return "unknown"
+    return {"cpu": cpu_model(), **{k: v for k, v in device_identity().items() if v is not None}}
 
 
 def status_of(exc: Exception) -> int:
@@ -269,9 +263,7 @@ def create_app(service: Service):
     @v1.post("/classes/{label:path}/images", summary="Enroll images as a class", status_code=200)
     async def enroll(label: str, request: Request,
                      mode: str = Query("new", description="new: refuse a label already enrolled · add · replace")):
-        if mode not in ("new", "add", "replace"):
-            raise ConfigError(f"mode must be new, add or replace, not {mode!r}")
-        images = await read_images(request)
+        images = await read_images(request)  # the mode is checked by the enrollment itself
         result = await run_in_threadpool(service.enroll, label, images, mode)
         return JSONResponse(result, status_code=201 if mode == "new" else 200)
 
