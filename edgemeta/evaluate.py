@@ -32,11 +32,12 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
              variant: str = "fp32", data: list[str] | None = None, split: str = "test", split_mode: str | None = None,
              split_file: str | None = None, way: int = 5, shot: int = 1, query: int = 15, episodes: int = 1000,
              seed: int = 0, head: str = "default", center: bool = False,
-             flip_shots: bool | None = None) -> Evaluation:
+             flip_shots: bool | None = None, image_size: int | None = None) -> Evaluation:
     """Accuracy ± 95% CI on fixed episodes of one split. head "default" is the checkpoint's or the
     bundle's own (for MAML-family checkpoints: their own adaptation); a kind name fits that device
     head on the frozen embedding. center=True (checkpoints): CL2N features, as `export --center`
-    bakes into a bundle. flip_shots overrides the head's flipped-shot setting."""
+    bakes into a bundle. flip_shots overrides the head's flipped-shot setting. image_size
+    (checkpoints of globally pooled backbones) evaluates at another input resolution."""
     from edgemeta.data import load_dataset, select_split
     from edgemeta.runtime.heads import resolve_head
     check_episode_request(way, shot, query, episodes)
@@ -47,8 +48,8 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
         from edgemeta.runtime import FewShotClassifier, heads
         if not data:
             raise ConfigError("--bundle needs --data (a folder or .zip of labelled images)")
-        if center:
-            raise ConfigError("--center applies to checkpoints; a bundle exported with --center is centred already")
+        if center or image_size:
+            raise ConfigError("--center and --image-size apply to checkpoints; a bundle is exported with them")
         clf = FewShotClassifier.load(bundle, backend="onnxruntime", variant=variant)
         spec, tc, head_cfg = clf.bundle.spec, {}, _flip(resolve_head(clf.bundle.head, choice), flip_shots)
         embed = clf.embed
@@ -59,7 +60,7 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
         from edgemeta.checkpoint import load_checkpoint
         from edgemeta.memory import retain_freed_memory
         retain_freed_memory()  # as in training: torch adaptation per episode would page-fault its activations
-        ckpt = load_checkpoint(checkpoint)
+        ckpt = load_checkpoint(checkpoint).at_image_size(image_size)
         spec, tc, path = ckpt.spec, ckpt.meta.get("train_config", {}), "torch"
         if choice is None and ckpt.meta.get("algorithm") in GRADIENT_ALGORITHMS:
             # the algorithm's own adaptation, with batch statistics per task as in training

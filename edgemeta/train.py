@@ -15,7 +15,7 @@ import torch
 
 from edgemeta.algorithms import LearnerSettings, MetaLearner, Step, create_algorithm
 from edgemeta.augment import augment_batch
-from edgemeta.backbones import Embedder
+from edgemeta.backbones import Embedder, fixed_normalisation
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.config import TrainConfig
 from edgemeta.data import EpisodeSampler, ImageSet, load_dataset, select_split
@@ -23,6 +23,7 @@ from edgemeta.distributed import Distributed
 from edgemeta.evaluate import embed_pixels
 from edgemeta.memory import retain_freed_memory
 from edgemeta.precision import autocast, native_bf16
+from edgemeta.pretrained import load_pretrained
 from edgemeta.protocol import evaluate_episodes
 from edgemeta.runtime.errors import ConfigError
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
@@ -51,27 +52,45 @@ def load_splits(config: TrainConfig, progress: Progress = SILENT) -> tuple[Image
 
 def build_model(config: TrainConfig, spec: InputSpec, n_train_classes: int = 0) -> MetaLearner:
     embedder = Embedder(config.backbone, spec, config.backbone_args, channels_last=config.switch("channels_last"))
+    pretrained: dict = {}
+    if config.pretrained:
+        pretrained = load_pretrained(config.backbone, embedder.backbone)
     if config.init:
         init = load_checkpoint(config.init)
         if init.meta["backbone"]["name"] != config.backbone:
             raise ConfigError(f"--init {config.init} holds a {init.meta['backbone']['name']} backbone, not {config.backbone}")
         embedder.load_state_dict(init.embedder_state())
-    return create_algorithm(config.algo, embedder, LearnerSettings.from_train_config(config, n_train_classes))
+        pretrained = init.meta.get("pretrained", {})
+    if config.freeze_blocks or config.freeze_bn:
+        embedder.freeze(config.freeze_blocks, config.freeze_bn)
+    learner = create_algorithm(config.algo, embedder, LearnerSettings.from_train_config(config, n_train_classes))
+    learner.pretrained = pretrained  # where the starting weights came from: every checkpoint records it
+    return learner
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
     if config.lr_schedule == "cosine":
+        if not config.episodes:
+            return 1.0
         return 0.5 * (1 + math.cos(math.pi * min(step, config.episodes) / config.episodes))
     if config.lr_schedule == "step":
         return 0.5 ** (step // config.lr_step)
     return 1.0
 
 
-def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(config: TrainConfig, model: MetaLearner) -> torch.optim.Optimizer:
+    """Two parameter groups: the backbone at lr × backbone_lr_scale, the rest (heads, scales) at lr.
+    Each group keeps its `lr_scale`, which the schedule multiplies."""
+    backbone = {id(p) for p in model.embedder.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in backbone], "lr_scale": config.backbone_lr_scale},
+              {"params": [p for p in trainable if id(p) not in backbone], "lr_scale": 1.0}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = config.lr * g["lr_scale"]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 class TrainInputs:
@@ -137,6 +156,7 @@ def checkpoint_meta(config: TrainConfig, model: MetaLearner, spec: InputSpec, me
         "head": model.head_config(),
         "train_config": config.to_dict(),
         "train_classes": train_classes,
+        "pretrained": getattr(model, "pretrained", {}),
         "metrics": metrics,
         "episode": step,
     }
@@ -193,7 +213,7 @@ def _set_up(config: TrainConfig, resume: bool, progress: Progress) -> _Run:
     if ckpt is not None:
         spec = ckpt.spec
     else:
-        mean, std = train_set.channel_stats()
+        mean, std = fixed_normalisation(config.backbone) or train_set.channel_stats()
         spec = InputSpec(config.image_size, config.image_size, config.colour, mean, std)
     model = build_model(config, spec, train_set.n_classes).to(config.device)
     dist = Distributed(config.device)
@@ -224,7 +244,7 @@ def _train_step(run: _Run, step: int, precision) -> tuple[float, float]:
     its own update)."""
     run.model.train()
     for group in run.optimizer.param_groups:
-        group["lr"] = run.config.lr * lr_factor(run.config, step)
+        group["lr"] = run.config.lr * group.get("lr_scale", 1.0) * lr_factor(run.config, step)
     run.optimizer.zero_grad(set_to_none=True)
     with precision:
         loss, acc = run.model.meta_learn(run.inputs.step(step, run.forward, run.model))
@@ -275,6 +295,12 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress = SILENT
             with open(run.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         show.update(done, _note(record))
+    if c.episodes == 0 and run.dist.is_main:
+        # a pretrained (or --init) network as it starts: validated and saved like a trained one,
+        # the off-the-shelf row every fine-tuning is compared with
+        record = {"episode": 0, "val_acc": _validate_and_save(run, 0)}
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
     show.finish()
     run.dist.close(run.model)
     return TrainResult(run.best_path, run.last_path, run.best, c.episodes, time.time() - t0, run.model,

@@ -38,6 +38,7 @@ class ExportOptions:
     calib_images: int = 256
     eval_episodes: int = 200          # episodes of the INT8 accuracy check
     overwrite: bool = False           # replace an existing bundle (never a folder that is not one)
+    image_size: int | None = None     # checkpoints of globally pooled backbones: export for this square input size
 
     def __post_init__(self) -> None:
         if self.calib_images < 1:
@@ -136,7 +137,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOp
     """Checkpoint → bundle with embed.onnx (parity-checked), optional INT8 and FP16 variants."""
     from edgemeta.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint).at_image_size(options.image_size)
     spec = ckpt.spec
     out = Path(out)
     sources = list(options.calib_data or [p for p in ckpt.meta.get("train_config", {}).get("data", []) if _findable(p)])
@@ -148,6 +149,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOp
 
 def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, options: ExportOptions,
             report: Callable[[str], None]) -> dict:
+    from edgemeta.pretrained import notice_text
+
     from .onnx_graph import PARITY_RTOL, ExportEmbedder, export_onnx, graph_io, parity
     l2_normalize, calib_images = options.l2_normalize or options.center, options.calib_images
     spec = ckpt.spec
@@ -177,10 +180,15 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, option
         "algorithm": ckpt.meta.get("algorithm"), "source": Path(checkpoint).name,
         "source_sha256": sha256_file(checkpoint), "opset": 17,
         "parameters": int(sum(p.numel() for p in embedder.parameters())),
+        "pretrained": ckpt.meta.get("pretrained", {}),
     })
     if centered is not None:
         manifest["output"]["centered"] = centered
     register_file(out, manifest, "embed.onnx", "fp32")
+    notice = notice_text(ckpt.meta.get("pretrained", {}))
+    if notice:  # the pretrained weights' license travels with the model made from them
+        (out / "NOTICE").write_text(notice)
+        register_file(out, manifest, "NOTICE", "license")
     manifest["variants"]["fp32"] = {"file": "embed.onnx", "parity": check}
     if options.int8:
         manifest["variants"]["int8"] = _add_int8(out, manifest, real[:calib_images], dataset, options.eval_episodes,

