@@ -22,7 +22,7 @@ from .bundle import Bundle, load_bundle
 from .errors import BundleError, ClassExistsError, ConfigError, ImageDecodeError, LabelError, StoreError, UnknownClassError
 from .heads import HeadConfig, resolve_head
 from .preprocess import ImageSource, check_pixels, load_images
-from .store import EnrolledClass, EnrollmentStore, StoreState, frozen
+from .store import EnrolledClass, EnrollmentStore, StoreState, check_counts, frozen
 
 UNKNOWN = "unknown"
 MAX_LABEL_LENGTH = 128
@@ -115,9 +115,13 @@ def calibrate_rejection(classes: tuple[EnrolledClass, ...], metric: str, slack: 
         return float(np.max(np.concatenate(loo)) * slack)
     if len(classes) >= 2:
         protos = np.stack([c.embeddings.mean(0) for c in classes])
-        d = embedding_distance(protos, protos, metric)
-        np.fill_diagonal(d, np.inf)
-        return float(d.min() / 2)
+        nearest = np.inf
+        for i in range(0, len(protos), 256):  # in row blocks: memory linear in the classes
+            d = embedding_distance(protos[i:i + 256], protos, metric)
+            rows = np.arange(len(d))
+            d[rows, rows + i] = np.inf
+            nearest = min(nearest, float(d.min()))
+        return nearest / 2
     return None
 
 
@@ -343,6 +347,7 @@ class FewShotClassifier:
                     new_classes.append(item)
                 else:
                     new_classes[idx] = item
+            check_counts(len(new_classes), {c.label: c.shots for c in new_classes if c.label in todo}, "enrollment")
             self._commit(self._refit(state, tuple(new_classes)))
             return {c.label: c.shots for c in new_classes if c.label in todo}
 
@@ -389,8 +394,17 @@ class FewShotClassifier:
         if self.store is None:
             return self._state
         saved = self.store.read_if_changed()
-        if saved is not None and saved.generation > self._state.generation and saved.model_sha256 == self._state.model_sha256:
-            self._state = self._with_head(saved, self._state.head)
+        if saved is None:  # the file is the one we last read or wrote
+            return self._state
+        if (saved.model_sha256, saved.variant, saved.embedding_dim) != (self._state.model_sha256, self._state.variant,
+                                                                        self._state.embedding_dim):
+            # another service (another bundle or variant) took the store: never write over its state
+            raise StoreError(f"the store at {self.store.path} now belongs to another model (sha {saved.model_sha256[:12]}…, "
+                             f"{saved.variant}, dim {saved.embedding_dim}); this service runs {self._state.model_sha256[:12]}…, "
+                             f"{self._state.variant}: give each model its own store")
+        # any replacement is adopted, an older generation too: a backup copied back is what the user wants
+        self._state = replace(self._with_head(saved, self._state.head),
+                              generation=max(saved.generation, self._state.generation))
         return self._state
 
     def _keep(self, images) -> tuple[str, ...]:

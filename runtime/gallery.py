@@ -20,13 +20,15 @@ import numpy as np
 from .errors import StoreError
 from .files import atomic_write
 from .heads import HeadConfig
-from .store import KEPT_NAME, EnrolledClass, EnrollmentStore, StoreState, check_format, frozen
+from .store import (KEPT_NAME, MAX_CLASSES, MAX_SHOTS, EnrolledClass, EnrollmentStore, StoreState, check_embeddings,
+                    check_format, frozen)
 
 GALLERY_FORMAT = "edgemeta-gallery"
 GALLERY_VERSION = 1
-MAX_CLASSES = 100_000
-MAX_SHOTS = 10_000
 MAX_IMAGE_BYTES = 64 << 20
+MAX_HEADER_BYTES = 64 << 20
+MAX_DIM = 1 << 16
+NPY_HEADER_BYTES = 4096  # an .npy member's own header, beyond its data
 CONFLICTS = ("skip", "add", "replace", "error")
 
 
@@ -65,14 +67,7 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
     gallery, a checksum, a shape, a NaN, a path for an image name, a count out of bounds — raises
     StoreError with one line; nothing is written."""
     where = str(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            header = json.loads(str(z["header"]))
-            arrays = {k: z[k] for k in z.files if k != "header"}
-    except FileNotFoundError:
-        raise StoreError(f"gallery not found: {where}") from None
-    except Exception as exc:
-        raise StoreError(f"{where} is not a readable gallery ({exc})") from None
+    header, arrays = _read_members(path, where)
     check_format(header, GALLERY_FORMAT, GALLERY_VERSION, "gallery", where)
     try:
         sums, entries, dim = header["sha256"], header["classes"], header["embedding_dim"]
@@ -91,9 +86,12 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
         if any(not KEPT_NAME.fullmatch(n) or len(b) > MAX_IMAGE_BYTES
                or hashlib.sha256(b).hexdigest()[:32] != n[:32] for n, b in images.items()):
             raise StoreError(f"{where} names images that are not content-addressed kept images")
+        check_embeddings(embeddings, where)
         classes, start = [], 0
         from .classifier import check_label
         for entry in entries:
+            if not isinstance(entry.get("label"), str):
+                raise StoreError(f"{where}: class label {entry.get('label')!r} is not text")
             shots, names = entry["shots"], tuple(entry.get("images", []))
             if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= MAX_SHOTS \
                     or start + shots > len(embeddings):
@@ -102,11 +100,59 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
                 raise StoreError(f"{where}: class {entry['label']!r} names images the file does not hold")
             classes.append(EnrolledClass(check_label(entry["label"]), frozen(embeddings[start:start + shots]), names))
             start += shots
-        if start != len(embeddings) or len({c.label for c in classes}) != len(classes):
+        if start != len(embeddings):
             raise StoreError(f"{where}: the class list does not match the embeddings")
+        seen: set[str] = set()
+        for c in classes:
+            if c.label in seen:
+                raise StoreError(f"{where}: class {c.label!r} appears twice; a gallery holds each class once")
+            seen.add(c.label)
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{where} is damaged ({exc})") from None
     return header, classes, images
+
+
+def _read_members(path: str | os.PathLike, where: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The header, then — only once every member's declared size fits what the header says and
+    the limits — the arrays. A forged size cannot make us decompress more: zipfile stops reading a
+    member at its declared size."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = {i.filename: i for i in zf.infolist()}
+            hinfo = infos.get("header.npy")
+            if hinfo is None or hinfo.file_size > MAX_HEADER_BYTES:
+                raise StoreError(f"{where} is not a gallery (no header, or a header over {MAX_HEADER_BYTES >> 20} MB)")
+            header = json.loads(str(np.load(io.BytesIO(zf.read(hinfo)), allow_pickle=False)))
+            check_format(header, GALLERY_FORMAT, GALLERY_VERSION, "gallery", where)
+            entries, dim = header.get("classes"), header.get("embedding_dim")
+            if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_CLASSES:
+                raise StoreError(f"{where}: {len(entries) if isinstance(entries, list) else '?'} classes; "
+                                 f"a gallery holds 1–{MAX_CLASSES:,}")
+            if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
+                raise StoreError(f"{where}: embedding size {dim!r} is out of bounds")
+            shots = [e.get("shots") if isinstance(e, dict) else None for e in entries]
+            for e, n in zip(entries, shots):
+                if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SHOTS:
+                    label = e.get("label") if isinstance(e, dict) else e
+                    raise StoreError(f"{where}: class {label!r} has {n!r} shots; a class holds 1–{MAX_SHOTS:,}")
+            limits = {"embeddings.npy": sum(shots) * dim * 4 + NPY_HEADER_BYTES}
+            for name, info in infos.items():
+                if name == "header.npy":
+                    continue
+                limit = limits.get(name, MAX_IMAGE_BYTES + NPY_HEADER_BYTES if name.startswith("image_") else -1)
+                if info.file_size > limit:
+                    raise StoreError(f"{where}: member {name} declares {info.file_size:,} bytes, more than its header "
+                                     f"allows ({max(limit, 0):,}); refused before decompressing")
+            arrays = {name[:-len(".npy")]: np.load(io.BytesIO(zf.read(info)), allow_pickle=False)
+                      for name, info in infos.items() if name != "header.npy"}
+    except FileNotFoundError:
+        raise StoreError(f"gallery not found: {where}") from None
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"{where} is not a readable gallery ({exc})") from None
+    return header, arrays
 
 
 def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, replace_all: bool = False,
@@ -128,12 +174,18 @@ def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, repla
                   (header["model_sha256"], header["variant"]))
         if (header["model_sha256"], header["variant"]) != target:
             classes = _reembed(classes, images, classifier, target, header, path)
+        dim = saved.embedding_dim if saved is not None else classifier.bundle.embedding_dim if classifier is not None else None
+        if dim is not None and classes[0].embeddings.shape[1] != dim:
+            raise StoreError(f"{path} holds {classes[0].embeddings.shape[1]}-d embeddings; the model it names makes "
+                             f"{dim}-d ones (the gallery was edited); nothing was changed")
         head = saved.head if saved is not None else HeadConfig.from_dict(header["head"])
         current = list(saved.classes) if saved is not None and not replace_all else []
         merged = _merge(current, classes, on_conflict)  # a refused conflict leaves no file behind
         for name in {n for c in classes for n in c.images}:
             store.keep_image(images[name], Path(name).suffix)
         from .classifier import fit_head
+        from .store import check_counts
+        check_counts(len(merged), {c.label: c.shots for c in merged}, str(path))
         dim = int(merged[0].embeddings.shape[1])
         state = StoreState(target[0], target[1], dim, head, tuple(merged), {},
                            (saved.generation + 1) if saved is not None else 0)

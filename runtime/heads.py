@@ -115,9 +115,24 @@ def one_hot(labels: np.ndarray, n_way: int, dtype=np.float32) -> np.ndarray:
     return np.eye(n_way, dtype=dtype)[labels]
 
 
+def class_sums(support: np.ndarray, labels: np.ndarray, n_way: int) -> tuple[np.ndarray, np.ndarray]:
+    """(per-class sums [n_way, D], counts [n_way]). Few-shot episodes take one one-hot product (the
+    fastest at that size); large stores sum sorted rows, in memory linear in shots and classes (a
+    dense one-hot is shots × classes: 1.6 GB at 20,000 one-shot classes)."""
+    counts = np.bincount(labels, minlength=n_way)
+    if len(labels) * n_way <= 1 << 16:
+        return one_hot(labels, n_way, support.dtype).T @ support, counts
+    sums = np.zeros((n_way, support.shape[1]), support.dtype)
+    order = np.argsort(labels, kind="stable")
+    present = counts > 0
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[present]
+    sums[present] = np.add.reduceat(support[order], starts, axis=0)
+    return sums, counts
+
+
 def class_means(support: np.ndarray, labels: np.ndarray, n_way: int) -> np.ndarray:
-    y = one_hot(labels, n_way, support.dtype)
-    return (y.T @ support) / np.maximum(y.sum(0), 1)[:, None]
+    sums, counts = class_sums(support, labels, n_way)
+    return sums / np.maximum(counts, 1)[:, None].astype(support.dtype)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -136,12 +151,11 @@ def prototype_logits(query: np.ndarray, prototypes: np.ndarray, metric: str = "e
 def ridge_fit(support: np.ndarray, labels: np.ndarray, n_way: int, lam: float = 1.0) -> np.ndarray:
     """W [D, n_way] = (XᵀX + λI)⁻¹XᵀY, or the dual Xᵀ(XXᵀ + λI)⁻¹Y when shots < dim."""
     x = support.astype(np.float64)
-    y = one_hot(labels, n_way, np.float64)
     n, d = x.shape
-    if n < d:
-        w = x.T @ np.linalg.solve(x @ x.T + lam * np.eye(n), y)
-    else:
-        w = np.linalg.solve(x.T @ x + lam * np.eye(d), x.T @ y)
+    if n < d:  # n < d bounds the n × n system and the one-hot by d
+        w = x.T @ np.linalg.solve(x @ x.T + lam * np.eye(n), one_hot(labels, n_way, np.float64))
+    else:  # XᵀY is the per-class sums: memory linear in the classes
+        w = np.linalg.solve(x.T @ x + lam * np.eye(d), class_sums(x, labels, n_way)[0].T)
     return w.astype(support.dtype)
 
 
@@ -211,6 +225,16 @@ def fit(head: HeadConfig, support: np.ndarray, labels: np.ndarray, n_way: int) -
         fitted["weight"], fitted["bias"] = logistic_fit(support, labels, n_way, head.steps, head.lr,
                                                         momentum=head.momentum, weight_decay=head.weight_decay)
     return fitted
+
+
+def fitted_shapes(head: HeadConfig, n_way: int, dim: int) -> dict[str, tuple[int, ...]]:
+    """The arrays `fit` returns for this head, and their shapes (what a saved head must hold)."""
+    shapes: dict[str, tuple[int, ...]] = {"prototypes": (n_way, dim)}
+    if head.kind == "ridge":
+        shapes["weights"] = (dim, n_way)
+    elif head.kind == "logistic":
+        shapes.update(weight=(n_way, dim), bias=(n_way,))
+    return shapes
 
 
 def score(head: HeadConfig, fitted: dict[str, np.ndarray], query: np.ndarray) -> np.ndarray:

@@ -24,6 +24,14 @@ from .files import atomic_write
 from .errors import ConfigError, StoreError
 from .heads import HeadConfig
 
+# One set of bounds for enrollment, stores and galleries: whatever can be saved can be restored.
+MAX_CLASSES = 100_000
+MAX_SHOTS = 10_000          # support embeddings per class
+# An embedding is the output of a network on 0–255 pixels; no model edgemeta exports comes within
+# orders of magnitude of this (the shipped ones stay under 100). Larger values are forged or broken,
+# and would overflow float32 class means and distances (3e38; 1e19 squared is already inf).
+MAX_EMBEDDING_ABS = 1e6
+
 STORE_FORMAT = "edgemeta-store"
 STORE_VERSION = 1
 STATE_FILE = "enrollment.npz"
@@ -69,6 +77,24 @@ class StoreState:
             if c.label == label:
                 return i
         return None
+
+
+def check_embeddings(embeddings: np.ndarray, where: str) -> None:
+    """Finite and within ±MAX_EMBEDDING_ABS, or StoreError naming where."""
+    if embeddings.size and not np.isfinite(embeddings).all():
+        raise StoreError(f"{where} holds non-finite embeddings (NaN or inf)")
+    if embeddings.size and float(np.abs(embeddings).max()) > MAX_EMBEDDING_ABS:
+        raise StoreError(f"{where} holds embedding values up to {float(np.abs(embeddings).max()):.3g}, beyond what a model "
+                         f"produces (limit ±{MAX_EMBEDDING_ABS:g}); it was forged or made by a broken model")
+
+
+def check_counts(classes: int, shots: dict[str, int], where: str) -> None:
+    """Class and shot counts within MAX_CLASSES / MAX_SHOTS, or StoreError."""
+    if classes > MAX_CLASSES:
+        raise StoreError(f"{where}: {classes:,} classes is over the limit of {MAX_CLASSES:,}")
+    over = [(label, n) for label, n in shots.items() if n > MAX_SHOTS]
+    if over:
+        raise StoreError(f"{where}: class {over[0][0]!r} would have {over[0][1]:,} shots; the limit is {MAX_SHOTS:,} per class")
 
 
 def frozen(a: np.ndarray) -> np.ndarray:
@@ -117,6 +143,7 @@ def decode_state(data: bytes, where: str) -> StoreState:
             shots = c["shots"]
             if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1 or start + shots > len(embeddings):
                 raise StoreError(f"{where}: class {c['label']!r} claims {shots!r} shots the file does not hold")
+            check_counts(len(header["classes"]), {str(c["label"]): shots}, where)
             names = tuple(c.get("images", []))
             if not all(isinstance(n, str) and KEPT_NAME.fullmatch(n) for n in names):
                 raise StoreError(f"{where}: class {c['label']!r} names kept images the store did not write")
@@ -127,6 +154,11 @@ def decode_state(data: bytes, where: str) -> StoreState:
             raise StoreError(f"{where}: the embeddings do not match the class list ({len(embeddings)} rows)")
         state = StoreState(str(header["model_sha256"]), str(header.get("variant", "fp32")), int(dim), head,
                            tuple(classes), fitted, int(header.get("generation", 0)))
+        from .heads import fitted_shapes
+        expected = fitted_shapes(head, len(classes), int(dim)) if classes else {}
+        if {k: tuple(v.shape) for k, v in fitted.items()} != expected:
+            raise StoreError(f"{where}: the saved head does not fit its {len(classes)} classes of dim {dim} "
+                             f"({ {k: list(v.shape) for k, v in fitted.items()} }); the file is damaged or was edited")
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         if isinstance(exc, StoreError):
             raise
@@ -135,6 +167,7 @@ def decode_state(data: bytes, where: str) -> StoreState:
     if poisoned or not all(np.isfinite(a).all() for a in fitted.values() if a.dtype.kind == "f"):
         raise StoreError(f"{where} holds non-finite embeddings (class {', '.join(map(repr, poisoned)) or 'head'}); "
                          "enroll the classes again into a new store")
+    check_embeddings(embeddings, where)
     return state
 
 
@@ -182,6 +215,10 @@ class EnrollmentStore:
         for c in state.classes:
             if not np.isfinite(c.embeddings).all():
                 raise StoreError(f"refusing to save non-finite embeddings for class {c.label!r}")
+            check_embeddings(c.embeddings, f"class {c.label!r}")
+        check_counts(len(state.classes), {c.label: c.shots for c in state.classes}, f"the store at {self.path}")
+        if not all(np.isfinite(a).all() for a in state.fitted.values()):
+            raise StoreError("refusing to save a head fitted to non-finite values; nothing was changed")
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.state_file, encode_state(state))
         self._seen = self._stamp()

@@ -88,3 +88,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ == "test_distributed":
             item.add_marker(pytest.mark.slow)
+
+
+TINY_BUNDLE = ROOT / "tests" / "tiny_bundle"
+
+
+@pytest.fixture
+def device_bundle(tmp_path) -> Path:
+    """A copy of the checked-in torch-free tiny bundle (tests/make_tiny_bundle.py): 16×16 greyscale → 16-d."""
+    import shutil
+    return Path(shutil.copytree(TINY_BUNDLE, tmp_path / "tiny-bundle"))
+
+
+@pytest.fixture
+def other_device_bundle(tmp_path) -> Path:
+    """The tiny bundle with other weights: another model (another sha256)."""
+    from make_tiny_bundle import write_tiny_bundle
+    return write_tiny_bundle(tmp_path / "other-bundle", seed=1)
