@@ -23,7 +23,7 @@ def main() -> None:
     args = ap.parse_args()
     from edgemeta.algorithms import Pretrain, ProtoNet
     from edgemeta.backbones import Embedder, deployment_args
-    from edgemeta.memory import retain_freed_memory
+    from edgemeta.runtime.malloc import retain_freed_memory
     from edgemeta.runtime import InputSpec
     torch.set_num_threads(args.threads)
     retain_freed_memory()

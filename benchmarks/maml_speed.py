@@ -18,7 +18,7 @@ They are printed after the table, with the convolution's rate measured before an
 faster of the two: a rate caught during a burst of load elsewhere on the machine would understate
 them).
 
-The process keeps its freed memory as `edgemeta train` does (edgemeta.memory), for every column:
+The process keeps its freed memory as `edgemeta train` does (edgemeta.runtime.malloc), for every column:
 otherwise glibc's page faults depend on what ran before in the process and move the columns
 against each other.
 
@@ -113,7 +113,7 @@ def main() -> None:
     from edgemeta.data.episodes import stack_tasks
     from edgemeta.backbones import Embedder, deployment_args
     from edgemeta.data import EpisodeSampler, load_dataset
-    from edgemeta.memory import retain_freed_memory
+    from edgemeta.runtime.malloc import retain_freed_memory
     from edgemeta.precision import autocast, native_bf16
     from edgemeta.runtime import InputSpec, pixels_to_batch
     torch.set_num_threads(args.threads)

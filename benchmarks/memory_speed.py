@@ -1,5 +1,5 @@
 """`edgemeta train` with glibc's default allocator against the same command keeping its freed memory
-(edgemeta.memory, what `edgemeta train` does), each in a fresh process, runs interleaved: seconds
+(edgemeta.runtime.malloc, what `edgemeta train` does), each in a fresh process, runs interleaved: seconds
 per training step (from metrics.jsonl, after the first logged window) and minor page faults of the
 whole command, for the shipped Omniglot ProtoNet recipe (30-way 5-shot 5-query) and FOMAML
 (5-way 1-shot 15-query, meta-batch 4).

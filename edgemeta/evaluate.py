@@ -58,7 +58,7 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
     else:
         from edgemeta.algorithms import GRADIENT_ALGORITHMS
         from edgemeta.checkpoint import load_checkpoint
-        from edgemeta.memory import retain_freed_memory
+        from edgemeta.runtime.malloc import retain_freed_memory
         retain_freed_memory()  # as in training: torch adaptation per episode would page-fault its activations
         ckpt = load_checkpoint(checkpoint).at_image_size(image_size)
         spec, tc, path = ckpt.spec, ckpt.meta.get("train_config", {}), "torch"

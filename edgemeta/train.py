@@ -21,7 +21,7 @@ from edgemeta.config import TrainConfig
 from edgemeta.data import EpisodeSampler, ImageSet, load_dataset, select_split
 from edgemeta.distributed import Distributed
 from edgemeta.evaluate import embed_pixels
-from edgemeta.memory import retain_freed_memory
+from edgemeta.runtime.malloc import retain_freed_memory
 from edgemeta.precision import autocast, native_bf16
 from edgemeta.pretrained import load_pretrained
 from edgemeta.protocol import evaluate_episodes
@@ -271,7 +271,7 @@ def _validate_and_save(run: _Run, done: int) -> float:
 
 def train(config: TrainConfig, resume: bool = False, progress: Progress = SILENT) -> TrainResult:
     """Train as `config` says. The process keeps its freed heap memory from here on
-    (edgemeta.memory): no page faults per step, resident size stays at its peak."""
+    (edgemeta.runtime.malloc): no page faults per step, resident size stays at its peak."""
     run = _set_up(config, resume, progress)
     c = run.config
     precision = autocast(c.precision, c.device)

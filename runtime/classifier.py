@@ -21,7 +21,7 @@ from .backends import Backend, open_backend
 from .bundle import Bundle, load_bundle
 from .errors import BundleError, ClassExistsError, ConfigError, ImageDecodeError, LabelError, StoreError, UnknownClassError
 from .heads import HeadConfig, resolve_head
-from .preprocess import ImageSource, check_pixels, load_images
+from .preprocess import DecodeBudget, ImageSource, check_pixels, load_images
 from .store import EnrolledClass, EnrollmentStore, StoreState, check_counts, frozen
 
 UNKNOWN = "unknown"
@@ -171,6 +171,7 @@ class FewShotClassifier:
         self.bundle, self.backend, self.store, self.variant = bundle, backend, store, variant
         self.keep_images = keep_images and store is not None
         self._write_lock = threading.Lock()
+        self.decode_budget: DecodeBudget | None = None  # a service bounds the pixels decoded at once
         self._threshold_cache: tuple[StoreState, float | None] | None = None
         self._state = StoreState(bundle.model_sha256, variant, bundle.embedding_dim, head)
 
@@ -254,7 +255,7 @@ class FewShotClassifier:
         if isinstance(images, np.ndarray):
             pixels = check_pixels(images, spec)
         else:
-            pixels = load_images(images, spec)
+            pixels = load_images(images, spec, self.decode_budget)
         if support and self._state.head.flip_shots:
             both = self.backend.embed_pixels(np.concatenate([pixels, pixels[:, :, ::-1]]))
             embeddings = (both[:len(pixels)] + both[len(pixels):]) / 2

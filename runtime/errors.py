@@ -52,3 +52,11 @@ class UnknownClassError(StoreError):
 
 class ClassExistsError(StoreError):
     """A class that is already enrolled, where a new one was asked for."""
+
+
+class BusyError(EdgemetaError):
+    """The service is at a limit it waits on (the decode budget) for longer than it may: try again."""
+
+
+class StorageError(StoreError):
+    """The store could not be written (disk full, read-only, quota): nothing was changed."""

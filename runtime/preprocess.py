@@ -8,9 +8,11 @@ feeds decoded pixels and nothing else.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,7 +21,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ConfigError, ImageDecodeError, ImageTooLargeError
+from .errors import BusyError, ConfigError, ImageDecodeError, ImageTooLargeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 COLOUR_MODES = {"L": 1, "RGB": 3}
@@ -102,17 +104,41 @@ class InputSpec:
             raise ConfigError(f"input spec {d!r} is not valid: {exc}") from None
 
 
-def open_image(source: ImageSource, size_hint: tuple[int, int] | None = None) -> Image.Image:
-    """Open a path, raw bytes or PIL image, refuse anything over max_pixels() before decoding it,
-    and decode; raise ImageDecodeError naming the file if it will not decode.
+class DecodeBudget:
+    """Pixels being decoded at once, shared by every thread that decodes: a decode waits (up to
+    `timeout` seconds, then BusyError) until its image fits. An image larger than the whole budget
+    decodes alone. What bounds a service's memory per request in flight: a 40 MP PNG costs
+    ~8 bytes per pixel while it is decoded and resized."""
 
-    size_hint (width, height): the size the image will be resized to. A JPEG is then decoded in
-    draft mode (scaled by 1/2, 1/4 or 1/8 in the DCT domain) to no less than twice that size, so a
-    12 MP photo for a 64×64 model is never decoded in full.
-    """
+    def __init__(self, pixels: int, timeout: float = 30.0):
+        if pixels < 1:
+            raise ConfigError(f"the decode budget must be ≥ 1 pixel, got {pixels}")
+        self.total, self.timeout = pixels, timeout
+        self._free = pixels
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        need = min(max(pixels, 1), self.total)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free >= need, timeout=self.timeout):
+                raise BusyError(f"busy: other requests are decoding {self.total - self._free:,} pixels "
+                                f"(budget {self.total:,}); try again")
+            self._free -= need
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += need
+                self._cond.notify_all()
+
+
+def peek_image(source: ImageSource) -> Image.Image:
+    """Open a path, raw bytes or PIL image and read its header only (no pixels decoded); anything
+    over max_pixels() is refused here. ImageDecodeError names the file if it is not an image."""
     if isinstance(source, Image.Image):
         return source
-    name = "<bytes>" if isinstance(source, bytes) else os.fspath(source)
+    name = _name(source)
     if not isinstance(source, bytes):
         try:
             mode = os.stat(source).st_mode
@@ -123,16 +149,43 @@ def open_image(source: ImageSource, size_hint: tuple[int, int] | None = None) ->
         if not stat.S_ISREG(mode):
             raise ImageDecodeError(f"{name} is not a regular file (a folder, FIFO or device); give image files")
     limit = max_pixels()
+    with _decode_errors(name):
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        if image.width * image.height > limit:
+            raise ImageTooLargeError(f"image {name} is {image.width}×{image.height} = {image.width * image.height:,} "
+                                     f"pixels, over the limit of {limit:,} (EDGEMETA_MAX_PIXELS); resize it first")
+    return image
+
+
+def open_image(source: ImageSource, size_hint: tuple[int, int] | None = None) -> Image.Image:
+    """peek_image, then decode; raise ImageDecodeError naming the file if it will not decode.
+
+    size_hint (width, height): the size the image will be resized to. A JPEG is then decoded in
+    draft mode (scaled by 1/2, 1/4 or 1/8 in the DCT domain) to no less than twice that size, so a
+    12 MP photo for a 64×64 model is never decoded in full.
+    """
+    return _decode(peek_image(source), _name(source), size_hint)
+
+
+def _name(source: ImageSource) -> str:
+    return "<image>" if isinstance(source, Image.Image) else "<bytes>" if isinstance(source, bytes) else os.fspath(source)
+
+
+def _decode(image: Image.Image, name: str, size_hint: tuple[int, int] | None) -> Image.Image:
+    with _decode_errors(name):
+        if size_hint is not None and image.format == "JPEG":
+            image.draft(image.mode if image.mode in ("L", "RGB") else None, (2 * size_hint[0], 2 * size_hint[1]))
+        image.load()
+    return image
+
+
+@contextlib.contextmanager
+def _decode_errors(name: str):
+    """Pillow's ways of failing, as one ImageDecodeError (or ImageTooLargeError) line naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            if image.width * image.height > limit:
-                raise ImageTooLargeError(f"image {name} is {image.width}×{image.height} = {image.width * image.height:,} "
-                                       f"pixels, over the limit of {limit:,} (EDGEMETA_MAX_PIXELS); resize it first")
-            if size_hint is not None and image.format == "JPEG":
-                image.draft(image.mode if image.mode in ("L", "RGB") else None, (2 * size_hint[0], 2 * size_hint[1]))
-            image.load()
+            yield
     except ImageDecodeError:
         raise
     except PermissionError as exc:
@@ -143,7 +196,6 @@ def open_image(source: ImageSource, size_hint: tuple[int, int] | None = None) ->
         raise ImageDecodeError(f"cannot decode image {name}: not an image format Pillow reads. Use a PNG or JPEG file.") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image {name}: {exc}. Use a PNG or JPEG file.") from None
-    return image
 
 
 def to_pixels(image: Image.Image, spec: InputSpec) -> np.ndarray:
@@ -160,28 +212,36 @@ def to_pixels(image: Image.Image, spec: InputSpec) -> np.ndarray:
         image = Image.fromarray(np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
         image = Image.fromarray(np.clip(np.nan_to_num(np.asarray(image)), 0, 255).astype(np.uint8), "L")
+    size = (spec.width, spec.height)
     if image.mode in ("RGBA", "LA", "P", "PA"):
-        # Composite transparency onto white so transparent backgrounds do not become black.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+        # Composite transparency onto white so transparent backgrounds do not become black. Resized
+        # first (Pillow resizes RGBA with premultiplied alpha, so the result is the same as
+        # compositing first): no full-size copies of a large image with an alpha channel.
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        if rgba.size != size:
+            rgba = rgba.resize(size, RESAMPLE, reducing_gap=REDUCING_GAP)
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     image = image.convert(spec.colour)
-    if image.size != (spec.width, spec.height):
-        image = image.resize((spec.width, spec.height), RESAMPLE, reducing_gap=REDUCING_GAP)
+    if image.size != size:
+        image = image.resize(size, RESAMPLE, reducing_gap=REDUCING_GAP)
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
-def load_image(source: ImageSource, spec: InputSpec) -> np.ndarray:
-    """Decode one image and preprocess it: uint8 [H, W, C] as the model's input spec asks."""
-    return to_pixels(open_image(source, (spec.width, spec.height)), spec)
+def load_image(source: ImageSource, spec: InputSpec, budget: DecodeBudget | None = None) -> np.ndarray:
+    """Decode one image and preprocess it: uint8 [H, W, C] as the model's input spec asks. With a
+    budget, the decode waits until its pixels fit the budget and holds them until it is done."""
+    image = peek_image(source)
+    held = budget.hold(image.width * image.height) if budget is not None else contextlib.nullcontext()
+    with held:
+        return to_pixels(_decode(image, _name(source), (spec.width, spec.height)), spec)
 
 
-def load_images(sources: Sequence[ImageSource], spec: InputSpec) -> np.ndarray:
+def load_images(sources: Sequence[ImageSource], spec: InputSpec, budget: DecodeBudget | None = None) -> np.ndarray:
     """Decode and preprocess several images: uint8 [N, H, W, C]."""
     if not sources:
         return np.zeros((0, spec.height, spec.width, spec.channels), np.uint8)
-    return np.stack([load_image(s, spec) for s in sources])
+    return np.stack([load_image(s, spec, budget) for s in sources])
 
 
 def check_pixels(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:

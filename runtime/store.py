@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import atomic_write
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StorageError, StoreError
 from .heads import HeadConfig
 
 # One set of bounds for enrollment, stores and galleries: whatever can be saved can be restored.
@@ -219,8 +219,13 @@ class EnrollmentStore:
         check_counts(len(state.classes), {c.label: c.shots for c in state.classes}, f"the store at {self.path}")
         if not all(np.isfinite(a).all() for a in state.fitted.values()):
             raise StoreError("refusing to save a head fitted to non-finite values; nothing was changed")
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.state_file, encode_state(state))
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.state_file, encode_state(state))
+        except OSError as exc:
+            self._remove_released_images(self._created - self._recorded)  # this change's kept images
+            self._created = set()
+            raise StorageError(f"cannot save the store at {self.path}: {exc.strerror or exc}; nothing was changed") from None
         self._seen = self._stamp()
         previous, self._recorded = self._recorded | self._created, _image_names(state)
         self._created = set()
@@ -258,7 +263,12 @@ class EnrollmentStore:
         suffix = suffix.lower() if suffix and KEPT_NAME.fullmatch("0" * 32 + suffix.lower()) else ".img"
         name = hashlib.sha256(data).hexdigest()[:32] + suffix
         if not (folder / name).exists():
-            atomic_write(folder / name, data)
+            try:
+                atomic_write(folder / name, data)
+            except OSError as exc:
+                self._remove_released_images(self._created)  # this change's kept images: nothing refers to them
+                self._created = set()
+                raise StorageError(f"cannot keep an enrolled image in {folder}: {exc.strerror or exc}; nothing was changed") from None
             self._created.add(name)
         return name
 

@@ -8,7 +8,7 @@ import pytest
 _PROBE = """
 import json, resource, sys
 import numpy as np
-from edgemeta.memory import retain_freed_memory
+from edgemeta.runtime.malloc import retain_freed_memory
 took = retain_freed_memory() if sys.argv[1] == "retain" else None
 np.ones(10_000_000).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -8,7 +8,7 @@ kernels are launch-bound (not measured: no GPU here); on a CPU these conv nets a
 and one large batch is slower than several small ones (benchmarks/maml_speed.py), so the default
 is to vectorise on CUDA only. What speeds the CPU up is the backbone set-up — channels-last
 activations (see Embedder), max-pool before the activation (see Conv4) — keeping freed memory
-(edgemeta.memory), second-order MAML's support pass in NCHW (see MAML.adapt) and, opt-in,
+(edgemeta.runtime.malloc), second-order MAML's support pass in NCHW (see MAML.adapt) and, opt-in,
 bfloat16 autocast (edgemeta.precision); vmap cannot re-stride batched tensors, so the layout
 switch stands down inside vmap.
 

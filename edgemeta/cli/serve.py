@@ -26,6 +26,10 @@ def serve(
     max_body_mb: float = typer.Option(32.0, help="Largest request body (MiB)."),
     max_images: int = typer.Option(64, help="Most images in one request."),
     cors_origin: Optional[list[str]] = typer.Option(None, help="Allow pages from this origin to call the API (repeatable; none by default)."),
+    allowed_host: Optional[list[str]] = typer.Option(None, help="A host name this service answers to besides IP addresses and localhost (repeatable; e.g. jetson.local)."),
+    decode_budget_mp: float = typer.Option(40.0, help="Megapixels decoded at once across all requests; more wait (503 after 30 s)."),
+    max_connections: int = typer.Option(256, help="Open connections; more are answered 503."),
+    header_timeout: float = typer.Option(10.0, help="Seconds a connection has to send a request's headers."),
     ssl_certfile: Optional[Path] = typer.Option(None, help="Serve HTTPS with this certificate (browsers give the camera only to https:// or localhost)."),
     ssl_keyfile: Optional[Path] = typer.Option(None, help="The certificate's private key."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's)."),
@@ -45,12 +49,17 @@ def serve(
     for option, path in (("--ssl-certfile", ssl_certfile), ("--ssl-keyfile", ssl_keyfile)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{option} {path} is not a file")
-    if not max_body_mb > 0:
-        raise ConfigError(f"--max-body-mb must be > 0, got {max_body_mb}")
+    import math
+    for option, value in (("--max-body-mb", max_body_mb), ("--decode-budget-mp", decode_budget_mp)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{option} must be a finite number > 0, got {value}")
+    ServeSettings(host=host, port=port, insecure=True, max_batch=max_batch, batch_window_ms=batch_window_ms)  # address first
     settings = ServeSettings(host=host, port=port, api_key=read_api_key(api_key_file) if api_key_file else None,
                              insecure=insecure, max_batch=max_batch, batch_window_ms=batch_window_ms,
                              max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
-                             cors_origins=tuple(cors_origin or ()))
+                             cors_origins=tuple(cors_origin or ()), allowed_hosts=tuple(allowed_host or ()),
+                             decode_budget_pixels=int(decode_budget_mp * 1e6), max_connections=max_connections,
+                             header_timeout_s=header_timeout)
     check_port_free(host, port)
     clf = FewShotClassifier.load(bundle, store=store, head=head, backend=backend, variant=variant, threads=threads)
     scheme = "https" if ssl_certfile else "http"

@@ -30,20 +30,21 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..classifier import FewShotClassifier, parse_unknown
-from ..errors import (ClassExistsError, ConfigError, DataError, EdgemetaError, ImageTooLargeError, LabelError,
-                      StoreError, UnknownClassError)
-from ..preprocess import load_images
+from ..errors import (BusyError, ClassExistsError, ConfigError, DataError, EdgemetaError, ImageTooLargeError, LabelError,
+                      StorageError, StoreError, UnknownClassError)
+from ..preprocess import DecodeBudget, load_images
 from .batching import BatchingBackend
 from .metrics import ServiceMetrics
-from .settings import ServeSettings
+from .settings import ServeSettings, cross_origin_refusal, host_allowed
 
 STATIC = Path(__file__).parent / "static"
 # The first matching type gives the status of an error a client caused.
 STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
-    (ImageTooLargeError, 413), (LabelError, 400), (UnknownClassError, 404), (ClassExistsError, 409),
-    (DataError, 400), (ConfigError, 400), (StoreError, 409), (EdgemetaError, 400))
+    (ImageTooLargeError, 413), (StorageError, 507), (LabelError, 400), (UnknownClassError, 404), (ClassExistsError, 409),
+    (DataError, 400), (ConfigError, 400), (StoreError, 409), (BusyError, 503), (EdgemetaError, 400))
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream"}
 
 
@@ -60,6 +61,7 @@ class Service:
         window_ms = settings.batch_window_ms if settings.batch_window_ms is not None else default_window_ms(clf.backend)
         self.batcher = BatchingBackend(clf.backend, settings.max_batch, window_ms / 1e3, on_batch=self.metrics.record_batch)
         clf.backend = self.batcher
+        clf.decode_budget = self.decode_budget = DecodeBudget(settings.decode_budget_pixels)
         self.ready = False
         self.started = time.time()
         self._device: dict | None = None
@@ -88,7 +90,7 @@ class Service:
             self.clf.refresh()
             if not self.clf.classes:
                 raise StoreError("no classes are enrolled; enroll some first (POST /v1/classes/{label}/images)")
-            pixels = load_images([data for _, data in images], self.clf.bundle.spec)
+            pixels = load_images([data for _, data in images], self.clf.bundle.spec, self.decode_budget)
             t1 = time.perf_counter()
             query = self.clf.embed(pixels)
         t2 = time.perf_counter()
@@ -166,9 +168,14 @@ def status_of(exc: Exception) -> int:
     return next((status for kind, status in STATUS_OF if isinstance(exc, kind)), 500)
 
 
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
 class Guard:
-    """ASGI middleware: the body-size limit (from Content-Length, and counted as it arrives), and
-    the request count and latency per route template (`/v1/classes/{label:path}`) for /metrics."""
+    """ASGI middleware: requests for another Host (DNS rebinding) and state-changing requests from
+    another site's page are refused (403); the body-size limit (from Content-Length, and counted as
+    it arrives); the request count and latency per route template (`/v1/classes/{label:path}`) for
+    /metrics."""
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
@@ -176,10 +183,21 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.service.settings.max_body_bytes
+        settings = self.service.settings
+        limit = settings.max_body_bytes
         t0, status = time.perf_counter(), [500]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         length = dict(scope["headers"]).get(b"content-length")
         received = [0]
+        refusal = None
+        if not host_allowed(headers.get("host"), settings):
+            refusal = (f"Host {headers.get('host')!r} is not a name this service answers to (DNS rebinding?); "
+                       "give it with --allowed-host if it is yours")
+        elif scope["method"] not in SAFE_METHODS:
+            refusal = cross_origin_refusal(headers, settings)
+        if refusal is not None:
+            self.service.metrics.requests.labels("refused", scope["method"], "403").inc()
+            return await JSONResponse({"error": refusal}, status_code=403)(scope, receive, send)
 
         async def limited_receive():
             if length is not None and length.isdigit() and int(length) > limit:
@@ -322,6 +340,10 @@ def create_app(service: Service):
     async def on_invalid(request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'query')}: {e['msg']}" for e in exc.errors())
         return error(400, problems or "invalid request")
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_disconnect(request, exc: ClientDisconnect):
+        return error(400, "the client disconnected before the request body arrived")  # nobody reads it
 
     @app.exception_handler(Exception)
     async def on_unexpected(request, exc: Exception):

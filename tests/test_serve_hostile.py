@@ -1,0 +1,194 @@
+"""`edgemeta serve` under attack, as an attacker and a clumsy user would try it: another site's page
+writing to the service, a DNS-rebinding Host, concurrent huge images, two services with different
+models on one store, a backup restored under a running service, slow and vanishing clients, bad
+options. Each test reproduces a defect and fails without its fix. Real processes on 127.0.0.1, on
+the torch-free tiny bundle."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_helpers import EDGEMETA, Server
+
+pytest.importorskip("fastapi")
+
+
+def png(seed: int, size: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def files(*seeds: int) -> list:
+    return [("images", (f"{s}.png", png(s), "image/png")) for s in seeds]
+
+
+@pytest.fixture
+def server(device_bundle, tmp_path):
+    s = Server(device_bundle, tmp_path / "store", "--header-timeout", "1")
+    yield s
+    s.stop()
+
+
+def labels(server) -> list[str]:
+    return [c["label"] for c in httpx.get(server.url + "/v1/classes").json()["classes"]]
+
+
+def test_a_rebinding_host_is_refused_and_own_names_answer(device_bundle, tmp_path):
+    s = Server(device_bundle, tmp_path / "store", "--allowed-host", "jetson.local")
+    try:
+        assert httpx.post(s.url + "/v1/classes/mug/images", files=files(1)).status_code == 201
+        r = httpx.get(s.url + "/v1/classes", headers={"Host": "attacker.example"})
+        assert r.status_code == 403 and "DNS rebinding" in r.json()["error"] and "mug" not in r.text
+        for host in (f"localhost:{s.port}", f"127.0.0.1:{s.port}", "jetson.local", f"JETSON.local.:{s.port}"):
+            assert httpx.get(s.url + "/v1/classes", headers={"Host": host}).status_code == 200, host
+    finally:
+        s.stop()
+
+
+def test_another_origin_cannot_enroll_replace_or_forget(server):
+    other = "http://127.0.0.1:1"   # any other page the user has open
+    assert httpx.post(server.url + "/v1/classes/mug/images", files=files(1, 2, 3)).status_code == 201  # curl: no Origin
+    for headers in ({"Origin": other}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"}):
+        r = httpx.post(server.url + "/v1/classes/mug/images?mode=replace", files=files(9), headers=headers)
+        assert r.status_code == 403 and "refused" in r.json()["error"], headers
+        assert httpx.delete(server.url + "/v1/classes/mug", headers=headers).status_code == 403
+        assert httpx.post(server.url + "/v1/classes/evil/images", files=files(9), headers=headers).status_code == 403
+    assert httpx.get(server.url + "/v1/classes").json()["classes"] == [{"label": "mug", "shots": 3}]
+    own = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}
+    assert httpx.post(server.url + "/v1/classes/cup/images", files=files(4), headers=own).status_code == 201
+
+
+def test_cors_origin_allows_the_named_page_only(device_bundle, tmp_path):
+    s = Server(device_bundle, tmp_path / "store", "--cors-origin", "http://dashboard.local")
+    try:
+        ok = httpx.post(s.url + "/v1/classes/a/images", files=files(1), headers={"Origin": "http://dashboard.local"})
+        assert ok.status_code == 201 and ok.headers["access-control-allow-origin"] == "http://dashboard.local"
+        bad = httpx.post(s.url + "/v1/classes/b/images", files=files(2), headers={"Origin": "http://evil.local"})
+        assert bad.status_code == 403
+    finally:
+        s.stop()
+
+
+def rss_peak_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_concurrent_huge_images_stay_within_the_decode_budget(server):
+    """Eight 39.7 MP RGBA PNGs (154 kB each) at once: 4.45 GB peak before the budget; now every
+    request is answered and the service's peak resident memory stays under 600 MB."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (7000, 5670), (200, 30, 30, 128)).save(buf, "PNG")
+    huge = buf.getvalue()
+    assert len(huge) < 400_000
+    httpx.post(server.url + "/v1/classes/red/images", files=files(1))
+    statuses: list[int] = []
+
+    def one():
+        r = httpx.post(server.url + "/v1/predict", content=huge, headers={"Content-Type": "image/png"}, timeout=120)
+        statuses.append(r.status_code)
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 8
+    peak_mb = rss_peak_kb(server.proc.pid) / 1024
+    assert peak_mb < 600, peak_mb   # was 3,058 MB in this test before the budget and the mmap threshold
+
+
+def test_two_services_with_different_models_on_one_store(device_bundle, other_device_bundle, tmp_path):
+    a = Server(device_bundle, tmp_path / "store")
+    b = Server(other_device_bundle, tmp_path / "store")
+    try:
+        assert httpx.post(a.url + "/v1/classes/alpha/images", files=files(1)).status_code == 201
+        r = httpx.post(b.url + "/v1/classes/beta/images", files=files(2))
+        assert r.status_code == 409 and "belongs to another model" in r.json()["error"]
+        assert httpx.post(a.url + "/v1/classes/gamma/images", files=files(3)).status_code == 201
+        assert labels(a) == ["alpha", "gamma"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_backup_restored_while_serving_is_not_undone(server):
+    store = server.store
+    httpx.post(server.url + "/v1/classes/alpha/images", files=files(1))
+    shutil.copy(store / "enrollment.npz", store.parent / "backup.npz")
+    httpx.post(server.url + "/v1/classes/beta/images", files=files(2))
+    httpx.delete(server.url + "/v1/classes/alpha")
+    shutil.copy(store.parent / "backup.npz", store / "enrollment.npz")
+    assert httpx.post(server.url + "/v1/classes/gamma/images", files=files(3)).status_code == 201
+    assert labels(server) == ["alpha", "gamma"]
+
+
+def test_slow_headers_are_cut_off_and_a_vanishing_client_leaves_no_traceback(server):
+    host, port = "127.0.0.1", server.port
+    with socket.create_connection((host, port)) as slow:
+        slow.sendall(b"GET /v1/classes HTTP/1.1\r\nHost: 127.0.0.1\r\n")   # never finishes its headers
+        slow.settimeout(5)
+        t0 = time.monotonic()
+        assert slow.recv(100) == b""                                        # closed by the server
+        assert time.monotonic() - t0 < 4
+    with socket.create_connection((host, port)) as gone:
+        gone.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 10)
+    time.sleep(0.5)
+    assert httpx.get(server.url + "/v2/health/live").status_code == 200
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_disk_full_while_enrolling_is_507_and_keeps_nothing(device_bundle, tmp_path, monkeypatch):
+    import errno
+
+    from edgemeta.runtime import FewShotClassifier, store
+    from edgemeta.runtime.errors import StorageError
+    from edgemeta.runtime.serve.app import status_of
+    clf = FewShotClassifier.load(device_bundle, store=tmp_path / "s")
+    clf.enroll("kept", [png(1)])
+    real = store.atomic_write
+
+    def full(path, content, durable=True):
+        if str(path).endswith("enrollment.npz"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, content, durable)
+    monkeypatch.setattr(store, "atomic_write", full)
+    with pytest.raises(StorageError, match="No space left on device; nothing was changed") as info:
+        clf.enroll("new", [png(2), png(3)])
+    assert status_of(info.value) == 507
+    assert sorted(p.name for p in (tmp_path / "s" / "images").iterdir()) == list(clf.store.read().classes[0].images)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-body-mb", "inf"], "--max-body-mb must be a finite number"),
+    (["--host", "not a host"], "is not an IP address or a host name"),
+    (["--max-batch", "0"], "--max-batch must be 1–1024"),
+    (["--batch-window-ms", "5000"], "--batch-window-ms must be 0–100"),
+])
+def test_bad_options_are_one_line_before_anything_starts(device_bundle, tmp_path, args, message):
+    r = subprocess.run([str(EDGEMETA), "serve", str(device_bundle), "--store", str(tmp_path / "s"), *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert "edgemeta serve:" not in r.stderr  # no banner before the error
+
+
+def test_an_api_key_fifo_does_not_hang_the_start(device_bundle, tmp_path):
+    fifo = tmp_path / "key"
+    os.mkfifo(fifo, 0o600)
+    r = subprocess.run([str(EDGEMETA), "serve", str(device_bundle), "--store", str(tmp_path / "s"), "--api-key-file", str(fifo)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "is not a regular file" in r.stderr
