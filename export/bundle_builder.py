@@ -96,8 +96,9 @@ def bundle_target(out: Path, overwrite: bool, sources: tuple[Path, ...] = ()):
     out = Path(out)
     resolved = out.resolve()
     for src in sources:
-        if resolved == Path(src).resolve() or resolved in Path(src).resolve().parents:
-            raise BundleError(f"--out {out} contains the source {src}; choose another --out")
+        own = Path(src).resolve()
+        if resolved == own or resolved in own.parents or own in resolved.parents:
+            raise BundleError(f"--out {out} contains the source {src} or lies inside it; choose another --out")
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
             raise BundleError(f"--out {out} exists and is not a folder; choose another --out")

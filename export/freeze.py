@@ -32,6 +32,9 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
            overwrite: bool = False, max_batch: int = 32, progress: Progress = SILENT) -> dict:
     from edgemeta.runtime import FewShotClassifier
     from edgemeta.runtime.classifier import calibrate_rejection
+    from edgemeta.runtime.store import EnrollmentStore
+    if not EnrollmentStore(store_dir).exists():
+        raise StoreError(f"no store at {store_dir} (no enrollment.npz there); enroll classes first")
     clf = FewShotClassifier.load(bundle_dir, store=store_dir, variant=variant, backend="onnxruntime")
     state = clf._state
     if not state.classes:
@@ -43,7 +46,7 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
     model = check_model(model)
     labels = state.labels
     threshold = calibrate_rejection(state.classes, metric)
-    with bundle_target(Path(out), overwrite, ()) as building:
+    with bundle_target(Path(out), overwrite, (Path(bundle_dir), Path(store_dir))) as building:
         onnx.save(model, str(building / "classifier.onnx"))
         (building / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
         manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "variants", "engines")}

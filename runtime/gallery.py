@@ -112,6 +112,16 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
     return header, classes, images
 
 
+def read_header(path: str | os.PathLike) -> dict:
+    """A gallery's JSON header alone (no embeddings or images read)."""
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("header.npy")
+        if info.file_size > MAX_HEADER_BYTES:
+            raise StoreError(f"{path}: header over {MAX_HEADER_BYTES >> 20} MB")
+        return json.loads(str(np.load(io.BytesIO(zf.read(info)), allow_pickle=False)))
+
+
 def _read_members(path: str | os.PathLike, where: str) -> tuple[dict, dict[str, np.ndarray]]:
     """The header, then — only once every member's declared size fits what the header says and
     the limits — the arrays. A forged size cannot make us decompress more: zipfile stops reading a
@@ -120,10 +130,9 @@ def _read_members(path: str | os.PathLike, where: str) -> tuple[dict, dict[str, 
     try:
         with zipfile.ZipFile(path) as zf:
             infos = {i.filename: i for i in zf.infolist()}
-            hinfo = infos.get("header.npy")
-            if hinfo is None or hinfo.file_size > MAX_HEADER_BYTES:
-                raise StoreError(f"{where} is not a gallery (no header, or a header over {MAX_HEADER_BYTES >> 20} MB)")
-            header = json.loads(str(np.load(io.BytesIO(zf.read(hinfo)), allow_pickle=False)))
+            if "header.npy" not in infos:
+                raise StoreError(f"{where} is not a gallery (no header)")
+            header = read_header(path)
             check_format(header, GALLERY_FORMAT, GALLERY_VERSION, "gallery", where)
             entries, dim = header.get("classes"), header.get("embedding_dim")
             if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_CLASSES:

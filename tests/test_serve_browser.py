@@ -147,3 +147,66 @@ def test_enroll_two_classes_from_the_camera_predict_live_and_forget(shipped_bund
         for driver in drivers.values():
             driver.quit()
         srv.stop()
+
+
+ATTACK_PAGE = """<!doctype html><title>pending</title><script>
+// Any page the user has open: a "simple" cross-site POST (multipart, no custom headers, no-cors),
+// which a browser sends without a CORS preflight. It cannot read the answer; it only has to land.
+const png = Uint8Array.from(atob("%s"), c => c.charCodeAt(0));
+const form = new FormData();
+form.append("images", new Blob([png], {type: "image/png"}), "x.png");
+// A DELETE is not "simple": the browser asks first (CORS preflight), and the service, with no
+// --cors-origin, does not allow it.
+Promise.allSettled([
+  fetch("%s/v1/classes/mug/images?mode=replace", {method: "POST", body: form, mode: "no-cors"}),
+  fetch("%s/v1/classes/evil/images", {method: "POST", body: form, mode: "no-cors"}),
+  fetch("%s/v1/classes/mug", {method: "DELETE"}),
+]).then(r => { document.title = "sent " + r.map(x => x.status).join(","); });
+</script>"""
+
+
+def test_a_page_of_another_origin_cannot_write_and_the_own_page_can(tmp_path):
+    """Two loopback origins in one Chromium: the service's own page enrolls; a page served from
+    another port sends the cross-site writes a malicious site would, and they change nothing."""
+    import base64
+    import functools
+    import http.server
+    import threading
+
+    import httpx
+
+    from serve_helpers import free_port
+    bundle = Path(shutil.copytree(ROOT / "tests" / "tiny_bundle", tmp_path / "bundle"))
+    srv = Server(bundle, tmp_path / "store")
+    buf = io.BytesIO()
+    Image.new("L", (16, 16), 90).save(buf, "PNG")
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    (attacker / "index.html").write_text(ATTACK_PAGE % (base64.b64encode(buf.getvalue()).decode(), srv.url, srv.url, srv.url))
+    port = free_port()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(http.server.SimpleHTTPRequestHandler,
+                                                                                      directory=str(attacker)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    write_y4m(tmp_path / "grey.y4m", buf.getvalue())
+    driver = browser(tmp_path / "grey.y4m")
+    try:
+        assert httpx.post(srv.url + "/v1/classes/mug/images", files=[("images", ("m.png", buf.getvalue(), "image/png"))]).status_code == 201
+        driver.get(srv.url + "/")   # the service's own page writes through the same API
+        status = driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const png = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+            const form = new FormData();
+            form.append("images", new Blob([png], {type: "image/png"}), "own.png");
+            fetch("/v1/classes/own/images", {method: "POST", body: form}).then(r => done(r.status), e => done(String(e)));
+        """, base64.b64encode(buf.getvalue()).decode())
+        assert status == 201
+        driver.get(f"http://127.0.0.1:{port}/index.html")
+        wait_for(driver, lambda d: d.title != "pending", "the attack page's requests")
+        assert driver.title == "sent fulfilled,fulfilled,rejected"   # the POSTs went out; the DELETE was blocked
+        classes = {c["label"]: c["shots"] for c in httpx.get(srv.url + "/v1/classes").json()["classes"]}
+        assert classes == {"mug": 1, "own": 1}      # nothing enrolled, replaced or forgotten
+        assert 'edgemeta_http_requests_total{method="POST",route="refused",status="403"} 2.0' in httpx.get(srv.url + "/metrics").text
+    finally:
+        driver.quit()
+        httpd.shutdown()
+        srv.stop()

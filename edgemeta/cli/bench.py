@@ -65,8 +65,8 @@ def bench(
     from edgemeta.cli.common import writable_target
     if repeat < 1:
         raise ConfigError(f"--repeat must be ≥ 1, got {repeat}")
-    writable_target(json_out, "--json")  # checked before the run, not after it
-    writable_target(plot, "--plot")
+    writable_target(json_out, "--json", (bundle, images), kind="json")  # checked before the run, not after it
+    writable_target(plot, "--plot", (bundle, images), kind="png")
     heads = ["prototype", "ridge", "logistic"] if head == "all" else [h.strip() for h in head.split(",")]
     if set(heads) - {"prototype", "ridge", "logistic"}:
         raise ConfigError(f"unknown head in {head!r}")

@@ -116,9 +116,11 @@ def _finite(value):
     return value
 
 
-def writable_target(path: Optional[Path], what: str) -> None:
-    """Check before a long run that an output file can be written there (its folder exists, it is
-    not a folder)."""
+def writable_target(path: Optional[Path], what: str, inputs: tuple[Optional[Path], ...] = (), kind: str | None = None) -> None:
+    """Check before a long run that an output file can be written there: its folder exists and is
+    writable, it is not a folder, not inside one of the command's own inputs (a bundle, a store) nor
+    one of them, and — where it exists already — a file of its own kind (`kind`: jsonl, json,
+    gallery, png), never something else that writing would truncate."""
     from edgemeta.runtime.errors import ConfigError
     if path is None:
         return
@@ -128,6 +130,40 @@ def writable_target(path: Optional[Path], what: str) -> None:
         raise ConfigError(f"{what} {path}: folder {path.parent} does not exist; create it first")
     if not os.access(path.parent, os.W_OK):
         raise ConfigError(f"{what} {path}: folder {path.parent} is not writable")
+    target = path.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        own = source.resolve()
+        if target == own or own in target.parents:
+            raise ConfigError(f"{what} {path} is inside the command's own input {source}; writing it would damage "
+                              "that input — choose another path")
+    if kind == "png" and path.suffix.lower() != ".png":
+        raise ConfigError(f"{what} {path}: the plot is a PNG image; give a file name ending in .png")
+    if kind is not None and path.is_file() and path.stat().st_size and not _is_kind(path, kind):
+        raise ConfigError(f"{what} {path} exists and is not a {kind} file edgemeta wrote; it will not be overwritten")
+
+
+def _is_kind(path: Path, kind: str) -> bool:
+    """Whether an existing file looks like an output of this kind (read from its start only)."""
+    import json
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if kind == "png":
+        return head.startswith(b"\x89PNG\r\n\x1a\n")
+    if kind == "gallery":
+        try:
+            from edgemeta.runtime.gallery import GALLERY_FORMAT, read_header
+            return read_header(path).get("format") == GALLERY_FORMAT
+        except Exception:
+            return False
+    try:
+        text = head.decode("utf-8")
+        if kind == "jsonl":
+            return isinstance(json.loads(text.splitlines()[0]), dict)
+        return head.lstrip()[:1] in (b"{", b"[") and isinstance(json.loads(path.read_text()), (dict, list))
+    except (UnicodeDecodeError, ValueError, IndexError):
+        return False
 
 
 def parse_unknown(text: Optional[str]) -> float | str | None:

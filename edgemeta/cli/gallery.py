@@ -22,7 +22,7 @@ def gallery_export(
     """Write the store's classes (labels, support embeddings, head, model sha) to one checksummed file."""
     from edgemeta.cli.common import writable_target
     from edgemeta.runtime.gallery import export_gallery
-    writable_target(out, "--out")
+    writable_target(out, "--out", (store,), kind="gallery")
     header = export_gallery(store, out, images=with_images)
     shots = sum(c["shots"] for c in header["classes"])
     console.print(f"gallery written: {out} ({len(header['classes'])} class(es), {shots} shot(s)"

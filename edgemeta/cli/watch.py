@@ -56,7 +56,7 @@ def watch(
         raise ConfigError(f"--max-frames must be ≥ 1, got {max_frames}")
     if duration is not None and not duration > 0:
         raise ConfigError(f"--duration must be > 0 seconds, got {duration}")
-    writable_target(jsonl, "--jsonl")
+    writable_target(jsonl, "--jsonl", (bundle, store, Path(source) if Path(source).exists() else None), kind="jsonl")
     size = None
     if capture_size is not None:
         try:

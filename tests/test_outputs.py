@@ -1,0 +1,80 @@
+"""Output options never write over the command's own inputs, nor over a file of another kind:
+every case here destroyed a store or a bundle with exit status 0 before. Torch-free tiny bundle."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from edgemeta.runtime import FewShotClassifier
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def enrolled(device_bundle, tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16), dtype=np.uint8)).save(frames / f"{i}.png")
+    clf = FewShotClassifier.load(device_bundle, store=tmp_path / "store")
+    clf.enroll("a", [frames / "0.png"])
+    clf.enroll("b", [frames / "1.png"])
+    return device_bundle, tmp_path / "store", frames
+
+
+@pytest.mark.parametrize("command", [
+    lambda b, s, f: ["watch", b, "--store", s, "--source", f, "--jsonl", s / "enrollment.npz"],
+    lambda b, s, f: ["watch", b, "--store", s, "--source", f, "--jsonl", b / "embed.onnx"],
+    lambda b, s, f: ["watch", b, "--store", s, "--source", f, "--jsonl", f / "0.png"],
+    lambda b, s, f: ["gallery", "export", "--store", s, "--out", s / "enrollment.npz"],
+    lambda b, s, f: ["gallery", "export", "--store", s, "--out", b / "embed.onnx"],
+    lambda b, s, f: ["bench", b, "--json", b / "manifest.json", "--repeat", "1"],
+    lambda b, s, f: ["bench", b, "--plot", b / "plot.png", "--repeat", "1"],
+])
+def test_outputs_inside_the_commands_own_inputs_are_refused(enrolled, command):
+    bundle, store, frames = enrolled
+    before = tree(bundle.parent)
+    r = run_cli(*command(bundle, store, frames))
+    assert r.exit_code != 0 and ("own input" in r.output or "will not be overwritten" in r.output), r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert tree(bundle.parent) == before
+
+
+def test_an_existing_file_of_another_kind_is_not_truncated(enrolled, tmp_path):
+    bundle, store, frames = enrolled
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    for args in (["gallery", "export", "--store", store, "--out", notes],
+                 ["watch", bundle, "--store", store, "--source", frames, "--jsonl", notes],
+                 ["bench", bundle, "--json", notes, "--repeat", "1"]):
+        r = run_cli(*args)
+        assert r.exit_code != 0 and "will not be overwritten" in r.output, r.output
+    assert notes.read_text() == "my notes\n"
+    r = run_cli("bench", bundle, "--plot", tmp_path / "x.onnx", "--repeat", "1")
+    assert r.exit_code != 0 and "ending in .png" in r.output and "Traceback" not in r.output
+    # its own kind is replaced as before
+    assert run_cli("gallery", "export", "--store", store, "--out", tmp_path / "g.npz").exit_code == 0
+    assert run_cli("gallery", "export", "--store", store, "--out", tmp_path / "g.npz").exit_code == 0
+    out = tmp_path / "frames.jsonl"
+    for _ in range(2):
+        r = run_cli("watch", bundle, "--store", store, "--source", frames, "--jsonl", out)
+        assert r.exit_code == 0, r.output
+    assert len(out.read_text().splitlines()) == 3
+
+
+def test_freeze_never_replaces_its_own_bundle_or_store(enrolled, tmp_path):
+    pytest.importorskip("onnx")
+    bundle, store, _ = enrolled
+    before = tree(bundle.parent)
+    for out in (bundle, store, bundle / "frozen"):
+        r = run_cli("freeze", bundle, "--store", store, "--out", out, "--overwrite")
+        assert r.exit_code != 0 and "contains the source" in r.output, r.output
+    assert tree(bundle.parent) == before
+    r = run_cli("freeze", bundle, "--store", tmp_path / "missing", "--out", tmp_path / "f")
+    assert r.exit_code != 0 and "no store at" in r.output
