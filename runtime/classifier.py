@@ -125,13 +125,21 @@ def calibrate_rejection(classes: tuple[EnrolledClass, ...], metric: str, slack: 
     return None
 
 
+# Letters of other scripts that render like the Latin ones of "unknown" (Unicode confusables).
+_LOOKALIKES = str.maketrans({"о": "o", "ο": "o", "օ": "o", "к": "k", "κ": "k", "ո": "n", "п": "n", "ս": "u",
+                             "υ": "u", "ԝ": "w", "ѡ": "w", "ω": "w", "ɯ": "w"})
+
+
 def check_label(label) -> str:
-    """A class label as stored: stripped, 1–128 characters, no control characters (newline, NUL,
-    ESC…), not the reserved "unknown"."""
+    """A class label as stored: text, Unicode NFC (one form for what prints the same), stripped,
+    1–128 characters, no control characters (newline, NUL, ESC…), and neither the reserved
+    "unknown" nor anything that reads as it (other case, width or script)."""
     import unicodedata
-    text = str(label).strip()
-    if not text or text == UNKNOWN:
-        raise LabelError(f"{text!r} cannot be a class label")
+    if not isinstance(label, str):
+        raise LabelError(f"class labels are text, not {type(label).__name__} ({label!r})")
+    text = unicodedata.normalize("NFC", label).strip()
+    if not text or unicodedata.normalize("NFKC", text).casefold().translate(_LOOKALIKES) == UNKNOWN:
+        raise LabelError(f"{text!r} cannot be a class label" + (" (it reads as the reserved 'unknown')" if text else ""))
     if len(text) > MAX_LABEL_LENGTH:
         raise LabelError(f"class label {text[:40]!r}… is {len(text)} characters; the limit is {MAX_LABEL_LENGTH}")
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in text):
@@ -355,6 +363,7 @@ class FewShotClassifier:
     def forget(self, label: str) -> None:
         if self.store is not None and not self.store.exists():
             raise StoreError(f"no store at {self.store.path}; nothing to forget")
+        label = check_label(label)  # the same form enrollment stored: "  mug " forgets "mug"
         with self._write_lock, self._store_lock():
             state = self._refresh()
             if state.find(label) is None:

@@ -36,6 +36,7 @@ STORE_FORMAT = "edgemeta-store"
 STORE_VERSION = 1
 STATE_FILE = "enrollment.npz"
 LOCK_FILE = ".lock"
+LOCK_TIMEOUT_S = 60.0  # how long a writer waits for another process's lock before it gives up
 IMAGES_DIR = "images"
 # Names the store gives kept images: the first 32 hex digits of the file's sha256, then its suffix.
 KEPT_NAME = re.compile(r"([0-9a-f]{32})(\.[a-z0-9]{1,10})$")
@@ -128,6 +129,9 @@ def check_format(header, fmt: str, version: int, what: str, where: str) -> None:
 
 
 def decode_state(data: bytes, where: str) -> StoreState:
+    if not data.startswith(b"PK"):
+        raise StoreError(f"{where} is not an enrollment store (not an .npz file edgemeta wrote); "
+                         "restore it from a backup or enroll again into a new store")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             header = json.loads(str(z["header"]))
@@ -198,6 +202,8 @@ class EnrollmentStore:
         if not self.exists():
             if self.path.exists() and not self.path.is_dir():
                 raise StoreError(f"{self.path} is a file, not a store folder")
+            if self.state_file.exists() or self.state_file.is_symlink():
+                raise StoreError(f"{self.state_file} is not a regular file; a store's state is a file edgemeta writes")
             return None
         stamp = self._stamp()
         state = decode_state(self.state_file.read_bytes(), str(self.state_file))
@@ -232,17 +238,46 @@ class EnrollmentStore:
         self._remove_released_images(previous - self._recorded)
 
     @contextlib.contextmanager
-    def locked(self):
-        """Exclusive advisory lock across processes for a read-modify-write."""
+    def locked(self, timeout: float | None = None):
+        """Exclusive advisory lock across processes for a read-modify-write. When another process
+        holds it, say so on stderr (with its pid) and wait up to `timeout` seconds (LOCK_TIMEOUT_S),
+        then give up with StoreError: a stuck writer never hangs a command silently."""
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / LOCK_FILE, "a+") as f:
             try:
                 import fcntl
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             except ImportError:  # pragma: no cover - not POSIX
-                pass
+                fcntl = None  # type: ignore[assignment]
+            if fcntl is not None:
+                self._acquire(f, fcntl, LOCK_TIMEOUT_S if timeout is None else timeout)
+                f.seek(0)
+                f.truncate()
+                f.write(str(os.getpid()))
+                f.flush()
             self._remove_stale_temp_files()  # every writer holds the lock while its temp file exists
             yield
+
+    def _acquire(self, f, fcntl, timeout: float) -> None:
+        import sys
+        import time
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        f.seek(0)
+        holder = f.read(32).strip() or "another process"
+        sys.stderr.write(f"edgemeta: the store at {self.path} is locked by pid {holder}; waiting up to {timeout:g} s\n")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"the store at {self.path} stayed locked by pid {holder} for {timeout:g} s; "
+                                     "is another edgemeta stuck? nothing was changed") from None
+                time.sleep(0.05)
 
     def tidy(self) -> None:
         """At open: remove the temp files an interrupted save left, under the lock (a writer in
@@ -260,6 +295,8 @@ class EnrollmentStore:
         """Store an image's bytes under images/ (content-addressed, durable); returns its file name."""
         folder = self.path / IMAGES_DIR
         folder.mkdir(parents=True, exist_ok=True)
+        if self._own_folder(IMAGES_DIR) is None:
+            raise StoreError(f"{folder} is a link to another folder; a store keeps images only in its own images/ folder")
         suffix = suffix.lower() if suffix and KEPT_NAME.fullmatch("0" * 32 + suffix.lower()) else ".img"
         name = hashlib.sha256(data).hexdigest()[:32] + suffix
         if not (folder / name).exists():

@@ -188,3 +188,85 @@ def test_twenty_thousand_classes_fit_save_and_predict_in_linear_memory(device_bu
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     classes, peak_kb = map(int, out.stdout.split())
     assert classes == n and peak_kb < 400_000, (peak_kb, out.stderr[-500:])  # measured 2026-12-03: ~300 MB
+
+
+@pytest.mark.parametrize("label", ["unknоwn", "ｕｎｋｎｏｗｎ", "UNKNOWN", " unknown "])
+def test_look_alikes_of_the_rejection_label_are_refused(device_bundle, label):
+    from edgemeta.runtime.errors import LabelError
+    with pytest.raises(LabelError, match="reserved 'unknown'"):
+        FewShotClassifier.load(device_bundle).enroll(label, pixels(1))
+
+
+def test_labels_are_one_unicode_form_and_forget_strips_as_enroll_does(device_bundle, tmp_path):
+    import unicodedata
+    clf = FewShotClassifier.load(device_bundle, store=tmp_path / "s")
+    clf.enroll(unicodedata.normalize("NFC", "café"), pixels(1, 1))
+    assert clf.enroll(unicodedata.normalize("NFD", "café"), pixels(1, 2), mode="add") == 2   # the same class
+    assert clf.classes == ["café"]
+    clf.enroll("mug", pixels(1, 3))
+    clf.forget("  mug ")
+    assert clf.classes == ["café"]
+
+
+def test_store_files_of_the_wrong_kind_say_what_they_are(device_bundle, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "enrollment.npz").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(StoreError) as info:
+        FewShotClassifier.load(device_bundle, store=tmp_path / "a")
+    assert "not an .npz file edgemeta wrote" in str(info.value) and "allow_pickle" not in str(info.value)
+    (tmp_path / "b" / "enrollment.npz").mkdir(parents=True)
+    with pytest.raises(StoreError, match="not a regular file"):
+        FewShotClassifier.load(device_bundle, store=tmp_path / "b")
+
+
+def test_a_linked_images_folder_receives_nothing(device_bundle, tmp_path):
+    users = tmp_path / "my-photos"
+    users.mkdir()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "images").symlink_to(users)
+    clf = FewShotClassifier.load(device_bundle, store=tmp_path / "s")
+    with pytest.raises(StoreError, match="link to another folder"):
+        clf.enroll("mug", [_png(1)])
+    assert list(users.iterdir()) == []
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels(1, seed)[0, :, :, 0]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_locked_store_says_who_holds_it_and_gives_up(device_bundle, tmp_path, capsys):
+    import fcntl
+    import os
+
+    from edgemeta.runtime import store as store_module
+    clf = FewShotClassifier.load(device_bundle, store=tmp_path / "s")
+    clf.enroll("a", pixels(1))
+    with open(tmp_path / "s" / ".lock", "a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        held.seek(0)
+        held.truncate()
+        held.write("4242")
+        held.flush()
+        with pytest.raises(StoreError, match="stayed locked by pid 4242 for 0.3 s"):
+            with EnrollmentStore(tmp_path / "s").locked(timeout=0.3):
+                pass
+    assert "locked by pid 4242; waiting up to 0.3 s" in capsys.readouterr().err
+    assert store_module.LOCK_TIMEOUT_S == 60.0
+    with EnrollmentStore(tmp_path / "s").locked():
+        assert (tmp_path / "s" / ".lock").read_text() == str(os.getpid())
+
+
+def test_a_label_with_a_newline_in_the_url_is_a_400_that_says_why(device_bundle, tmp_path):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from serve_helpers import Server
+    s = Server(device_bundle, tmp_path / "store")
+    try:
+        r = httpx.delete(s.url + "/v1/classes/mug%0aevil")
+        assert r.status_code == 400 and "control characters" in r.json()["error"]
+    finally:
+        s.stop()

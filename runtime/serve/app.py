@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..classifier import FewShotClassifier, parse_unknown
+from ..classifier import FewShotClassifier, check_label, parse_unknown
 from ..errors import (BusyError, ClassExistsError, ConfigError, DataError, EdgemetaError, ImageTooLargeError, LabelError,
                       StorageError, StoreError, UnknownClassError)
 from ..preprocess import DecodeBudget, load_images
@@ -119,7 +119,7 @@ class Service:
     def forget(self, label: str) -> dict:
         self.clf.forget(label)
         self.metrics.classes.set(len(self.clf.classes))
-        return {"forgotten": label, "classes": len(self.clf.classes)}
+        return {"forgotten": check_label(label), "classes": len(self.clf.classes)}
 
     def device(self) -> dict:
         if self._device is None:  # probing CUDA and /proc takes milliseconds: once per process
@@ -334,6 +334,10 @@ def create_app(service: Service):
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request, exc: HTTPException):
+        path = request.scope.get("path", "")  # decoded, as routed (request.url drops newlines)
+        if exc.status_code == 404 and path.startswith("/v1/classes/") and any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
+            # no route matches a path with a newline in it: say why rather than "Not Found"
+            return error(400, "class labels cannot hold control characters (newline, tab, NUL…); use printable text")
         return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
