@@ -10,6 +10,7 @@ import io
 import pickle
 import tarfile
 import threading
+import time
 import zipfile
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +35,27 @@ class Files(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's name
         name = self.path.lstrip("/")
         self.requests.append((name, self.headers.get("Range")))
+        if name.startswith("drip/"):  # a mirror sending a byte every 50 ms, for ever
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(2000):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.05)
+            return
+        if name.startswith("endless/"):  # no Content-Length, and far more than the file
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(64):
+                    self.wfile.write(bytes(1 << 20))
+            except OSError:
+                pass
+            self.close_connection = True
+            return
         data = self.files.get(name)
         if data is None:
             self.send_error(404)
@@ -267,3 +289,69 @@ def test_tiny_imagenet_is_rebuilt_in_our_layout(tmp_path):
     with pytest.raises(DataError, match="lacks"):
         build_tiny_imagenet_fs(tmp_path / "tiny-imagenet-200.zip", tmp_path / "bad.zip", {"n00000001": "nothing"})
     assert not (tmp_path / "bad.zip").exists()
+
+
+def test_pins_win_over_a_forged_ledger(served, tmp_path):
+    """Edit the downloaded file and write its new digests into the ledger: fetch must not take it."""
+    import json
+    catalog = catalog_for(served)
+    fetch("omniglot", tmp_path, catalog=catalog)
+    target = tmp_path / "omniglot/images_evaluation.zip"
+    forged = b"PK forged content"
+    target.write_bytes(forged)
+    ledger_path = tmp_path / ".edgemeta-data.json"
+    ledger = json.loads(ledger_path.read_text())
+    ledger["omniglot/images_evaluation.zip"].update(size=len(forged), sha256=hashlib.sha256(forged).hexdigest(),
+                                                     md5=catalog["omniglot"].files[1].md5)
+    ledger_path.write_text(json.dumps(ledger))
+    Files.requests = []
+    fetch("omniglot", tmp_path, catalog=catalog)
+    assert ("images_evaluation.zip", None) in Files.requests            # fetched again: the pin decided
+    assert target.read_bytes() == Files.files["images_evaluation.zip"]
+
+
+def test_a_dripping_mirror_is_cut_off_and_an_endless_one_capped(served, tmp_path):
+    import edgemeta.data.fetch as fetch_module
+    one = CATALOG["omniglot"].files[0]
+    drip = {"omniglot": replace(CATALOG["omniglot"], files=(replace(one, urls=(f"{served}/drip/{one.name}",)),))}
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="under 10,000 B/s after"):
+        fetch("omniglot", tmp_path / "a", catalog=drip, timeout=1)
+    assert time.monotonic() - t0 < 10                                       # not 2,000 × 50 ms
+    endless = {"omniglot": replace(CATALOG["omniglot"], files=(replace(one, urls=(f"{served}/endless/{one.name}",),
+                                                                       size=3 << 20),))}
+    with pytest.raises(DataError, match="more than the file's 3,145,728 bytes"):
+        fetch("omniglot", tmp_path / "b", catalog=endless)
+    assert not list((tmp_path / "b").rglob("*.part"))
+    assert fetch_module.MIN_RATE == 10_000
+
+
+def test_disk_full_during_a_download_says_so_and_leaves_no_part(served, tmp_path, monkeypatch):
+    import builtins
+    import errno
+    catalog = catalog_for(served)
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if str(path).endswith(".part") and "b" in mode and ("a" in mode or "w" in mode) else f
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(DataError, match="No space left on device; the partial file was removed. Free space"):
+        fetch("omniglot", tmp_path, catalog=catalog)
+    assert not list(tmp_path.rglob("*.part"))

@@ -69,8 +69,14 @@ def _rel(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _download(url: str, part: Path, progress: Progress, timeout: float) -> None:
-    """Append to `part` from where it stops (HTTP Range), or start over when the server ignores ranges."""
+MIN_RATE = 10_000  # bytes/s a transfer must average once it has run for --timeout seconds
+
+
+def _download(url: str, part: Path, progress: Progress, timeout: float, max_bytes: int | None = None) -> None:
+    """Append to `part` from where it stops (HTTP Range), or start over when the server ignores ranges.
+    Bounded in time (after `timeout` seconds the transfer must average MIN_RATE: a server dripping
+    bytes cannot hold it for ever) and in size (never more than `max_bytes`, the file's known size,
+    whatever the server says or does not say)."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **({"Range": f"bytes={have}-"} if have else {})})
     try:
@@ -84,26 +90,49 @@ def _download(url: str, part: Path, progress: Progress, timeout: float) -> None:
         done = have if resumed else 0
         length = response.headers.get("Content-Length")
         total = done + int(length) if length and length.isdigit() else None
+        if max_bytes is not None and total is not None and total > max_bytes:
+            raise _TooLarge(f"the server offers {total:,} bytes; the file is {max_bytes:,}")
         progress.start(f"download {part.name[:-5]}", total, done)
+        t0, first = time.monotonic(), done
         with open(part, "ab" if resumed else "wb") as out:
             while True:
                 try:
-                    chunk = response.read(CHUNK)
+                    chunk = response.read1(CHUNK)  # what has arrived: a slow server is seen, not waited for
                 except Exception as exc:  # IncompleteRead, reset, timeout: keep what arrived
                     raise _Interrupted(f"{done:,} of {total or '?':,} bytes" if total else f"{done:,} bytes") from exc
                 if not chunk:
                     break
-                out.write(chunk)
+                if max_bytes is not None and done + len(chunk) > max_bytes:
+                    raise _TooLarge(f"the server sent more than the file's {max_bytes:,} bytes")
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    raise _DiskError(exc.strerror or str(exc)) from None
                 done += len(chunk)
                 progress.update(done)
-            out.flush()
-            os.fsync(out.fileno())
+                elapsed = time.monotonic() - t0
+                if elapsed > timeout and (done - first) / elapsed < MIN_RATE:
+                    raise _Interrupted(f"{done:,} bytes at {(done - first) / elapsed:,.0f} B/s, under {MIN_RATE:,} B/s "
+                                       f"after {elapsed:.0f} s")
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                raise _DiskError(exc.strerror or str(exc)) from None
         progress.finish()
         if total is not None and done < total:
             raise _Interrupted(f"{done:,} of {total:,} bytes")
 
 
 class _Interrupted(Exception):
+    pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _DiskError(Exception):
     pass
 
 
@@ -117,8 +146,17 @@ def fetch_file(f: RemoteFile, root: Path, *, mirrors: tuple[str, ...] = (), prog
     failures = []
     for url in urls:
         try:
-            _download(url, part, progress, timeout)
+            _download(url, part, progress, timeout, f.size)
             break
+        except _DiskError as exc:
+            progress.finish()
+            part.unlink(missing_ok=True)
+            raise DataError(f"cannot write {part}: {exc}; the partial file was removed. Free space "
+                            f"({f.size or 'the file'} bytes needed) and run the same command again") from None
+        except _TooLarge as exc:
+            progress.finish()
+            part.unlink(missing_ok=True)
+            failures.append(f"{url} ({exc})")
         except _Interrupted as exc:
             progress.finish()
             raise DataError(f"the download of {f.name} from {url} stopped after {exc}; the partial file {part} is kept: "
@@ -186,7 +224,7 @@ def fetch(name: str, root: Path, *, mirrors: tuple[str, ...] = (), from_files: t
     for f in dataset.files:
         if f.name in given:
             install_from(f, given[f.name], root, name)
-        elif _matches_ledger(root, f.path(root), ledger):  # in place and unchanged since its verified fetch
+        elif _matches_ledger(root, f.path(root), ledger, f):  # in place, unchanged since its verified fetch, as pinned
             continue
         else:
             fetch_file(f, root, mirrors=mirrors, progress=progress, timeout=timeout, dataset=name)
@@ -202,10 +240,15 @@ def fetch(name: str, root: Path, *, mirrors: tuple[str, ...] = (), from_files: t
     return parts
 
 
-def _matches_ledger(root: Path, path: Path, ledger: dict) -> bool:
-    """The file is there with the size and sha256 the ledger recorded at its verified fetch or build."""
+def _matches_ledger(root: Path, path: Path, ledger: dict, pinned: RemoteFile | None = None) -> bool:
+    """The file is there with the size and sha256 the ledger recorded at its verified fetch or build
+    and, for a downloaded file, the pinned checksums: pins always win over the ledger (a file the
+    ledger could be edited to vouch for)."""
     entry = ledger.get(_rel(root, path))
-    return path.is_file() and bool(entry) and path.stat().st_size == entry.get("size") and digests(path)["sha256"] == entry.get("sha256")
+    if not (path.is_file() and bool(entry) and path.stat().st_size == entry.get("size")):
+        return False
+    found = digests(path)
+    return found["sha256"] == entry.get("sha256") and (pinned is None or mismatch(pinned, found) is None)
 
 
 def verify(name: str, root: Path, catalog: dict[str, Dataset] = CATALOG) -> list[str]:
