@@ -18,8 +18,8 @@ def test_backbones_embed_images_to_vectors(name, size, colour, dim):
     assert torch.isfinite(z).all()
 
 
-def test_registry_lists_three_backbones_and_refuses_unknown_names():
-    assert list_backbones() == ["conv4", "edgenet", "resnet12"]
+def test_registry_lists_the_backbones_and_refuses_unknown_names():
+    assert list_backbones() == ["conv4", "edgenet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet12"]
     with pytest.raises(ConfigError, match="unknown backbone 'vgg'.*conv4"):
         create_backbone("vgg")
     with pytest.raises(ConfigError, match="bad arguments"):
