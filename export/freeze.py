@@ -26,6 +26,15 @@ from .bundle_builder import bundle_target
 from .onnx_graph import check_model
 
 PROBABILITIES, DISTANCE = "probabilities", "distance"
+# probabilities × (distance ≤ the auto rejection threshold): all zero for an "unknown" input, so a
+# consumer that knows only a probability threshold (DeepStream's classifier-threshold) rejects it too
+KNOWN_PROBABILITIES = "probabilities_known"
+# nvinfer's scaling: GPU (scaling-compute-hw=1) with filter 4 (NvBufSurfTransformInter_Algo3, Lanczos
+# on the GPU), the closest to edgemeta's LANCZOS resize (runtime/preprocess.RESAMPLE)
+DEEPSTREAM_SCALING_FILTER, DEEPSTREAM_SCALING_HW = 4, 1
+# nvinfer's GRAY input from NV12 is the Y plane: limited-range luma (16–235). y = s · (x − offset)
+# with s = 255/219, offset 16 stretches it to the full range edgemeta's greyscale conversion gives.
+LIMITED_RANGE_SCALE, LIMITED_RANGE_OFFSET = 255.0 / 219.0, 16.0
 
 
 def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, variant: str = "fp32",
@@ -46,6 +55,9 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
     model = check_model(model)
     labels = state.labels
     threshold = calibrate_rejection(state.classes, metric)
+    _append_rejection_gate(model, threshold)
+    model = check_model(model)
+    deepstream_skip = _deepstream_refusal(labels, variant)
     with bundle_target(Path(out), overwrite, (Path(bundle_dir), Path(store_dir))) as building:
         onnx.save(model, str(building / "classifier.onnx"))
         (building / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
@@ -61,10 +73,51 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
         register_file(building, manifest, "labels.txt", "labels")
         manifest["variants"]["fp32"] = {"file": "classifier.onnx", "parity": None, "frozen_from": variant}
         _write_triton(building, manifest, max_batch)
-        _write_deepstream(building, manifest, max_batch)
+        if deepstream_skip is None:
+            _write_deepstream(building, manifest, max_batch)
+        manifest["frozen"]["deepstream"] = {"written": deepstream_skip is None, "why_not": deepstream_skip}
         write_manifest(building, manifest)
     progress.message(f"frozen: {len(labels)} classes, head {state.head.kind}, distance {metric}")
+    if deepstream_skip is not None:
+        progress.message(f"no DeepStream config: {deepstream_skip}")
     return manifest
+
+
+def _deepstream_refusal(labels: list[str], variant: str) -> str | None:
+    """Why DeepStream's nvinfer could not run this frozen classifier as edgemeta does, or None."""
+    if variant == "int8":
+        return ("an INT8 (Q/DQ) graph needs a strongly typed TensorRT build, which nvinfer's network-mode does not "
+                "make (mode 0 builds it without INT8, mode 1 without a calibration file falls back to FP16); "
+                "freeze the fp32 or fp16 variant for DeepStream, or serve this one with Triton or `edgemeta watch`")
+    bad = [label for label in labels if ";" in label]
+    if bad:
+        return f"label {bad[0]!r} holds ';', which separates labels in nvinfer's label file; rename the class"
+    return None
+
+
+def _append_rejection_gate(model: onnx.ModelProto, threshold: float | None) -> None:
+    """A third output: the probabilities gated by the rejection rule (all zero beyond `threshold`),
+    built from ops both runtimes take: clamp((t − d) · 1e6, 0, 1) is 1 for d < t (by more than 1e-6)."""
+    graph = model.graph
+    if threshold is None:  # a single one-shot class: nothing to reject against
+        gate = _const(graph, "gate_one", np.array(1.0, np.float32))
+    else:
+        margin = helper.make_node("Sub", [_const(graph, "gate_threshold", np.array([threshold], np.float32)), DISTANCE],
+                                  ["gate_margin"], name="gate_margin")
+        steep = helper.make_node("Mul", ["gate_margin", _const(graph, "gate_steep", np.array(1e6, np.float32))],
+                                 ["gate_steep_margin"], name="gate_steep_margin")
+        low = helper.make_node("Max", ["gate_steep_margin", _const(graph, "gate_zero", np.array(0.0, np.float32))],
+                               ["gate_low"], name="gate_low")
+        high = helper.make_node("Min", ["gate_low", _const(graph, "gate_unit", np.array(1.0, np.float32))],
+                                ["gate_flat"], name="gate_flat")
+        column = helper.make_node("Unsqueeze", ["gate_flat", _const(graph, "gate_axis", np.array([1], np.int64))],
+                                  ["gate"], name="gate")
+        graph.node.extend([margin, steep, low, high, column])
+        gate = "gate"
+    graph.node.append(helper.make_node("Mul", [PROBABILITIES, gate], [KNOWN_PROBABILITIES], name="gate_probabilities"))
+    probs = graph.output[0]
+    graph.output.append(helper.make_tensor_value_info(KNOWN_PROBABILITIES, TensorProto.FLOAT,
+                                                      [d.dim_param or d.dim_value for d in probs.type.tensor_type.shape.dim]))
 
 
 def _const(graph, name: str, array: np.ndarray) -> str:
@@ -147,6 +200,12 @@ output [
     data_type: TYPE_FP32
     dims: [ 1 ]
     reshape: {{ shape: [ ] }}
+  }},
+  {{
+    name: "{KNOWN_PROBABILITIES}"
+    data_type: TYPE_FP32
+    dims: [ {manifest['output']['dim']} ]
+    label_filename: "labels.txt"
   }}
 ]
 dynamic_batching {{ }}
@@ -155,25 +214,41 @@ dynamic_batching {{ }}
 
 
 def _write_deepstream(folder: Path, manifest: dict, max_batch: int) -> None:
-    """A DeepStream nvinfer config for the frozen graph as a secondary classifier: pixels go in as
-    0–255 floats (net-scale-factor 1, no offsets; the graph normalises), RGB or grey."""
+    """A DeepStream nvinfer config for the frozen graph as a secondary classifier on a detector's
+    objects. Pixels go in as 0–255 floats (the graph normalises); greyscale models get nvinfer's
+    limited-range luma stretched to the full range; the resize is GPU Lanczos; the output read is
+    the rejection-gated probabilities, so an "unknown" object gets no label (classifier-threshold).
+    nvinfer's label file is one line per output layer, labels separated by ';'."""
     spec = manifest["input"]
     channels = 3 if spec["colour"] == "RGB" else 1
+    scale, offset = (1.0, "0;0;0") if channels == 3 else (LIMITED_RANGE_SCALE, f"{LIMITED_RANGE_OFFSET:g}")
     (folder / "deepstream").mkdir()
-    (folder / "deepstream" / "config_infer_secondary_classifier.txt").write_text(f"""[property]
+    (folder / "deepstream" / "labels.txt").write_text(";".join(manifest["frozen"]["classes"]) + "\n")
+    (folder / "deepstream" / "config_infer_secondary_classifier.txt").write_text(f"""# nvinfer config written by `edgemeta freeze` (see docs/jetson.md, DeepStream)
+[property]
 gpu-id=0
 onnx-file=../classifier.onnx
-labelfile-path=../labels.txt
+# the engine nvinfer builds on first run and reuses after
+model-engine-file=../classifier.onnx_b{max_batch}_gpu0_fp32.engine
+labelfile-path=labels.txt
 batch-size={max_batch}
 network-type=1
 process-mode=2
 network-mode=0
-net-scale-factor=1.0
+net-scale-factor={scale:.9g}
+offsets={offset}
 model-color-format={0 if channels == 3 else 2}
 infer-dims={channels};{spec['height']};{spec['width']}
-output-blob-names={PROBABILITIES}
-classifier-threshold=0.0
+maintain-aspect-ratio=0
+scaling-filter={DEEPSTREAM_SCALING_FILTER}
+scaling-compute-hw={DEEPSTREAM_SCALING_HW}
+output-blob-names={KNOWN_PROBABILITIES}
+# probabilities_known is all zero beyond the rejection distance: such objects get no label ("unknown")
+classifier-threshold=0.01
 gie-unique-id=2
+# fill in: the gie-unique-id of your detector and the class ids of the objects to classify
+operate-on-gie-id=1
+#operate-on-class-ids=0
 """)
 
 

@@ -52,7 +52,7 @@ class FrozenClassifier:
         except Exception as exc:
             raise BundleError(f"ONNX Runtime cannot load {bundle.variant_path('fp32')}: {exc}") from None
         outputs = [o.name for o in self.session.get_outputs()]
-        if outputs != ["probabilities", "distance"] or len(self.labels) != self.bundle.manifest["output"]["dim"]:
+        if outputs[:2] != ["probabilities", "distance"] or len(self.labels) != self.bundle.manifest["output"]["dim"]:
             raise BundleError(f"{bundle.path}: the frozen graph returns {outputs}; re-freeze it")
 
     @classmethod
@@ -68,7 +68,7 @@ class FrozenClassifier:
         name = self.session.get_inputs()[0].name
         probs, dists = [], []
         for i in range(0, len(pixels), 64):
-            p, d = self.session.run(None, {name: pixels_to_batch(pixels[i:i + 64])})
+            p, d = self.session.run(["probabilities", "distance"], {name: pixels_to_batch(pixels[i:i + 64])})
             probs.append(p)
             dists.append(d)
         return np.concatenate(probs), np.concatenate(dists)

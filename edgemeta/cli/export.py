@@ -121,5 +121,6 @@ def freeze(
     from edgemeta.cli.common import RichProgress
     from edgemeta.export.freeze import freeze as run_freeze
     manifest = run_freeze(bundle, store, out, variant=variant, overwrite=overwrite, progress=RichProgress())
+    folders = "triton/, deepstream/" if manifest["frozen"]["deepstream"]["written"] else "triton/"
     console.print(f"frozen classifier written: {out} ({len(manifest['frozen']['classes'])} classes; "
-                  f"triton/, deepstream/, labels.txt)", markup=False)
+                  f"{folders}, labels.txt)", markup=False)
