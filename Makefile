@@ -36,11 +36,13 @@ test-main: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# A second environment as on a device: `pip install .` with no extras (no torch, no onnx).
+# A second environment as on a device: the wheel, built as docs/jetson.md says, installed with no
+# extras (no torch, no onnx) under the JetPack 6 constraints (numpy < 2).
 test-device: $(STAMP)
-	rm -rf $(DEVICE_VENV)
+	rm -rf $(DEVICE_VENV) build/dist
+	$(BIN)/python -m pip wheel -q --no-deps -w build/dist .
 	$(PYTHON) -m venv $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/python -m pip install -q . pytest
+	$(DEVICE_VENV)/bin/python -m pip install -q -c constraints/jetpack6.txt build/dist/edgemeta-*.whl pytest
 	rm -rf build/lib build/bdist*
 	$(BIN)/edgemeta export $(SHIPPED_CKPT) --out $(DEVICE_BUNDLE) --overwrite \
 		--calib-data data/omniglot/images_background_small2.zip

@@ -2,7 +2,7 @@
 and cuda-python runtime modules. Nothing here is verified on TensorRT: the fakes only record which
 calls edgemeta makes, in which order, and return what the TensorRT 10 Python API documents. The
 real engine build and run are covered by the GPU test in test_tensorrt_logic.py and by
-scripts/gpu_check.sh on a machine that has TensorRT."""
+scripts/gpu_check_workstation.sh and scripts/gpu_check_device.sh on a machine that has TensorRT."""
 from __future__ import annotations
 
 import ctypes
@@ -151,6 +151,7 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
 
         def execute_async_v3(self, stream):
             rec("execute_async_v3")
+            assert stream == 7, stream  # the stream's handle, an int
             n, chw = self.shape[0], int(np.prod(self.shape[1:]))
             cuda = sys.modules["cuda.bindings.runtime"]
 
@@ -209,7 +210,7 @@ def fake_cudart(rec: Recorder):
     cuda.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice="H2D", cudaMemcpyDeviceToHost="D2H")
     props = types.SimpleNamespace(name=b"Orin", major=8, minor=7, multiProcessorCount=16)
     cuda.cudaGetDeviceProperties = lambda i: (0, props)
-    cuda.cudaStreamCreate = lambda: (rec("cudaStreamCreate"), (0, 7))[1]
+    cuda.cudaStreamCreate = lambda: (rec("cudaStreamCreate"), (0, FakeStream(rec)))[1]
 
     def malloc(size):
         ptr = 1000 + len(cuda.DEVICE)
@@ -245,16 +246,37 @@ def fake_cudart(rec: Recorder):
     return cuda
 
 
+class FakeStream:
+    """A cudaStream_t whose int() (deprecated in cuda-python ≥ 12.8) is recorded."""
+
+    def __init__(self, rec):
+        self.rec = rec
+
+    def __int__(self):
+        self.rec("int(stream)")
+        return 7
+
+
+def fake_bindings_utils(rec):
+    utils = types.ModuleType("cuda.bindings.utils")
+    utils.get_cuda_native_handle = lambda obj: (rec("get_cuda_native_handle"), 7)[1]
+    return utils
+
+
 @pytest.fixture
 def fakes(monkeypatch):
     """Install the fakes as `tensorrt` and `cuda.bindings.runtime`; returns (recorder, install)."""
     rec = Recorder()
 
-    def install(**kw):
+    def install(native_handle: bool = True, **kw):
         monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(rec, **kw))
         monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
         monkeypatch.setitem(sys.modules, "cuda.bindings", types.ModuleType("cuda.bindings"))
         monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", fake_cudart(rec))
+        if native_handle:  # cuda-python ≥ 12.8; without it, 12.6 as on JetPack 6.1/6.2
+            monkeypatch.setitem(sys.modules, "cuda.bindings.utils", fake_bindings_utils(rec))
+        else:
+            monkeypatch.setitem(sys.modules, "cuda.bindings.utils", None)
         import importlib.util as iu
         real = iu.find_spec
         monkeypatch.setattr(iu, "find_spec", lambda name, *a: object() if name in ("tensorrt", "cuda") else real(name, *a))
@@ -365,10 +387,23 @@ def test_the_backend_sets_the_dla_core_before_deserialising_and_chunks_with_orde
     np.testing.assert_allclose(out[:, 0], x.reshape(37, -1).mean(1), rtol=1e-5)
     shapes = [c[1][0] for c in rec.calls if c[0] == "set_input_shape"]
     assert shapes == [16, 16, 5]
-    per_chunk = ["set_input_shape", "cudaMemcpyAsync", "execute_async_v3", "cudaMemcpyAsync", "cudaStreamSynchronize"]
-    assert rec.names() == per_chunk * 3
+    per_chunk = ["set_input_shape", "cudaMemcpyAsync", "get_cuda_native_handle", "execute_async_v3", "cudaMemcpyAsync",
+                 "cudaStreamSynchronize"]
+    assert rec.names() == per_chunk * 3   # the stream's handle through the accessor, never the deprecated int()
     backend.close()
     assert {"cudaFree", "cudaFreeHost", "cudaStreamDestroy"} <= set(rec.names())
+
+
+def test_cuda_python_12_6_without_the_accessor_passes_the_stream_by_int(fakes, tiny_bundle, tmp_path):
+    """JetPack 6.1/6.2 pin cuda-python 12.6, which has no get_cuda_native_handle yet."""
+    from edgemeta.runtime.backends import open_backend
+    rec, install = fakes
+    install(native_handle=False)
+    bundle, device = _engine_bundle(tiny_bundle, tmp_path, "fp16")
+    backend = open_backend(bundle, "tensorrt", variant="fp16", device=device)
+    backend.embed(np.zeros((2, 1, 28, 28), np.float32))
+    assert "int(stream)" in rec.names() and "get_cuda_native_handle" not in rec.names()
+    backend.close()
 
 
 def test_engine_selection_by_variant_and_fallback_when_an_engine_will_not_load(fakes, tiny_bundle, tmp_path):

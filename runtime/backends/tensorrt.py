@@ -32,6 +32,16 @@ def _cudart():
     return extras.cudart("the TensorRT backend")
 
 
+def native_handle(obj) -> int:
+    """The address a CUDA object (a cudaStream_t) wraps, for TensorRT's execute_async_v3. cuda-python
+    ≥ 12.8 has an accessor for it and deprecates int(obj); 12.6 (JetPack 6.1/6.2's) has only int()."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
+
+
 def _check(result):
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
@@ -121,7 +131,7 @@ class TensorRTBackend(Backend):
                                   f"(profile batch {self.min_batch}…{self.max_batch})")
             _check(cudart.cudaMemcpyAsync(self._d_in, self._h_in_ptr, size * self._chw * 4,
                                           cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream))
-            if not self.context.execute_async_v3(int(self._stream)):
+            if not self.context.execute_async_v3(native_handle(self._stream)):
                 raise BundleError("TensorRT execution failed")
             for name, w in self._row.items():
                 _check(cudart.cudaMemcpyAsync(self._h_out_ptr[name], self._d_out[name], size * w * 4,

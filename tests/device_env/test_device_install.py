@@ -1,4 +1,4 @@
-"""Run by `make test` in a second environment made with `pip install .` (no extras): no torch,
+"""Run by `make test` in a second environment: the wheel installed with no extras: no torch,
 no onnx — what a Jetson has. Proves the runtime and the device CLI need nothing more."""
 import importlib
 import importlib.util
@@ -26,7 +26,7 @@ def test_this_environment_has_no_torch_and_a_regular_install():
     import edgemeta
     import edgemeta.export
     import edgemeta.runtime
-    assert "site-packages" in edgemeta.__file__  # `pip install .`, not the source tree
+    assert "site-packages" in edgemeta.__file__  # the installed wheel, not the source tree
     assert "site-packages" in edgemeta.runtime.__file__ and "site-packages" in edgemeta.export.__file__
     assert BUNDLE.is_dir() and DATA.is_file(), "make test passes EDGEMETA_TEST_BUNDLE and EDGEMETA_TEST_DATA"
 
@@ -85,3 +85,15 @@ def test_serve_and_watch_say_what_to_install(tmp_path):
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "style.css"}  # the page ships in the wheel
     r = edgemeta("data", "list", "--root", tmp_path / "data")  # datasets need no training extra
     assert r.returncode == 0 and "omniglot:background" in r.stdout
+
+
+def test_installed_from_the_wheel_under_the_jetpack_constraints():
+    """docs/jetson.md's install: a wheel built on the workstation, numpy < 2 (JetPack's OpenCV)."""
+    from importlib.metadata import distribution
+
+    import numpy
+    dist = distribution("edgemeta")
+    assert (dist.read_text("WHEEL") or "").startswith("Wheel-Version")
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    assert direct.get("url", "").endswith(".whl"), direct
+    assert int(numpy.__version__.split(".")[0]) < 2, numpy.__version__
