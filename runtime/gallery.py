@@ -145,7 +145,8 @@ def _read_members(path: str | os.PathLike, where: str) -> tuple[dict, dict[str, 
                 if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SHOTS:
                     label = e.get("label") if isinstance(e, dict) else e
                     raise StoreError(f"{where}: class {label!r} has {n!r} shots; a class holds 1–{MAX_SHOTS:,}")
-            limits = {"embeddings.npy": sum(shots) * dim * 4 + NPY_HEADER_BYTES}
+            rows = sum(int(n) for n in shots if n is not None)
+            limits = {"embeddings.npy": rows * dim * 4 + NPY_HEADER_BYTES}
             for name, info in infos.items():
                 if name == "header.npy":
                     continue

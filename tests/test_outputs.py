@@ -2,7 +2,6 @@
 every case here destroyed a store or a bundle with exit status 0 before. Torch-free tiny bundle."""
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest

@@ -69,10 +69,13 @@ def test_the_store_does_not_delete_through_a_linked_images_folder(tiny_bundle, t
     store = tmp_path / "store"
     store.mkdir()
     (store / "images").symlink_to(photos, target_is_directory=True)
-    clf = FewShotClassifier.load(tiny_bundle, store=store)
+    clf = FewShotClassifier.load(tiny_bundle, store=store, keep_images=False)
     clf.enroll("a", mine[:2])
     clf.forget("a")
     assert all(p.exists() for p in mine)
+    with pytest.raises(StoreError, match="link to another folder"):  # nor are kept images written through it
+        FewShotClassifier.load(tiny_bundle, store=store).enroll("b", mine[:2])
+    assert sorted(photos.iterdir()) == sorted(mine)
 
 
 def test_a_crashed_save_leaves_temp_files_that_the_next_writer_removes(tiny_bundle, tagalog, tmp_path):

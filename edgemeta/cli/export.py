@@ -28,7 +28,7 @@ def export(
     calib_data: Optional[list[Path]] = typer.Option(None, help="Real images for parity, calibration and the INT8 accuracy check (folder or .zip)."),
     calib_images: int = typer.Option(256, help="Number of calibration images."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle (never a folder that is not one)."),
-    image_size: Optional[int] = typer.Option(None, help="Checkpoint: export for this square input size (globally pooled backbones, e.g. trained at 160, deployed at 224)."),
+    image_size: Optional[int] = typer.Option(None, help="Checkpoint: export for this square input size (globally pooled backbones: trained at 160, deployed at 224)."),
 ):
     """Export the backbone into a bundle (manifest.json + parity-checked ONNX [+ INT8/FP16]). TensorRT
     engines are built on the device into the bundle with `edgemeta build-engine`.

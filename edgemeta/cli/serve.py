@@ -26,7 +26,7 @@ def serve(
     max_body_mb: float = typer.Option(32.0, help="Largest request body (MiB)."),
     max_images: int = typer.Option(64, help="Most images in one request."),
     cors_origin: Optional[list[str]] = typer.Option(None, help="Allow pages from this origin to call the API (repeatable; none by default)."),
-    allowed_host: Optional[list[str]] = typer.Option(None, help="A host name this service answers to besides IP addresses and localhost (repeatable; e.g. jetson.local)."),
+    allowed_host: Optional[list[str]] = typer.Option(None, help="A host name it answers to besides IP addresses and localhost (repeatable; e.g. jetson.local)."),
     decode_budget_mp: float = typer.Option(40.0, help="Megapixels decoded at once across all requests; more wait (503 after 30 s)."),
     max_connections: int = typer.Option(256, help="Open connections; more are answered 503."),
     header_timeout: float = typer.Option(10.0, help="Seconds a connection has to send a request's headers."),
