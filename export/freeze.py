@@ -49,7 +49,7 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
     if not state.classes:
         raise StoreError(f"the store at {store_dir} has no classes to freeze")
     bundle = clf.bundle
-    model = onnx.load(str(bundle.variant_path(variant)))
+    model = onnx.load(str(bundle.variant_path(variant, cpu=clf.variant.endswith("-cpu"))))  # the store's graph
     metric = state.head.rejection_metric(bundle.l2_normalized)
     _append_head(model, state.head, state.fitted, metric)
     model = check_model(model)
@@ -58,6 +58,7 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
     _append_rejection_gate(model, threshold)
     model = check_model(model)
     deepstream_skip = _deepstream_refusal(labels, variant)
+    variant = clf.variant
     with bundle_target(Path(out), overwrite, (Path(bundle_dir), Path(store_dir))) as building:
         onnx.save(model, str(building / "classifier.onnx"))
         (building / "labels.txt").write_text("".join(f"{label}\n" for label in labels))

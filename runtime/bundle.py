@@ -73,6 +73,9 @@ def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
     for variant, entry in manifest["variants"].items():
         if variant not in VARIANTS or entry.get("file") not in manifest["files"]:
             raise BundleError(f"{where}: variant {variant!r} names a file the manifest does not list")
+        cpu = entry.get("cpu")
+        if cpu is not None and (not isinstance(cpu, dict) or cpu.get("file") not in manifest["files"]):
+            raise BundleError(f"{where}: variant {variant!r} names a CPU graph the manifest does not list")
     for engine in manifest["engines"]:
         for key in ("file", "tensorrt_version", "gpu_name", "compute_capability", "precision", "profile"):
             if key not in engine:
@@ -150,7 +153,14 @@ class Bundle:
         """Identity of the embedding: the fp32 ONNX graph's checksum (every variant derives from it)."""
         return self.manifest["files"][self.manifest["variants"]["fp32"]["file"]]["sha256"]
 
-    def variant_path(self, variant: str = "fp32") -> Path:
+    def variant_path(self, variant: str = "fp32", cpu: bool = False) -> Path:
+        """The variant's ONNX file; cpu=True: its CPU graph where it has one (INT8: U8S8 for ONNX
+        Runtime's CPU provider, where the TensorRT-shaped S8S8 graph runs slower than fp32)."""
+        path = self._variant_path(variant)
+        entry = self.manifest["variants"][variant].get("cpu") if cpu else None
+        return self.path / entry["file"] if entry else path
+
+    def _variant_path(self, variant: str) -> Path:
         if variant not in VARIANTS:
             raise BundleError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
         if variant not in self.manifest["variants"]:

@@ -197,8 +197,11 @@ class FewShotClassifier:
         if "frozen" in b.manifest:
             raise BundleError(f"{b.path} is a frozen classifier (classes and head inside): use "
                               "edgemeta.runtime.frozen.FrozenClassifier, or `edgemeta predict` without --store")
-        clf = cls(b, open_backend(b, backend, variant, threads=threads), resolve_head(b.head, head),
-                  EnrollmentStore(store) if store is not None else None, variant, keep_images)
+        opened = open_backend(b, backend, variant, threads=threads)
+        # the store records the graph that made its embeddings: int8 on ONNX Runtime's CPU provider is
+        # the U8S8 graph ("int8-cpu"), another graph than the S8S8 one TensorRT builds from
+        clf = cls(b, opened, resolve_head(b.head, head), EnrollmentStore(store) if store is not None else None,
+                  opened.graph or variant, keep_images)
         if clf.store is not None:
             clf.store.tidy()
             saved = clf.store.read()

@@ -51,7 +51,7 @@ def test_op_audit_names_the_offending_node():
 
 def test_cli_export_writes_a_verified_bundle_with_int8_and_fp16(tiny_bundle):
     m = read_manifest(tiny_bundle)
-    assert list(m["files"]) == ["embed.onnx", "embed.int8.onnx", "embed.fp16.onnx"]
+    assert list(m["files"]) == ["embed.onnx", "embed.int8.onnx", "embed.int8-cpu.onnx", "embed.fp16.onnx"]
     assert m["input"]["name"] == "pixels" and m["input"]["layout"] == "NCHW" and m["output"]["dim"] == 64
     parity_check = m["variants"]["fp32"]["parity"]
     assert parity_check["max_rel_error"] < 1e-4 and parity_check["real_images"] == 64
@@ -187,3 +187,18 @@ def test_int8_variant_keeps_biases_float_so_tensorrt_can_parse_it(tiny_bundle):
     onnx.save(model, str(bad))
     with pytest.raises(Exception, match="not int8|does not pass"):
         audit_qdq(bad)
+
+
+def test_int8_has_a_tensorrt_graph_and_a_faster_cpu_graph_and_the_cpu_backend_takes_the_latter(tiny_bundle):
+    """The S8S8 QDQ graph is for TensorRT; ONNX Runtime's CPU provider gets the U8S8 graph, each
+    measured against fp32 at export (accuracy delta, speed-up) and chosen by the backend."""
+    from edgemeta.runtime import load_bundle
+    from edgemeta.runtime.backends import open_backend
+    b = load_bundle(tiny_bundle)
+    int8 = b.manifest["variants"]["int8"]
+    assert int8["file"] == "embed.int8.onnx" and int8["cpu"]["file"] == "embed.int8-cpu.onnx"
+    assert int8["cpu"]["activations"].startswith("uint8") and "accuracy_delta_points" in int8["cpu"]
+    assert b.manifest["files"]["embed.int8-cpu.onnx"]["role"] == "int8-cpu"
+    backend = open_backend(b, "onnxruntime", "int8", providers="cpu")
+    assert backend.describe()["model"] == "embed.int8-cpu.onnx"
+    assert b.variant_path("int8").name == "embed.int8.onnx"   # what TensorRT and the GPU providers build from

@@ -127,7 +127,7 @@ def test_an_int8_store_freezes_from_the_int8_graph(tiny_bundle, tagalog, queries
     assert "no DeepStream config: an INT8 (Q/DQ) graph needs a strongly typed TensorRT build" in " ".join(r.output.split())
     assert not (tmp_path / "f8" / "deepstream").exists()
     frozen = FrozenClassifier.load(tmp_path / "f8")
-    assert frozen.frozen["variant"] == "int8"
+    assert frozen.frozen["variant"] == "int8-cpu"  # the U8S8 graph the store was enrolled with on this CPU
     want, got = clf.predict(queries), frozen.predict(queries)
     assert got.labels == want.labels
     np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-4)

@@ -72,7 +72,7 @@ def test_a_gallery_for_another_model_needs_its_images_and_the_bundle(tiny_bundle
     with pytest.raises(StoreError, match="--bundle"):
         import_gallery(tmp_path / "images.npz", tmp_path / "int8")
     state = import_gallery(tmp_path / "images.npz", tmp_path / "int8", classifier=int8)
-    assert state.variant == "int8" and len(state.classes) == 5
+    assert state.variant == "int8-cpu" and len(state.classes) == 5
     want = int8.embed_support(list(read_gallery(tmp_path / "images.npz")[2].values())[:1])
     assert np.isfinite(want).all()
     r = run_cli("gallery", "import", tmp_path / "images.npz", "--store", tmp_path / "int8", "--bundle", tiny_bundle,

@@ -76,9 +76,14 @@ def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", p
     """Open the bundle's embedding network on the requested backend."""
     engine = open_engine(bundle, backend, variant, device)
     if engine is not None:
+        engine.graph = variant
         return engine
-    return OnnxRuntimeBackend(bundle.variant_path(variant), bundle.spec, bundle.embedding_dim, providers, threads,
-                              trt_options=tensorrt_ep_options(bundle, variant))
+    on_cpu = choose_providers(providers) == ["CPUExecutionProvider"]  # the CPU graph where the variant has one
+    path = bundle.variant_path(variant, cpu=on_cpu)
+    ort_backend = OnnxRuntimeBackend(path, bundle.spec, bundle.embedding_dim, providers, threads,
+                                     trt_options=tensorrt_ep_options(bundle, variant))
+    ort_backend.graph = f"{variant}-cpu" if path != bundle.variant_path(variant) else variant
+    return ort_backend
 
 
 __all__ = ["BACKENDS", "Backend", "OnnxRuntimeBackend", "choose_providers", "matching_engine", "open_backend", "open_engine",

@@ -12,6 +12,9 @@ class Backend(ABC):
     """Run the bundle's embedding network. Usable as a context manager."""
 
     name: str = "backend"
+    # Which of the bundle's graphs produces the embeddings (fp32, fp16, int8, or int8-cpu: the U8S8
+    # graph ONNX Runtime runs on a CPU). A store records it: embeddings of two graphs never mix.
+    graph: str = ""
 
     def __init__(self, spec: InputSpec, embedding_dim: int):
         self.spec, self.embedding_dim = spec, embedding_dim
