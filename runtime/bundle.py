@@ -126,7 +126,11 @@ class Bundle:
 
     @property
     def spec(self) -> InputSpec:
-        return InputSpec.from_dict(self.manifest["input"])
+        # read on every predict: parsed once (InputSpec is immutable; the manifest is not edited in place)
+        cached = self.__dict__.get("_spec")
+        if cached is None or cached[0] is not self.manifest["input"]:
+            cached = self.__dict__["_spec"] = (self.manifest["input"], InputSpec.from_dict(self.manifest["input"]))
+        return cached[1]
 
     @property
     def input_name(self) -> str:

@@ -57,3 +57,22 @@ def test_the_runtime_imports_nothing_else_of_ours():
     for name, deps in graph.items():
         if name.startswith("edgemeta.runtime"):
             assert all(d.startswith("edgemeta.runtime") for d in deps), (name, deps)
+
+
+def test_device_commands_import_no_training_side_module(tmp_path):
+    """`edgemeta predict|enroll|forget|classes` register only the device module: no training,
+    export, data or serve code, no torch (a per-image loop on a Jetson pays every import)."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.argv = ['edgemeta', 'classes', '--store', sys.argv[1]]\n"
+            "from edgemeta.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('edgemeta', 'torch', 'onnx.', 'fastapi', 'cv2')))))")
+    loaded = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none")], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert "edgemeta.cli.device" in loaded
+    training_side = [m for m in loaded if m.startswith(("edgemeta.cli.training", "edgemeta.cli.export", "edgemeta.cli.serve",
+                                                         "edgemeta.cli.watch", "edgemeta.cli.data", "edgemeta.train",
+                                                         "edgemeta.config", "edgemeta.data", "edgemeta.export", "torch",
+                                                         "fastapi", "cv2"))]
+    assert training_side == []

@@ -1,15 +1,43 @@
 """The `edgemeta` command line. Each command is a thin shell over a library function; heavy
 modules (torch, onnx) are imported inside the commands that need them, so the device commands
 work on a machine without torch. One module per group of commands, each registering on the app
-of edgemeta.cli.common; none imports from this module."""
+of edgemeta.cli.common; none imports from this module.
+
+`edgemeta predict|enroll|forget|classes|build-engine …` registers the device commands only: a
+per-image shell loop on a Jetson pays for numpy, ONNX Runtime and Pillow, not for the modules of
+every other command (tests/test_imports.py holds it)."""
 from __future__ import annotations
 
-# Imported in the order `edgemeta --help` lists the commands.
-from . import training, data, export, device, watch, serve, bench, gallery  # noqa: F401,I001  (registers the commands)
-from .common import app, print_json
+import importlib
+import sys
 
-__all__ = ["app", "main", "print_json"]
+# Imported in the order `edgemeta --help` lists the commands.
+MODULES = ("training", "data", "export", "device", "watch", "serve", "bench", "gallery")
+# The commands a device runs in loops, and the one module that registers them all.
+DEVICE_COMMANDS = frozenset({"enroll", "predict", "forget", "classes", "build-engine"})
+
+
+def register(modules: tuple[str, ...] = MODULES):
+    """Import (once) the command modules, which register their commands; returns the app."""
+    for name in modules:
+        importlib.import_module(f"{__name__}.{name}")
+    from .common import app
+    return app
+
+
+def __getattr__(name: str):
+    """`edgemeta.cli.app` is the app with every command; `print_json` the one JSON printer."""
+    if name == "app":
+        return register()
+    if name == "print_json":
+        from .common import print_json
+        return print_json
+    raise AttributeError(name)
 
 
 def main() -> None:
-    app()
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    register(("device",) if command in DEVICE_COMMANDS else MODULES)()
+
+
+__all__ = ["app", "main", "print_json", "register"]

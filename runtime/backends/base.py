@@ -33,6 +33,8 @@ class Backend(ABC):
     def embed_pixels(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Embed decoded uint8 images [N, H, W, C] in batches: float32 [N, D]."""
         from ..preprocess import pixels_to_batch
+        if 0 < len(pixels) <= batch_size:  # one call: no output buffer to fill and copy
+            return self.embed(pixels_to_batch(pixels))
         out = np.empty((len(pixels), self.embedding_dim), np.float32)
         for i in range(0, len(pixels), batch_size):
             out[i:i + batch_size] = self.embed(pixels_to_batch(pixels[i:i + batch_size]))

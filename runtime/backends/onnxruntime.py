@@ -1,6 +1,8 @@
 """ONNX Runtime backend: CPU everywhere; the TensorRT and CUDA providers where they exist."""
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,22 @@ from .base import Backend
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+@functools.lru_cache(maxsize=1)
 def onnxruntime_packages() -> list[str]:
-    """The ONNX Runtime distributions installed in this environment (there should be one)."""
-    from importlib.metadata import distributions
-    names = {(d.metadata["Name"] or "").lower() for d in distributions()}
-    return sorted(n for n in names if n.startswith("onnxruntime") and not n.startswith("onnxruntime-extensions"))
+    """The ONNX Runtime distributions installed in this environment (there should be one), from the
+    names of their .dist-info folders on sys.path: one folder listing each, where reading every
+    installed distribution's metadata cost 70 ms per call — most of a device command's start-up."""
+    import sys
+    from pathlib import Path
+    names = set()
+    for entry in sys.path:
+        folder = Path(entry or ".")
+        if folder.is_dir():
+            for info in folder.glob("onnxruntime*.dist-info"):
+                name = info.name.split("-")[0].lower().replace("_", "-")  # onnxruntime_gpu-1.20.dist-info
+                if not name.startswith("onnxruntime-extensions"):
+                    names.add(name)
+    return sorted(names)
 
 
 def check_one_onnxruntime(packages: list[str] | None = None) -> None:

@@ -1,0 +1,69 @@
+"""Start-up of the device CLI as a user meets it: wall time of whole commands (median of N runs,
+interleaved), against the bare imports every device command needs (numpy + onnxruntime + Pillow),
+with the device commands registering only their own module (now) and with every command module
+registered (what `edgemeta` did before). On the checked-in tiny bundle, so the model's own cost is
+negligible and the figure is start-up.
+
+    python benchmarks/cli_startup.py [--runs 7]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL = "import sys; from edgemeta.cli import register; sys.argv[0] = 'edgemeta'; register()()"
+NOW = "import sys; from edgemeta.cli import main; sys.argv[0] = 'edgemeta'; main()"
+
+
+def wall(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=7)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    img = tmp / "one.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(img)
+    bundle, store = ROOT / "tests" / "tiny_bundle", tmp / "store"
+    py = sys.executable
+    subprocess.run([py, "-c", NOW, "enroll", str(bundle), str(img), "--store", str(store), "--label", "a"], check=True,
+                   capture_output=True)
+    cases = {
+        "bare imports": [py, "-c", "import numpy, onnxruntime, PIL.Image"],
+        "predict (device modules)": [py, "-c", NOW, "predict", str(bundle), "--store", str(store), str(img)],
+        "predict (every module)": [py, "-c", ALL, "predict", str(bundle), "--store", str(store), str(img)],
+        "classes (device modules)": [py, "-c", NOW, "classes", "--store", str(store)],
+        "classes (every module)": [py, "-c", ALL, "classes", "--store", str(store)],
+        "enroll (device modules)": [py, "-c", NOW, "enroll", str(bundle), str(img), "--store", str(store), "--label", "b",
+                                    "--replace"],
+        "enroll (every module)": [py, "-c", ALL, "enroll", str(bundle), str(img), "--store", str(store), "--label", "b",
+                                  "--replace"],
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(args.runs):
+        for name, cmd in cases.items():
+            times[name].append(wall(cmd))
+    bare = statistics.median(times["bare imports"])
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"CPU: {cpu} ({os.cpu_count()} logical), median of {args.runs} interleaved runs")
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"  {name:26s} {m * 1e3:7.1f} ms  ({m / bare:.2f}× the bare imports)")
+
+
+if __name__ == "__main__":
+    main()
