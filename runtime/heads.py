@@ -187,29 +187,42 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
         weight, bias = imprinted_init(class_means(support, labels, n_way))
     weight, bias = weight.astype(support.dtype, copy=True), bias.astype(support.dtype, copy=True)
     y = one_hot(labels, n_way, support.dtype)
-    inv_n = support.dtype.type(1.0 / support.shape[0])
+    dtype = support.dtype.type
+    inv_n, rate, decay = dtype(1.0 / support.shape[0]), dtype(lr), dtype(weight_decay)
+    # Every buffer is made once, before the first step; each step only writes into them (out=): at
+    # few-shot sizes a step is bound by NumPy call and allocation overhead, not by arithmetic.
+    logits = np.empty((support.shape[0], n_way), support.dtype)
+    row = np.empty((support.shape[0], 1), support.dtype)
+    grad_w, grad_b = np.empty_like(weight), np.empty_like(bias)
+    step_w, step_b = np.empty_like(weight), np.empty_like(bias)
     m_w, m_b = np.zeros_like(weight), np.zeros_like(bias)
-    # In-place updates: at few-shot sizes the step is bound by NumPy call overhead, not arithmetic.
     for step in range(steps):
-        logits = support @ weight.T
+        np.matmul(support, weight.T, out=logits)
         logits += bias
-        logits -= logits.max(1, keepdims=True)
+        np.max(logits, axis=1, keepdims=True, out=row)
+        logits -= row
         np.exp(logits, out=logits)
-        logits /= logits.sum(1, keepdims=True)
+        np.sum(logits, axis=1, keepdims=True, out=row)
+        logits /= row
         logits -= y
         logits *= inv_n                      # gradient of the mean cross-entropy w.r.t. the logits
-        grad_w = logits.T @ support
+        np.matmul(logits.T, support, out=grad_w)
+        np.sum(logits, axis=0, out=grad_b)
         if weight_decay:
-            grad_w += weight_decay * weight
-        grad_b = logits.sum(0)
+            np.multiply(weight, decay, out=step_w)
+            grad_w += step_w
         if momentum:
             m_w *= momentum
             m_w += grad_w
             m_b *= momentum
             m_b += grad_b
-            grad_w, grad_b = m_w, m_b
-        weight -= lr * grad_w
-        bias -= lr * grad_b
+            np.multiply(m_w, rate, out=step_w)
+            np.multiply(m_b, rate, out=step_b)
+        else:
+            np.multiply(grad_w, rate, out=step_w)
+            np.multiply(grad_b, rate, out=step_b)
+        weight -= step_w
+        bias -= step_b
         if on_step is not None:
             on_step(step)
     return weight, bias
