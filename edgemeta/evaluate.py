@@ -39,7 +39,7 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
     bakes into a bundle. flip_shots overrides the head's flipped-shot setting. image_size
     (checkpoints of globally pooled backbones) evaluates at another input resolution."""
     from edgemeta.data import load_dataset, select_split
-    from edgemeta.runtime.heads import resolve_head
+    from edgemeta.runtime.heads import head_names, resolve_head
     check_episode_request(way, shot, query, episodes)
     if (checkpoint is None) == (bundle is None):
         raise ConfigError("give a CHECKPOINT or --bundle BUNDLE (one of them)")
@@ -66,7 +66,7 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
             # the algorithm's own adaptation, with batch statistics per task as in training
             if ckpt.meta["head"]["kind"] == "finetune" and way != tc["way"]:
                 raise ConfigError(f"this {ckpt.meta['algorithm']} checkpoint adapts a {tc['way']}-way head; use --way "
-                                  f"{tc['way']}, or --head prototype|ridge|logistic for the frozen embedding")
+                                  f"{tc['way']}, or --head {'|'.join(head_names())} for the frozen embedding")
             head_json = ckpt.meta["head"]
             embed = lambda pixels: pixels  # noqa: E731  (episodes index images; adaptation embeds them)
             logits_fn = adaptation_logits_fn(load_adaptation_model(ckpt))

@@ -8,6 +8,7 @@ way; a parity test holds them together. Features are [n, D]; labels are 0..n_way
              logits = scale·qW + bias
   logistic   k steps of (momentum) SGD on softmax cross-entropy with the gradient written out,
              so the steps unroll for meta-learning and the device runs the same arithmetic
+  mahalanobis  prototypes under a shrunk shared covariance; logits = scale·(qΣ⁻¹μ − ½μᵀΣ⁻¹μ)
 """
 from __future__ import annotations
 
@@ -93,6 +94,20 @@ def logistic_fit(support: torch.Tensor, labels: torch.Tensor, n_way: int, steps:
     return weight, bias
 
 
+def shared_covariance_fit(support: torch.Tensor, labels: torch.Tensor, n_way: int, prototypes: torch.Tensor,
+                          shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of runtime.heads.shared_covariance_fit: Σ = (1 − α)·S_w + α·σ²·I; (Σ⁻¹μ_c, −½ μ_cᵀΣ⁻¹μ_c)."""
+    x, mu = support.double(), prototypes.double()
+    n, d = x.shape
+    centred = x - mu[labels]
+    within = centred.T @ centred / max(n - n_way, 1)
+    spread = x - x.mean(0)
+    sigma2 = ((spread * spread).sum() / max(n - 1, 1) / d).clamp_min(1e-12)
+    cov = (1.0 - shrinkage) * within + shrinkage * sigma2 * torch.eye(d, dtype=x.dtype, device=x.device)
+    w = torch.linalg.solve(cov, mu.T)
+    return w.to(support.dtype), (-0.5 * (mu.T * w).sum(0)).to(support.dtype)
+
+
 def head_logits(head: HeadConfig, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int,
                 scale: torch.Tensor | float | None = None, bias: torch.Tensor | float | None = None) -> torch.Tensor:
     """Fit the head a HeadConfig describes (the device's head, in torch) and return query logits.
@@ -103,6 +118,11 @@ def head_logits(head: HeadConfig, support: torch.Tensor, labels: torch.Tensor, q
     if head.kind == "ridge":
         bias = head.bias if bias is None else bias
         return ridge_logits(query, ridge_fit(support, labels, n_way, head.ridge_lambda), scale, bias)
+    if head.kind == "mahalanobis":
+        w, b = shared_covariance_fit(support, labels, n_way, class_means(support, labels, n_way), head.shrinkage)
+        return scale * (query @ w + b)
+    if head.kind != "logistic":
+        raise ValueError(f"head {head.kind!r} has no torch twin in edgemeta.heads; add one beside the NumPy head")
     w, b = logistic_fit(support, labels, n_way, head.steps, head.lr, momentum=head.momentum,
                         weight_decay=head.weight_decay)
     return logistic_logits(query, w, b)

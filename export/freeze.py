@@ -156,6 +156,10 @@ def _append_head(model: onnx.ModelProto, head, fitted: dict, metric: str) -> Non
         similarity = score
     if head.kind == "prototype":
         logits = node("Mul", [similarity, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_logits")
+    elif head.kind == "mahalanobis":  # linear in x: scale · (x Σ⁻¹μ − ½ μᵀΣ⁻¹μ)
+        raw = node("MatMul", [emb, _const(graph, "head_maha_w", fitted["weights"].astype(np.float32))], "head_maha")
+        shifted = node("Add", [raw, _const(graph, "head_maha_b", fitted["bias"].astype(np.float32))], "head_maha_shifted")
+        logits = node("Mul", [shifted, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_logits")
     elif head.kind == "ridge":
         raw = node("MatMul", [emb, _const(graph, "head_ridge_w", fitted["weights"].astype(np.float32))], "head_ridge")
         scaled = node("Mul", [raw, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_ridge_scaled")

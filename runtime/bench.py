@@ -58,12 +58,11 @@ def bench_heads(features: np.ndarray, ways: list[int], shots: list[int], steps: 
     for way in ways:
         for shot in shots:
             s, y = _episode_features(rng, features, way, shot)
-            if "prototype" in head_names:
-                fits.append({"head": "prototype", "way": way, "shot": shot,
-                             **summarize(time_call(lambda: heads.class_means(s, y, way), repeat))})
-            if "ridge" in head_names:
-                fits.append({"head": "ridge", "way": way, "shot": shot,
-                             **summarize(time_call(lambda: heads.ridge_fit(s, y, way, 1.0), repeat))})
+            for name in head_names:  # every closed-form head's fit, as the device runs it (registry)
+                if name != "logistic":
+                    head = heads.HeadConfig(kind=name)
+                    fits.append({"head": name, "way": way, "shot": shot,
+                                 **summarize(time_call(lambda: heads.fit(head, s, y, way), repeat))})
             if "logistic" in head_names:
                 for k in steps:
                     per_step: list[float] = []
@@ -82,7 +81,7 @@ def bench_heads(features: np.ndarray, ways: list[int], shots: list[int], steps: 
 
 def run_bench(bundle: str | Path | Bundle, images: Sequence[ImageSource], backend: str = "auto", variant: str = "fp32",
               ways: Sequence[int] = (5,), shots: Sequence[int] = (1, 5), steps: Sequence[int] = (1, 10, 50),
-              head_names: Sequence[str] = ("prototype", "ridge", "logistic"), batches: Sequence[int] = (1, 8, 32),
+              head_names: Sequence[str] = ("prototype", "ridge", "logistic", "mahalanobis"), batches: Sequence[int] = (1, 8, 32),
               repeat: int = 50, warmup: int = 5, progress: Progress = SILENT) -> dict:
     """Measure everything; `images` are encoded image files (PNG/JPEG bytes) to decode and embed."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)

@@ -15,17 +15,11 @@ import numpy as np
 from .errors import ConfigError
 
 METRICS = ("euclidean", "cosine")
-HEADS = ("prototype", "ridge", "logistic")
 MAX_LOGISTIC_STEPS = 10_000
-HEAD_KEYS = {  # the settings each kind of head has, by their JSON names
-    "prototype": ("metric", "scale"),
-    "ridge": ("lambda", "scale", "bias"),
-    "logistic": ("steps", "lr", "momentum", "weight_decay"),
-}
 # Numeric settings and the range each may take: a store or manifest is data, not code — a crafted
 # `steps: 1e9` must be refused, not run.
 _BOUNDS = {"scale": (0.0, 1e6), "lambda": (1e-12, 1e12), "bias": (-1e6, 1e6), "steps": (0, MAX_LOGISTIC_STEPS),
-           "lr": (0.0, 1e3), "momentum": (0.0, 1.0), "weight_decay": (0.0, 1e3)}
+           "lr": (0.0, 1e3), "momentum": (0.0, 1.0), "weight_decay": (0.0, 1e3), "shrinkage": (1e-6, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -43,11 +37,12 @@ class HeadConfig:
     lr: float = 0.1                # logistic
     momentum: float = 0.9          # logistic: heavy-ball momentum
     weight_decay: float = 0.0      # logistic
+    shrinkage: float = 0.5         # mahalanobis: weight of the isotropic target in the shared covariance
     flip_shots: bool = False       # any head: each support image's embedding is averaged with its mirror's
 
     def __post_init__(self) -> None:
-        if self.kind not in HEADS:
-            raise ConfigError(f"unknown head {self.kind!r}; choose one of {', '.join(HEADS)}")
+        if self.kind not in HEAD_KINDS:
+            raise ConfigError(f"unknown head {self.kind!r}; choose one of {', '.join(HEAD_KINDS)}")
         if not isinstance(self.flip_shots, bool):
             raise ConfigError(f"flip_shots must be true or false, got {self.flip_shots!r}")
         if self.metric not in METRICS:
@@ -68,7 +63,8 @@ class HeadConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: the head must be a JSON object, got {type(d).__name__}")
         kind = d.get("kind", "prototype")
-        allowed = set(HEAD_KEYS.get(kind, ())) | {"kind", "init", "flip_shots"}  # "init": "prototype", the only one
+        known = HEAD_KINDS.get(kind) if isinstance(kind, str) else None
+        allowed = set(known.keys if known else ()) | {"kind", "init", "flip_shots"}  # "init": "prototype", the only one
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))} for a {kind!r} head")
@@ -78,7 +74,7 @@ class HeadConfig:
             raise ConfigError(f"{where}: {exc}") from None
 
     def to_dict(self) -> dict:
-        d = {"kind": self.kind, **{k: getattr(self, _FIELD.get(k, k)) for k in HEAD_KEYS[self.kind]}}
+        d = {"kind": self.kind, **{k: getattr(self, _FIELD.get(k, k)) for k in HEAD_KINDS[self.kind].keys}}
         return {**d, "flip_shots": True} if self.flip_shots else d
 
     def for_normalized_embeddings(self) -> "HeadConfig":
@@ -106,8 +102,8 @@ def resolve_head(default: HeadConfig, head: "str | dict | HeadConfig | None") ->
         return default
     if not isinstance(head, str):
         return HeadConfig.from_dict(head)
-    if head not in HEADS:
-        raise ConfigError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if head not in HEAD_KINDS:
+        raise ConfigError(f"unknown head {head!r}; choose one of {', '.join(HEAD_KINDS)}")
     return default if default.kind == head else HeadConfig(kind=head)
 
 
@@ -228,35 +224,101 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
     return weight, bias
 
 
+# ---------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class HeadKind:
+    """Everything the device needs to know about one kind of head, declared once. Adding a head is
+    one module-level `register_head(HeadKind(...))` (plus its torch twin in edgemeta/heads.py for
+    training and evaluation, and its graph in export/freeze.py): settings, fit, score, the shapes a
+    saved head must have, and what the CLI's help says all come from here. Prototypes are always
+    fitted besides (rejection distances are measured to them, whatever the head)."""
+
+    name: str
+    keys: tuple[str, ...]                                                   # its settings, by JSON name
+    fit: Callable[["HeadConfig", np.ndarray, np.ndarray, int, np.ndarray], dict[str, np.ndarray]]
+    score: Callable[["HeadConfig", dict[str, np.ndarray], np.ndarray], np.ndarray]
+    shapes: Callable[[int, int], dict[str, tuple[int, ...]]]               # (n_way, dim) → array shapes
+    about: str = ""
+
+
+HEAD_KINDS: dict[str, HeadKind] = {}
+
+
+def register_head(kind: HeadKind) -> HeadKind:
+    if kind.name in HEAD_KINDS:
+        raise ValueError(f"head {kind.name!r} is registered twice")
+    unknown = set(kind.keys) - {"metric", *_BOUNDS}
+    if unknown:
+        raise ValueError(f"head {kind.name!r} declares settings HeadConfig does not have: {sorted(unknown)}")
+    HEAD_KINDS[kind.name] = kind
+    return kind
+
+
+def head_names() -> tuple[str, ...]:
+    return tuple(HEAD_KINDS)
+
+
+def shared_covariance_fit(support: np.ndarray, labels: np.ndarray, n_way: int, prototypes: np.ndarray,
+                          shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """Linear discriminant with a shrunk shared covariance (a Mahalanobis prototype head, as in
+    Bateni et al. 2020 and SimpleShot's covariance variants): Σ = (1 − α)·S_w + α·σ²·I, S_w the
+    pooled within-class scatter of the support set, σ² its average total variance (so a one-shot
+    set, whose S_w is zero, reduces to euclidean prototypes at the data's own scale). Logits
+    x·Σ⁻¹μ_c − ½ μ_cᵀΣ⁻¹μ_c: linear in x, (W [D, n_way], b [n_way]). Solved in float64."""
+    x, mu = support.astype(np.float64), prototypes.astype(np.float64)
+    n, d = x.shape
+    centred = x - mu[labels]
+    within = centred.T @ centred / max(n - n_way, 1)
+    spread = x - x.mean(0)
+    sigma2 = max(float((spread * spread).sum()) / max(n - 1, 1) / d, 1e-12)
+    cov = (1.0 - shrinkage) * within + shrinkage * sigma2 * np.eye(d)
+    w = np.linalg.solve(cov, mu.T)                                    # Σ⁻¹μ_c, [D, n_way]
+    b = -0.5 * (mu.T * w).sum(0)
+    return w.astype(support.dtype), b.astype(support.dtype)
+
+
+register_head(HeadKind(
+    "prototype", ("metric", "scale"),
+    fit=lambda h, s, y, n, protos: {},
+    score=lambda h, f, q: prototype_logits(q, f["prototypes"], h.metric, h.scale),
+    shapes=lambda n, d: {},
+    about="class means; euclidean or cosine"))
+register_head(HeadKind(
+    "ridge", ("lambda", "scale", "bias"),
+    fit=lambda h, s, y, n, protos: {"weights": ridge_fit(s, y, n, h.ridge_lambda)},
+    score=lambda h, f, q: ridge_logits(q, f["weights"], h.scale, h.bias),
+    shapes=lambda n, d: {"weights": (d, n)},
+    about="closed-form ridge regression (R2-D2)"))
+register_head(HeadKind(
+    "logistic", ("steps", "lr", "momentum", "weight_decay"),
+    fit=lambda h, s, y, n, protos: dict(zip(("weight", "bias"), logistic_fit(
+        s, y, n, h.steps, h.lr, *imprinted_init(protos), momentum=h.momentum, weight_decay=h.weight_decay))),
+    score=lambda h, f, q: logistic_logits(q, f["weight"], f["bias"]),
+    shapes=lambda n, d: {"weight": (n, d), "bias": (n,)},
+    about="k SGD steps from the imprinted prototypes"))
+register_head(HeadKind(
+    "mahalanobis", ("shrinkage", "scale"),
+    fit=lambda h, s, y, n, protos: dict(zip(("weights", "bias"), shared_covariance_fit(s, y, n, protos, h.shrinkage))),
+    score=lambda h, f, q: h.scale * (q @ f["weights"] + f["bias"]),
+    shapes=lambda n, d: {"weights": (d, n), "bias": (n,)},
+    about="prototypes under a shrunk shared covariance"))
+
+
 def fit(head: HeadConfig, support: np.ndarray, labels: np.ndarray, n_way: int) -> dict[str, np.ndarray]:
     """Fit the head: the arrays `score` needs. Prototypes are always included — the prototype head
     scores with them, and the device measures rejection distances to them whatever the head."""
-    fitted = {"prototypes": class_means(support, labels, n_way)}
-    if head.kind == "ridge":
-        fitted["weights"] = ridge_fit(support, labels, n_way, head.ridge_lambda)
-    elif head.kind == "logistic":
-        fitted["weight"], fitted["bias"] = logistic_fit(support, labels, n_way, head.steps, head.lr,
-                                                        momentum=head.momentum, weight_decay=head.weight_decay)
-    return fitted
+    prototypes = class_means(support, labels, n_way)
+    return {"prototypes": prototypes, **HEAD_KINDS[head.kind].fit(head, support, labels, n_way, prototypes)}
 
 
 def fitted_shapes(head: HeadConfig, n_way: int, dim: int) -> dict[str, tuple[int, ...]]:
     """The arrays `fit` returns for this head, and their shapes (what a saved head must hold)."""
-    shapes: dict[str, tuple[int, ...]] = {"prototypes": (n_way, dim)}
-    if head.kind == "ridge":
-        shapes["weights"] = (dim, n_way)
-    elif head.kind == "logistic":
-        shapes.update(weight=(n_way, dim), bias=(n_way,))
-    return shapes
+    return {"prototypes": (n_way, dim), **HEAD_KINDS[head.kind].shapes(n_way, dim)}
 
 
 def score(head: HeadConfig, fitted: dict[str, np.ndarray], query: np.ndarray) -> np.ndarray:
     """Logits of the query under a fitted head."""
-    if head.kind == "prototype":
-        return prototype_logits(query, fitted["prototypes"], head.metric, head.scale)
-    if head.kind == "ridge":
-        return ridge_logits(query, fitted["weights"], head.scale, head.bias)
-    return logistic_logits(query, fitted["weight"], fitted["bias"])
+    return HEAD_KINDS[head.kind].score(head, fitted, query)
 
 
 def head_logits(head: HeadConfig, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int) -> np.ndarray:

@@ -18,7 +18,7 @@ def queries(tagalog):
     return [img for c in sorted(tagalog)[:5] for img in tagalog[c][12:16]]
 
 
-@pytest.mark.parametrize("head", ["prototype", "ridge", "logistic"])
+@pytest.mark.parametrize("head", ["prototype", "ridge", "logistic", "mahalanobis"])
 @pytest.mark.parametrize("l2", [False, True])
 def test_frozen_graph_matches_the_runtime(tiny_run, tiny_bundle, tagalog, queries, tmp_path, omniglot_paths, head, l2):
     bundle = tiny_bundle

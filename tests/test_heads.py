@@ -41,7 +41,7 @@ def test_ridge_matches_a_direct_solve_of_the_primal(shot, dim):
     assert torch.allclose(w, direct, atol=1e-8)
 
 
-@pytest.mark.parametrize("kind", ["prototype", "ridge", "logistic"])
+@pytest.mark.parametrize("kind", nh.head_names())
 def test_heads_pass_gradients_to_the_features(kind):
     s, y, q = _features(dtype=torch.float32)
     s.requires_grad_(True)
@@ -86,6 +86,8 @@ def test_logistic_gradient_formula_equals_autograd():
     {"kind": "ridge", "lambda": 0.5, "scale": 7.0, "bias": 0.3},
     {"kind": "ridge", "lambda": 2.0, "scale": 1.0, "bias": 0.0},
     {"kind": "logistic", "steps": 10, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
+    {"kind": "mahalanobis", "shrinkage": 0.5, "scale": 1.0},
+    {"kind": "mahalanobis", "shrinkage": 0.1, "scale": 3.0},
 ])
 @pytest.mark.parametrize("shot", [1, 5])
 def test_numpy_and_torch_heads_give_the_same_logits(head, shot):
@@ -136,3 +138,43 @@ def test_the_logistic_sgd_loop_allocates_nothing_per_step():
     # what is left is NumPy's own iterator buffers for broadcasting (about 9 kB); the loop before this
     # change allocated its logits, gradients and updates each step (82 kB here)
     assert len(growth) == 20 and max(growth[1:]) < 16_384, growth   # step 0's peak includes the set-up
+
+
+def test_every_registered_head_is_a_complete_kind():
+    """A head is one registration: settings round-trip, fit gives the declared shapes, scores are
+    finite, the torch twin exists, and freezing knows its graph (or says it does not)."""
+    import inspect
+
+    from edgemeta.export import freeze
+    rng = np.random.default_rng(0)
+    s, y, q = rng.normal(size=(15, 8)).astype(np.float32), np.repeat(np.arange(5), 3), rng.normal(size=(4, 8)).astype(np.float32)
+    source = inspect.getsource(freeze._append_head)
+    for name in nh.head_names():
+        head = HeadConfig(kind=name)
+        assert HeadConfig.from_dict(head.to_dict()) == head
+        fitted = nh.fit(head, s, y, 5)
+        assert {k: v.shape for k, v in fitted.items()} == nh.fitted_shapes(head, 5, 8)
+        assert np.isfinite(nh.score(head, fitted, q)).all()
+        th.head_logits(head, torch.from_numpy(s), torch.from_numpy(y), torch.from_numpy(q), 5)
+        assert f'"{name}"' in source or name == "logistic", f"export/freeze.py has no graph for the {name} head"
+    with pytest.raises(ConfigError, match="unknown head 'svm'; choose one of prototype, ridge, logistic, mahalanobis"):
+        HeadConfig(kind="svm")
+    with pytest.raises(ValueError, match="registered twice"):
+        nh.register_head(nh.HEAD_KINDS["ridge"])
+
+
+def test_the_shared_covariance_head_uses_the_covariance():
+    """Two classes that differ along a low-variance direction, with a high-variance nuisance one:
+    euclidean prototypes confuse them, the shared covariance separates them."""
+    rng = np.random.default_rng(0)
+    n = 20
+    nuisance = rng.normal(0, 5.0, (2 * n, 1))
+    signal = np.concatenate([rng.normal(-0.5, 0.1, (n, 1)), rng.normal(0.5, 0.1, (n, 1))])
+    s = np.hstack([nuisance, signal]).astype(np.float32)
+    y = np.repeat([0, 1], n)
+    q = np.hstack([rng.normal(0, 5.0, (200, 1)), np.concatenate([rng.normal(-0.5, 0.1, (100, 1)),
+                                                                  rng.normal(0.5, 0.1, (100, 1))])]).astype(np.float32)
+    truth = np.repeat([0, 1], 100)
+    acc = {kind: (nh.head_logits(HeadConfig(kind=kind, shrinkage=0.05), s, y, q, 2).argmax(1) == truth).mean()
+           for kind in ("prototype", "mahalanobis")}
+    assert acc["mahalanobis"] > 0.95 and acc["prototype"] < 0.8, acc

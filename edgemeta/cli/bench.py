@@ -51,7 +51,7 @@ def bench(
     way: str = typer.Option("5", help="Ways, comma-separated."),
     shot: str = typer.Option("1,5", help="Shots, comma-separated."),
     steps: str = typer.Option("1,10,50", help="Logistic head SGD step counts."),
-    head: str = typer.Option("all", help="all | prototype | ridge | logistic (comma-separated)."),
+    head: str = typer.Option("all", help="all, or heads comma-separated: prototype, ridge, logistic, mahalanobis."),
     batch: str = typer.Option("1,8,32", help="Embedding batch sizes."),
     repeat: int = typer.Option(50, help="Timed repeats per measurement (after warm-up)."),
     images: Optional[Path] = typer.Option(None, help="Folder or .zip of real images to decode (default: synthetic PNGs)."),
@@ -67,9 +67,10 @@ def bench(
         raise ConfigError(f"--repeat must be ≥ 1, got {repeat}")
     writable_target(json_out, "--json", (bundle, images), kind="json")  # checked before the run, not after it
     writable_target(plot, "--plot", (bundle, images), kind="png")
-    heads = ["prototype", "ridge", "logistic"] if head == "all" else [h.strip() for h in head.split(",")]
-    if set(heads) - {"prototype", "ridge", "logistic"}:
-        raise ConfigError(f"unknown head in {head!r}")
+    from edgemeta.runtime.heads import head_names
+    heads = list(head_names()) if head == "all" else [h.strip() for h in head.split(",")]
+    if set(heads) - set(head_names()):
+        raise ConfigError(f"unknown head in {head!r}; choose from {', '.join(head_names())}")
     b = load_bundle(bundle)
     from edgemeta.cli.common import RichProgress
     if "frozen" in b.manifest:  # a frozen classifier: the graph and predict per batch, nothing to fit

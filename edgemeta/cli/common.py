@@ -13,6 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from edgemeta.runtime.errors import EdgemetaError
+from edgemeta.runtime.heads import head_names
+
+HEADS_HELP = " | ".join(head_names())  # the registered device heads (runtime.heads.register_head)
 
 app = typer.Typer(help="edgemeta: few-shot image classification from meta-training to an edge device.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

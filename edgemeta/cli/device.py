@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgemeta.cli.common import command, console, parse_unknown, print_json
+from edgemeta.cli.common import HEADS_HELP, command, console, parse_unknown, print_json
 
 BACKEND_HELP = "auto (TensorRT engine if one matches this device, else ONNX Runtime) | onnxruntime | tensorrt"
 
@@ -44,7 +44,7 @@ def enroll(
     from_folder: Optional[Path] = typer.Option(None, help="Enroll every subfolder of this folder as a class."),
     add: bool = typer.Option(False, "--add", help="Add shots to a class that is already enrolled."),
     replace: bool = typer.Option(False, "--replace", help="Replace the shots of a class that is already enrolled."),
-    head: Optional[str] = typer.Option(None, help="prototype | ridge | logistic (default: the bundle's)."),
+    head: Optional[str] = typer.Option(None, help=f"{HEADS_HELP} (default: the bundle's)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 ONNX variant for ONNX Runtime."),
     reembed: bool = typer.Option(False, help="The store was made with another bundle: re-embed its kept images with this one."),
@@ -79,7 +79,7 @@ def predict(
     store: Optional[Path] = typer.Option(None, help="Enrollment store folder (not for a frozen classifier from `edgemeta freeze`)."),
     top_k: int = typer.Option(1, help="Show the K most likely classes."),
     unknown: Optional[str] = typer.Option(None, help="'auto' (calibrated on the support set) or a distance: farther images are 'unknown'."),
-    head: Optional[str] = typer.Option(None, help="prototype | ridge | logistic (default: the store's)."),
+    head: Optional[str] = typer.Option(None, help=f"{HEADS_HELP} (default: the store's)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     variant: str = typer.Option("fp32", help="fp32 | int8 | fp16"),
     reembed: bool = typer.Option(False, help="The store was made with another bundle: re-embed its kept images with this one."),

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from edgemeta.cli.common import command, err_console
+from edgemeta.cli.common import HEADS_HELP, command, err_console
 from edgemeta.cli.device import BACKEND_HELP
 
 
@@ -16,7 +16,7 @@ def serve(
     store: Path = typer.Option(..., help="Enrollment store folder (created at the first enrollment)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on. Any other than localhost needs --api-key-file or --insecure."),
     port: int = typer.Option(8050, help="TCP port."),
-    head: Optional[str] = typer.Option(None, help="prototype | ridge | logistic (default: the store's, else the bundle's)."),
+    head: Optional[str] = typer.Option(None, help=f"{HEADS_HELP} (default: the store's, else the bundle's)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     variant: str = typer.Option("fp32", help="fp32 | int8 | fp16"),
     api_key_file: Optional[Path] = typer.Option(None, help="File whose first line is the key clients send as x-api-key (mode 600)."),

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from edgemeta.cli.common import RichProgress, command, console, print_json, require_training_extra
+from edgemeta.cli.common import HEADS_HELP, RichProgress, command, console, print_json, require_training_extra
 
 @command()
 def train(
@@ -87,7 +87,7 @@ def evaluate(
     query: int = typer.Option(15, help="Query images per class."),
     episodes: int = typer.Option(1000, help="Number of episodes; fixed by --seed so models compare on the same tasks."),
     seed: int = typer.Option(0, help="Episode seed."),
-    head: str = typer.Option("default", help="default (the checkpoint's) | prototype | ridge | logistic"),
+    head: str = typer.Option("default", help=f"default (the checkpoint's) | {HEADS_HELP}"),
     center: bool = typer.Option(False, help="Checkpoint: CL2N features (centred on the training classes' mean, L2-normalised)."),
     flip_shots: Optional[bool] = typer.Option(None, help="Average each support image with its mirror (default: the head's setting)."),
     image_size: Optional[int] = typer.Option(None, help="Checkpoint: evaluate at this square input size (globally pooled backbones)."),

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from edgemeta.cli.common import command, console, err_console, parse_unknown, writable_target
+from edgemeta.cli.common import HEADS_HELP, command, console, err_console, parse_unknown, writable_target
 
 SOURCE_HELP = ("/dev/video0 | v4l2:///dev/video0 | csi://0 (Jetson CSI camera) | clip.mp4 | file://… | rtsp://… | "
                "a folder of images | a GStreamer pipeline ending in appsink")
@@ -34,7 +34,7 @@ def watch(
     spacing: int = typer.Option(5, help="--enroll: take every Sth frame (near-duplicates are skipped)."),
     add: bool = typer.Option(False, "--add", help="--enroll: add shots to a class that is already enrolled."),
     then_watch: bool = typer.Option(False, help="--enroll: go on classifying after enrolling."),
-    head: Optional[str] = typer.Option(None, help="prototype | ridge | logistic (default: the store's)."),
+    head: Optional[str] = typer.Option(None, help=f"{HEADS_HELP} (default: the store's)."),
     backend: str = typer.Option("auto", help="auto | onnxruntime | tensorrt"),
     variant: str = typer.Option("fp32", help="fp32 | int8 | fp16"),
 ):
