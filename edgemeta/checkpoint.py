@@ -99,7 +99,7 @@ def ship_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool =
     computed on the training split and stored (so `export --center` needs no training data), with
     half=True float weights stored in float16 (loaded back as float32), and with flip_shots=True a
     device head that enrolls flipped shots (where validation showed it helps)."""
-    from edgemeta.evaluate import FEATURE_MEAN_KEY, feature_mean
+    from edgemeta.features import FEATURE_MEAN_KEY, feature_mean
     ckpt = load_checkpoint(src)
     mean, about = feature_mean(ckpt)
     state = {**ckpt.model_state, FEATURE_MEAN_KEY: torch.from_numpy(mean)}

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgemeta.features import cl2n, embed_pixels, feature_mean
 from edgemeta.protocol import EvalResult, LogitsFn, check_episode_request, evaluate_episodes
 from edgemeta.runtime.errors import ConfigError
-from edgemeta.runtime.preprocess import pixels_to_batch
 
 
 @dataclass
@@ -56,7 +56,7 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
         logits_fn = lambda s, y, q, n: heads.head_logits(head_cfg, s, y, q, n)  # noqa: E731
         head_json, path = head_cfg.to_dict(), f"deployed (onnxruntime {variant} + numpy head)"
     else:
-        from edgemeta.algorithms import GRADIENT_ALGORITHMS
+        from edgemeta.algorithms import GRADIENT_ALGORITHMS, adaptation_logits_fn
         from edgemeta.checkpoint import load_checkpoint
         from edgemeta.runtime.malloc import retain_freed_memory
         retain_freed_memory()  # as in training: torch adaptation per episode would page-fault its activations
@@ -98,54 +98,6 @@ def _flip(head, flip_shots: bool | None):
     return head if flip_shots is None else dataclasses.replace(head, flip_shots=flip_shots)
 
 
-FEATURE_MEAN_KEY = "feature_mean"
-FEATURE_MEAN_IMAGES = 10_000
-
-
-def feature_mean(ckpt, embedder=None, max_images: int = FEATURE_MEAN_IMAGES) -> tuple[np.ndarray, dict]:
-    """CL2N's center (SimpleShot): the mean embedding of the checkpoint's training classes — the one
-    the checkpoint holds (`feature_mean`), else computed on up to `max_images` images (seeded
-    sample) of its training split, read from its training data. Returns (mean, description)."""
-    from edgemeta.data import load_dataset, select_split
-    if FEATURE_MEAN_KEY in ckpt.model_state:
-        mean = ckpt.model_state[FEATURE_MEAN_KEY].float().numpy()
-        return mean, {**ckpt.meta.get(FEATURE_MEAN_KEY, {}), "source": "checkpoint"}
-    tc = ckpt.meta.get("train_config", {})
-    if not tc.get("data"):
-        raise ConfigError("this checkpoint holds no feature mean and names no training data to compute one")
-    spec = ckpt.spec
-    data = load_dataset(tc["data"], (spec.height, spec.width), spec.colour, tc.get("layout", "auto"))
-    train = select_split(data, "train", tc.get("split_mode", "auto"), tc.get("split_seed", 0), tc.get("split_file", ""))
-    pick = np.sort(np.random.default_rng(0).choice(len(train), min(max_images, len(train)), replace=False))
-    z = embed_pixels(embedder if embedder is not None else ckpt.build_embedder(), train.pixels[pick])
-    return z.mean(0).astype(np.float32), {"images": int(len(pick)), "classes": int(train.n_classes), "split": "train"}
-
-
-def cl2n(z: np.ndarray, center: np.ndarray) -> np.ndarray:
-    """Centre, then L2-normalise (the NumPy twin of the exported graph's last two steps)."""
-    z = z - center
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-
-
-def embed_pixels(embedder, pixels: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
-    """Embed uint8 [N, H, W, C] images in eval mode (torch, no gradients); returns float32 [N, D]."""
-    import torch
-    with torch.no_grad():
-        return _embed_pixels(embedder, pixels, batch_size, device)
-
-
-def _embed_pixels(embedder, pixels: np.ndarray, batch_size: int, device: str) -> np.ndarray:
-    import torch
-    was_training = embedder.training
-    embedder.eval()
-    out = []
-    for i in range(0, len(pixels), batch_size):
-        x = torch.from_numpy(pixels_to_batch(pixels[i:i + batch_size])).to(device)
-        out.append(embedder(x).float().cpu().numpy())
-    embedder.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 def torch_logits_fn(head) -> LogitsFn:
     """The torch head (edgemeta.heads) described by a HeadConfig, as a NumPy-in/NumPy-out function."""
     import torch
@@ -156,18 +108,6 @@ def torch_logits_fn(head) -> LogitsFn:
         with torch.no_grad():
             return head_logits(head, torch.from_numpy(support), torch.from_numpy(support_labels),
                                torch.from_numpy(query), n_way).numpy()
-    return fn
-
-
-def adaptation_logits_fn(model, device: str = "cpu") -> LogitsFn:
-    """Episodes scored by the algorithm's own adaptation (MAML/FOMAML/Reptile fine-tune the network,
-    ANIL the head) on PIXELS: evaluate_episodes is given uint8 images instead of embeddings."""
-    import torch
-
-    def fn(support, support_labels, query, n_way):
-        t = lambda a: torch.from_numpy(pixels_to_batch(a)).to(device)  # noqa: E731
-        logits = model.logits_after_adaptation(t(support), torch.from_numpy(support_labels).to(device), t(query))
-        return logits.cpu().numpy()
     return fn
 
 

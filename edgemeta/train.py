@@ -20,7 +20,7 @@ from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.config import TrainConfig
 from edgemeta.data import EpisodeSampler, ImageSet, load_dataset, select_split
 from edgemeta.distributed import Distributed
-from edgemeta.evaluate import embed_pixels
+from edgemeta.features import embed_pixels
 from edgemeta.runtime.malloc import retain_freed_memory
 from edgemeta.precision import autocast, native_bf16
 from edgemeta.pretrained import load_pretrained

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli
 from edgemeta.checkpoint import load_checkpoint
-from edgemeta.evaluate import cl2n, feature_mean
+from edgemeta.features import cl2n, feature_mean
 from edgemeta.runtime import FewShotClassifier, load_bundle
 from edgemeta.runtime.heads import HeadConfig
 
@@ -30,7 +30,7 @@ def test_cl2n_is_in_the_graph_and_the_head_flips_shots(cl2n_bundle, tiny_run, om
     assert b.manifest["output"]["centered"]["split"] == "train" and b.manifest["output"]["centered"]["images"] > 100
     ckpt = load_checkpoint(tiny_run / "best.safetensors")
     mean, _ = feature_mean(ckpt)
-    from edgemeta.evaluate import embed_pixels
+    from edgemeta.features import embed_pixels
     want = cl2n(embed_pixels(ckpt.build_embedder(), omniglot.pixels[:32]), mean)
     got = FewShotClassifier.load(cl2n_bundle).embed(omniglot.pixels[:32])
     np.testing.assert_allclose(got, want, atol=1e-5)

@@ -202,3 +202,20 @@ def test_int8_has_a_tensorrt_graph_and_a_faster_cpu_graph_and_the_cpu_backend_ta
     backend = open_backend(b, "onnxruntime", "int8", providers="cpu")
     assert backend.describe()["model"] == "embed.int8-cpu.onnx"
     assert b.variant_path("int8").name == "embed.int8.onnx"   # what TensorRT and the GPU providers build from
+
+
+def test_fp32_exports_anywhere_and_int8_asks_for_real_images(tmp_path, monkeypatch):
+    """A CIFAR-FS checkpoint where CIFAR-FS is not at hand: fp32 exports, its parity checked on
+    deterministic synthetic images (said in the output and the manifest); INT8 needs --calib-data."""
+    import json
+
+    from conftest import ROOT, run_cli
+    monkeypatch.setenv("EDGEMETA_DATA", str(tmp_path / "no-data-here"))
+    ckpt = ROOT / "checkpoints" / "cifarfs-edgenet-rotation-distill.safetensors"
+    r = run_cli("export", ckpt, "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    assert "parity is checked on 64 deterministic synthetic images" in " ".join(r.output.split())
+    parity = json.loads((tmp_path / "b" / "manifest.json").read_text())["variants"]["fp32"]["parity"]
+    assert parity["synthetic_images"] == 64 and parity["real_images"] == 0 and parity["max_rel_error"] < 1e-4
+    r = run_cli("export", ckpt, "--out", tmp_path / "c", "--int8")
+    assert r.exit_code == 2 and "INT8 is calibrated on real images: pass --calib-data" in " ".join(r.output.split())

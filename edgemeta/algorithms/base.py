@@ -125,6 +125,18 @@ def accumulate(step: Step, loss_of: Callable[[int], tuple[torch.Tensor, torch.Te
     return loss_sum / step.meta_batch, acc_sum / step.meta_batch
 
 
+def adaptation_logits_fn(model, device: str = "cpu") -> LogitsFn:
+    """Episodes scored by the algorithm's own adaptation (MAML/FOMAML/Reptile fine-tune the network,
+    ANIL the head) on PIXELS: evaluate_episodes is given uint8 images instead of embeddings."""
+    from edgemeta.runtime.preprocess import pixels_to_batch
+
+    def fn(support, support_labels, query, n_way):
+        t = lambda a: torch.from_numpy(pixels_to_batch(a)).to(device)  # noqa: E731
+        logits = model.logits_after_adaptation(t(support), torch.from_numpy(support_labels).to(device), t(query))
+        return logits.cpu().numpy()
+    return fn
+
+
 _REGISTRY: dict[str, Callable[[Embedder, LearnerSettings], MetaLearner]] = {}
 
 

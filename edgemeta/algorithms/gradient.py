@@ -73,7 +73,7 @@ class _Adapting(MetaLearner):
         raise NotImplementedError
 
     def evaluation_logits(self, device: str = "cpu") -> tuple[LogitsFn, bool]:
-        from edgemeta.evaluate import adaptation_logits_fn
+        from .base import adaptation_logits_fn
         return adaptation_logits_fn(self, device), True
 
     def deployable_state(self, calibration_batches) -> dict[str, torch.Tensor]:
