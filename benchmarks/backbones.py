@@ -58,13 +58,13 @@ def main() -> None:
     ap.add_argument("--backbones", default="conv4,edgenet,resnet12")
     args = ap.parse_args()
     import torch
-
-    from edgemeta.backbones import Embedder
-    from edgemeta.data import load_dataset
     from edgemeta.export.onnx_graph import export_onnx
     from edgemeta.export.quantize import quantize_int8
     from edgemeta.runtime import InputSpec, pixels_to_batch
     from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    from edgemeta.backbones import Embedder
+    from edgemeta.data import load_dataset
     torch.set_num_threads(args.threads)
     spec = InputSpec(args.size, args.size, args.colour)
     data = load_dataset(SHIPPED_DATA, args.size, args.colour)

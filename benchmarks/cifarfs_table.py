@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 from backbones import conv_flops
 from common import ROOT, interleaved, machine
-
-from edgemeta.checkpoint import load_checkpoint
-from edgemeta.evaluate import evaluate
 from edgemeta.export import ExportOptions, export_checkpoint
 from edgemeta.runtime import FewShotClassifier
 from edgemeta.runtime.preprocess import pixels_to_batch
+
+from edgemeta.checkpoint import load_checkpoint
+from edgemeta.evaluate import evaluate
 
 SPLIT = str(ROOT / "data/splits/cifar-fs.json")
 DATA = ["cifar-fs"]

@@ -10,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 from common import ROOT, SHIPPED_DATA, fmt_ms, interleaved, machine
-
 from edgemeta.export import ExportOptions, export_checkpoint
 from edgemeta.export.freeze import freeze
 from edgemeta.runtime import FewShotClassifier

@@ -13,8 +13,9 @@ from common import SHIPPED_DATA, fmt_ms, interleaved, machine
 
 
 def features(bundle: str | None) -> np.ndarray:
-    from edgemeta.data import load_dataset
     from edgemeta.runtime import FewShotClassifier
+
+    from edgemeta.data import load_dataset
     clf = FewShotClassifier.load(bundle, backend="onnxruntime")
     spec = clf.bundle.spec
     data = load_dataset(SHIPPED_DATA, (spec.height, spec.width), spec.colour)
@@ -28,9 +29,8 @@ def main() -> None:
     ap.add_argument("--shot", default="1,5")
     args = ap.parse_args()
     import torch
-    from sklearn.linear_model import LogisticRegression
-
     from edgemeta.runtime import heads
+    from sklearn.linear_model import LogisticRegression
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # sklearn's ConvergenceWarning at max_iter=100, what users run
     feats = features(args.bundle).astype(np.float32)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from edgemeta.runtime.preprocess import InputSpec
 
 from edgemeta.backbones import Embedder, create_backbone, fixed_normalisation
 from edgemeta.data import load_dataset
 from edgemeta.pretrained import load_pretrained
-from edgemeta.runtime.preprocess import InputSpec
 
 WNIDS = Path(__file__).resolve().parent.parent / "tests" / "data" / "imagenet1k_wnids.txt"
 

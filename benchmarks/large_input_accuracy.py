@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from common import ROOT, machine
+from edgemeta.runtime import FewShotClassifier, heads
+from edgemeta.runtime.preprocess import RESAMPLE, load_image
 from PIL import Image
 
 from edgemeta.data import load_dataset, select_split
 from edgemeta.protocol import evaluate_episodes
-from edgemeta.runtime import FewShotClassifier, heads
-from edgemeta.runtime.preprocess import RESAMPLE, load_image
 
 
 def main() -> None:

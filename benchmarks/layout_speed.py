@@ -21,10 +21,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    from edgemeta.runtime import InputSpec
+    from edgemeta.runtime.malloc import retain_freed_memory
+
     from edgemeta.algorithms import Pretrain, ProtoNet
     from edgemeta.backbones import Embedder, deployment_args
-    from edgemeta.runtime.malloc import retain_freed_memory
-    from edgemeta.runtime import InputSpec
     torch.set_num_threads(args.threads)
     retain_freed_memory()
     g = torch.Generator().manual_seed(0)

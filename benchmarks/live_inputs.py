@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 from common import ROOT, SHIPPED_DATA, fmt_ms, interleaved, machine
-from PIL import Image
-
 from edgemeta.runtime import FewShotClassifier
 from edgemeta.runtime.preprocess import RESAMPLE, load_image, pixels_to_batch
+from PIL import Image
 
 
 def photo(width: int, height: int, seed: int = 0, grain: float = 4.0) -> np.ndarray:
@@ -80,9 +79,9 @@ def main() -> None:
     # 2. a 1080p video
     video = tmp / "1080p.avi"
     _write_video(video, args.frames)
+    import cv2
     from edgemeta.runtime.sources import VideoSource
     from edgemeta.runtime.watch import watch
-    import cv2
 
     def watch_fps() -> float:
         t0 = time.perf_counter()

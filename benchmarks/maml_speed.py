@@ -108,14 +108,15 @@ def main() -> None:
     from edgemeta.backbones import list_backbones
     if args.backbone not in list_backbones():
         ap.error(f"--backbone: choose one of {', '.join(list_backbones())}")
+    from edgemeta.runtime import InputSpec, pixels_to_batch
+    from edgemeta.runtime.malloc import retain_freed_memory
+
     from edgemeta.algorithms import ANIL, MAML
     from edgemeta.algorithms.batchnorm import use_batch_statistics
-    from edgemeta.data.episodes import stack_tasks
     from edgemeta.backbones import Embedder, deployment_args
     from edgemeta.data import EpisodeSampler, load_dataset
-    from edgemeta.runtime.malloc import retain_freed_memory
+    from edgemeta.data.episodes import stack_tasks
     from edgemeta.precision import autocast, native_bf16
-    from edgemeta.runtime import InputSpec, pixels_to_batch
     torch.set_num_threads(args.threads)
     retained = retain_freed_memory()
     rates = [(conv_flops_per_second(), conv_flops_per_second(torch.bfloat16))]

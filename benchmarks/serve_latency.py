@@ -29,10 +29,9 @@ from common import ROOT, SHIPPED_DATA, machine
 from PIL import Image
 
 sys.path.insert(0, str(ROOT / "tests"))
-from serve_helpers import Server  # noqa: E402
-
 from edgemeta.export import ExportOptions, export_checkpoint  # noqa: E402
 from edgemeta.runtime import FewShotClassifier  # noqa: E402
+from serve_helpers import Server  # noqa: E402
 
 
 def drawings(n_chars: int = 10) -> dict[str, list[bytes]]:

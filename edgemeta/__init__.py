@@ -3,4 +3,4 @@
 This module stays import-light (no torch) because `edgemeta.runtime` lives under it and must
 import on a device without torch.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn

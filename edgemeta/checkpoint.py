@@ -45,7 +45,7 @@ class Checkpoint:
         head = self.meta["head"]
         return HeadConfig.from_dict(head["device_head"] if head.get("kind") == "finetune" else head)
 
-    def at_image_size(self, size: int | None) -> "Checkpoint":
+    def at_image_size(self, size: int | None) -> Checkpoint:
         """The same network fed `size`×`size` images (None: as trained). Only for backbones whose
         embedding does not depend on the input size (globally pooled): the rest are refused."""
         if size is None or (size == self.spec.height and size == self.spec.width):

@@ -81,7 +81,7 @@ class TrainConfig:
     log_every: int = 10
 
     @classmethod
-    def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
+    def from_toml(cls, path: str | Path, **overrides) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -92,7 +92,7 @@ class TrainConfig:
         return cls.from_dict({**values, **overrides})
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -21,11 +21,11 @@ from edgemeta.config import TrainConfig
 from edgemeta.data import EpisodeSampler, ImageSet, load_dataset, select_split
 from edgemeta.distributed import Distributed
 from edgemeta.features import embed_pixels
-from edgemeta.runtime.malloc import retain_freed_memory
 from edgemeta.precision import autocast, native_bf16
 from edgemeta.pretrained import load_pretrained
 from edgemeta.protocol import evaluate_episodes
 from edgemeta.runtime.errors import ConfigError
+from edgemeta.runtime.malloc import retain_freed_memory
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
 from edgemeta.runtime.progress import SILENT, Progress
 

@@ -3,23 +3,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-from dataclasses import dataclass
 import datetime as _dt
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-import edgemeta
 from edgemeta.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, load_bundle, register_file, sha256_file, write_manifest
 from edgemeta.runtime.errors import BundleError, ConfigError, DataError
 from edgemeta.runtime.heads import HeadConfig
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
 from edgemeta.runtime.progress import SILENT, Progress
+
+import edgemeta
 
 PARITY_IMAGES = 64
 
@@ -261,7 +261,6 @@ def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, options: 
     L2-normalises its output; INT8/FP16 variants are made from checkpoints only."""
     l2_normalized, overwrite, check_data = options.l2_normalize, options.overwrite, list(options.calib_data)
     import onnx
-
     from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     from .onnx_graph import check_model, graph_io

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from edgemeta.runtime.bundle import register_file, write_manifest
 from edgemeta.runtime.errors import StoreError
 from edgemeta.runtime.progress import SILENT, Progress
+from onnx import TensorProto, helper, numpy_helper
 
 from .bundle_builder import bundle_target
 from .onnx_graph import check_model

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-from edgemeta.data import select_split
-from edgemeta.protocol import evaluate_episodes
 from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgemeta.runtime.errors import DataError
 from edgemeta.runtime.heads import HeadConfig, head_logits
 from edgemeta.runtime.preprocess import InputSpec, pixels_to_batch
 from edgemeta.runtime.timing import summarize, time_call
+
+from edgemeta.data import select_split
+from edgemeta.protocol import evaluate_episodes
 
 
 def compare_variants(fp32_path: Path, int8_path: Path, manifest: dict, dataset, episodes: int = 200,

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-
 from edgemeta.runtime.errors import BundleError
 
 OPSET = 17
@@ -58,7 +57,8 @@ def export_onnx(embedder: torch.nn.Module, spec, path: str | Path, l2_normalize:
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter: it targets opset 17 (what JetPack 6's TensorRT parses
         # best) and folds BatchNorm; the dynamo exporter emits opset ≥ 18.
-        torch.onnx.export(module, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        torch.onnx.export(module, (example,), buffer,  # type: ignore[arg-type]  # it writes to file objects too
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           opset_version=OPSET, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True, dynamo=False)
     model = onnx.load_from_string(buffer.getvalue())
@@ -107,7 +107,7 @@ def strip_identities(model: onnx.ModelProto) -> onnx.ModelProto:
     """Remove Identity nodes (left by the exporter) by rewiring their consumers."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
-    rename = {}
+    rename: dict[str, str] = {}
     keep = []
     for node in graph.node:
         if node.op_type == "Identity" and node.output[0] not in outputs:

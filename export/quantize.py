@@ -29,8 +29,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
     (U8S8, ONNX Runtime's CPU provider); returns what was done, for the manifest."""
     if target not in ("tensorrt", "cpu"):
         raise ValueError(f"target must be tensorrt or cpu, not {target!r}")
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -68,7 +67,6 @@ def audit_qdq(path: str | Path) -> None:
     """The INT8 graph is one TensorRT can build: every DequantizeLinear dequantizes int8 (an int8
     initializer, or the output of a QuantizeLinear to int8), and the operators pass the op audit."""
     import onnx
-
     from edgemeta.runtime.errors import BundleError
 
     from .onnx_graph import check_model

@@ -32,7 +32,7 @@ class BatchProfile:
     max: int
 
     @classmethod
-    def parse(cls, text: str) -> "BatchProfile":
+    def parse(cls, text: str) -> BatchProfile:
         """'1:8:32' → BatchProfile(1, 8, 32); a single number N means N:N:N."""
         parts = str(text).strip().split(":")
         try:

@@ -20,8 +20,8 @@ from .bundle import Bundle, load_bundle
 from .classifier import FewShotClassifier
 from .device_info import cpu_model, tensorrt_version
 from .heads import resolve_head
-from .progress import SILENT, Progress
 from .preprocess import ImageSource, load_images, pixels_to_batch
+from .progress import SILENT, Progress
 from .timing import summarize, time_call
 
 BENCH_SCHEMA = "edgemeta-bench"

@@ -187,7 +187,7 @@ class FewShotClassifier:
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, store: str | os.PathLike | None = None,
              head: str | dict | HeadConfig | None = None, backend: str = "auto", variant: str = "fp32",
-             threads: int | None = None, reembed: bool = False, keep_images: bool = True) -> "FewShotClassifier":
+             threads: int | None = None, reembed: bool = False, keep_images: bool = True) -> FewShotClassifier:
         """Open a bundle (manifest and checksums verified) and, if given, an enrollment store.
 
         A store made for another bundle is refused; with reembed=True and the images kept in the
@@ -263,10 +263,7 @@ class FewShotClassifier:
         the mean of each image's embedding and its horizontal mirror's)."""
         spec = self.bundle.spec
         images = as_source_list(images)
-        if isinstance(images, np.ndarray):
-            pixels = check_pixels(images, spec)
-        else:
-            pixels = load_images(images, spec, self.decode_budget)
+        pixels = check_pixels(images, spec) if isinstance(images, np.ndarray) else load_images(images, spec, self.decode_budget)
         if support and self._state.head.flip_shots:
             both = self.backend.embed_pixels(np.concatenate([pixels, pixels[:, :, ::-1]]))
             embeddings = (both[:len(pixels)] + both[len(pixels):]) / 2

@@ -56,7 +56,7 @@ class FrozenClassifier:
             raise BundleError(f"{bundle.path}: the frozen graph returns {outputs}; re-freeze it")
 
     @classmethod
-    def load(cls, bundle_dir: str | os.PathLike, backend: str = "auto", device: dict | None = None) -> "FrozenClassifier":
+    def load(cls, bundle_dir: str | os.PathLike, backend: str = "auto", device: dict | None = None) -> FrozenClassifier:
         return cls(load_bundle(bundle_dir), backend=backend, device=device)
 
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,8 +20,7 @@ import numpy as np
 from .errors import StoreError
 from .files import atomic_write
 from .heads import HeadConfig
-from .store import (KEPT_NAME, MAX_CLASSES, MAX_SHOTS, EnrolledClass, EnrollmentStore, StoreState, check_embeddings,
-                    check_format, frozen)
+from .store import KEPT_NAME, MAX_CLASSES, MAX_SHOTS, EnrolledClass, EnrollmentStore, StoreState, check_embeddings, check_format, frozen
 
 GALLERY_FORMAT = "edgemeta-gallery"
 GALLERY_VERSION = 1

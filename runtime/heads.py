@@ -56,7 +56,7 @@ class HeadConfig:
                                   f"got {value!r}")
 
     @classmethod
-    def from_dict(cls, d, where: str = "head") -> "HeadConfig":
+    def from_dict(cls, d, where: str = "head") -> HeadConfig:
         """From the JSON form; unknown keys, bad kinds and out-of-range values raise ConfigError."""
         if isinstance(d, HeadConfig):
             return d
@@ -77,7 +77,7 @@ class HeadConfig:
         d = {"kind": self.kind, **{k: getattr(self, _FIELD.get(k, k)) for k in HEAD_KINDS[self.kind].keys}}
         return {**d, "flip_shots": True} if self.flip_shots else d
 
-    def for_normalized_embeddings(self) -> "HeadConfig":
+    def for_normalized_embeddings(self) -> HeadConfig:
         """The head as deployed on L2-normalised embeddings: a prototype head compares by cosine
         (means of unit vectors are not unit vectors, so euclidean distance would rank differently)."""
         if self.kind == "prototype" and self.metric != "cosine":
@@ -95,7 +95,7 @@ class HeadConfig:
 _FIELD = {"lambda": "ridge_lambda"}
 
 
-def resolve_head(default: HeadConfig, head: "str | dict | HeadConfig | None") -> HeadConfig:
+def resolve_head(default: HeadConfig, head: str | dict | HeadConfig | None) -> HeadConfig:
     """The head to use: None → `default` (a bundle's or checkpoint's); a kind name → `default` if it
     is that kind, else that kind's defaults; a dict or HeadConfig → itself (validated)."""
     if head is None:
@@ -235,8 +235,8 @@ class HeadKind:
 
     name: str
     keys: tuple[str, ...]                                                   # its settings, by JSON name
-    fit: Callable[["HeadConfig", np.ndarray, np.ndarray, int, np.ndarray], dict[str, np.ndarray]]
-    score: Callable[["HeadConfig", dict[str, np.ndarray], np.ndarray], np.ndarray]
+    fit: Callable[[HeadConfig, np.ndarray, np.ndarray, int, np.ndarray], dict[str, np.ndarray]]
+    score: Callable[[HeadConfig, dict[str, np.ndarray], np.ndarray], np.ndarray]
     shapes: Callable[[int, int], dict[str, tuple[int, ...]]]               # (n_way, dim) → array shapes
     about: str = ""
 

@@ -96,7 +96,7 @@ class InputSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
+    def from_dict(cls, d: dict) -> InputSpec:
         try:
             return cls(height=d["height"], width=d["width"], colour=d["colour"],
                        mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))

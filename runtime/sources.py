@@ -281,7 +281,7 @@ class VideoSource:
         if self._capture is not None:
             self._capture.release()
 
-    def __enter__(self) -> "VideoSource":
+    def __enter__(self) -> VideoSource:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write
 from .errors import ConfigError, StorageError, StoreError
+from .files import atomic_write
 from .heads import HeadConfig
 
 # One set of bounds for enrollment, stores and galleries: whatever can be saved can be restored.

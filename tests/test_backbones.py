@@ -1,8 +1,8 @@
 import pytest
 import torch
+from edgemeta.runtime import ConfigError, InputSpec
 
 from edgemeta.backbones import Embedder, create_backbone, deployment_args, list_backbones
-from edgemeta.runtime import ConfigError, InputSpec
 
 
 @pytest.mark.parametrize("name,size,colour,dim", [

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from edgemeta.runtime.backends.base import Backend
 from edgemeta.runtime.errors import ConfigError
 from edgemeta.runtime.preprocess import InputSpec

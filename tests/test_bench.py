@@ -1,11 +1,10 @@
 import json
 
 import pytest
-from PIL import Image
-
 from conftest import run_cli
 from edgemeta.runtime.bench import validate_bench
 from edgemeta.runtime.heads import HeadConfig
+from PIL import Image
 
 
 def test_bench_writes_a_valid_json_with_every_stage_and_a_png(tiny_bundle, tmp_path, omniglot_paths):
@@ -27,7 +26,6 @@ def test_bench_writes_a_valid_json_with_every_stage_and_a_png(tiny_bundle, tmp_p
 
 def test_per_step_timings_count_the_steps_asked_for(monkeypatch):
     import numpy as np
-
     from edgemeta.runtime import heads
     from edgemeta.runtime.bench import bench_heads
     calls = []

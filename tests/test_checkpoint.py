@@ -3,9 +3,9 @@ import pickle
 
 import pytest
 import torch
+from edgemeta.runtime import CheckpointError, InputSpec
 
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
-from edgemeta.runtime import CheckpointError, InputSpec
 
 
 def test_round_trip_keeps_weights_and_metadata(tiny_run):

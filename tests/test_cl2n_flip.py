@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
-from edgemeta.checkpoint import load_checkpoint
-from edgemeta.features import cl2n, feature_mean
 from edgemeta.runtime import FewShotClassifier, load_bundle
 from edgemeta.runtime.heads import HeadConfig
+
+from edgemeta.checkpoint import load_checkpoint
+from edgemeta.features import cl2n, feature_mean
 
 
 @pytest.fixture(scope="module")

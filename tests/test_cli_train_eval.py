@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 from conftest import run_cli
 
 
@@ -55,8 +54,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, omniglot_paths):
 
 def test_toml_config_with_flag_override(tmp_path, omniglot_paths):
     cfg = tmp_path / "c.toml"
-    cfg.write_text("data = [%s]\nsplit_mode = 'seeded'\nway = 5\nquery = 2\nepisodes = 2\nval_every = 2\n"
-                   "val_episodes = 5\nalgo = 'r2d2'\n" % ", ".join(f"'{p}'" for p in omniglot_paths))
+    cfg.write_text("data = [{}]\nsplit_mode = 'seeded'\nway = 5\nquery = 2\nepisodes = 2\nval_every = 2\n"
+                   "val_episodes = 5\nalgo = 'r2d2'\n".format(", ".join(f"'{p}'" for p in omniglot_paths)))
     result = run_cli("train", "--config", cfg, "--out", tmp_path / "r", "--quiet", "--episodes", "3")
     assert result.exit_code == 0, result.output
     meta = json.loads(run_cli("inspect", tmp_path / "r" / "last.safetensors", "--json").stdout)
@@ -99,7 +98,7 @@ def test_auto_on_off_switches_resolve_per_device_and_refuse_other_values(tmp_pat
     assert (cuda.switch("channels_last"), cuda.switch("vectorize")) == (False, True)
     assert TrainConfig(data=["x"], channels_last="off").switch("channels_last") is False
     cfg = tmp_path / "c.toml"
-    cfg.write_text("data = [%s]\nchannels_last = 'sideways'\n" % ", ".join(f"'{p}'" for p in omniglot_paths))
+    cfg.write_text("data = [{}]\nchannels_last = 'sideways'\n".format(", ".join(f"'{p}'" for p in omniglot_paths)))
     result = run_cli("train", "--config", cfg, "--out", tmp_path / "r", "--quiet")
     assert result.exit_code == 2 and "channels_last must be auto, on or off, not 'sideways'" in result.output
     assert not (tmp_path / "r").exists()

@@ -2,11 +2,11 @@ import zipfile
 
 import numpy as np
 import pytest
+from edgemeta.runtime import DataError, InputSpec, load_image
 from PIL import Image
 
 from edgemeta.data import load_dataset, select_split, split_groups
 from edgemeta.data.splits import OMNIGLOT_TEST_ALPHABETS, OMNIGLOT_VAL_ALPHABETS
-from edgemeta.runtime import DataError, InputSpec, load_image
 
 
 def test_shipped_omniglot_loads_all_eight_alphabets_deduplicated(omniglot):

@@ -17,12 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from conftest import OMNIGLOT, ROOT, run_cli
+from edgemeta.runtime.errors import ConfigError, DataError
 from PIL import Image
 
-from conftest import OMNIGLOT, ROOT, run_cli
 from edgemeta.data.catalog import CATALOG, parse_name
 from edgemeta.data.fetch import fetch, verify
-from edgemeta.runtime.errors import ConfigError, DataError
 
 
 class Files(BaseHTTPRequestHandler):

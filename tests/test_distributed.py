@@ -7,7 +7,6 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import OMNIGLOT
 from edgemeta.runtime.progress import SILENT
 

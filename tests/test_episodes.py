@@ -2,11 +2,11 @@ import time
 
 import numpy as np
 import pytest
+from edgemeta.runtime import DataError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgemeta.data import EpisodeSampler
-from edgemeta.runtime import DataError
 
 
 @settings(max_examples=40, deadline=None)

@@ -6,13 +6,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import run_cli
-from edgemeta.backbones import Embedder
 from edgemeta.export.onnx_graph import ALLOWED_OPS, ExportEmbedder, audit_ops, export_onnx, parity
 from edgemeta.runtime import BundleError, InputSpec, load_bundle
 from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgemeta.runtime.bundle import read_manifest, validate_manifest, write_manifest
+
+from edgemeta.backbones import Embedder
 
 
 @pytest.mark.parametrize("name,args", [("conv4", {}), ("resnet12", {"widths": [16, 32, 48, 64]}), ("edgenet", {})])
@@ -172,7 +172,6 @@ def test_inspect_bundle_shows_files_checksums_and_what_runs_here(tiny_bundle):
 def test_int8_variant_keeps_biases_float_so_tensorrt_can_parse_it(tiny_bundle):
     """Every DequantizeLinear in embed.int8.onnx dequantizes int8 (no int32 bias behind one)."""
     import onnx
-
     from edgemeta.export.quantize import audit_qdq
     model = onnx.load(str(tiny_bundle / "embed.int8.onnx"))
     dtypes = {t.name: t.data_type for t in model.graph.initializer}

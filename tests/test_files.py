@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from edgemeta.runtime import files
+from edgemeta.runtime.bundle import read_manifest, write_manifest
+from edgemeta.runtime.errors import StorageError
+from edgemeta.runtime.heads import HeadConfig
+from edgemeta.runtime.store import EnrollmentStore, StoreState
 
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.data.imageset import ImageSet
 from edgemeta.data.loading import _read_cache, _write_cache
-from edgemeta.runtime import files
-from edgemeta.runtime.bundle import read_manifest, write_manifest
-from edgemeta.runtime.heads import HeadConfig
-from edgemeta.runtime.errors import StorageError
-from edgemeta.runtime.store import EnrollmentStore, StoreState
 
 
 def _manifest(dim: int) -> dict:

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 from edgemeta.runtime import FewShotClassifier, load_bundle
 from edgemeta.runtime.frozen import FrozenClassifier
@@ -92,7 +91,6 @@ def test_the_gated_output_is_zero_exactly_for_rejected_inputs(tiny_bundle, tagal
     """probabilities_known (what DeepStream reads) = probabilities where the auto rule keeps the
     input, all zero where it answers "unknown"."""
     import onnxruntime as ort
-
     from edgemeta.runtime.preprocess import load_images, pixels_to_batch
     clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s")
     for c in sorted(tagalog)[:5]:

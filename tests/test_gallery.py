@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 from edgemeta.runtime import FewShotClassifier
 from edgemeta.runtime.errors import StoreError

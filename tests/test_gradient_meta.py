@@ -3,12 +3,12 @@ finite differences (float64)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from edgemeta.runtime import InputSpec
 from torch.func import functional_call, vmap
 
 from edgemeta.algorithms import ANIL, MAML, Reptile
 from edgemeta.backbones import Embedder
 from edgemeta.heads import logistic_fit, logistic_logits
-from edgemeta.runtime import InputSpec
 
 N_WAY, SHOT, QUERY, TASKS = 3, 2, 2, 2
 
@@ -127,6 +127,7 @@ def test_meta_sgd_learns_per_layer_inner_step_sizes():
 
 def test_gradient_checkpoints_export_with_recalibrated_batchnorm(tmp_path, omniglot_paths):
     from conftest import run_cli
+
     from edgemeta.checkpoint import load_checkpoint
     data = [x for p in omniglot_paths for x in ("--data", p)]
     out = tmp_path / "maml"

@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
-
+import torch
+from edgemeta.runtime import heads as nh
 from edgemeta.runtime.errors import ConfigError
 from edgemeta.runtime.heads import HeadConfig, resolve_head
-import torch
 
 from edgemeta import heads as th
-from edgemeta.runtime import heads as nh
 
 
 def _features(n_way=5, shot=3, dim=16, query=4, seed=0, dtype=torch.float64):

@@ -13,7 +13,6 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from edgemeta.runtime import FewShotClassifier
 from edgemeta.runtime.errors import StoreError
 from edgemeta.runtime.gallery import export_gallery, import_gallery
@@ -252,9 +251,8 @@ def test_a_locked_store_says_who_holds_it_and_gives_up(device_bundle, tmp_path, 
         held.truncate()
         held.write("4242")
         held.flush()
-        with pytest.raises(StoreError, match="stayed locked by pid 4242 for 0.3 s"):
-            with EnrollmentStore(tmp_path / "s").locked(timeout=0.3):
-                pass
+        with pytest.raises(StoreError, match="stayed locked by pid 4242 for 0.3 s"), EnrollmentStore(tmp_path / "s").locked(timeout=0.3):
+            pass
     assert "locked by pid 4242; waiting up to 0.3 s" in capsys.readouterr().err
     assert store_module.LOCK_TIMEOUT_S == 60.0
     with EnrollmentStore(tmp_path / "s").locked():
@@ -264,7 +262,6 @@ def test_a_locked_store_says_who_holds_it_and_gives_up(device_bundle, tmp_path, 
 def test_a_label_with_a_newline_in_the_url_is_a_400_that_says_why(device_bundle, tmp_path):
     pytest.importorskip("fastapi")
     import httpx
-
     from serve_helpers import Server
     s = Server(device_bundle, tmp_path / "store")
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 
 import pytest
-
 from conftest import ROOT
 
 PACKAGES = {"edgemeta": ROOT / "edgemeta", "edgemeta.export": ROOT / "export", "edgemeta.runtime": ROOT / "runtime"}

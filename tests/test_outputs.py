@@ -2,13 +2,11 @@
 every case here destroyed a store or a bundle with exit status 0 before. Torch-free tiny bundle."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_cli
 from edgemeta.runtime import FewShotClassifier
+from PIL import Image
 
 
 def tree(folder):

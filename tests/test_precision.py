@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from edgemeta.runtime import InputSpec, pixels_to_batch
+from edgemeta.runtime.progress import SILENT
 
 from edgemeta.algorithms import ANIL, MAML
-from edgemeta.data.episodes import stack_tasks
-from edgemeta.runtime.progress import SILENT
 from edgemeta.backbones import Embedder
 from edgemeta.data import EpisodeSampler
+from edgemeta.data.episodes import stack_tasks
 from edgemeta.precision import autocast
-from edgemeta.runtime import InputSpec, pixels_to_batch
 
 SPEC = InputSpec(28, 28, "L", (0.92,), (0.24,))
 
@@ -60,6 +60,7 @@ def test_anil_inner_loop_stays_float32_under_bf16_autocast():
 
 def test_cli_trains_second_order_maml_in_bf16_and_keeps_float32_checkpoints(tmp_path, omniglot_paths):
     from conftest import run_cli
+
     from edgemeta.checkpoint import load_checkpoint
     data = [x for p in omniglot_paths for x in ("--data", p)]
     out = tmp_path / "maml-bf16"

@@ -11,10 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgemeta.backbones import EfficientNetLite, Embedder, create_backbone, fixed_normalisation  # noqa: E402
-from edgemeta.pretrained import load_pretrained, weights_file  # noqa: E402
 from edgemeta.runtime.errors import ConfigError  # noqa: E402
 from edgemeta.runtime.preprocess import InputSpec  # noqa: E402
+
+from edgemeta.backbones import EfficientNetLite, Embedder, create_backbone, fixed_normalisation  # noqa: E402
+from edgemeta.pretrained import load_pretrained, weights_file  # noqa: E402
 
 WNIDS = Path(__file__).parent / "data" / "imagenet1k_wnids.txt"
 
@@ -167,6 +168,7 @@ def test_pretrained_run_records_provenance_and_its_bundle_carries_the_notice(tmp
 @pytest.mark.slow
 def test_off_the_shelf_network_is_saved_with_zero_episodes(tmp_path, omniglot_paths):
     from conftest import run_cli
+
     from edgemeta.checkpoint import load_checkpoint
     out = tmp_path / "run"
     r = run_cli("train", "--data", omniglot_paths[0], "--colour", "RGB", "--image-size", "32", "--split-mode", "seeded",

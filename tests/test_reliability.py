@@ -10,14 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
-
+from conftest import run_cli
 from edgemeta.runtime import FewShotClassifier
 from edgemeta.runtime.errors import BundleError, ConfigError, ImageDecodeError, StoreError
 from edgemeta.runtime.preprocess import InputSpec, load_image
 from edgemeta.runtime.store import EnrollmentStore, decode_state, encode_state
-
-from conftest import run_cli
+from PIL import Image
 
 
 def one_error_line(result) -> str:
@@ -389,7 +387,7 @@ def test_exotic_image_modes_decode_to_the_model_input(mode):
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
     image = {"CMYK": rgb.convert("CMYK"), "P": rgb.convert("P"), "RGBA": rgb.convert("RGBA"), "LA": rgb.convert("LA"),
-             "I;16": Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)), "1": rgb.convert("1")}[mode]
+             "I;16": Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), "1": rgb.convert("1")}[mode]
     buf = io.BytesIO()
     image.save(buf, format="JPEG" if mode == "CMYK" else "PNG")
     for spec in (InputSpec(28, 28, "L"), InputSpec(32, 32, "RGB")):

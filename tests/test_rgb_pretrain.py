@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
+from edgemeta.runtime import DataError, InputSpec, load_image
 from PIL import Image
 
-from conftest import run_cli
 from edgemeta.augment import augment_batch
 from edgemeta.data import select_split
-from edgemeta.runtime import DataError, InputSpec, load_image
 
 
 def test_colour_conversions_match_pil():
@@ -163,11 +163,12 @@ def test_self_distillation_learns_from_a_pretrain_runs_teacher(tmp_path, omniglo
 def test_rotation_self_supervision_is_an_auxiliary_head_that_never_ships(tmp_path, omniglot_paths):
     """--rotation-weight: a second head learns the quarter turn of a rotated copy of each batch; the
     run's last checkpoint keeps it (to resume), the shipped best does not; other algorithms refuse it."""
+    from edgemeta.runtime.preprocess import InputSpec
+
     from edgemeta.algorithms import create_algorithm
     from edgemeta.algorithms.base import LearnerSettings, Step
     from edgemeta.backbones import Embedder
     from edgemeta.checkpoint import load_checkpoint
-    from edgemeta.runtime.preprocess import InputSpec
     data = [x for p in omniglot_paths for x in ("--data", p)]
     common = [*data, "--split-mode", "seeded", "--batch-size", "32", "--episodes", "6", "--val-every", "6",
               "--val-episodes", "10", "--quiet"]

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli
 from edgemeta.runtime import FewShotClassifier, ImageDecodeError, StoreError
 from edgemeta.runtime.store import EnrollmentStore
@@ -103,9 +102,9 @@ def test_unknown_rejection_calibrated_on_the_support_set(tiny_bundle, tagalog):
         clf.enroll(c, tagalog[c][:10])
     known = clf.predict([img for c in chars[:5] for img in tagalog[c][10:]], reject="auto")
     assert np.mean([lab == "unknown" for lab in known.labels]) < 0.2
-    far = clf.predict([img for img in tagalog[chars[5]]], reject=0.0)
+    far = clf.predict(list(tagalog[chars[5]]), reject=0.0)
     assert set(far.labels) == {"unknown"}  # a zero distance threshold rejects everything
-    never = clf.predict([img for img in tagalog[chars[5]]], reject=None)
+    never = clf.predict(list(tagalog[chars[5]]), reject=None)
     assert "unknown" not in never.labels
 
 

@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 from serve_helpers import Server
 
 httpx = pytest.importorskip("httpx", reason="httpx is part of the dev install")

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from serve_helpers import Server
 
 pytest.importorskip("fastapi", reason="edgemeta[serve] is part of the dev install")
@@ -174,7 +173,6 @@ def test_a_page_of_another_origin_cannot_write_and_the_own_page_can(tmp_path):
     import threading
 
     import httpx
-
     from serve_helpers import free_port
     bundle = Path(shutil.copytree(ROOT / "tests" / "tiny_bundle", tmp_path / "bundle"))
     srv = Server(bundle, tmp_path / "store")

@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
 from serve_helpers import EDGEMETA, Server
 
 pytest.importorskip("fastapi")

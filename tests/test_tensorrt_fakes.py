@@ -13,7 +13,6 @@ import types
 
 import numpy as np
 import pytest
-
 from edgemeta.runtime import BundleError, ConfigError, DependencyError, load_bundle
 
 DIM = 64

@@ -3,7 +3,6 @@ skipped with the reason when TensorRT or a CUDA device is missing (no fake tenso
 import importlib.util
 
 import pytest
-
 from edgemeta.export import EngineOptions
 from edgemeta.export.tensorrt import BatchProfile, engine_file_name, engine_record
 from edgemeta.runtime import BundleError, ConfigError, DependencyError, load_bundle
@@ -117,7 +116,6 @@ def test_engine_build_and_run_match_onnxruntime(tiny_bundle, tmp_path, omniglot,
     import shutil
 
     import numpy as np
-
     from edgemeta.export import add_engine
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
@@ -162,7 +160,6 @@ def test_two_onnxruntime_packages_in_one_environment_are_reported_with_the_fix()
 
 def test_onnxruntime_tensorrt_provider_gets_caches_profiles_and_precision_and_falls_back(tiny_bundle, monkeypatch, tmp_path):
     import onnxruntime as ort
-
     from edgemeta.runtime.backends.onnxruntime import tensorrt_ep_options
     b = load_bundle(tiny_bundle)
     opts = tensorrt_ep_options(b, "int8", cache_root=tmp_path)

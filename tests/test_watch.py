@@ -9,9 +9,8 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 cv2 = pytest.importorskip("cv2", reason="edgemeta[video] (opencv-python-headless) is part of the dev install")
 

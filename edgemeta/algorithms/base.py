@@ -47,7 +47,7 @@ class LearnerSettings:
     rotation_weight: float = 0.0
 
     @classmethod
-    def from_train_config(cls, config, n_classes: int = 0) -> "LearnerSettings":
+    def from_train_config(cls, config, n_classes: int = 0) -> LearnerSettings:
         """From a TrainConfig, or from a checkpoint's `train_config` dict (missing keys: defaults)."""
         values = config if isinstance(config, dict) else config.to_dict()
         known = {f.name for f in fields(cls)} - {"n_classes", "vectorize"}

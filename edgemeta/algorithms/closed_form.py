@@ -33,12 +33,12 @@ class _Episodic(MetaLearner):
 
 
 @register("protonet")
-def _protonet(embedder: Embedder, s: LearnerSettings) -> "ProtoNet":
+def _protonet(embedder: Embedder, s: LearnerSettings) -> ProtoNet:
     return ProtoNet(embedder, metric=s.metric)
 
 
 @register("r2d2")
-def _r2d2(embedder: Embedder, s: LearnerSettings) -> "R2D2":
+def _r2d2(embedder: Embedder, s: LearnerSettings) -> R2D2:
     return R2D2(embedder, lam=s.ridge_lambda)
 
 

@@ -141,13 +141,13 @@ class _WholeNetwork(_Adapting):
 
 
 @register("maml")
-def _maml(embedder: Embedder, s: LearnerSettings) -> "MAML":
+def _maml(embedder: Embedder, s: LearnerSettings) -> MAML:
     return MAML(embedder, s.way, s.inner_steps, s.inner_lr, first_order=False, learn_inner_lr=s.learn_inner_lr,
                 vectorize=s.vectorize)
 
 
 @register("fomaml")
-def _fomaml(embedder: Embedder, s: LearnerSettings) -> "MAML":
+def _fomaml(embedder: Embedder, s: LearnerSettings) -> MAML:
     return MAML(embedder, s.way, s.inner_steps, s.inner_lr, first_order=True, learn_inner_lr=s.learn_inner_lr,
                 vectorize=s.vectorize)
 
@@ -194,7 +194,7 @@ class MAML(_WholeNetwork):
 
 
 @register("anil")
-def _anil(embedder: Embedder, s: LearnerSettings) -> "ANIL":
+def _anil(embedder: Embedder, s: LearnerSettings) -> ANIL:
     return ANIL(embedder, s.inner_steps, s.inner_lr, vectorize=s.vectorize)
 
 
@@ -256,7 +256,7 @@ class ANIL(_Adapting):
 
 
 @register("reptile")
-def _reptile(embedder: Embedder, s: LearnerSettings) -> "Reptile":
+def _reptile(embedder: Embedder, s: LearnerSettings) -> Reptile:
     return Reptile(embedder, s.way, s.inner_steps, s.inner_lr, s.reptile_epsilon, vectorize=s.vectorize)
 
 

@@ -23,7 +23,7 @@ IMAGE_BATCH_ALGORITHMS = ("pretrain", "distill")  # learn from labelled image ba
 
 
 @register("pretrain")
-def _pretrain(embedder: Embedder, s: LearnerSettings) -> "Pretrain":
+def _pretrain(embedder: Embedder, s: LearnerSettings) -> Pretrain:
     return Pretrain(embedder, s.n_classes, s.rotation_weight)
 
 
@@ -77,7 +77,7 @@ class Pretrain(MetaLearner):
 
 
 @register("distill")
-def _distill(embedder: Embedder, s: LearnerSettings) -> "Distill":
+def _distill(embedder: Embedder, s: LearnerSettings) -> Distill:
     return Distill(embedder, s.n_classes, s.teacher, s.distill_alpha, s.distill_temperature, s.rotation_weight)
 
 

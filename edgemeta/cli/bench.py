@@ -59,10 +59,10 @@ def bench(
     plot: Optional[Path] = typer.Option(None, help="Write a PNG plot here."),
 ):
     """Latency per stage (embed, fit, predict) and per adaptation step, p50/p90/p99, on this device."""
+    from edgemeta.cli.common import writable_target
     from edgemeta.runtime.bench import render_plot, run_bench
     from edgemeta.runtime.bundle import load_bundle
     from edgemeta.runtime.errors import ConfigError
-    from edgemeta.cli.common import writable_target
     if repeat < 1:
         raise ConfigError(f"--repeat must be ≥ 1, got {repeat}")
     writable_target(json_out, "--json", (bundle, images), kind="json")  # checked before the run, not after it

@@ -71,7 +71,10 @@ class RichProgress:
     """runtime.progress.Progress drawn with rich: a bar for tasks, a cyan bullet for messages."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled, self._bar, self._task = enabled, None, None
+        from typing import Any
+        self.enabled = enabled
+        self._bar: Any = None   # a rich.progress.Progress while a task runs (rich is imported only then)
+        self._task: Any = None
 
     def start(self, label: str, total: int | None = None, completed: int = 0) -> None:
         if not self.enabled:

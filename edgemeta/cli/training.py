@@ -10,6 +10,7 @@ from rich.table import Table
 
 from edgemeta.cli.common import HEADS_HELP, RichProgress, command, console, print_json, require_training_extra
 
+
 @command()
 def train(
     config: Optional[Path] = typer.Option(None, help="TOML file with any TrainConfig keys; flags override it."),
@@ -54,15 +55,15 @@ def train(
     from edgemeta.config import TrainConfig
     from edgemeta.train import train as run_training
 
-    flags = dict(data=[str(p) for p in data] if data else None, algo=algo, backbone=backbone, metric=metric,
-                 image_size=image_size, colour=colour, split_mode=split_mode, rotations=rotations, augment=augment,
-                 split_file=str(split_file) if split_file else None, init=str(init) if init else None,
-                 teacher=str(teacher) if teacher else None, rotation_weight=rotation_weight, pretrained=pretrained,
-                 freeze_blocks=freeze_blocks, freeze_bn=freeze_bn, backbone_lr_scale=backbone_lr_scale,
-                 batch_size=batch_size, meta_batch=meta_batch, inner_steps=inner_steps, inner_lr=inner_lr,
-                 learn_inner_lr=learn_inner_lr, way=way,
-                 shot=shot, query=query, episodes=episodes, lr=lr, val_every=val_every, val_episodes=val_episodes,
-                 seed=seed, device=device, precision=precision, out=str(out) if out else None)
+    flags = {"data": [str(p) for p in data] if data else None, "algo": algo, "backbone": backbone, "metric": metric,
+                 "image_size": image_size, "colour": colour, "split_mode": split_mode, "rotations": rotations, "augment": augment,
+                 "split_file": str(split_file) if split_file else None, "init": str(init) if init else None,
+                 "teacher": str(teacher) if teacher else None, "rotation_weight": rotation_weight, "pretrained": pretrained,
+                 "freeze_blocks": freeze_blocks, "freeze_bn": freeze_bn, "backbone_lr_scale": backbone_lr_scale,
+                 "batch_size": batch_size, "meta_batch": meta_batch, "inner_steps": inner_steps, "inner_lr": inner_lr,
+                 "learn_inner_lr": learn_inner_lr, "way": way,
+                 "shot": shot, "query": query, "episodes": episodes, "lr": lr, "val_every": val_every, "val_episodes": val_episodes,
+                 "seed": seed, "device": device, "precision": precision, "out": str(out) if out else None}
     flags = {k: v for k, v in flags.items() if v is not None}
     cfg = TrainConfig.from_toml(config, **flags) if config else TrainConfig.from_dict(flags)
     result = run_training(cfg, resume=resume, progress=RichProgress(enabled=not quiet))

@@ -46,7 +46,8 @@ def watch(
     from edgemeta.runtime import FewShotClassifier
     from edgemeta.runtime.errors import ConfigError
     from edgemeta.runtime.sources import VideoSource
-    from edgemeta.runtime.watch import enroll_from_source, watch as run_watch
+    from edgemeta.runtime.watch import enroll_from_source
+    from edgemeta.runtime.watch import watch as run_watch
     reject = parse_unknown(unknown)
     for name, value in (("--every", every), ("--smooth", smooth), ("--top-k", top_k), ("--shots", shots),
                         ("--spacing", spacing)):

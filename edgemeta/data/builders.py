@@ -52,7 +52,7 @@ def build_cifar_fs(archive: Path, out: Path, train: list[str], val: list[str], t
     if sorted(names) != sorted(train + val + test):
         odd = sorted(set(names) ^ set(train + val + test))
         raise DataError(f"{archive}: its classes are not CIFAR-FS's 64 + 16 + 20 (differing: {', '.join(odd[:5])})")
-    split_of = {**{c: "train" for c in train}, **{c: "val" for c in val}, **{c: "test" for c in test}}
+    split_of = {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"), **dict.fromkeys(test, "test")}
     images = np.concatenate([p["data"] for p in parts]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.concatenate([np.asarray(p["fine_labels"]) for p in parts])
     counts = {"train": 0, "val": 0, "test": 0}

@@ -43,7 +43,7 @@ class ImageSet:
         """For each class, the indices of its images (sorted)."""
         return indices_by_class(self.labels, self.n_classes)
 
-    def select_classes(self, class_ids: list[int] | np.ndarray) -> "ImageSet":
+    def select_classes(self, class_ids: list[int] | np.ndarray) -> ImageSet:
         """A new ImageSet with only these classes, relabelled 0..len(class_ids)-1 in the given order."""
         class_ids = np.asarray(class_ids, dtype=np.int64)
         remap = np.full(self.n_classes, -1, np.int64)
@@ -52,11 +52,11 @@ class ImageSet:
         return ImageSet(self.pixels[keep], remap[self.labels[keep]],
                         [self.classes[c] for c in class_ids], [self.groups[c] for c in class_ids])
 
-    def select_groups(self, groups: set[str] | list[str]) -> "ImageSet":
+    def select_groups(self, groups: set[str] | list[str]) -> ImageSet:
         wanted = set(groups)
         return self.select_classes([c for c, g in enumerate(self.groups) if g in wanted])
 
-    def with_rotations(self) -> "ImageSet":
+    def with_rotations(self) -> ImageSet:
         """The standard Omniglot augmentation: each 90° rotation of a class is a new class (×4 classes)."""
         if self.pixels.shape[1] != self.pixels.shape[2]:
             raise DataError("rotation augmentation needs square images")

@@ -15,7 +15,6 @@ from ..preprocess import InputSpec
 from .base import Backend
 
 
-
 def plan_chunks(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
     """Split n images into (start, stop, run_size) chunks the engine's profile accepts: at most
     max_batch each, and run_size ≥ min_batch (the chunk is zero-padded up to it)."""

@@ -33,8 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..classifier import FewShotClassifier, check_label, parse_unknown
-from ..errors import (BusyError, ClassExistsError, ConfigError, DataError, EdgemetaError, ImageTooLargeError, LabelError,
-                      StorageError, StoreError, UnknownClassError)
+from ..errors import BusyError, ClassExistsError, ConfigError, DataError, EdgemetaError, ImageTooLargeError, LabelError, StorageError, StoreError, UnknownClassError
 from ..preprocess import DecodeBudget, load_images
 from .batching import BatchingBackend
 from .metrics import ServiceMetrics

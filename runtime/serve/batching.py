@@ -106,10 +106,7 @@ class BatchingBackend(Backend):
                 return
             try:
                 t0 = time.perf_counter()
-                if len(calls) == 1:
-                    out = self.inner.embed(calls[0].batch)
-                else:
-                    out = self.inner.embed(np.concatenate([c.batch for c in calls]))
+                out = self.inner.embed(calls[0].batch) if len(calls) == 1 else self.inner.embed(np.concatenate([c.batch for c in calls]))
                 self.on_batch(len(out), time.perf_counter() - t0)
             except BaseException as exc:  # every waiting caller gets the error; the worker goes on
                 for c in calls:

@@ -69,7 +69,7 @@ def is_address(host: str) -> bool:
                                  host))
 
 
-def host_allowed(host_header: str | None, settings: "ServeSettings") -> bool:
+def host_allowed(host_header: str | None, settings: ServeSettings) -> bool:
     """Whether a request's Host names this service: an IP address (what DNS rebinding cannot
     forge: the browser sends the attacker's name), a localhost name, the bound name, or a name
     given with --allowed-host. No Host header (HTTP/1.0 clients) is let through."""
@@ -89,7 +89,7 @@ def host_allowed(host_header: str | None, settings: "ServeSettings") -> bool:
     return name in LOOPBACK_NAMES or name == settings.host.lower() or name in {h.lower().rstrip(".") for h in settings.allowed_hosts}
 
 
-def cross_origin_refusal(headers: dict[str, str], settings: "ServeSettings") -> str | None:
+def cross_origin_refusal(headers: dict[str, str], settings: ServeSettings) -> str | None:
     """Why a state-changing request must be refused as cross-site, or None. A browser names the
     page that sent it (Origin; Sec-Fetch-Site): a page of another origin — any site the user has
     open — may not enroll, replace or forget unless --cors-origin allows it. Requests without

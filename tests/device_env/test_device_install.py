@@ -23,9 +23,10 @@ def edgemeta(*args):
 def test_this_environment_has_no_torch_and_a_regular_install():
     assert importlib.util.find_spec("torch") is None
     assert importlib.util.find_spec("onnx") is None
-    import edgemeta
     import edgemeta.export
     import edgemeta.runtime
+
+    import edgemeta
     assert "site-packages" in edgemeta.__file__  # the installed wheel, not the source tree
     assert "site-packages" in edgemeta.runtime.__file__ and "site-packages" in edgemeta.export.__file__
     assert BUNDLE.is_dir() and DATA.is_file(), "make test passes EDGEMETA_TEST_BUNDLE and EDGEMETA_TEST_DATA"
