@@ -191,3 +191,30 @@ def test_an_api_key_fifo_does_not_hang_the_start(device_bundle, tmp_path):
     r = subprocess.run([str(EDGEMETA), "serve", str(device_bundle), "--store", str(tmp_path / "s"), "--api-key-file", str(fifo)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "is not a regular file" in r.stderr
+
+
+def test_the_openapi_document_describes_every_body_and_response(server):
+    """/openapi.json (what /docs draws) names a request body for every route that reads one and a
+    response schema for every route, errors included."""
+    doc = httpx.get(server.url + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    routes = {(path, method): op for path, ops in doc["paths"].items() for method, op in ops.items()}
+    assert set(routes) >= {("/v1/classes", "get"), ("/v1/classes/{label}/images", "post"), ("/v1/classes/{label}", "delete"),
+                           ("/v1/predict", "post"), ("/v1/model", "get"), ("/v2/health/live", "get"),
+                           ("/v2/health/ready", "get")}
+    for (path, method), op in routes.items():
+        if path == "/metrics":
+            continue
+        ok = op["responses"].get("200") or op["responses"].get("201")
+        ref = ok["content"]["application/json"]["schema"].get("$ref", "")
+        assert ref.startswith("#/components/schemas/") and schemas[ref.rsplit("/", 1)[1]]["properties"], (path, method)
+        if method == "post":
+            body = op["requestBody"]["content"]
+            assert "multipart/form-data" in body and "image/jpeg" in body, path
+        if path.startswith("/v1"):
+            assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/Error"), path
+    assert set(schemas["ImagePrediction"]["properties"]) == {"image", "label", "top_k", "distance"}
+    r = httpx.post(server.url + "/v1/classes/a/images", files=files(1))
+    assert set(r.json()) == set(schemas["EnrollResponse"]["properties"])
+    p = httpx.post(server.url + "/v1/predict", files=files(2)).json()
+    assert set(p) == set(schemas["PredictResponse"]["properties"])

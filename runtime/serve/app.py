@@ -36,6 +36,7 @@ from ..classifier import FewShotClassifier, check_label, parse_unknown
 from ..errors import BusyError, ClassExistsError, ConfigError, DataError, EdgemetaError, ImageTooLargeError, LabelError, StorageError, StoreError, UnknownClassError
 from ..preprocess import DecodeBudget, load_images
 from .batching import BatchingBackend
+from . import models
 from .metrics import ServiceMetrics
 from .settings import ServeSettings, cross_origin_refusal, host_allowed
 
@@ -273,39 +274,47 @@ def create_app(service: Service):
             raise TooLarge(f"{len(images)} images in one request; the limit is {settings.max_images} (--max-images)")
         return images
 
-    @v1.get("/classes", summary="Enrolled classes and their shot counts")
+    @v1.get("/classes", summary="Enrolled classes and their shot counts", response_model=models.ClassesResponse,
+            responses=models.ERRORS)
     async def list_classes():
         return await run_in_threadpool(service.classes)
 
-    @v1.post("/classes/{label:path}/images", summary="Enroll images as a class", status_code=200)
+    @v1.post("/classes/{label:path}/images", summary="Enroll images as a class", status_code=201,
+             response_model=models.EnrollResponse, responses={200: {"model": models.EnrollResponse,
+                                                                    "description": "mode=add or replace"}, **models.ERRORS},
+             openapi_extra=models.IMAGES_BODY)
     async def enroll(label: str, request: Request,
                      mode: str = Query("new", description="new: refuse a label already enrolled · add · replace")):
         images = await read_images(request)  # the mode is checked by the enrollment itself
         result = await run_in_threadpool(service.enroll, label, images, mode)
         return JSONResponse(result, status_code=201 if mode == "new" else 200)
 
-    @v1.delete("/classes/{label:path}", summary="Forget a class")
+    @v1.delete("/classes/{label:path}", summary="Forget a class", response_model=models.ForgetResponse,
+               responses=models.ERRORS)
     async def forget(label: str):
         return await run_in_threadpool(service.forget, label)
 
-    @v1.post("/predict", summary="Classify images")
+    @v1.post("/predict", summary="Classify images", response_model=models.PredictResponse, responses=models.ERRORS,
+             openapi_extra=models.IMAGES_BODY)
     async def predict(request: Request, top_k: int = Query(1, ge=1, le=100, description="classes per image"),
                       unknown: str | None = Query(None, description="'auto' or a distance: farther images are 'unknown'")):
         reject = parse_unknown(unknown, "unknown")
         images = await read_images(request)
         return await run_in_threadpool(service.predict, images, top_k, reject)
 
-    @v1.get("/model", summary="The bundle, head, variant, backend and device")
+    @v1.get("/model", summary="The bundle, head, variant, backend and device", response_model=models.ModelResponse,
+            responses=models.ERRORS)
     async def model():
         return service.model()
 
     app.include_router(v1)
 
-    @app.get("/v2/health/live", summary="The process is up")
+    @app.get("/v2/health/live", summary="The process is up", response_model=models.Live)
     async def live():
         return {"live": True}
 
-    @app.get("/v2/health/ready", summary="The model is loaded and warmed up")
+    @app.get("/v2/health/ready", summary="The model is loaded and warmed up", response_model=models.Ready,
+             responses={503: {"model": models.Ready, "description": "still loading"}})
     async def ready():
         return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 

@@ -1,0 +1,101 @@
+"""The service's JSON shapes as Pydantic models: FastAPI validates the responses against them and
+/openapi.json (and /docs) shows every request body and response. Import only with the [serve] extra."""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Error(BaseModel):
+    error: str = Field(description="What went wrong and what to do, in one line")
+
+
+class TopK(BaseModel):
+    label: str
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    image: str = Field(description="The uploaded file's name, or 'body' for a raw image body")
+    label: str = Field(description="The most likely class, or 'unknown' when rejected")
+    top_k: list[TopK]
+    distance: float = Field(description="Distance to the nearest class prototype (the rejection distance)")
+
+
+class PredictMs(BaseModel):
+    decode: float
+    embed: float
+    head: float
+    total: float
+
+
+class PredictResponse(BaseModel):
+    predictions: list[ImagePrediction]
+    ms: PredictMs
+
+
+class ClassShots(BaseModel):
+    label: str
+    shots: int
+
+
+class ClassesResponse(BaseModel):
+    classes: list[ClassShots]
+    head: str = Field(description="The head kind fitted on the classes")
+
+
+class EnrollMs(BaseModel):
+    enroll: float
+
+
+class EnrollResponse(BaseModel):
+    label: str
+    shots: int = Field(description="The class's shots after this request")
+    classes: int = Field(description="Classes enrolled in the store")
+    ms: EnrollMs
+
+
+class ForgetResponse(BaseModel):
+    forgotten: str
+    classes: int
+
+
+class ModelResponse(BaseModel):
+    name: str
+    backbone: str | None
+    algorithm: str | None
+    model_sha256: str
+    input: dict
+    embedding_dim: int
+    l2_normalized: bool
+    head: dict
+    variant: str
+    backend: dict
+    device: dict
+    edgemeta: str
+    classes: int
+    uptime_s: float
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+# Request bodies the routes read themselves (multipart with limits counted as they arrive, or one raw
+# image), described for the OpenAPI document.
+IMAGES_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                           "description": "one or more images (JPEG, PNG, WebP, BMP, GIF)"}}, "required": ["images"]}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+ERRORS = {status: {"model": Error} for status in (400, 401, 403, 404, 409, 413, 503, 507)}
