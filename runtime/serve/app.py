@@ -35,8 +35,8 @@ from starlette.requests import ClientDisconnect
 from ..classifier import FewShotClassifier, check_label, parse_unknown
 from ..errors import BusyError, ClassExistsError, ConfigError, DataError, EdgemetaError, ImageTooLargeError, LabelError, StorageError, StoreError, UnknownClassError
 from ..preprocess import DecodeBudget, load_images
-from .batching import BatchingBackend
 from . import models
+from .batching import BatchingBackend
 from .metrics import ServiceMetrics
 from .settings import ServeSettings, cross_origin_refusal, host_allowed
 

@@ -2,6 +2,8 @@
 /openapi.json (and /docs) shows every request body and response. Import only with the [serve] extra."""
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -98,4 +100,4 @@ IMAGES_BODY = {
         },
     }
 }
-ERRORS = {status: {"model": Error} for status in (400, 401, 403, 404, 409, 413, 503, 507)}
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": Error} for status in (400, 401, 403, 404, 409, 413, 503, 507)}
