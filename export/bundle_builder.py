@@ -245,12 +245,26 @@ def _add_int8(out: Path, manifest: dict, calib: np.ndarray, dataset, episodes: i
     return entry
 
 
+FP16_PARITY_RTOL = 5e-2  # float16 activations through a deep network: a few 1e-3 typical; 5% means broken
+
+
 def _add_fp16(out: Path, manifest: dict, real: np.ndarray, report: Callable[[str], None]) -> dict:
+    """The FP16 graph, checked like fp32: the op audit (what TensorRT parses) and parity against the
+    fp32 graph on the reference images, recorded in the manifest."""
+    import onnx
+
+    from .onnx_graph import check_model, parity
     from .quantize import convert_fp16
     report("converting to FP16 (for the CUDA provider and TensorRT)")
     info = convert_fp16(out / "embed.onnx", out / "embed.fp16.onnx")
+    check_model(onnx.load(str(out / "embed.fp16.onnx")))
+    check = parity(out / "embed.fp16.onnx", out / "embed.onnx", real)
+    report(f"FP16 parity vs fp32: relative {check['max_rel_error']:.2e} on {check['images']} images")
+    if check["max_rel_error"] > FP16_PARITY_RTOL:
+        raise BundleError(f"the FP16 graph differs from fp32 by {check['max_rel_error']:.2e} relative (limit "
+                          f"{FP16_PARITY_RTOL:g}): float16 overflows in this model; export without --fp16")
     register_file(out, manifest, "embed.fp16.onnx", "fp16")
-    return {"file": "embed.fp16.onnx", **info}
+    return {"file": "embed.fp16.onnx", **info, "parity": check}
 
 
 def wrap_onnx(onnx_path: str | Path, out: str | Path, spec: InputSpec, options: ExportOptions = ExportOptions(),

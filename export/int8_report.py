@@ -13,6 +13,20 @@ from edgemeta.runtime.timing import summarize, time_call
 from edgemeta.data import select_split
 from edgemeta.protocol import evaluate_episodes
 
+CHECK_CLASSES, CHECK_IMAGES_PER_CLASS = 20, 60
+
+
+def bounded(data, classes: int = CHECK_CLASSES, per_class: int = CHECK_IMAGES_PER_CLASS):
+    """At most `classes` classes (evenly spread over the set) of at most `per_class` images each:
+    the INT8 check costs the same for a 48,000-image calibration set as for a small one."""
+    import numpy as np
+
+    from edgemeta.data.imageset import ImageSet, indices_by_class
+    picked = np.unique(np.linspace(0, data.n_classes - 1, min(classes, data.n_classes)).round().astype(int))
+    data = data.select_classes(picked)
+    keep = np.sort(np.concatenate([idx[:per_class] for idx in indices_by_class(data.labels, data.n_classes)]))
+    return ImageSet(data.pixels[keep], data.labels[keep], data.classes, data.groups)
+
 
 def compare_variants(fp32_path: Path, int8_path: Path, manifest: dict, dataset, episodes: int = 200,
                      way: int = 5, shots: tuple[int, ...] = (1, 5)) -> dict:
@@ -22,6 +36,7 @@ def compare_variants(fp32_path: Path, int8_path: Path, manifest: dict, dataset, 
         eval_set = select_split(dataset, "test")
     except DataError:
         eval_set = dataset
+    eval_set = bounded(eval_set)
     fp32 = OnnxRuntimeBackend(fp32_path, spec, dim, "cpu")
     int8 = OnnxRuntimeBackend(int8_path, spec, dim, "cpu")
     fn = lambda s, y, q, n: head_logits(head, s, y, q, n)  # noqa: E731

@@ -151,22 +151,35 @@ def graph_io(model: onnx.ModelProto) -> tuple[str, list, str, list]:
     return inp.name, dims(inp), out.name, dims(out)
 
 
-def parity(onnx_path: str | Path, reference: torch.nn.Module, pixels: np.ndarray, batch_size: int = 64) -> dict:
-    """Max abs and relative error of ONNX Runtime (CPU) against torch on the same float32 NCHW pixels."""
+def parity(onnx_path: str | Path, reference: torch.nn.Module | str | Path, pixels: np.ndarray, batch_size: int = 64) -> dict:
+    """Max abs and relative error of ONNX Runtime (CPU) on `onnx_path` against a reference on the
+    same float32 NCHW pixels: the torch module it was exported from, or another ONNX graph (the
+    fp32 one, for a variant)."""
     import onnxruntime as ort
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    def session_of(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = session_of(onnx_path)
     name = session.get_inputs()[0].name
+    if isinstance(reference, torch.nn.Module):
+        def run_reference(x):
+            with torch.no_grad():
+                return reference(torch.from_numpy(x)).numpy()
+        described = "torch eager fp32"
+    else:
+        ref_session = session_of(reference)
+        run_reference = lambda x: ref_session.run(None, {ref_session.get_inputs()[0].name: x})[0]  # noqa: E731
+        described = f"{Path(reference).name} on onnxruntime CPU"
     max_abs, max_ref = 0.0, 0.0
-    with torch.no_grad():
-        for i in range(0, len(pixels), batch_size):
-            x = pixels[i:i + batch_size]
-            ref = reference(torch.from_numpy(x)).numpy()
-            got = session.run(None, {name: x})[0]
-            for side, values in (("torch", ref), ("ONNX Runtime", got)):
-                if not np.isfinite(values).all():  # max() would skip a NaN and report a perfect match
-                    raise BundleError(f"the model gives non-finite embeddings ({side}, images {i}–{i + len(x) - 1}); "
-                                      "its weights are broken (NaN/inf) — retrain or use another checkpoint")
-            max_abs = max(max_abs, float(np.abs(got - ref).max()))
-            max_ref = max(max_ref, float(np.abs(ref).max()))
+    for i in range(0, len(pixels), batch_size):
+        x = pixels[i:i + batch_size]
+        ref = run_reference(x)
+        got = session.run(None, {name: x})[0]
+        for side, values in (("reference", ref), ("ONNX Runtime", got)):
+            if not np.isfinite(values).all():  # max() would skip a NaN and report a perfect match
+                raise BundleError(f"the model gives non-finite embeddings ({side}, images {i}–{i + len(x) - 1}); "
+                                  "its weights are broken (NaN/inf) — retrain or use another checkpoint")
+        max_abs = max(max_abs, float(np.abs(got - ref).max()))
+        max_ref = max(max_ref, float(np.abs(ref).max()))
     return {"images": int(len(pixels)), "max_abs_error": max_abs, "max_rel_error": max_abs / max(max_ref, 1e-12),
-            "reference": "torch eager fp32", "runtime": f"onnxruntime {ort.__version__} CPU"}
+            "reference": described, "runtime": f"onnxruntime {ort.__version__} CPU"}

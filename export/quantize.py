@@ -89,5 +89,27 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
     model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    topological_sort(model)  # the converter appends its input casts at the end; parsers want order
     onnx.save(model, str(out_path))
     return {"method": "float16 weights and activations, float32 I/O"}
+
+
+def topological_sort(model) -> None:
+    """Reorder the graph's nodes so that every node comes after the nodes producing its inputs (as
+    the ONNX spec and strict checkers require), keeping the original order among independent nodes."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        progressed = False
+        for node in list(pending):
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+                pending.remove(node)
+                progressed = True
+        if not progressed:
+            from edgemeta.runtime.errors import BundleError
+            raise BundleError(f"the graph has a cycle or an input no node produces (at {pending[0].name!r})")
+    del graph.node[:]
+    graph.node.extend(ordered)

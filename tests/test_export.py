@@ -60,6 +60,8 @@ def test_cli_export_writes_a_verified_bundle_with_int8_and_fp16(tiny_bundle):
     assert abs(int8["accuracy_delta_points"]) <= 1.0
     assert int8["calibration_images"] == 128 and int8["speedup_batch1"] > 0
     assert m["files"]["embed.int8.onnx"]["bytes"] < m["files"]["embed.onnx"]["bytes"] / 2
+    fp16 = m["variants"]["fp16"]["parity"]   # checked like fp32, against the fp32 graph on real images
+    assert fp16["images"] == 64 and 0 < fp16["max_rel_error"] < 1e-2 and fp16["reference"].startswith("embed.onnx")
     load_bundle(tiny_bundle)  # every sha256 verifies
 
 
