@@ -53,7 +53,7 @@ class EngineOptions:
     """A TensorRT engine build on the device (`edgemeta build-engine`)."""
 
     precision: str = "fp32"           # fp32 | fp16 | int8: built from that ONNX variant
-    batch: str = "1:8:32"             # the batch profile MIN:OPT:MAX
+    batch: str = "1:8:64"             # the batch profile MIN:OPT:MAX (MAX: runtime.backends.base.MAX_BATCH)
     workspace_mb: int = 1024
     dla_core: int | None = None
     timing_cache: str | None = None

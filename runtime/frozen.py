@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.base import MAX_BATCH
 from .bundle import MANIFEST, Bundle, load_bundle
 from .classifier import Prediction, as_source_list, make_prediction
 from .errors import BundleError, ConfigError
@@ -60,15 +61,15 @@ class FrozenClassifier:
         return cls(load_bundle(bundle_dir), backend=backend, device=device)
 
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [N, H, W, C] → (probabilities [N, C], distance [N]), one graph call per 64 images."""
+        """uint8 [N, H, W, C] → (probabilities [N, C], distance [N]), one graph call per MAX_BATCH images."""
         if self.engine is not None:
             out = self.engine.run_outputs(pixels_to_batch(pixels))
             return out["probabilities"], out["distance"]
         assert self.session is not None
         name = self.session.get_inputs()[0].name
         probs, dists = [], []
-        for i in range(0, len(pixels), 64):
-            p, d = self.session.run(["probabilities", "distance"], {name: pixels_to_batch(pixels[i:i + 64])})
+        for i in range(0, len(pixels), MAX_BATCH):
+            p, d = self.session.run(["probabilities", "distance"], {name: pixels_to_batch(pixels[i:i + MAX_BATCH])})
             probs.append(p)
             dists.append(d)
         return np.concatenate(probs), np.concatenate(dists)

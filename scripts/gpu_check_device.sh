@@ -9,7 +9,7 @@ PY="${PYTHON:-python}"
 "$PY" -c "from cuda.bindings import runtime as rt; e, v = rt.cudaRuntimeGetVersion(); assert int(e) == 0, e; e2, d = rt.cudaDriverGetVersion(); assert int(e2) == 0, e2; print('cuda-python OK: runtime', v, 'driver', d)"
 "$PY" -c "from edgemeta.runtime.device_info import device_identity as d; i = d(); print('device:', i); assert i['tensorrt_version'] and i['compute_capability'], i"
 for p in fp32 fp16 int8; do
-  edgemeta build-engine "$OUT/bundle" --precision "$p" --batch 1:8:32 --timing-cache "$OUT/trt.cache"
+  edgemeta build-engine "$OUT/bundle" --precision "$p" --batch 1:8:64 --timing-cache "$OUT/trt.cache"
   edgemeta bench "$OUT/bundle" --backend tensorrt --variant "$p" --json "$OUT/bench-$p.json" --plot "$OUT/bench-$p.png"
   edgemeta eval --bundle "$OUT/bundle" --variant "$p" --data "$OUT/omniglot-eval.zip" --split all --episodes 300 --json \
       | tee "$OUT/eval-$p.json"
@@ -30,7 +30,7 @@ print(f"{variant}: TensorRT vs ONNX Runtime fp32, max relative difference {rel:.
 assert rel < limit
 PYEOF
 done
-edgemeta build-engine "$OUT/frozen" --precision fp32 --batch 1:8:32
+edgemeta build-engine "$OUT/frozen" --precision fp32 --batch 1:8:64
 edgemeta bench "$OUT/frozen" --backend tensorrt --json "$OUT/bench-frozen.json"
 edgemeta inspect "$OUT/bundle" | tee "$OUT/inspect.txt"
 echo "all device checks passed; outputs in $OUT"

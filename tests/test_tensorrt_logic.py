@@ -1,6 +1,7 @@
 """TensorRT: everything that does not need a GPU, tested for real; the GPU build and run are
 skipped with the reason when TensorRT or a CUDA device is missing (no fake tensorrt module)."""
 import importlib.util
+from pathlib import Path
 
 import pytest
 from edgemeta.export import EngineOptions
@@ -164,7 +165,7 @@ def test_onnxruntime_tensorrt_provider_gets_caches_profiles_and_precision_and_fa
     b = load_bundle(tiny_bundle)
     opts = tensorrt_ep_options(b, "int8", cache_root=tmp_path)
     assert opts["trt_int8_enable"] and not opts["trt_fp16_enable"] and opts["trt_engine_cache_enable"]
-    assert opts["trt_engine_cache_path"].endswith(f"{b.model_sha256[:16]}-int8")
+    assert Path(opts["trt_engine_cache_path"]).name.startswith(f"{b.model_sha256[:16]}-int8-ort")
     assert opts["trt_profile_min_shapes"] == f"{b.input_name}:1x1x28x28" and opts["trt_profile_max_shapes"].endswith(":32x1x28x28")
     # a TensorRT provider that fails to start: a warning, then CUDA/CPU
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
@@ -192,3 +193,29 @@ def test_a_cuda_error_is_reported_not_hidden_as_no_device(monkeypatch):
     assert device["compute_capability"] is None and "CUDA error 35" in device["cuda_error"]
     reasons = engine_mismatches(ORIN, device)
     assert any("no CUDA device here (CUDA error 35" in r for r in reasons)
+
+
+def test_one_batch_ceiling_for_profiles_ep_options_chunking_and_the_service(tiny_bundle):
+    """MAX_BATCH is the largest batch edgemeta sends: the TensorRT EP profile reaches it, the default
+    engine profile reaches it, embed_pixels and the frozen classifier chunk by it, --max-batch stops
+    at it (a batch beyond a profile rebuilds or fails on the device)."""
+    import inspect
+
+    from edgemeta.export import EngineOptions
+    from edgemeta.export.tensorrt import BatchProfile
+    from edgemeta.runtime import load_bundle
+    from edgemeta.runtime.backends.base import MAX_BATCH, Backend
+    from edgemeta.runtime.backends.onnxruntime import tensorrt_ep_options
+    from edgemeta.runtime.errors import ConfigError
+    from edgemeta.runtime.frozen import FrozenClassifier
+    from edgemeta.runtime.serve.settings import ServeSettings
+    b = load_bundle(tiny_bundle)
+    options = tensorrt_ep_options(b, "fp16", cache_root="/tmp/x")
+    assert options["trt_profile_max_shapes"].split(":")[1].startswith(f"{MAX_BATCH}x")
+    assert "-ort" in options["trt_engine_cache_path"] and "-trt" in options["trt_engine_cache_path"]
+    assert BatchProfile.parse(EngineOptions().batch).max == MAX_BATCH
+    assert inspect.signature(Backend.embed_pixels).parameters["batch_size"].default == MAX_BATCH
+    assert "MAX_BATCH" in inspect.getsource(FrozenClassifier.run)
+    ServeSettings(max_batch=MAX_BATCH)
+    with pytest.raises(ConfigError, match=f"--max-batch must be 1–{MAX_BATCH}"):
+        ServeSettings(max_batch=MAX_BATCH + 1)

@@ -159,14 +159,14 @@ def classes(
 def build_engine(
     bundle: Path = typer.Argument(..., help="Bundle folder from `edgemeta export`: the engine is added to it."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 (built from that ONNX variant of the bundle)."),
-    batch: str = typer.Option("1:8:32", help="Batch profile MIN:OPT:MAX."),
+    batch: str = typer.Option("1:8:64", help="Batch profile MIN:OPT:MAX (MAX ≥ 64 covers every batch edgemeta sends)."),
     workspace_mb: int = typer.Option(1024, help="Builder workspace limit in MiB."),
     dla: Optional[int] = typer.Option(None, help="DLA core (Jetson Orin), GPU fallback on."),
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file, loaded and saved."),
 ):
     """Build a TensorRT engine ON THIS DEVICE into a bundle (TensorRT 10, JetPack ≥ 6.1).
 
-    Example: edgemeta build-engine bundle --precision fp16 --batch 1:8:32
+    Example: edgemeta build-engine bundle --precision fp16 --batch 1:8:64
     """
     from edgemeta.cli.common import RichProgress
     from edgemeta.export import EngineOptions, add_engine

@@ -7,6 +7,11 @@ import numpy as np
 
 from ..preprocess import InputSpec
 
+# The largest batch edgemeta hands a backend in one call: embed_pixels and the frozen classifier chunk
+# by it, the service's --max-batch stops at it, and TensorRT profiles (engines, ONNX Runtime's TensorRT
+# provider) are built up to it, so no call ever falls outside a profile. One place to change it.
+MAX_BATCH = 64
+
 
 class Backend(ABC):
     """Run the bundle's embedding network. Usable as a context manager."""
@@ -30,7 +35,7 @@ class Backend(ABC):
                                    f"{self.spec.width}], got {list(batch.shape)}")
         return self._run(np.ascontiguousarray(batch, dtype=np.float32))
 
-    def embed_pixels(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def embed_pixels(self, pixels: np.ndarray, batch_size: int = MAX_BATCH) -> np.ndarray:
         """Embed decoded uint8 images [N, H, W, C] in batches: float32 [N, D]."""
         from ..preprocess import pixels_to_batch
         if 0 < len(pixels) <= batch_size:  # one call: no output buffer to fill and copy

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import BundleError, ConfigError
 from ..preprocess import InputSpec
-from .base import Backend
+from .base import MAX_BATCH, Backend
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -75,19 +75,33 @@ def check_graph_io(session, spec: InputSpec, embedding_dim: int, where: Path) ->
                           "re-export the bundle")
 
 
+def _tensorrt_version() -> str:
+    """TensorRT's version where its Python package is installed (without importing it), else 'none'."""
+    from importlib.metadata import PackageNotFoundError, version
+    for name in ("tensorrt", "tensorrt-cu12", "tensorrt_cu12", "tensorrt-libs"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "none"
+
+
 def tensorrt_ep_options(bundle, variant: str, cache_root: str | Path | None = None) -> dict:
     """Options for ONNX Runtime's TensorRT execution provider: engine and timing caches (keyed by the
     model's checksum and variant, so a second run does not rebuild for minutes), the profile shapes
-    from the bundle's input spec (batch 1…32, no rebuild per batch size), and the precision of the
-    variant (fp16 or INT8 QDQ)."""
+    from the bundle's input spec (batch 1…MAX_BATCH, no rebuild per batch size), and the precision of
+    the variant (fp16 or INT8 QDQ). The cache folder's name holds the ONNX Runtime and TensorRT
+    versions too: an engine built by another version is never picked up."""
     import os
+
+    import onnxruntime as ort
     spec = bundle.spec
     root = Path(cache_root or os.environ.get("EDGEMETA_TRT_CACHE") or Path.home() / ".cache" / "edgemeta" / "trt-ep")
-    folder = root / f"{bundle.model_sha256[:16]}-{variant}"
+    folder = root / f"{bundle.model_sha256[:16]}-{variant}-ort{ort.__version__}-trt{_tensorrt_version()}"
     shape = lambda n: f"{bundle.input_name}:{n}x{spec.channels}x{spec.height}x{spec.width}"  # noqa: E731
     return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(folder),
             "trt_timing_cache_enable": True, "trt_timing_cache_path": str(folder),
-            "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(8), "trt_profile_max_shapes": shape(32),
+            "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(8), "trt_profile_max_shapes": shape(MAX_BATCH),
             "trt_fp16_enable": variant == "fp16", "trt_int8_enable": variant == "int8"}
 
 

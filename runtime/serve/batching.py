@@ -18,7 +18,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from ..backends.base import Backend
+from ..backends.base import MAX_BATCH, Backend
 from ..errors import ConfigError
 
 MAX_WINDOW_S = 0.1
@@ -38,8 +38,8 @@ class BatchingBackend(Backend):
 
     def __init__(self, inner: Backend, max_batch: int = 32, window_s: float = 0.002,
                  on_batch: Callable[[int, float], None] = lambda images, seconds: None):
-        if not 1 <= max_batch <= 1024:
-            raise ConfigError(f"--max-batch must be 1–1024, got {max_batch}")
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise ConfigError(f"--max-batch must be 1–{MAX_BATCH}, got {max_batch}")
         if not 0 <= window_s <= MAX_WINDOW_S:
             raise ConfigError(f"--batch-window-ms must be 0–{MAX_WINDOW_S * 1e3:.0f}, got {window_s * 1e3:g}")
         super().__init__(inner.spec, inner.embedding_dim)

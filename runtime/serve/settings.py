@@ -34,9 +34,11 @@ class ServeSettings:
             raise ConfigError(f"--host {self.host!r} is not an IP address or a host name")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be 1–65535, got {self.port}")
+        from ..backends.base import MAX_BATCH
         from .batching import MAX_WINDOW_S
-        if not 1 <= self.max_batch <= 1024:
-            raise ConfigError(f"--max-batch must be 1–1024, got {self.max_batch}")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise ConfigError(f"--max-batch must be 1–{MAX_BATCH} (the largest batch a TensorRT profile is built for), "
+                              f"got {self.max_batch}")
         if self.batch_window_ms is not None and not 0 <= self.batch_window_ms <= MAX_WINDOW_S * 1e3:
             raise ConfigError(f"--batch-window-ms must be 0–{MAX_WINDOW_S * 1e3:.0f}, got {self.batch_window_ms}")
         if not 1_000_000 <= self.decode_budget_pixels <= 1 << 34:
