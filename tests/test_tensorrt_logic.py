@@ -166,7 +166,7 @@ def test_onnxruntime_tensorrt_provider_gets_caches_profiles_and_precision_and_fa
     opts = tensorrt_ep_options(b, "int8", cache_root=tmp_path)
     assert opts["trt_int8_enable"] and not opts["trt_fp16_enable"] and opts["trt_engine_cache_enable"]
     assert Path(opts["trt_engine_cache_path"]).name.startswith(f"{b.model_sha256[:16]}-int8-ort")
-    assert opts["trt_profile_min_shapes"] == f"{b.input_name}:1x1x28x28" and opts["trt_profile_max_shapes"].endswith(":32x1x28x28")
+    assert opts["trt_profile_min_shapes"] == f"{b.input_name}:1x1x28x28" and opts["trt_profile_max_shapes"].endswith(":64x1x28x28")
     # a TensorRT provider that fails to start: a warning, then CUDA/CPU
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
     real = ort.InferenceSession
