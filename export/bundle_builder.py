@@ -355,5 +355,6 @@ def add_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(),
         tmp_path.unlink(missing_ok=True)  # never an orphan .building-*.engine
     if record.get("placement"):
         p = record["placement"]
-        progress.message(f"DLA core {dla_core}: {p['dla_layers']} layer(s) on the DLA, {p['gpu_layers']} fell back to the GPU")
+        progress.message(f"DLA core {dla_core}: {p.get('dla_capable_layers')} of {p.get('network_layers')} network layers can run "
+                         f"on the DLA; the engine runs {p.get('dla_layers', '?')} layer(s) there, {p.get('gpu_layers', '?')} on the GPU")
     return record

@@ -71,12 +71,15 @@ def engine_file_name(precision: str, profile: BatchProfile, device: dict, dla_co
 
 
 def engine_record(file: str, precision: str, profile: BatchProfile, device: dict, source_sha256: str,
-                  dla_core: int | None, workspace_mb: int, build_seconds: float, placement: dict | None = None) -> dict:
+                  dla_core: int | None, workspace_mb: int, build_seconds: float, placement: dict | None = None,
+                  tf32: bool | None = None) -> dict:
     """The manifest entry of an engine: everything the runtime checks before using it. Orin modules
     all report "Orin" 8.7, so the SM count and the DLA core count are recorded and compared too."""
     if not device.get("tensorrt_version") or not device.get("compute_capability"):
         raise BundleError("cannot record an engine without the TensorRT version and GPU it was built on")
-    return {"file": file, "precision": precision, "tf32": False, "profile": profile.to_dict(),
+    # TF32 is TensorRT's default on Ampere/Orin; edgemeta clears it for fp32 builds only
+    tf32 = precision != "fp32" if tf32 is None else tf32
+    return {"file": file, "precision": precision, "tf32": tf32, "profile": profile.to_dict(),
             "tensorrt_version": device["tensorrt_version"], "gpu_name": device["gpu_name"],
             "compute_capability": device["compute_capability"], "sm_count": device.get("sm_count"),
             "dla_cores": device.get("dla_cores"), "l4t": device.get("l4t"),
@@ -137,10 +140,14 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, input_name: str
     config.add_optimization_profile(opt_profile)
     cache_path = Path(timing_cache) if timing_cache else None
     _load_timing_cache(config, cache_path, log)
+    dla_capable = None
     if dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+        # the inspector reports layer types only at DETAILED verbosity (default: names alone)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        dla_capable = sum(bool(config.can_run_on_DLA(network.get_layer(i))) for i in range(network.num_layers))
         if weak_for_dla:
             config.set_flag(trt.BuilderFlag.FP16)
             if precision == "int8":
@@ -154,18 +161,25 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, input_name: str
     atomic_write(engine_path, plan)
     if cache_path is not None:
         _save_timing_cache(config, cache_path, log)
-    placement = _layer_placement(trt, plan, logger, dla_core) if dla_core is not None else None
+    placement = None
+    if dla_core is not None:
+        placement = {"network_layers": network.num_layers, "dla_capable_layers": dla_capable,
+                     **(_layer_placement(trt, plan, logger, dla_core) or {})}
     return {"device": device, "build_seconds": time.time() - t0, "placement": placement,
             "typing": "weak (trtexec's DLA path)" if weak_for_dla else "strong"}
 
 
 def _load_timing_cache(config, cache_path: Path | None, log) -> None:
-    """Load a timing cache; a stale or unreadable one (e.g. after a JetPack upgrade) is replaced by a
-    fresh cache with a warning, before the build rather than after it."""
+    """Load a timing cache; a stale, corrupt or unreadable one (after a JetPack upgrade, a torn copy)
+    is replaced by a fresh cache with a warning, before the build rather than after it — whether
+    TensorRT returns None, refuses it, or raises (as Polygraphy's wrappers do)."""
     data = cache_path.read_bytes() if cache_path is not None and cache_path.exists() else b""
-    cache = config.create_timing_cache(data)
-    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
-        return
+    try:
+        cache = config.create_timing_cache(data)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+    except Exception as exc:  # TensorRT's bindings raise their own types
+        log(f"timing cache {cache_path} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
     if data:
         log(f"timing cache {cache_path} does not fit this TensorRT or device; building with a fresh one")
     cache = config.create_timing_cache(b"")
@@ -174,23 +188,31 @@ def _load_timing_cache(config, cache_path: Path | None, log) -> None:
 
 
 def _save_timing_cache(config, cache_path: Path, log) -> None:
-    """Save the timing cache atomically, under a lock (two builds may share one cache file); only a
+    """Save the timing cache atomically, under a lock: two builds may share one cache file, so what
+    another build saved meanwhile is merged in (ITimingCache.combine), never overwritten. Only a
     real, non-empty cache is written."""
     cache = config.get_timing_cache()
-    data = bytes(cache.serialize()) if cache is not None else b""
-    if not data:
+    if cache is None or not bytes(cache.serialize()):
         log("TensorRT returned an empty timing cache; nothing saved")
         return
     import fcntl
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_path.with_name(cache_path.name + ".lock"), "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        atomic_write(cache_path, data)
+        if cache_path.exists():
+            try:
+                saved = config.create_timing_cache(cache_path.read_bytes())
+                if saved is not None:
+                    cache.combine(saved, True)  # ignore_mismatch: entries of another device are skipped
+            except Exception as exc:
+                log(f"the timing cache saved meanwhile at {cache_path} could not be merged ({exc}); replacing it")
+        atomic_write(cache_path, bytes(cache.serialize()))
 
 
 def _layer_placement(trt, plan: bytes, logger, dla_core: int) -> dict | None:
-    """Which layers run on the DLA and which fell back to the GPU, from the engine inspector (layer
-    information as JSON); None where the inspector is not available."""
+    """Which engine layers run on the DLA, from the engine inspector: at DETAILED verbosity each
+    layer is an object whose type or metadata names the DLA; at the default verbosity only names,
+    where DLA subgraphs show as `{ForeignNode[...]}` layers. None where there is no inspector."""
     import json
     runtime = trt.Runtime(logger)
     runtime.DLA_core = dla_core
@@ -199,6 +221,12 @@ def _layer_placement(trt, plan: bytes, logger, dla_core: int) -> dict | None:
         return None
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
     layers = info.get("Layers", [])
-    dla = [layer.get("Name", "?") for layer in layers if isinstance(layer, dict) and "DLA" in str(layer.get("LayerType", ""))
-           + str(layer.get("Metadata", ""))]
-    return {"dla_layers": len(dla), "gpu_layers": len(layers) - len(dla), "layers": len(layers)}
+
+    def on_dla(layer) -> bool:
+        if isinstance(layer, dict):
+            text = " ".join(str(layer.get(k, "")) for k in ("LayerType", "Metadata", "Name", "TacticName"))
+            return "DLA" in text or "ForeignNode" in text
+        return "ForeignNode" in str(layer) or "DLA" in str(layer)
+    dla = sum(on_dla(layer) for layer in layers)
+    return {"dla_layers": dla, "gpu_layers": len(layers) - dla, "layers": len(layers),
+            "inspector": "detailed" if layers and isinstance(layers[0], dict) else "names"}

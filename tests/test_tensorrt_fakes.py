@@ -31,7 +31,8 @@ class Recorder:
 
 def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, cache_ok: bool = True,
                   build_ok: bool = True, context_ok: bool = True, out_dtype: str = "FLOAT", shape_ok: bool = True,
-                  outputs: dict | None = None):
+                  outputs: dict | None = None, corrupt_cache: bytes | None = None, inspector: str = "detailed",
+                  during_build=None):
     outputs = outputs or {"embedding": DIM}  # output name → row width (1: shape [N])
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
@@ -53,6 +54,7 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
     trt.DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF")
     trt.LayerInformationFormat = types.SimpleNamespace(JSON="JSON")
+    trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="DETAILED", LAYER_NAMES_ONLY="LAYER_NAMES_ONLY")
     trt.nptype = lambda dt: {"FLOAT": np.float32, "HALF": np.float16}[dt]
 
     def recorded_dla_core(owner: str) -> property:
@@ -68,6 +70,10 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
 
         def serialize(self):
             return b"cache:" + self.data if self.data is not None else b""
+
+        def combine(self, other, ignore_mismatch):
+            rec("combine", other.data, ignore_mismatch)
+            self.data = self.data + b"+" + other.data
 
     class Config:
         def __init__(self):
@@ -87,7 +93,21 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
 
         def create_timing_cache(self, data):
             rec("create_timing_cache", bytes(data))
+            if corrupt_cache is not None and bytes(data) == corrupt_cache:
+                raise RuntimeError("TensorRT: corrupt timing cache")
             return Cache(bytes(data)) if cache_ok or not data else None
+
+        def can_run_on_DLA(self, layer):  # noqa: N802 - TensorRT's name
+            return layer.dla
+
+        @property
+        def profiling_verbosity(self):
+            return self._verbosity
+
+        @profiling_verbosity.setter
+        def profiling_verbosity(self, value):
+            rec("profiling_verbosity", value)
+            self._verbosity = value
 
         def set_timing_cache(self, cache, ignore_mismatch):
             rec("set_timing_cache", cache.data, ignore_mismatch)
@@ -103,6 +123,12 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
         def set_shape(self, name, lo, opt, hi):
             self.shapes = (name, lo, opt, hi)
 
+    class Network:  # 5 layers, the 3 convolutions DLA-capable
+        num_layers = 5
+
+        def get_layer(self, i):
+            return types.SimpleNamespace(dla=i in (0, 1, 3))
+
     class Builder:
         num_DLA_cores = dla_cores
 
@@ -111,7 +137,7 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
 
         def create_network(self, flags):
             rec("create_network", "strong" if flags else "weak")
-            return object()
+            return Network()
 
         def create_builder_config(self):
             return Config()
@@ -121,6 +147,8 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
 
         def build_serialized_network(self, network, config):
             rec("build_serialized_network", config.default_device_type)
+            if during_build is not None:
+                during_build()
             return b"PLAN" if build_ok else None
     trt.Builder = Builder
 
@@ -187,6 +215,15 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
 
         def create_execution_context(self):
             return Context(self) if context_ok else None
+
+        def create_engine_inspector(self):
+            import json
+            if inspector == "detailed":   # DETAILED verbosity: one object per layer
+                layers = [{"Name": "conv1", "LayerType": "DLA"}, {"Name": "conv2", "LayerType": "DLA"},
+                          {"Name": "pool", "LayerType": "Pooling"}, {"Name": "flatten", "LayerType": "Shuffle"}]
+            else:                         # default verbosity: names only, DLA subgraphs as ForeignNode
+                layers = ["{ForeignNode[conv1...conv2]}", "pool", "flatten"]
+            return types.SimpleNamespace(get_engine_information=lambda fmt: json.dumps({"Layers": layers}))
 
     class Runtime:
         num_DLA_cores = dla_cores
@@ -315,6 +352,9 @@ def test_dla_needs_a_static_batch_and_a_real_core(fakes, tiny_bundle, tmp_path):
         add_engine(bundle, EngineOptions("fp32", "8", dla_core=0))
     record = add_engine(bundle, EngineOptions("fp16", "8", dla_core=1))
     assert ("config.DLA_core", 1) in rec.calls and ("set_flag", "GPU_FALLBACK") in rec.calls
+    assert ("profiling_verbosity", "DETAILED") in rec.calls and record["tf32"] is True   # fp16: TF32 left on
+    assert record["placement"] == {"network_layers": 5, "dla_capable_layers": 3, "dla_layers": 2, "gpu_layers": 2,
+                                   "layers": 4, "inspector": "detailed"}
     assert ("build_serialized_network", "DLA") in rec.calls and record["dla_core"] == 1
     assert ("clear_flag", "TF32") not in rec.calls
     # TensorRT 10 documents DLA only as trtexec builds it: weakly typed, precision flags
@@ -339,8 +379,9 @@ def test_a_stale_timing_cache_is_replaced_and_saved_only_when_real(fakes, tiny_b
     messages = []
     progress = types.SimpleNamespace(message=messages.append)
     add_engine(copy_bundle(tiny_bundle, tmp_path), EngineOptions(timing_cache=str(cache)), progress=progress)
-    assert [c for c in rec.calls if c[0] == "create_timing_cache"] == [("create_timing_cache", b"from-an-older-jetpack"),
-                                                                          ("create_timing_cache", b"")]
+    loads = [c for c in rec.calls if c[0] == "create_timing_cache"]
+    assert loads[:2] == [("create_timing_cache", b"from-an-older-jetpack"), ("create_timing_cache", b"")]
+    assert "combine" not in rec.names()   # the stale file on disk at save time is not merged in
     assert any("fresh one" in m for m in messages)
     assert cache.read_bytes() == b"cache:"  # the fresh cache, written atomically after the build
 
@@ -457,3 +498,29 @@ def test_a_frozen_classifier_gets_an_engine_with_both_outputs(fakes, tiny_bundle
     with pytest.warns(RuntimeWarning, match="no TensorRT engine of this frozen classifier runs here"):
         other = {**device, "compute_capability": "8.9", "gpu_name": "RTX"}
         assert FrozenClassifier.load(tmp_path / "f", device=other).engine is None
+
+
+def test_dla_layers_are_counted_from_either_inspector_shape(fakes, tiny_bundle, tmp_path):
+    """At the default verbosity the inspector gives names only; DLA subgraphs are ForeignNode layers
+    (the report used to say 0 DLA layers there)."""
+    from edgemeta.export import EngineOptions, add_engine
+    rec, install = fakes
+    install(dla_cores=1, inspector="names")
+    record = add_engine(copy_bundle(tiny_bundle, tmp_path), EngineOptions("int8", "8", dla_core=0))
+    assert record["placement"]["dla_layers"] == 1 and record["placement"]["inspector"] == "names"
+    assert record["placement"]["dla_capable_layers"] == 3
+
+
+def test_a_corrupt_timing_cache_that_raises_is_replaced_and_a_concurrent_save_is_merged(fakes, tiny_bundle, tmp_path):
+    from edgemeta.export import EngineOptions, add_engine
+    rec, install = fakes
+    cache = tmp_path / "trt.cache"
+    cache.write_bytes(b"torn")
+    # while this build runs, another build on the device saves its own cache to the same file
+    install(corrupt_cache=b"torn", during_build=lambda: cache.write_bytes(b"other"))
+    messages = []
+    add_engine(copy_bundle(tiny_bundle, tmp_path), EngineOptions(timing_cache=str(cache)),
+               progress=types.SimpleNamespace(message=messages.append))
+    assert any("unreadable (TensorRT: corrupt timing cache)" in m for m in messages) and any("fresh one" in m for m in messages)
+    assert ("combine", b"other", True) in rec.calls                 # merged under the lock, not overwritten
+    assert cache.read_bytes() == b"cache:+other"
