@@ -139,15 +139,11 @@ def run_frozen_bench(bundle: str | Path | Bundle, images: Sequence[ImageSource],
     while len(pixels) < max(batches):
         pixels = np.concatenate([pixels, pixels])
 
-    class Described:  # the environment block names what ran
-        def describe(self):
-            if clf.engine is not None:
-                return {**clf.engine.describe(), "model": "frozen classifier"}
-            return {"backend": "onnxruntime", "model": "classifier.onnx (frozen)",
-                    "providers": clf.session.get_providers() if clf.session is not None else []}
+    ran = clf.engine if clf.engine is not None else clf.backend
+    assert ran is not None
     result: dict[str, Any] = {"schema": BENCH_SCHEMA, "schema_version": BENCH_VERSION,
                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "environment": environment(Described()),
+                              "environment": environment(ran),
                               "bundle": {"path": str(b.path), "backbone": b.manifest["model"]["backbone"], "variant": "frozen",
                                          "classes": len(clf.labels), "input": [spec.channels, spec.height, spec.width]},
                               "config": {"batches": list(batches), "repeat": repeat, "warmup": warmup},

@@ -30,10 +30,8 @@ class FrozenClassifier:
     matches this device, else ONNX Runtime) | onnxruntime | tensorrt."""
 
     def __init__(self, bundle: Bundle, providers: str | list[str] = "auto", backend: str = "auto",
-                 device: dict | None = None):
-        import onnxruntime as ort
-
-        from .backends.onnxruntime import choose_providers
+                 device: dict | None = None, threads: int | None = None):
+        from .backends.onnxruntime import OnnxRuntimeBackend, tensorrt_ep_options
         if "frozen" not in bundle.manifest:
             raise BundleError(f"{bundle.path} is an embedding bundle, not a frozen classifier; give it a --store")
         self.bundle, self.frozen = bundle, bundle.manifest["frozen"]
@@ -42,17 +40,15 @@ class FrozenClassifier:
         self.engine = open_engine(bundle, backend, "fp32", device,
                                   named_outputs={"probabilities": len(self.labels), "distance": 1},
                                   subject="TensorRT engine of this frozen classifier runs here", stacklevel=3)
-        self.session = None
+        self.backend = None
         if self.engine is not None:
             return
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(bundle.variant_path("fp32")), options,
-                                                providers=choose_providers(providers))
-        except Exception as exc:
-            raise BundleError(f"ONNX Runtime cannot load {bundle.variant_path('fp32')}: {exc}") from None
-        outputs = [o.name for o in self.session.get_outputs()]
+        # ONNX Runtime through the same Backend as embedding bundles: provider choice, the TensorRT
+        # provider's engine and timing caches and batch profile, the fallback with a warning, the
+        # graph's I/O checked against the manifest (its first output: probabilities [N, classes])
+        self.backend = OnnxRuntimeBackend(bundle.variant_path("fp32"), bundle.spec, len(self.labels), providers,
+                                          threads, trt_options=tensorrt_ep_options(bundle, "fp32"))
+        outputs = [o.name for o in self.backend.session.get_outputs()]
         if outputs[:2] != ["probabilities", "distance"] or len(self.labels) != self.bundle.manifest["output"]["dim"]:
             raise BundleError(f"{bundle.path}: the frozen graph returns {outputs}; re-freeze it")
 
@@ -65,13 +61,12 @@ class FrozenClassifier:
         if self.engine is not None:
             out = self.engine.run_outputs(pixels_to_batch(pixels))
             return out["probabilities"], out["distance"]
-        assert self.session is not None
-        name = self.session.get_inputs()[0].name
+        assert self.backend is not None
         probs, dists = [], []
         for i in range(0, len(pixels), MAX_BATCH):
-            p, d = self.session.run(["probabilities", "distance"], {name: pixels_to_batch(pixels[i:i + MAX_BATCH])})
-            probs.append(p)
-            dists.append(d)
+            out = self.backend.run_outputs(pixels_to_batch(pixels[i:i + MAX_BATCH]), ("probabilities", "distance"))
+            probs.append(out["probabilities"])
+            dists.append(out["distance"])
         return np.concatenate(probs), np.concatenate(dists)
 
     def predict(self, images: Sequence[ImageSource] | np.ndarray, top_k: int = 1,

@@ -16,7 +16,7 @@ def test_bench_writes_a_valid_json_with_every_stage_and_a_png(tiny_bundle, tmp_p
     validate_bench(result)
     assert [e["batch"] for e in result["embed"]] == [1, 4]
     assert all(e["p50_ms"] > 0 and e["p50_ms"] <= e["p99_ms"] and e["images_per_s"] > 0 for e in result["embed"])
-    assert {(f["head"], f["shot"]) for f in result["head_fit"]} == {(h, s) for h in ("prototype", "ridge") for s in (1, 5)}
+    assert {(f["head"], f["shot"]) for f in result["head_fit"]} == {(h, s) for h in ("prototype", "ridge", "mahalanobis") for s in (1, 5)}
     assert [e["shot"] for e in result["enroll"]] == [1, 5] and [p["batch"] for p in result["predict"]] == [1, 4]
     assert result["peak_rss_mb"] > 10 and result["environment"]["cores"] >= 1
     assert "embed batch 4" in r.stdout and "per step" in r.stdout

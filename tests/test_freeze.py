@@ -145,3 +145,20 @@ def test_bench_takes_a_frozen_classifier(tiny_bundle, tagalog, tmp_path, omniglo
     assert [g["batch"] for g in result["graph"]] == [1, 4] and all(g["p50_ms"] > 0 for g in result["graph"])
     assert [p["batch"] for p in result["predict"]] == [1, 4] and result["bundle"]["classes"] == 3
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_the_frozen_classifier_runs_through_a_backend_with_the_tensorrt_provider_options(tiny_bundle, tagalog, tmp_path):
+    """Not a bare session: the ONNX Runtime Backend, with the TensorRT provider's engine and timing
+    caches and batch profile (no rebuild at every process start on a Jetson) and its fallback."""
+    from edgemeta.runtime.backends.base import MAX_BATCH
+    from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s")
+    for c in sorted(tagalog)[:3]:
+        clf.enroll(c, tagalog[c][:2])
+    assert run_cli("freeze", tiny_bundle, "--store", tmp_path / "s", "--out", tmp_path / "f").exit_code == 0
+    frozen = FrozenClassifier.load(tmp_path / "f")
+    assert isinstance(frozen.backend, OnnxRuntimeBackend) and frozen.backend.describe()["model"] == "classifier.onnx"
+    options = frozen.backend.trt_options
+    assert options["trt_engine_cache_enable"] and options["trt_profile_max_shapes"].split(":")[1].startswith(f"{MAX_BATCH}x")
+    probs, dist = frozen.run(np.zeros((MAX_BATCH + 3, 28, 28, 1), np.uint8))   # chunked by MAX_BATCH
+    assert probs.shape == (MAX_BATCH + 3, 3) and dist.shape == (MAX_BATCH + 3,)

@@ -118,6 +118,7 @@ class OnnxRuntimeBackend(Backend):
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         self.providers = choose_providers(providers)
+        self.trt_options = dict(trt_options or {})  # what the TensorRT provider gets, where it is present
         trt = "TensorrtExecutionProvider"
         listed = [(p, trt_options) if p == trt and trt_options else p for p in self.providers]
         try:
@@ -139,6 +140,12 @@ class OnnxRuntimeBackend(Backend):
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
+
+    def run_outputs(self, batch: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Several named outputs of one call (a frozen classifier's probabilities and distance), as
+        the TensorRT backend's run_outputs gives them."""
+        values = self.session.run(list(names), {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return dict(zip(names, values))
 
     def describe(self) -> dict:
         import onnxruntime as ort
