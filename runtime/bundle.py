@@ -22,7 +22,7 @@ from .preprocess import InputSpec
 SCHEMA = "edgemeta-bundle"
 SCHEMA_VERSION = "1.0"
 MANIFEST = "manifest.json"
-VARIANTS = ("fp32", "fp16", "int8")
+VARIANTS = ("fp32", "fp16", "int8")  # "auto" (a command's choice, not a file) picks one of them per machine
 
 # Required manifest fields and their JSON types; nested paths are dotted.
 _REQUIRED: dict[str, type | tuple[type, ...]] = {

@@ -46,7 +46,7 @@ def enroll(
     replace: bool = typer.Option(False, "--replace", help="Replace the shots of a class that is already enrolled."),
     head: Optional[str] = typer.Option(None, help=f"{HEADS_HELP} (default: the bundle's)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
-    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 ONNX variant for ONNX Runtime."),
+    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 | auto (the fastest on this machine, never slower than fp32)."),
     reembed: bool = typer.Option(False, help="The store was made with another bundle: re-embed its kept images with this one."),
 ):
     """Enroll a class from a few images (or every class of a folder). The store is saved atomically.
@@ -81,7 +81,7 @@ def predict(
     unknown: Optional[str] = typer.Option(None, help="'auto' (calibrated on the support set) or a distance: farther images are 'unknown'."),
     head: Optional[str] = typer.Option(None, help=f"{HEADS_HELP} (default: the store's)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
-    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16"),
+    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 | auto (the fastest on this machine, measured once, never slower than fp32)."),
     reembed: bool = typer.Option(False, help="The store was made with another bundle: re-embed its kept images with this one."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image, as a list."),
 ):

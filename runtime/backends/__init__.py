@@ -73,7 +73,11 @@ def open_engine(bundle: Bundle, backend: str = "auto", variant: str = "fp32", de
 
 def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", providers: str | list[str] = "auto",
                  threads: int | None = None, device: dict | None = None) -> Backend:
-    """Open the bundle's embedding network on the requested backend."""
+    """Open the bundle's embedding network on the requested backend. variant "auto": the fastest of
+    the bundle's graphs on this machine (runtime.variant_choice), never slower than fp32."""
+    if variant == "auto":
+        from ..variant_choice import choose_variant
+        variant = choose_variant(bundle, choose_providers(providers))
     engine = open_engine(bundle, backend, variant, device)
     if engine is not None:
         engine.graph = variant
