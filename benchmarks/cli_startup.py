@@ -1,10 +1,10 @@
 """Start-up of the device CLI as a user meets it: wall time of whole commands (median of N runs,
-interleaved), against the bare imports every device command needs (numpy + onnxruntime + Pillow),
-with the device commands registering only their own module (now) and with every command module
-registered (what `edgemeta` did before). On the checked-in tiny bundle, so the model's own cost is
-negligible and the figure is start-up.
+interleaved), against the bare imports every device command needs (numpy + onnxruntime + Pillow).
+On the checked-in tiny bundle, so the model's own cost is negligible and the figure is start-up.
+--before PYTHON runs the same commands, interleaved, with another installation of edgemeta (an
+earlier commit installed in its own venv) for a side-by-side before/after.
 
-    python benchmarks/cli_startup.py [--runs 7]
+    python benchmarks/cli_startup.py [--runs 7] [--before /tmp/venv-before/bin/python]
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def wall(cmd: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--before", help="the python of another edgemeta installation, run side by side")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     img = tmp / "one.png"
@@ -53,6 +54,10 @@ def main() -> None:
         "enroll (every module)": [py, "-c", ALL, "enroll", str(bundle), str(img), "--store", str(store), "--label", "b",
                                   "--replace"],
     }
+    if args.before:
+        for name in ("predict", "classes", "enroll"):
+            cmd = list(cases[f"{name} (device modules)"])
+            cases[f"{name} (before)"] = [args.before, *cmd[1:]]
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.runs):
         for name, cmd in cases.items():
