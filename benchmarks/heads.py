@@ -48,6 +48,7 @@ def main() -> None:
     import torch
     from edgemeta.runtime import heads
     from sklearn.linear_model import LogisticRegression
+    before = heads_at(args.before) if args.before else None
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # sklearn's ConvergenceWarning at max_iter=100, what users run
     feats = features(args.bundle).astype(np.float32)
