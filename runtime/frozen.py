@@ -36,7 +36,9 @@ class FrozenClassifier:
             raise BundleError(f"{bundle.path} is an embedding bundle, not a frozen classifier; give it a --store")
         self.bundle, self.frozen = bundle, bundle.manifest["frozen"]
         self.labels: list[str] = list(self.frozen["classes"])
-        from .backends import open_engine  # the frozen graph's engine (`edgemeta build-engine` on the folder)
+        from .backends import open_engine, parse_backend  # the engine: `edgemeta build-engine` on the folder
+        backend, named = parse_backend(backend)
+        providers = named if named != "auto" else providers
         self.engine = open_engine(bundle, backend, "fp32", device,
                                   named_outputs={"probabilities": len(self.labels), "distance": 1},
                                   subject="TensorRT engine of this frozen classifier runs here", stacklevel=3)

@@ -123,17 +123,27 @@ def test_settings_are_checked(kwargs):
         BatchingBackend(Recording(), **kwargs)
 
 
-@pytest.mark.parametrize("described, window", [
-    ({"backend": "onnxruntime", "providers": ["CPUExecutionProvider"]}, 0.0),
-    ({"backend": "onnxruntime", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}, 2.0),
-    ({"backend": "onnxruntime", "providers": ["TensorrtExecutionProvider", "CPUExecutionProvider"]}, 2.0),
-    ({"backend": "tensorrt"}, 2.0),
+@pytest.mark.parametrize("providers, window", [
+    (["CPUExecutionProvider"], 0.0),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], 2.0),
+    (["TensorrtExecutionProvider", "CPUExecutionProvider"], 2.0),
+    ("tensorrt", 2.0),
 ])
-def test_the_default_window_waits_only_on_a_gpu(described, window):
-    pytest.importorskip("fastapi", reason="edgemeta[serve] is part of the dev install")
-    from edgemeta.runtime.serve.app import default_window_ms
+def test_the_default_window_waits_only_on_a_gpu(providers, window):
+    """Each backend says whether it is on a GPU (Backend.on_gpu); the service no longer guesses
+    from its name."""
+    import types
 
-    class Described(Recording):
-        def describe(self):
-            return described
-    assert default_window_ms(Described()) == window
+    pytest.importorskip("fastapi", reason="edgemeta[serve] is part of the dev install")
+    from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from edgemeta.runtime.backends.tensorrt import TensorRTBackend
+    from edgemeta.runtime.serve.app import default_window_ms
+    if providers == "tensorrt":
+        backend = TensorRTBackend.__new__(TensorRTBackend)
+        backend.spec, backend.embedding_dim = SPEC, 4
+    else:
+        backend = OnnxRuntimeBackend.__new__(OnnxRuntimeBackend)
+        backend.session = types.SimpleNamespace(get_providers=lambda: providers)
+        backend.spec, backend.embedding_dim = SPEC, 4
+    assert default_window_ms(backend) == window
+    assert BatchingBackend(backend, 4).on_gpu is (window > 0)

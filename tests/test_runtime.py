@@ -312,3 +312,24 @@ def test_two_writers_on_one_store_see_each_others_classes(tiny_bundle, tagalog, 
     a.enroll(chars[2], tagalog[chars[2]][:2])
     assert a.classes == chars[:3]
     assert FewShotClassifier.load(tiny_bundle, store=tmp_path / "s").classes == chars[:3]
+
+
+def test_backends_by_name_and_onnxruntime_providers_by_short_name(tmp_path):
+    """`--backend onnxruntime:cpu` (or openvino, coreml… where installed) reaches ONNX Runtime's
+    providers by name; an unknown one is one clear error; each backend says whether it is on a GPU."""
+    import shutil
+
+    from conftest import TINY_BUNDLE
+    from edgemeta.runtime.backends import parse_backend
+    from edgemeta.runtime.errors import ConfigError
+    assert parse_backend("auto") == ("auto", "auto")
+    assert parse_backend("onnxruntime:openvino") == ("onnxruntime", ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="unknown ONNX Runtime provider 'tpu'"):
+        parse_backend("onnxruntime:tpu")
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        parse_backend("tflite")
+    bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "b")
+    clf = FewShotClassifier.load(bundle, backend="onnxruntime:cpu")
+    assert clf.backend.describe()["providers"] == ["CPUExecutionProvider"] and clf.backend.on_gpu is False
+    with pytest.raises(ConfigError, match="OpenVINOExecutionProvider not available here"):
+        FewShotClassifier.load(bundle, backend="onnxruntime:openvino")

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from edgemeta.cli.common import HEADS_HELP, command, console, parse_unknown, print_json
 
-BACKEND_HELP = "auto (TensorRT engine if one matches this device, else ONNX Runtime) | onnxruntime | tensorrt"
+BACKEND_HELP = ("auto (TensorRT engine if one matches this device, else ONNX Runtime) | onnxruntime | tensorrt | "
+                "onnxruntime:PROVIDER[,…] (tensorrt, cuda, openvino, coreml, dml, rocm, cpu)")
 
 
 def _open(bundle: Path, store: Path, head: Optional[str], backend: str, variant: str, reembed: bool = False):

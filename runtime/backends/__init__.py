@@ -2,6 +2,9 @@
 
 auto: a TensorRT engine from the bundle that matches this device; otherwise ONNX Runtime with the
 best available provider (a mismatching engine is skipped with a warning that says to rebuild it).
+`onnxruntime:PROVIDER[,PROVIDER…]` runs ONNX Runtime on the execution providers named (short
+names: tensorrt, cuda, openvino, coreml, dml, rocm, cpu — the CPU is always added last), e.g.
+`--backend onnxruntime:openvino` on an Intel machine with onnxruntime-openvino installed.
 """
 from __future__ import annotations
 
@@ -13,7 +16,29 @@ from ..errors import BundleError, ConfigError, DependencyError
 from .base import Backend
 from .onnxruntime import OnnxRuntimeBackend, choose_providers, tensorrt_ep_options
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")  # and onnxruntime:PROVIDER[,…]
+PROVIDER_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
+                  "openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider",
+                  "dml": "DmlExecutionProvider", "rocm": "ROCMExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def parse_backend(text: str) -> tuple[str, str | list[str]]:
+    """'auto' | 'onnxruntime' | 'tensorrt' | 'onnxruntime:openvino,cpu' → (backend, providers)."""
+    if text in BACKENDS:
+        return text, "auto"
+    name, _, listed = text.partition(":")
+    if name != "onnxruntime" or not listed:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)} or onnxruntime:PROVIDER[,…] "
+                          f"({', '.join(PROVIDER_NAMES)}), not {text!r}")
+    providers = []
+    for short in listed.split(","):
+        full = PROVIDER_NAMES.get(short.strip().lower(), short.strip())
+        if not full.endswith("ExecutionProvider"):
+            raise ConfigError(f"unknown ONNX Runtime provider {short!r}; known: {', '.join(PROVIDER_NAMES)}")
+        providers.append(full)
+    if "CPUExecutionProvider" not in providers:
+        providers.append("CPUExecutionProvider")  # the provider every graph can fall back to
+    return "onnxruntime", providers
 
 
 def matching_engine(bundle: Bundle, device: dict | None = None, precision: str | None = None) -> tuple[dict | None, list[str]]:
@@ -75,6 +100,9 @@ def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", p
                  threads: int | None = None, device: dict | None = None) -> Backend:
     """Open the bundle's embedding network on the requested backend. variant "auto": the fastest of
     the bundle's graphs on this machine (runtime.variant_choice), never slower than fp32."""
+    backend, named = parse_backend(backend)
+    if named != "auto":
+        providers = named
     if variant == "auto":
         from ..variant_choice import choose_variant
         variant = choose_variant(bundle, choose_providers(providers))
@@ -90,5 +118,5 @@ def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", p
     return ort_backend
 
 
-__all__ = ["BACKENDS", "Backend", "OnnxRuntimeBackend", "choose_providers", "matching_engine", "open_backend", "open_engine",
+__all__ = ["BACKENDS", "PROVIDER_NAMES", "parse_backend", "Backend", "OnnxRuntimeBackend", "choose_providers", "matching_engine", "open_backend", "open_engine",
            "runnable_here"]

@@ -45,6 +45,12 @@ class Backend(ABC):
             out[i:i + batch_size] = self.embed(pixels_to_batch(pixels[i:i + batch_size]))
         return out
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the network runs on an accelerator (batching then pays: a call of 16 costs little
+        more than one of 1). Each backend says so itself."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - a backend that holds no device resources has nothing to free
         """Free device memory and sessions; the backend is unusable afterwards."""
 

@@ -11,6 +11,8 @@ from ..preprocess import InputSpec
 from .base import MAX_BATCH, Backend
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
+                           "DmlExecutionProvider", "MIGraphXExecutionProvider"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,6 +148,10 @@ class OnnxRuntimeBackend(Backend):
         the TensorRT backend's run_outputs gives them."""
         values = self.session.run(list(names), {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         return dict(zip(names, values))
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.session.get_providers()[0] in GPU_PROVIDERS
 
     def describe(self) -> dict:
         import onnxruntime as ort

@@ -158,6 +158,10 @@ class TensorRTBackend(Backend):
             cudart.cudaStreamDestroy(self._stream)
             self._stream = None
 
+    @property
+    def on_gpu(self) -> bool:
+        return True
+
     def describe(self) -> dict:
         import tensorrt as trt
         return {"backend": self.name, "engine": self.engine_path.name, "tensorrt_version": trt.__version__,

@@ -144,10 +144,7 @@ def default_window_ms(backend) -> float:
     TensorRT provider), where one call of 16 costs little more than one of 1; 0 on a CPU, where ONNX
     Runtime's cost per image is flat in the batch size and waiting measured slower (docs/benchmarks.md
     §12). With 0, requests that queue while the backend is busy still share the next call."""
-    described = backend.describe()
-    on_gpu = described.get("backend") == "tensorrt" or any(
-        p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in described.get("providers", []))
-    return GPU_WINDOW_MS if on_gpu else 0.0
+    return GPU_WINDOW_MS if backend.on_gpu else 0.0
 
 
 def _version() -> str:

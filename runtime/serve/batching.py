@@ -125,5 +125,9 @@ class BatchingBackend(Backend):
         self._worker.join()
         self.inner.close()
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.inner.on_gpu
+
     def describe(self) -> dict:
         return {**self.inner.describe(), "max_batch": self.max_batch, "batch_window_ms": self.window_s * 1e3}
