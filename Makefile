@@ -11,6 +11,9 @@ STAMP := $(VENV)/.edgemeta-installed
 DEMO_OUT ?= demo-out
 SHIPPED_CKPT := checkpoints/omniglot-conv4-protonet.safetensors
 DEVICE_BUNDLE := build/device-test-bundle
+# tests that need only the runtime and the tiny bundle (tests/tiny_bundle): `make test-fast` runs them
+# with the rest, `make test-device` runs them again where torch and onnx are not installed
+DEVICE_SIDE_TESTS := test_hostile_store.py test_variant_choice.py test_outputs.py
 
 .PHONY: test test-fast test-main test-device lint demo install clean
 
@@ -49,6 +52,9 @@ test-device: $(STAMP)
 	cd tests/device_env && EDGEMETA_TEST_BUNDLE="$(abspath $(DEVICE_BUNDLE))" \
 		EDGEMETA_TEST_DATA="$(abspath data/omniglot/images_background_small2.zip)" \
 		"$(abspath $(DEVICE_VENV))/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" --confcutdir=. .
+	# the runtime's own tests on the checked-in tiny bundle, in the torch-free environment
+	cd tests && "$(abspath $(DEVICE_VENV))/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" \
+		$(DEVICE_SIDE_TESTS)
 
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh "$(DEMO_OUT)"
