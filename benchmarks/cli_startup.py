@@ -27,7 +27,9 @@ NOW = "import sys; from edgemeta.cli import main; sys.argv[0] = 'edgemeta'; main
 
 def wall(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())  # not the source tree
+    if done.returncode:
+        raise SystemExit(f"{cmd[2:]} failed: {done.stderr.strip()[-400:]}")
     return time.perf_counter() - t0
 
 

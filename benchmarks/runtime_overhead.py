@@ -48,7 +48,9 @@ print(json.dumps(out))
 
 
 def run(python: str, bundle: str) -> dict:
-    text = subprocess.run([python, "-c", MEASURE, bundle], check=True, capture_output=True, text=True).stdout
+    import tempfile
+    text = subprocess.run([python, "-c", MEASURE, bundle], check=True, capture_output=True, text=True,
+                          cwd=tempfile.gettempdir()).stdout  # not the source tree: each python its own edgemeta
     return json.loads(text)
 
 

@@ -65,8 +65,11 @@ def make_prediction(labels: list[str], probs: np.ndarray, distances: np.ndarray,
                     threshold: float | None) -> Prediction:
     """Top-k labels and probabilities per row; rows farther than `threshold` are "unknown"."""
     k = min(top_k, len(labels))
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    top_p = np.take_along_axis(probs, order, 1)
+    if k == 1:  # the usual call: an argmax, not a sort
+        order = probs.argmax(1)[:, None]
+    else:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top_p = probs[np.arange(len(probs))[:, None], order]
     best = [labels[o[0]] for o in order]
     if threshold is not None:
         best = [UNKNOWN if d > float(threshold) else lab for lab, d in zip(best, distances)]
@@ -181,6 +184,7 @@ class FewShotClassifier:
         self._write_lock = threading.Lock()
         self.decode_budget: DecodeBudget | None = None  # a service bounds the pixels decoded at once
         self._threshold_cache: tuple[StoreState, float | None] | None = None
+        self._prepared_cache: tuple[StoreState, heads.PreparedPrototypes] | None = None
         self._state = StoreState(bundle.model_sha256, variant, bundle.embedding_dim, head)
 
     # ---------------------------------------------------------------- loading
@@ -298,8 +302,9 @@ class FewShotClassifier:
     def _classify(self, state: StoreState, query: np.ndarray, top_k: int, reject) -> Prediction:
         metric = state.head.rejection_metric(self.bundle.l2_normalized)
         if state.head.kind == "prototype":
-            # one distance computation serves the logits and the rejection distance
-            raw = heads.prototype_logits(query, state.fitted["prototypes"], metric, 1.0)
+            # one distance computation serves the logits and the rejection distance; the prototypes'
+            # transposed (and normalised or squared-norm) forms are made once per enrolled state
+            raw = self._prototypes(state, metric).logits(query)
             logits = raw * np.float32(state.head.scale)
             all_distances = similarity_to_distance(raw, metric)
         else:
@@ -307,6 +312,12 @@ class FewShotClassifier:
             all_distances = embedding_distance(query, state.fitted["prototypes"], metric)
         threshold = self._auto_threshold(state, metric) if reject == "auto" else reject
         return make_prediction(state.labels, heads.softmax(logits), all_distances.min(1), top_k, threshold)
+
+    def _prototypes(self, state: StoreState, metric: str) -> heads.PreparedPrototypes:
+        cached = self._prepared_cache
+        if cached is None or cached[0] is not state or cached[1].metric != metric:
+            cached = self._prepared_cache = (state, heads.PreparedPrototypes(state.fitted["prototypes"], metric))
+        return cached[1]
 
     def _auto_threshold(self, state: StoreState, metric: str) -> float | None:
         """calibrate_rejection, computed once per enrolled state (states are immutable)."""

@@ -144,6 +144,31 @@ def prototype_logits(query: np.ndarray, prototypes: np.ndarray, metric: str = "e
     raise ConfigError(f"metric must be one of {METRICS}, not {metric!r}")
 
 
+class PreparedPrototypes:
+    """Prototypes ready to score queries fast and often (the device's predict): their transpose and
+    squared norms (euclidean) or unit-normalised transpose (cosine) made once. logits(q) equals
+    prototype_logits(q, prototypes, metric, 1.0)."""
+
+    def __init__(self, prototypes: np.ndarray, metric: str):
+        if metric not in METRICS:
+            raise ConfigError(f"metric must be one of {METRICS}, not {metric!r}")
+        self.metric = metric
+        if metric == "cosine":
+            self.t = np.ascontiguousarray(_normalize(prototypes).T)
+        else:
+            self.t = np.ascontiguousarray(prototypes.T)
+            self.sq = (prototypes * prototypes).sum(1)
+
+    def logits(self, query: np.ndarray) -> np.ndarray:
+        if self.metric == "cosine":
+            return _normalize(query) @ self.t
+        out = query @ self.t
+        out *= -2.0
+        out += (query * query).sum(1, keepdims=True)
+        out += self.sq
+        return np.negative(out, out=out)
+
+
 def ridge_fit(support: np.ndarray, labels: np.ndarray, n_way: int, lam: float = 1.0) -> np.ndarray:
     """W [D, n_way] = (XᵀX + λI)⁻¹XᵀY, or the dual Xᵀ(XXᵀ + λI)⁻¹Y when shots < dim."""
     x = support.astype(np.float64)
