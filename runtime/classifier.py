@@ -65,10 +65,8 @@ def make_prediction(labels: list[str], probs: np.ndarray, distances: np.ndarray,
                     threshold: float | None) -> Prediction:
     """Top-k labels and probabilities per row; rows farther than `threshold` are "unknown"."""
     k = min(top_k, len(labels))
-    if k == 1:  # the usual call: an argmax, not a sort
-        order = probs.argmax(1)[:, None]
-    else:
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    # the usual call (top 1) is an argmax, not a sort
+    order = probs.argmax(1)[:, None] if k == 1 else np.argsort(-probs, axis=1, kind="stable")[:, :k]
     top_p = probs[np.arange(len(probs))[:, None], order]
     best = [labels[o[0]] for o in order]
     if threshold is not None:
