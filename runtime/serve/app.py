@@ -129,7 +129,8 @@ class Service:
     def model(self) -> dict:
         b = self.clf.bundle
         m = b.manifest.get("model") or {}
-        return {"name": Path(b.path).name, "backbone": m.get("backbone"), "algorithm": m.get("algorithm"), "model_sha256": b.model_sha256,
+        return {"name": Path(b.path).name, "backbone": m.get("backbone"), "algorithm": m.get("algorithm"),
+                "pretrained": m.get("pretrained") or {}, "model_sha256": b.model_sha256,
                 "input": b.spec.to_dict(), "embedding_dim": b.embedding_dim, "l2_normalized": b.l2_normalized,
                 "head": self.clf.head.to_dict(), "variant": self.clf.variant, "backend": self.batcher.describe(),
                 "device": self.device(), "edgemeta": _version(), "classes": len(self.clf.classes),

@@ -65,6 +65,7 @@ class ModelResponse(BaseModel):
     name: str
     backbone: str | None
     algorithm: str | None
+    pretrained: dict = Field(default_factory=dict, description="Where the starting weights came from (empty: from scratch)")
     model_sha256: str
     input: dict
     embedding_dim: int

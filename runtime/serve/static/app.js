@@ -215,7 +215,8 @@ async function showModel() {
   try {
     const m = await api("/v1/model");
     const side = `${m.input.width}×${m.input.height} ${m.input.colour}`;
-    $("model").textContent = `${m.backbone || m.name} · ${side} · ${m.head.kind} head · ${m.backend.backend} ${m.variant}`;
+    const weights = m.pretrained && m.pretrained.package ? " · ImageNet-pretrained (Apache-2.0)" : "";
+    $("model").textContent = `${m.backbone || m.name}${weights} · ${side} · ${m.head.kind} head · ${m.backend.backend} ${m.variant}`;
   } catch (e) { $("model").textContent = e.message; }
 }
 
