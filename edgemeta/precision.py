@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-TRAINING_PRECISIONS = ("fp32", "bf16")
-
 
 def native_bf16(device: str) -> bool:
     """Whether `device` computes in bfloat16 natively (elsewhere bf16 works, emulated and slow)."""

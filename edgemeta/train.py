@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgemeta.algorithms import LearnerSettings, MetaLearner, Step, create_algorithm
+from edgemeta.algorithms import LearnerSettings, MetaLearner, Step, check_algorithm, create_algorithm
 from edgemeta.augment import augment_batch
 from edgemeta.backbones import Embedder, fixed_normalisation
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
@@ -195,6 +195,7 @@ def _set_up(config: TrainConfig, resume: bool, progress: Progress) -> _Run:
     """Check, load the data, build (or resume) the model and optimiser; the run folder is made only
     once the data has loaded."""
     config.validate()
+    check_algorithm(config.algo)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     if config.precision == "bf16" and not native_bf16(config.device):

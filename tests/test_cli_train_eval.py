@@ -114,3 +114,22 @@ def test_every_train_flag_is_a_train_config_field():
     fields = set(TrainConfig.__dataclass_fields__)
     flags = set(inspect.signature(train_command).parameters) - {"config", "resume", "quiet"}
     assert flags <= fields, sorted(flags - fields)
+
+
+def test_each_training_setting_is_declared_once():
+    """The train command's options come from TrainConfig's fields (every one but backbone_args, a
+    TOML table) with their help; the learners' defaults are TrainConfig's."""
+    import dataclasses
+
+    from edgemeta.algorithms import LearnerSettings
+    from edgemeta.cli.training import train
+    from edgemeta.config import HELP, TrainConfig
+    options = {p.name for p in train.__wrapped__.__signature__.parameters.values()}
+    assert options == {f.name for f in dataclasses.fields(TrainConfig)} - {"backbone_args"} | {"config", "resume", "quiet"}
+    assert set(HELP) == {f.name for f in dataclasses.fields(TrainConfig)} - {"backbone_args"}
+    defaults = TrainConfig.__dataclass_fields__
+    for f in dataclasses.fields(LearnerSettings):
+        if f.name in defaults and f.name != "vectorize":  # vectorize: TrainConfig's auto/on/off, resolved per device
+            assert f.default == defaults[f.name].default, f.name
+    r = run_cli("train", "--help")
+    assert "--lr-schedule" in r.output and "--freeze-blocks" in r.output and "--val-shot" in r.output

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from edgemeta.backbones import Embedder
+from edgemeta.config import TrainConfig
 from edgemeta.data.episodes import Episode
 from edgemeta.runtime.errors import ConfigError
 
@@ -27,24 +28,28 @@ from edgemeta.runtime.errors import ConfigError
 LogitsFn = Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
 
 
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}  # one set of defaults: TrainConfig's
+
+
 @dataclass(frozen=True)
 class LearnerSettings:
-    """What a learner is built with: the algorithm fields of a TrainConfig, and the number of
-    training classes (pre-training's classifier)."""
+    """What a learner is built with: the algorithm fields of a TrainConfig (their defaults are
+    TrainConfig's own, never a second copy), and the number of training classes (pre-training's
+    classifier)."""
 
-    metric: str = "euclidean"
-    ridge_lambda: float = 1.0
+    metric: str = _DEFAULTS["metric"]
+    ridge_lambda: float = _DEFAULTS["ridge_lambda"]
     n_classes: int = 0
-    way: int = 5
-    inner_steps: int = 5
-    inner_lr: float = 0.4
-    learn_inner_lr: bool = False
-    reptile_epsilon: float = 1.0
+    way: int = _DEFAULTS["way"]
+    inner_steps: int = _DEFAULTS["inner_steps"]
+    inner_lr: float = _DEFAULTS["inner_lr"]
+    learn_inner_lr: bool = _DEFAULTS["learn_inner_lr"]
+    reptile_epsilon: float = _DEFAULTS["reptile_epsilon"]
     vectorize: bool = False
-    teacher: str = ""
-    distill_alpha: float = 0.5
-    distill_temperature: float = 4.0
-    rotation_weight: float = 0.0
+    teacher: str = _DEFAULTS["teacher"]
+    distill_alpha: float = _DEFAULTS["distill_alpha"]
+    distill_temperature: float = _DEFAULTS["distill_temperature"]
+    rotation_weight: float = _DEFAULTS["rotation_weight"]
 
     @classmethod
     def from_train_config(cls, config, n_classes: int = 0) -> LearnerSettings:
@@ -151,8 +156,13 @@ def list_algorithms() -> list[str]:
     return list(_REGISTRY)
 
 
-def create_algorithm(name: str, embedder: Embedder, settings: LearnerSettings | None = None) -> MetaLearner:
-    """Build a registered learner by name; an unknown name raises ConfigError."""
+def check_algorithm(name: str) -> None:
+    """An unknown learner name raises ConfigError that lists the registered ones."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(_REGISTRY)}")
+
+
+def create_algorithm(name: str, embedder: Embedder, settings: LearnerSettings | None = None) -> MetaLearner:
+    """Build a registered learner by name; an unknown name raises ConfigError."""
+    check_algorithm(name)
     return _REGISTRY[name](embedder, settings or LearnerSettings())

