@@ -110,7 +110,8 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
                                                  ("cifarfs-resnet12-pretrain", 256, 32, ["--center", "--flip-shots"]),
                                                  ("cifarfs-edgenet-pretrain", 128, 32, ["--center"]),
                                                  ("cifarfs-edgenet-distill", 128, 32, ["--center"]),
-                                                 ("cifarfs-edgenet-rotation-distill", 128, 32, ["--center"])])
+                                                 ("cifarfs-edgenet-rotation-distill", 128, 32, ["--center"]),
+                                                 ("cifarfs-efficientnet-lite0-metafinetune", 1280, 160, ["--center"])])
 def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name, dim, side, extra):
     from conftest import ROOT
     from edgemeta.runtime import FewShotClassifier, load_bundle
@@ -120,7 +121,10 @@ def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, o
     bundle = load_bundle(tmp_path / "b")
     assert bundle.spec.colour == "RGB" and bundle.spec.height == side and bundle.embedding_dim == dim
     if extra:  # CL2N from the feature mean stored in the shipped checkpoint: no training data needed
-        assert bundle.manifest["output"]["centered"]["source"] == "checkpoint" and bundle.head.flip_shots
+        assert bundle.manifest["output"]["centered"]["source"] == "checkpoint"
+        assert bundle.head.flip_shots or "efficientnet" in name
+    if "efficientnet" in name:  # ImageNet-pretrained: the provenance and the weights' license travel with it
+        assert bundle.manifest["model"]["pretrained"]["license"] == "Apache-2.0" and (tmp_path / "b" / "NOTICE").is_file()
     assert bundle.manifest["variants"]["fp32"]["parity"]["max_rel_error"] < 1e-4
     # colour images a user might enroll: three hues with texture; held-out samples of each hue come back right
     rng = np.random.default_rng(0)
