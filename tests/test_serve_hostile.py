@@ -175,7 +175,7 @@ def test_disk_full_while_enrolling_is_507_and_keeps_nothing(device_bundle, tmp_p
 @pytest.mark.parametrize("args, message", [
     (["--max-body-mb", "inf"], "--max-body-mb must be a finite number"),
     (["--host", "not a host"], "is not an IP address or a host name"),
-    (["--max-batch", "0"], "--max-batch must be 1–1024"),
+    (["--max-batch", "0"], "--max-batch must be 1–64"),
     (["--batch-window-ms", "5000"], "--batch-window-ms must be 0–100"),
 ])
 def test_bad_options_are_one_line_before_anything_starts(device_bundle, tmp_path, args, message):
