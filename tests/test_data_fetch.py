@@ -314,10 +314,10 @@ def test_a_dripping_mirror_is_cut_off_and_an_endless_one_capped(served, tmp_path
     import edgemeta.data.fetch as fetch_module
     one = CATALOG["omniglot"].files[0]
     drip = {"omniglot": replace(CATALOG["omniglot"], files=(replace(one, urls=(f"{served}/drip/{one.name}",)),))}
-    t0 = time.monotonic()
     with pytest.raises(DataError, match="under 10,000 B/s after"):
         fetch("omniglot", tmp_path / "a", catalog=drip, timeout=1)
-    assert time.monotonic() - t0 < 10                                       # not 2,000 × 50 ms
+    part = next((tmp_path / "a").rglob("*.part"))
+    assert part.stat().st_size < 500        # cut off after about a second, not after the whole 2,000-byte drip
     endless = {"omniglot": replace(CATALOG["omniglot"], files=(replace(one, urls=(f"{served}/endless/{one.name}",),
                                                                        size=3 << 20),))}
     with pytest.raises(DataError, match="more than the file's 3,145,728 bytes"):

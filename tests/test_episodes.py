@@ -1,4 +1,3 @@
-import time
 
 import numpy as np
 import pytest
@@ -40,24 +39,20 @@ def test_same_seed_same_episodes_other_seed_other_episodes(omniglot):
     assert np.array_equal(s.episode(13).query, a[13].query)
 
 
-def test_equal_size_classes_take_the_vectorised_draw_which_is_faster(omniglot):
-    """Relative, measured side by side (robust on a loaded machine): with every class the same size
-    one vectorised draw serves all classes; one image fewer in one class forces the per-class path."""
+def test_equal_size_classes_take_the_vectorised_draw(omniglot):
+    """With every class the same size one vectorised draw (a class × image table) serves all classes;
+    one image fewer in one class takes the per-class path. Both draw valid episodes. (Behaviour, not
+    timing: which path runs is what the speed comes from — benchmarks measure the speed.)"""
     keep = np.ones(len(omniglot.labels), bool)
     keep[np.flatnonzero(omniglot.labels == 0)[0]] = False
-    samplers = {"vectorised": EpisodeSampler(omniglot.labels, 20, 5, 10, seed=0),
-                "per class": EpisodeSampler(omniglot.labels[keep], 20, 5, 10, seed=0)}
-    best = {}
-    for name, sampler in samplers.items():
-        sampler.episode(0)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for i in range(200):
-                sampler.episode(i)
-            times.append(time.perf_counter() - t0)
-        best[name] = min(times)
-    assert best["vectorised"] < best["per class"], best
+    vectorised = EpisodeSampler(omniglot.labels, 20, 5, 10, seed=0)
+    per_class = EpisodeSampler(omniglot.labels[keep], 20, 5, 10, seed=0)
+    assert vectorised._table is not None and per_class._table is None
+    for sampler, labels in ((vectorised, omniglot.labels), (per_class, omniglot.labels[keep])):
+        ep = sampler.episode(3)
+        picked = np.concatenate([ep.support, ep.query])
+        assert len(set(picked)) == len(picked) == 20 * 15                      # no image twice
+        assert set(labels[ep.support]) == set(ep.classes) == set(labels[ep.query])
 
 
 def test_more_shots_than_images_names_the_class_and_the_fix(omniglot):

@@ -44,6 +44,7 @@ class BatchingBackend(Backend):
             raise ConfigError(f"--batch-window-ms must be 0–{MAX_WINDOW_S * 1e3:.0f}, got {window_s * 1e3:g}")
         super().__init__(inner.spec, inner.embedding_dim)
         self.inner, self.max_batch, self.window_s, self.on_batch = inner, max_batch, window_s, on_batch
+        self.waits = 0
         self.name = inner.name
         self._pending: list[_Call] = []
         self._expected = 0       # requests announced by expect() and not finished
@@ -85,6 +86,7 @@ class BatchingBackend(Backend):
             left = deadline - time.perf_counter()
             if left <= 0:
                 break
+            self.waits += 1  # a batch waited for requests still decoding (counted for tests and metrics)
             self._cond.wait(left)
         calls: list[_Call] = []
         images = 0
