@@ -83,3 +83,15 @@ def test_device_commands_import_no_training_side_module(tmp_path):
                                                          "edgemeta.config", "edgemeta.data", "edgemeta.export", "torch",
                                                          "fastapi", "cv2"))]
     assert training_side == []
+
+
+def test_the_torch_free_modules_of_edgemeta_stay_torch_free():
+    """The modules the device CLI and `edgemeta data` import must not import torch, even indirectly."""
+    import subprocess
+    import sys
+    modules = ["edgemeta.config", "edgemeta.data.catalog", "edgemeta.cli.common", "edgemeta.cli.device",
+               "edgemeta.cli.serve", "edgemeta.cli.watch", "edgemeta.cli.gallery", "edgemeta.cli.data", "edgemeta.runtime"]
+    code = "import sys, importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules) + \
+           "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
