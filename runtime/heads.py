@@ -206,47 +206,45 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
     called after each step, so callers can time every step."""
     if weight is None or bias is None:
         weight, bias = imprinted_init(class_means(support, labels, n_way))
-    weight, bias = weight.astype(support.dtype, copy=True), bias.astype(support.dtype, copy=True)
-    y = one_hot(labels, n_way, support.dtype)
-    dtype = support.dtype.type
-    inv_n, rate, decay = dtype(1.0 / support.shape[0]), dtype(lr), dtype(weight_decay)
-    # Every buffer is made once, before the first step; each step only writes into them (out=): at
-    # few-shot sizes a step is bound by NumPy call and allocation overhead, not by arithmetic.
-    logits = np.empty((support.shape[0], n_way), support.dtype)
-    row = np.empty((support.shape[0], 1), support.dtype)
-    grad_w, grad_b = np.empty_like(weight), np.empty_like(bias)
-    step_w, step_b = np.empty_like(weight), np.empty_like(bias)
-    m_w, m_b = np.zeros_like(weight), np.zeros_like(bias)
+    dtype = support.dtype
+    n, d = support.shape
+    # The bias rides as one more weight column against a column of ones, and the mean's 1/n is folded
+    # into the step size (the update is linear in the gradient): a step is 12 NumPy calls writing into
+    # buffers made once, here, before the first step. At few-shot sizes a step is bound by NumPy's
+    # per-call overhead, not by arithmetic.
+    x = np.ones((n, d + 1), dtype)
+    x[:, :d] = support
+    w = np.empty((n_way, d + 1), dtype)
+    w[:, :d], w[:, d] = weight, bias
+    y = one_hot(labels, n_way, dtype)
+    rate = dtype.type(lr / n)
+    decay = np.full((n_way, d + 1), weight_decay * n, dtype)  # L2 on the weights, not the bias (× n, as the
+    decay[:, d] = 0                                            # gradient is); full-size: no broadcast buffering
+    logits = np.empty((n, n_way), dtype)
+    row = np.empty((n, 1), dtype)
+    grad, step_buf, velocity = np.empty_like(w), np.empty_like(w), np.zeros_like(w)
     for step in range(steps):
-        np.matmul(support, weight.T, out=logits)
-        logits += bias
+        np.matmul(x, w.T, out=logits)
         np.max(logits, axis=1, keepdims=True, out=row)
         logits -= row
         np.exp(logits, out=logits)
         np.sum(logits, axis=1, keepdims=True, out=row)
         logits /= row
-        logits -= y
-        logits *= inv_n                      # gradient of the mean cross-entropy w.r.t. the logits
-        np.matmul(logits.T, support, out=grad_w)
-        np.sum(logits, axis=0, out=grad_b)
+        logits -= y                          # n × the gradient of the mean cross-entropy w.r.t. the logits
+        np.matmul(logits.T, x, out=grad)
         if weight_decay:
-            np.multiply(weight, decay, out=step_w)
-            grad_w += step_w
+            np.multiply(w, decay, out=step_buf)
+            grad += step_buf
         if momentum:
-            m_w *= momentum
-            m_w += grad_w
-            m_b *= momentum
-            m_b += grad_b
-            np.multiply(m_w, rate, out=step_w)
-            np.multiply(m_b, rate, out=step_b)
+            velocity *= momentum
+            velocity += grad
+            np.multiply(velocity, rate, out=step_buf)
         else:
-            np.multiply(grad_w, rate, out=step_w)
-            np.multiply(grad_b, rate, out=step_b)
-        weight -= step_w
-        bias -= step_b
+            np.multiply(grad, rate, out=step_buf)
+        w -= step_buf
         if on_step is not None:
             on_step(step)
-    return weight, bias
+    return np.ascontiguousarray(w[:, :d]), w[:, d].copy()
 
 
 # ---------------------------------------------------------------------------------------- registry
