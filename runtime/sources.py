@@ -41,18 +41,50 @@ from .preprocess import IMAGE_EXTENSIONS, InputSpec, load_image, open_image, to_
 CSI_PIPELINE = ("nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM), width={width}, height={height}, "
                 "framerate={fps}/1 ! nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR ! "
                 "appsink drop=true max-buffers=1")
-LIVE_KINDS = ("v4l2", "csi", "stream", "gstreamer")
 STALL_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
+class SourceKind:
+    """One kind of source, declared once: everything the reader needs to know about it. Adding a
+    kind is one entry here (and its recognition in parse_source); the reader thread, the queue and
+    the drop policy are shared."""
+
+    name: str
+    live: bool                       # frames arrive whether or not the caller keeps up (drop the oldest)
+    opener: str                      # folder | capture (OpenCV VideoCapture)
+    api: str = "ANY"                 # OpenCV's capture API: ANY | GSTREAMER | V4L2
+    hint: str = ""                   # what to check when it will not open
+    sized: bool = False              # takes a requested capture size
+    own_clock: bool = False          # the container's timestamps are the frames' (files)
+    jpeg_packets: bool = False       # FFmpeg may hand out Motion-JPEG frames undecoded
+
+
+SOURCE_KINDS = {k.name: k for k in (
+    SourceKind("folder", live=False, opener="folder"),
+    SourceKind("file", live=False, opener="capture", own_clock=True, jpeg_packets=True,
+               hint="the file is damaged, truncated or in a format OpenCV cannot decode"),
+    SourceKind("stream", live=True, opener="capture", jpeg_packets=True, hint="check the URL and that the stream is up"),
+    SourceKind("v4l2", live=True, opener="capture", api="V4L2", sized=True, hint="is another program using the camera?"),
+    SourceKind("csi", live=True, opener="capture", api="GSTREAMER",
+               hint="is this a Jetson with a CSI camera, and OpenCV built with GStreamer (JetPack's python3-opencv)?"),
+    SourceKind("gstreamer", live=True, opener="capture", api="GSTREAMER",
+               hint="check the pipeline with gst-launch-1.0, and that OpenCV has GStreamer support"),
+)}
+
+
+@dataclass(frozen=True)
 class SourceSpec:
-    kind: str      # v4l2 | csi | file | stream | folder | gstreamer
+    kind: str      # a SOURCE_KINDS name
     target: str    # what is opened: a device path, a pipeline, a path or a URL
 
     @property
+    def about(self) -> SourceKind:
+        return SOURCE_KINDS[self.kind]
+
+    @property
     def live(self) -> bool:
-        return self.kind in LIVE_KINDS
+        return self.about.live
 
 
 def parse_source(text: str, csi_size: tuple[int, int] = (1280, 720), csi_fps: int = 30) -> SourceSpec:
@@ -129,7 +161,8 @@ class VideoSource:
         self._files: list[Path] = []
         self._capture = None
         self.compressed = False  # frames arrive as JPEG bytes (Motion-JPEG through FFmpeg)
-        if self.source.kind == "folder":
+        kind = self.source.about
+        if kind.opener == "folder":
             self._files = sorted(p for p in Path(self.source.target).iterdir()
                                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
             if not self._files:
@@ -138,25 +171,15 @@ class VideoSource:
         from .extras import load
         cv2 = load("cv2", "reading video and cameras")
         target = self.source.target
-        if self.source.kind in ("csi", "gstreamer"):
-            capture = cv2.VideoCapture(target, cv2.CAP_GSTREAMER)
-        elif self.source.kind == "v4l2":
-            if not Path(target).exists():
-                raise DataError(f"camera {target} not found (is it plugged in? `ls /dev/video*` lists the cameras)")
-            capture = cv2.VideoCapture(target, cv2.CAP_V4L2)
-        else:
-            capture = cv2.VideoCapture(target)
-        if self.capture_size is not None and self.source.kind == "v4l2":
+        if kind.name == "v4l2" and not Path(target).exists():
+            raise DataError(f"camera {target} not found (is it plugged in? `ls /dev/video*` lists the cameras)")
+        capture = cv2.VideoCapture(target) if kind.api == "ANY" else cv2.VideoCapture(target, getattr(cv2, f"CAP_{kind.api}"))
+        if self.capture_size is not None and kind.sized:
             capture.set(cv2.CAP_PROP_FRAME_WIDTH, self.capture_size[0])
             capture.set(cv2.CAP_PROP_FRAME_HEIGHT, self.capture_size[1])
         if not capture.isOpened():
             capture.release()
-            why = {"csi": "is this a Jetson with a CSI camera, and OpenCV built with GStreamer (JetPack's python3-opencv)?",
-                   "gstreamer": "check the pipeline with gst-launch-1.0, and that OpenCV has GStreamer support",
-                   "stream": "check the URL and that the stream is up",
-                   "v4l2": "is another program using the camera?",
-                   "file": "the file is damaged, truncated or in a format OpenCV cannot decode"}[self.source.kind]
-            raise DataError(f"cannot open {self.source.kind} source {target}: {why}")
+            raise DataError(f"cannot open {kind.name} source {target}: {kind.hint}")
         fps = capture.get(cv2.CAP_PROP_FPS)
         self.stats.fps = float(fps) if fps and fps > 0 and np.isfinite(fps) else None
         self.compressed = self._jpeg_packets(capture, cv2)
@@ -165,7 +188,7 @@ class VideoSource:
     def _jpeg_packets(self, capture, cv2) -> bool:
         """Switch an FFmpeg-read Motion-JPEG file or stream to handing out its compressed frames
         (CAP_PROP_FORMAT = -1). A probe capture checks first that the packets really are JPEGs."""
-        if self.source.kind not in ("file", "stream") or capture.getBackendName() != "FFMPEG":
+        if not self.source.about.jpeg_packets or capture.getBackendName() != "FFMPEG":
             return False
         fourcc = int(capture.get(cv2.CAP_PROP_FOURCC))
         if "".join(chr((fourcc >> (8 * i)) & 0xFF) for i in range(4)).upper() != "MJPG":
@@ -194,7 +217,7 @@ class VideoSource:
                     self.stats.errors.append(f"{self.source.kind} source {self.source.target} stopped delivering frames")
                 return
             position = self._capture.get(cv2.CAP_PROP_POS_MSEC)
-            stamp = position / 1000.0 if self.source.kind == "file" and position >= 0 else None
+            stamp = position / 1000.0 if self.source.about.own_clock and position >= 0 else None
             if self.compressed:
                 yield bgr.tobytes(), stamp
                 continue
@@ -208,7 +231,7 @@ class VideoSource:
 
     def _read_loop(self) -> None:
         t_open = time.perf_counter()
-        period = 1.0 / self.stats.fps if self.realtime and self.source.kind == "file" and self.stats.fps else 0.0
+        period = 1.0 / self.stats.fps if self.realtime and self.source.about.own_clock and self.stats.fps else 0.0
         try:
             for index, (raw, stamp) in enumerate(self._frames()):
                 if self._stop.is_set():

@@ -170,3 +170,15 @@ def test_motion_jpeg_frames_are_decoded_from_their_jpeg_bytes(tmp_path, tagalog,
     diff = np.abs(np.stack([f.pixels for f in a]).astype(int) - np.stack([f.pixels for f in b]).astype(int))
     assert diff.mean() < 4.0  # grey levels out of 255: JPEG loss and the DCT-domain downscale
     assert [f.index for f in a] == list(range(8)) and a[1].timestamp == pytest.approx(0.04, abs=1e-3)
+
+
+def test_every_source_kind_is_declared_completely():
+    """A source kind is one SourceKind entry: how it opens, whether it is live, what to check when
+    it will not open (a forgotten hint used to be a KeyError instead of a clean error)."""
+    from edgemeta.runtime.sources import SOURCE_KINDS, parse_source
+    for name, kind in SOURCE_KINDS.items():
+        assert kind.name == name and kind.opener in ("folder", "capture")
+        assert kind.opener == "folder" or kind.hint, name
+        assert kind.api in ("ANY", "GSTREAMER", "V4L2")
+    assert parse_source("csi://0").kind == "csi" and parse_source("csi://0").live
+    assert parse_source("rtsp://cam/1").about.jpeg_packets and not parse_source("v4l2:///dev/video9").about.own_clock
