@@ -202,8 +202,9 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
                  weight: np.ndarray | None = None, bias: np.ndarray | None = None, momentum: float = 0.0,
                  weight_decay: float = 0.0, on_step: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k steps of SGD (heavy-ball momentum, L2 weight decay) on the mean softmax cross-entropy of
-    the support set, from the imprinted prototypes unless (weight, bias) are given. `on_step(i)` is
-    called after each step, so callers can time every step."""
+    the support set, from the imprinted prototypes unless (weight, bias) are given. `on_step(-1)` is
+    called once the buffers are ready, then `on_step(i)` after each step, so callers can time every
+    step apart from the set-up."""
     if weight is None or bias is None:
         weight, bias = imprinted_init(class_means(support, labels, n_way))
     dtype = support.dtype
@@ -223,6 +224,8 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
     logits = np.empty((n, n_way), dtype)
     row = np.empty((n, 1), dtype)
     grad, step_buf, velocity = np.empty_like(w), np.empty_like(w), np.zeros_like(w)
+    if on_step is not None:
+        on_step(-1)  # set-up done: what follows is the steps alone
     for step in range(steps):
         np.matmul(x, w.T, out=logits)
         np.max(logits, axis=1, keepdims=True, out=row)
