@@ -100,7 +100,7 @@ def test_engine_build_without_tensorrt_says_how_to_install(tiny_bundle):
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here; the GPU test below covers the build")
     from edgemeta.export import add_engine
-    with pytest.raises(DependencyError, match=r"pip install .edgemeta\[tensorrt\]."):
+    with pytest.raises(DependencyError, match=r"pip install 'tensorrt-cu12.*\[tensorrt\] extra"):
         add_engine(tiny_bundle)
 
 
