@@ -221,9 +221,119 @@ class Guard:
                 m.request_seconds.labels(route).observe(time.perf_counter() - t0)
 
 
+def get_service(request: Request) -> Service:
+    """The dependency every route takes: the one Service the app was created over."""
+    return request.app.state.service
+
+
+def check_key(request: Request, service: Service = Depends(get_service)) -> None:
+    """x-api-key on every /v1 route and /metrics, when the service has a key (constant-time compare)."""
+    key = service.settings.api_key
+    if key is None:
+        return
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise HTTPException(401, "wrong API key" if given else "missing API key: send it in the x-api-key header")
+
+
+async def read_images(request: Request, service: Service = Depends(get_service)) -> list[tuple[str, bytes]]:
+    """The request's images: multipart parts (limits counted as they arrive) or one raw image body.
+    Read by hand rather than with UploadFile parameters so the image-count limit applies while the
+    form is parsed; the OpenAPI document describes the body (models.IMAGES_BODY)."""
+    settings = service.settings
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=settings.max_images + 1, max_fields=32)
+        except HTTPException as exc:
+            if "Too many files" in str(exc.detail):
+                raise TooLarge(f"more than {settings.max_images} images in one request (--max-images)") from None
+            raise
+        try:
+            images = [(getattr(v, "filename", None) or f"image-{i}", await v.read())
+                      for i, (_, v) in enumerate(form.multi_items()) if not isinstance(v, str)]
+        finally:
+            await form.close()
+    elif ctype in IMAGE_TYPES:
+        images = [("body", await request.body())]
+    else:
+        raise DataError("send images as multipart/form-data (field `images`), or one image as an image/jpeg or "
+                        f"image/png body; got content type {ctype or 'none'!r}")
+    if not images:
+        raise DataError("the request holds no images")
+    if len(images) > settings.max_images:
+        raise TooLarge(f"{len(images)} images in one request; the limit is {settings.max_images} (--max-images)")
+    return images
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+probes = APIRouter()
+
+
+@v1.get("/classes", summary="Enrolled classes and their shot counts", response_model=models.ClassesResponse,
+        responses=models.ERRORS)
+async def list_classes(service: Service = Depends(get_service)):
+    return await run_in_threadpool(service.classes)
+
+
+@v1.post("/classes/{label:path}/images", summary="Enroll images as a class", status_code=201,
+         response_model=models.EnrollResponse, responses={200: {"model": models.EnrollResponse,
+                                                                "description": "mode=add or replace"}, **models.ERRORS},
+         openapi_extra=models.IMAGES_BODY)
+async def enroll(label: str, images: list = Depends(read_images), service: Service = Depends(get_service),
+                 mode: str = Query("new", description="new: refuse a label already enrolled · add · replace")):
+    result = await run_in_threadpool(service.enroll, label, images, mode)  # the mode is checked by the enrollment
+    return JSONResponse(result, status_code=201 if mode == "new" else 200)
+
+
+@v1.delete("/classes/{label:path}", summary="Forget a class", response_model=models.ForgetResponse,
+           responses=models.ERRORS)
+async def forget(label: str, service: Service = Depends(get_service)):
+    return await run_in_threadpool(service.forget, label)
+
+
+@v1.post("/predict", summary="Classify images", response_model=models.PredictResponse, responses=models.ERRORS,
+         openapi_extra=models.IMAGES_BODY)
+async def predict(service: Service = Depends(get_service),
+                  top_k: int = Query(1, ge=1, le=100, description="classes per image"),
+                  unknown: str | None = Query(None, description="'auto' or a distance: farther images are 'unknown'"),
+                  images: list = Depends(read_images)):
+    reject = parse_unknown(unknown, "unknown")
+    return await run_in_threadpool(service.predict, images, top_k, reject)
+
+
+@v1.get("/model", summary="The bundle, head, variant, backend and device", response_model=models.ModelResponse,
+        responses=models.ERRORS)
+async def model(service: Service = Depends(get_service)):
+    return service.model()
+
+
+@probes.get("/v2/health/live", summary="The process is up", response_model=models.Live)
+async def live():
+    return {"live": True}
+
+
+@probes.get("/v2/health/ready", summary="The model is loaded and warmed up", response_model=models.Ready,
+            responses={503: {"model": models.Ready, "description": "still loading"}})
+async def ready(service: Service = Depends(get_service)):
+    return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
+
+
+@probes.get("/metrics", dependencies=[Depends(check_key)], summary="Prometheus metrics")
+async def metrics(service: Service = Depends(get_service)):
+    body, ctype = service.metrics.exposition()
+    return Response(body, media_type=ctype)
+
+
+@probes.get("/", include_in_schema=False)
+async def page():
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
 def create_app(service: Service):
     """The FastAPI app over a loaded service (the CLI loads the classifier first, so a bad bundle
-    or store is one error line before anything listens)."""
+    or store is one error line before anything listens): the routers above, the service in
+    app.state for their dependencies, the error handlers, the Guard middleware."""
     settings = service.settings
 
     @contextlib.asynccontextmanager
@@ -236,95 +346,9 @@ def create_app(service: Service):
 
     app = FastAPI(title="edgemeta", version=_version(), lifespan=lifespan,
                   description="Few-shot classification on the device: enroll classes from a few images, then predict.")
-
-    def check_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise HTTPException(401, "wrong API key" if given else "missing API key: send it in the x-api-key header")
-
-    keyed = [Depends(check_key)]
-    v1 = APIRouter(prefix="/v1", dependencies=keyed)
-
-    async def read_images(request: Request) -> list[tuple[str, bytes]]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            try:
-                form = await request.form(max_files=settings.max_images + 1, max_fields=32)
-            except HTTPException as exc:
-                if "Too many files" in str(exc.detail):
-                    raise TooLarge(f"more than {settings.max_images} images in one request (--max-images)") from None
-                raise
-            try:
-                images = [(getattr(v, "filename", None) or f"image-{i}", await v.read())
-                          for i, (_, v) in enumerate(form.multi_items()) if not isinstance(v, str)]
-            finally:
-                await form.close()
-        elif ctype in IMAGE_TYPES:
-            images = [("body", await request.body())]
-        else:
-            raise DataError("send images as multipart/form-data (field `images`), or one image as an image/jpeg or "
-                            f"image/png body; got content type {ctype or 'none'!r}")
-        if not images:
-            raise DataError("the request holds no images")
-        if len(images) > settings.max_images:
-            raise TooLarge(f"{len(images)} images in one request; the limit is {settings.max_images} (--max-images)")
-        return images
-
-    @v1.get("/classes", summary="Enrolled classes and their shot counts", response_model=models.ClassesResponse,
-            responses=models.ERRORS)
-    async def list_classes():
-        return await run_in_threadpool(service.classes)
-
-    @v1.post("/classes/{label:path}/images", summary="Enroll images as a class", status_code=201,
-             response_model=models.EnrollResponse, responses={200: {"model": models.EnrollResponse,
-                                                                    "description": "mode=add or replace"}, **models.ERRORS},
-             openapi_extra=models.IMAGES_BODY)
-    async def enroll(label: str, request: Request,
-                     mode: str = Query("new", description="new: refuse a label already enrolled · add · replace")):
-        images = await read_images(request)  # the mode is checked by the enrollment itself
-        result = await run_in_threadpool(service.enroll, label, images, mode)
-        return JSONResponse(result, status_code=201 if mode == "new" else 200)
-
-    @v1.delete("/classes/{label:path}", summary="Forget a class", response_model=models.ForgetResponse,
-               responses=models.ERRORS)
-    async def forget(label: str):
-        return await run_in_threadpool(service.forget, label)
-
-    @v1.post("/predict", summary="Classify images", response_model=models.PredictResponse, responses=models.ERRORS,
-             openapi_extra=models.IMAGES_BODY)
-    async def predict(request: Request, top_k: int = Query(1, ge=1, le=100, description="classes per image"),
-                      unknown: str | None = Query(None, description="'auto' or a distance: farther images are 'unknown'")):
-        reject = parse_unknown(unknown, "unknown")
-        images = await read_images(request)
-        return await run_in_threadpool(service.predict, images, top_k, reject)
-
-    @v1.get("/model", summary="The bundle, head, variant, backend and device", response_model=models.ModelResponse,
-            responses=models.ERRORS)
-    async def model():
-        return service.model()
-
+    app.state.service = service
     app.include_router(v1)
-
-    @app.get("/v2/health/live", summary="The process is up", response_model=models.Live)
-    async def live():
-        return {"live": True}
-
-    @app.get("/v2/health/ready", summary="The model is loaded and warmed up", response_model=models.Ready,
-             responses={503: {"model": models.Ready, "description": "still loading"}})
-    async def ready():
-        return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
-
-    @app.get("/metrics", dependencies=keyed, summary="Prometheus metrics")
-    async def metrics():
-        body, ctype = service.metrics.exposition()
-        return Response(body, media_type=ctype)
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        return FileResponse(STATIC / "index.html", media_type="text/html")
-
+    app.include_router(probes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def error(status: int, message: str, headers=None) -> JSONResponse:
