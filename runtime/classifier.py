@@ -299,15 +299,11 @@ class FewShotClassifier:
 
     def _classify(self, state: StoreState, query: np.ndarray, top_k: int, reject) -> Prediction:
         metric = state.head.rejection_metric(self.bundle.l2_normalized)
-        if state.head.kind == "prototype":
-            # one distance computation serves the logits and the rejection distance; the prototypes'
-            # transposed (and normalised or squared-norm) forms are made once per enrolled state
-            raw = self._prototypes(state, metric).logits(query)
-            logits = raw * np.float32(state.head.scale)
-            all_distances = similarity_to_distance(raw, metric)
-        else:
-            logits = heads.score(state.head, state.fitted, query)
-            all_distances = embedding_distance(query, state.fitted["prototypes"], metric)
+        # one prototype comparison (prototypes prepared once per enrolled state) gives the rejection
+        # distance for every head, and the logits of the prototype head
+        raw = self._prototypes(state, metric).logits(query)
+        all_distances = similarity_to_distance(raw, metric)
+        logits = raw * np.float32(state.head.scale) if state.head.kind == "prototype" else heads.score(state.head, state.fitted, query)
         threshold = self._auto_threshold(state, metric) if reject == "auto" else reject
         return make_prediction(state.labels, heads.softmax(logits), all_distances.min(1), top_k, threshold)
 

@@ -136,12 +136,9 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 def prototype_logits(query: np.ndarray, prototypes: np.ndarray, metric: str = "euclidean", scale: float = 1.0) -> np.ndarray:
-    if metric == "euclidean":
-        sq = (query * query).sum(1, keepdims=True) - 2.0 * query @ prototypes.T + (prototypes * prototypes).sum(1)
-        return -scale * sq
-    if metric == "cosine":
-        return scale * (_normalize(query) @ _normalize(prototypes).T)
-    raise ConfigError(f"metric must be one of {METRICS}, not {metric!r}")
+    """−scale·‖q − p‖² or scale·cos(q, p): one formula, PreparedPrototypes' (which predict keeps per state)."""
+    logits = PreparedPrototypes(prototypes, metric).logits(query)
+    return logits if scale == 1.0 else logits * np.asarray(scale, logits.dtype)
 
 
 class PreparedPrototypes:

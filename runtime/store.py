@@ -147,7 +147,6 @@ def decode_state(data: bytes, where: str) -> StoreState:
             shots = c["shots"]
             if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1 or start + shots > len(embeddings):
                 raise StoreError(f"{where}: class {c['label']!r} claims {shots!r} shots the file does not hold")
-            check_counts(len(header["classes"]), {str(c["label"]): shots}, where)
             names = tuple(c.get("images", []))
             if not all(isinstance(n, str) and KEPT_NAME.fullmatch(n) for n in names):
                 raise StoreError(f"{where}: class {c['label']!r} names kept images the store did not write")
@@ -156,6 +155,7 @@ def decode_state(data: bytes, where: str) -> StoreState:
         dim = header["embedding_dim"]
         if start != len(embeddings) or (len(embeddings) and embeddings.shape[1] != dim):
             raise StoreError(f"{where}: the embeddings do not match the class list ({len(embeddings)} rows)")
+        check_counts(len(classes), {c.label: c.shots for c in classes}, where)
         state = StoreState(str(header["model_sha256"]), str(header.get("variant", "fp32")), int(dim), head,
                            tuple(classes), fitted, int(header.get("generation", 0)))
         from .heads import fitted_shapes
@@ -219,8 +219,6 @@ class EnrollmentStore:
 
     def write(self, state: StoreState) -> None:
         for c in state.classes:
-            if not np.isfinite(c.embeddings).all():
-                raise StoreError(f"refusing to save non-finite embeddings for class {c.label!r}")
             check_embeddings(c.embeddings, f"class {c.label!r}")
         check_counts(len(state.classes), {c.label: c.shots for c in state.classes}, f"the store at {self.path}")
         if not all(np.isfinite(a).all() for a in state.fitted.values()):
