@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -172,6 +173,9 @@ class Prediction:
                  "distance": round(float(d), 6)} for lab, tk, d in zip(self.labels, self.top_k, self.distances)]
 
 
+WrappedBackend = TypeVar("WrappedBackend", bound=Backend)
+
+
 class FewShotClassifier:
     """Embed on ONNX Runtime or TensorRT, fit only the head in NumPy, classify."""
 
@@ -184,6 +188,17 @@ class FewShotClassifier:
         self._threshold_cache: tuple[StoreState, float | None] | None = None
         self._prepared_cache: tuple[StoreState, heads.PreparedPrototypes] | None = None
         self._state = StoreState(bundle.model_sha256, variant, bundle.embedding_dim, head)
+
+    def wrap_backend(self, wrap: Callable[[Backend], WrappedBackend]) -> WrappedBackend:
+        """Embed through a layer around the backend (the service's batching): `wrap` gets the
+        backend and returns one that embeds the same inputs to the same size; it is closed with the
+        classifier."""
+        wrapped = wrap(self.backend)
+        if (wrapped.spec, wrapped.embedding_dim) != (self.backend.spec, self.backend.embedding_dim):
+            raise ConfigError(f"{wrapped.name} does not embed as {self.backend.name} does")
+        wrapped.graph = self.backend.graph
+        self.backend = wrapped
+        return wrapped
 
     # ---------------------------------------------------------------- loading
     @classmethod

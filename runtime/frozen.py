@@ -26,33 +26,24 @@ def is_frozen(bundle_dir: str | os.PathLike) -> bool:
 
 
 class FrozenClassifier:
-    """backend: auto (a TensorRT engine built into the folder with `edgemeta build-engine` if one
-    matches this device, else ONNX Runtime) | onnxruntime | tensorrt."""
+    """backend: as for embedding bundles (runtime.backends): auto (a TensorRT engine built into the
+    folder with `edgemeta build-engine` if one matches this device, else ONNX Runtime) | onnxruntime
+    [:PROVIDER,…] | tensorrt. The graph runs through the same `Backend` as an embedding network, with
+    two named outputs: probabilities [N, classes] and distance [N]."""
 
     def __init__(self, bundle: Bundle, providers: str | list[str] = "auto", backend: str = "auto",
                  device: dict | None = None, threads: int | None = None):
-        from .backends.onnxruntime import OnnxRuntimeBackend, tensorrt_ep_options
+        from .backends import open_backend
         if "frozen" not in bundle.manifest:
             raise BundleError(f"{bundle.path} is an embedding bundle, not a frozen classifier; give it a --store")
         self.bundle, self.frozen = bundle, bundle.manifest["frozen"]
         self.labels: list[str] = list(self.frozen["classes"])
-        from .backends import open_engine, parse_backend  # the engine: `edgemeta build-engine` on the folder
-        backend, named = parse_backend(backend)
-        providers = named if named != "auto" else providers
-        self.engine = open_engine(bundle, backend, "fp32", device,
-                                  named_outputs={"probabilities": len(self.labels), "distance": 1},
-                                  subject="TensorRT engine of this frozen classifier runs here", stacklevel=3)
-        self.backend = None
-        if self.engine is not None:
-            return
-        # ONNX Runtime through the same Backend as embedding bundles: provider choice, the TensorRT
-        # provider's engine and timing caches and batch profile, the fallback with a warning, the
-        # graph's I/O checked against the manifest (its first output: probabilities [N, classes])
-        self.backend = OnnxRuntimeBackend(bundle.variant_path("fp32"), bundle.spec, len(self.labels), providers,
-                                          threads, trt_options=tensorrt_ep_options(bundle, "fp32"))
-        outputs = [o.name for o in self.backend.session.get_outputs()]
-        if outputs[:2] != ["probabilities", "distance"] or len(self.labels) != self.bundle.manifest["output"]["dim"]:
-            raise BundleError(f"{bundle.path}: the frozen graph returns {outputs}; re-freeze it")
+        if len(self.labels) != bundle.manifest["output"]["dim"]:
+            raise BundleError(f"{bundle.path}: the manifest lists {len(self.labels)} classes for an output of "
+                              f"{bundle.manifest['output']['dim']}; re-freeze it")
+        self.backend = open_backend(bundle, backend, "fp32", providers, threads, device,
+                                    outputs={"probabilities": len(self.labels), "distance": 1},
+                                    subject="TensorRT engine of this frozen classifier runs here")
 
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike, backend: str = "auto", device: dict | None = None) -> FrozenClassifier:
@@ -60,13 +51,9 @@ class FrozenClassifier:
 
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, H, W, C] → (probabilities [N, C], distance [N]), one graph call per MAX_BATCH images."""
-        if self.engine is not None:
-            out = self.engine.run_outputs(pixels_to_batch(pixels))
-            return out["probabilities"], out["distance"]
-        assert self.backend is not None
         probs, dists = [], []
         for i in range(0, len(pixels), MAX_BATCH):
-            out = self.backend.run_outputs(pixels_to_batch(pixels[i:i + MAX_BATCH]), ("probabilities", "distance"))
+            out = self.backend.run_outputs(pixels_to_batch(pixels[i:i + MAX_BATCH]))
             probs.append(out["probabilities"])
             dists.append(out["distance"])
         return np.concatenate(probs), np.concatenate(dists)

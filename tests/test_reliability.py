@@ -329,18 +329,22 @@ def test_an_os_fault_while_saving_is_one_error_line_and_the_store_is_unchanged(t
 
 
 @pytest.mark.parametrize("args, why", [
-    (["eval", "--bundle", "{bundle}", "--data", "{data}", "--way", "1"], "--way must be ≥ 2"),
-    (["eval", "--bundle", "{bundle}", "--data", "{data}", "--episodes", "0"], "--episodes must be ≥ 1"),
-    (["eval", "--bundle", "{bundle}", "--data", "{data}", "--query", "0"], "--query must be ≥ 1"),
+    (["eval", "--bundle", "{bundle}", "--data", "{data}", "--way", "1"], "'--way': 1 is not in the range x>=2"),
+    (["eval", "--bundle", "{bundle}", "--data", "{data}", "--episodes", "0"], "'--episodes': 0 is not in the range x>=1"),
+    (["eval", "--bundle", "{bundle}", "--data", "{data}", "--query", "0"], "'--query': 0 is not in the range x>=1"),
     (["train", "--data", "{data}", "--way", "1", "--out", "{tmp}/run"], "way must be a whole number ≥ 2"),
     (["train", "--data", "{data}", "--lr", "nan", "--out", "{tmp}/run"], "lr must be a finite number"),
     (["train", "--data", "{data}", "--lr", "-1", "--out", "{tmp}/run"], "lr must be a finite number"),
     (["train", "--data", "{tmp}/nope.zip", "--out", "{tmp}/run"], "data path not found"),
     (["export", "{tmp}/fixed.onnx", "--out", "{tmp}/b", "--calib-images", "0"], "--calib-images must be ≥ 1"),
     (["predict", "{bundle}", "{data}", "--store", "{tmp}", "--unknown", "nan"], "finite distance"),
-    (["predict", "{bundle}", "{data}", "--store", "{tmp}", "--top-k", "0"], "--top-k must be ≥ 1"),
-    (["bench", "{bundle}", "--repeat", "0"], "--repeat must be ≥ 1"),
+    (["predict", "{bundle}", "{data}", "--store", "{tmp}", "--top-k", "0"], "'--top-k': 0 is not in the range x>=1"),
+    (["bench", "{bundle}", "--repeat", "0"], "'--repeat': 0 is not in the range x>=1"),
     (["bench", "{bundle}", "--json", "{tmp}/missing/out.json"], "does not exist"),
+    (["predict", "{bundle}", "{data}", "--store", "{tmp}", "--variant", "int4"], "'int4' is not one of 'fp32', 'fp16', 'int8', 'auto'"),
+    (["predict", "{bundle}", "{data}", "--store", "{tmp}", "--head", "knn"], "'knn' is not one of 'prototype', 'ridge'"),
+    (["predict", "{bundle}", "{data}", "--store", "{tmp}", "--backend", "tflite"], "backend must be auto or one of"),
+    (["predict", "{bundle}", "{data}", "--store", "{tmp}", "--no-such-option"], "No such option '--no-such-option'"),
     (["export", "{onnx}", "--onnx", "--input-size", "28", "--mean", "half", "--out", "{tmp}/b"], "comma-separated numbers"),
     (["export", "{onnx}", "--onnx", "--input-size", "28", "--out", "{tmp}/b"], "batch size is fixed"),
 ])

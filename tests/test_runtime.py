@@ -322,14 +322,72 @@ def test_backends_by_name_and_onnxruntime_providers_by_short_name(tmp_path):
     from conftest import TINY_BUNDLE
     from edgemeta.runtime.backends import parse_backend
     from edgemeta.runtime.errors import ConfigError
-    assert parse_backend("auto") == ("auto", "auto")
+    assert parse_backend("auto") == ("auto", None)
     assert parse_backend("onnxruntime:openvino") == ("onnxruntime", ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(ConfigError, match="unknown ONNX Runtime provider 'tpu'"):
         parse_backend("onnxruntime:tpu")
-    with pytest.raises(ConfigError, match="backend must be one of"):
+    with pytest.raises(ConfigError, match="backend must be auto or one of onnxruntime:PROVIDER.*, tensorrt, not 'tflite'"):
         parse_backend("tflite")
+    with pytest.raises(ConfigError, match="backend must be auto or one of"):
+        parse_backend("tensorrt:fast")  # tensorrt takes no options
     bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "b")
     clf = FewShotClassifier.load(bundle, backend="onnxruntime:cpu")
     assert clf.backend.describe()["providers"] == ["CPUExecutionProvider"] and clf.backend.on_gpu is False
     with pytest.raises(ConfigError, match="OpenVINOExecutionProvider not available here"):
         FewShotClassifier.load(bundle, backend="onnxruntime:openvino")
+
+
+def test_a_backend_is_one_registration_and_every_entry_point_reaches_it(tmp_path, tagalog):
+    """A new backend registered the way runtime/backends/*.py register theirs is a `--backend`
+    choice of the CLI, is what `auto` picks by its rank, and serves the classifier; the registry
+    refuses a name twice and options without their parser."""
+    import shutil
+
+    from conftest import TINY_BUNDLE
+    from edgemeta.runtime.backends import Backend, backend_names, open_backend
+    from edgemeta.runtime.backends.onnxruntime import open_onnxruntime
+    from edgemeta.runtime.backends.registry import BACKEND_KINDS, BackendKind, BackendUnavailable, register_backend
+    from edgemeta.runtime.bundle import load_bundle
+
+    class Counting(Backend):
+        name = "counting"
+
+        def __init__(self, inner):
+            super().__init__(inner.spec, inner.embedding_dim)
+            self.inner, self.calls = inner, 0
+
+        def _run(self, batch):
+            self.calls += 1
+            return self.inner._run(batch)
+
+    wanted = {"on": False}
+
+    def open_counting(bundle, request):
+        if not wanted["on"]:
+            raise BackendUnavailable("counting is switched off")
+        return Counting(open_onnxruntime(bundle, request))
+
+    bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "b")
+    register_backend(BackendKind("counting", open_counting, "counts calls", auto_rank=-1))
+    try:
+        assert backend_names() == ("auto", "onnxruntime", "tensorrt", "counting")
+        with pytest.raises(ValueError, match="taken"):
+            register_backend(BackendKind("counting", open_counting, "twice"))
+        with pytest.raises(ValueError, match="options and parse_options go together"):
+            register_backend(BackendKind("other", open_counting, "x", options="MODE"))
+        with pytest.warns(RuntimeWarning, match="counting is switched off. Falling back to onnxruntime"):
+            assert open_backend(load_bundle(bundle), "auto").name == "onnxruntime"
+        wanted["on"] = True
+        assert isinstance(open_backend(load_bundle(bundle), "auto"), Counting)  # rank -1: before TensorRT and ONNX Runtime
+        clf = FewShotClassifier.load(bundle, store=tmp_path / "s", backend="counting")
+        clf.enroll("a", tagalog[sorted(tagalog)[0]][:2])
+        assert clf.backend.calls == 1 and clf.backend.graph == "fp32"
+        files = [tmp_path / "q.png"]
+        files[0].write_bytes(tagalog[sorted(tagalog)[0]][2])
+        result = run_cli("predict", bundle, "--store", tmp_path / "s", "--backend", "counting", "--json", *files)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)[0]["label"] == "a"
+    finally:
+        BACKEND_KINDS.pop("counting")
+    result = run_cli("predict", bundle, "--store", tmp_path / "s", "--backend", "counting", *files)
+    assert result.exit_code == 2 and "backend must be auto or one of" in result.output

@@ -475,6 +475,8 @@ def test_a_frozen_classifier_gets_an_engine_with_both_outputs(fakes, tiny_bundle
     from edgemeta.export import EngineOptions, add_engine
     from edgemeta.export.freeze import freeze
     from edgemeta.runtime import FewShotClassifier
+    from edgemeta.runtime.backends import OnnxRuntimeBackend
+    from edgemeta.runtime.backends.tensorrt import TensorRTBackend
     from edgemeta.runtime.frozen import FrozenClassifier
     clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s")
     for c in sorted(tagalog)[:3]:
@@ -488,16 +490,16 @@ def test_a_frozen_classifier_gets_an_engine_with_both_outputs(fakes, tiny_bundle
     device = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "sm_count": 16,
               "dla_cores": 0, "l4t": None}
     frozen = FrozenClassifier.load(tmp_path / "f", backend="tensorrt", device=device)
-    assert frozen.engine is not None and frozen.engine.engine_path.name == record["file"]
+    assert isinstance(frozen.backend, TensorRTBackend) and frozen.backend.engine_path.name == record["file"]
     x = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
     probs, dist = frozen.run(x)
     assert probs.shape == (5, 3) and dist.shape == (5,)
     np.testing.assert_allclose(dist, x.reshape(5, -1).mean(1), rtol=1e-5)  # what the fake engine returns
     # ONNX Runtime when asked, and when auto finds no engine for this device
-    assert FrozenClassifier.load(tmp_path / "f", backend="onnxruntime").engine is None
+    assert isinstance(FrozenClassifier.load(tmp_path / "f", backend="onnxruntime").backend, OnnxRuntimeBackend)
     with pytest.warns(RuntimeWarning, match="no TensorRT engine of this frozen classifier runs here"):
         other = {**device, "compute_capability": "8.9", "gpu_name": "RTX"}
-        assert FrozenClassifier.load(tmp_path / "f", device=other).engine is None
+        assert isinstance(FrozenClassifier.load(tmp_path / "f", device=other).backend, OnnxRuntimeBackend)
 
 
 def test_dla_layers_are_counted_from_either_inspector_shape(fakes, tiny_bundle, tmp_path):

@@ -9,6 +9,8 @@ import typer
 from rich.table import Table
 
 from edgemeta.cli.common import command, console
+from edgemeta.cli.options import BackendOption, VariantOption
+from edgemeta.runtime.heads import head_names
 
 
 def _ints(text: str) -> list[int]:
@@ -46,14 +48,14 @@ def gather_images(source: Optional[Path], spec, count: int = 64) -> list[bytes]:
 @command()
 def bench(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
-    backend: str = typer.Option("auto", help="auto | onnxruntime | tensorrt"),
-    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 | auto (the fastest on this machine, measured once, never slower than fp32)."),
+    backend: BackendOption = "auto",
+    variant: VariantOption = "fp32",
     way: str = typer.Option("5", help="Ways, comma-separated."),
     shot: str = typer.Option("1,5", help="Shots, comma-separated."),
     steps: str = typer.Option("1,10,50", help="Logistic head SGD step counts."),
-    head: str = typer.Option("all", help="all, or heads comma-separated: prototype, ridge, logistic, mahalanobis."),
+    head: str = typer.Option("all", help=f"all, or heads comma-separated: {', '.join(head_names())}."),
     batch: str = typer.Option("1,8,32", help="Embedding batch sizes."),
-    repeat: int = typer.Option(50, help="Timed repeats per measurement (after warm-up)."),
+    repeat: int = typer.Option(50, min=1, help="Timed repeats per measurement (after warm-up)."),
     images: Optional[Path] = typer.Option(None, help="Folder or .zip of real images to decode (default: synthetic PNGs)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON here."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG plot here."),

@@ -9,15 +9,41 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
 from edgemeta.runtime.errors import EdgemetaError
-from edgemeta.runtime.heads import head_names
 
-HEADS_HELP = " | ".join(head_names())  # the registered device heads (runtime.heads.register_head)
 
-app = typer.Typer(help="edgemeta: few-shot image classification from meta-training to an edge device.",
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """A mistyped command line (an unknown option, a value outside its choices or range) ends the
+    way every other user error does: one red `error:` line and exit status 2, not a usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        import click
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        except click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            import re  # typer and click both append "Did you mean …?": say it once
+            say_error(re.sub(r"( Did you mean [^?]*\?)\1", r"\1", exc.format_message()) + where)
+            raise SystemExit(2) from None
+        except click.ClickException as exc:
+            say_error(exc.format_message())
+            raise SystemExit(exc.exit_code) from None
+        except click.Abort:
+            say_error("aborted")
+            raise SystemExit(1) from None
+        raise SystemExit(code if isinstance(code, int) else 0)  # commands return None; an exit code otherwise
+
+
+app = typer.Typer(cls=OneLineUsageErrors, help="edgemeta: few-shot image classification from meta-training to an edge device.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
@@ -30,10 +56,15 @@ def require_training_extra() -> None:
     require("torch", "safetensors", "onnx", purpose="this command")
 
 
-def fail(message: str) -> None:
-    """One red `error:` line on stderr (control characters shown escaped), then exit status 2."""
+def say_error(message: str) -> None:
+    """One red `error:` line on stderr (control characters shown escaped)."""
     printable = "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in message)
     err_console.print(f"[bold red]error:[/] {escape(printable)}", highlight=False)
+
+
+def fail(message: str) -> None:
+    """One red `error:` line on stderr, then exit status 2."""
+    say_error(message)
     raise typer.Exit(2)
 
 
@@ -56,7 +87,7 @@ def command_of(group: typer.Typer, *args, **kwargs):
         @functools.wraps(fn)
         def wrapper(*a, **kw):
             try:
-                return fn(*a, **kw)
+                fn(*a, **kw)  # a command's result is what it prints; the exit status says how it ended
             except EdgemetaError as exc:
                 fail(str(exc))
             except OSError as exc:

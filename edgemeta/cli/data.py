@@ -4,9 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 from edgemeta.cli.common import RichProgress, app, command_of, console, err_console
+from edgemeta.data.catalog import CATALOG
 
 data_app = typer.Typer(help="Datasets by name: list them, fetch (resumable, verified), verify, print their paths.",
                        no_args_is_help=True)
@@ -37,7 +39,7 @@ def data_list(root: Optional[Path] = typer.Option(None, help=ROOT_HELP)):
 
 @command_of(data_app, "fetch")
 def data_fetch(
-    name: str = typer.Argument(..., help="omniglot | cifar-fs | tiny-imagenet"),
+    name: str = typer.Argument(..., click_type=click.Choice(tuple(CATALOG)), help="The dataset."),
     root: Optional[Path] = typer.Option(None, help=ROOT_HELP),
     from_file: Optional[list[Path]] = typer.Option(None, "--from", help="Use this file you downloaded yourself (verified first); repeatable."),
     mirror: Optional[list[str]] = typer.Option(None, help="Base URL holding the files under their official names, tried first; repeatable (also EDGEMETA_DATA_MIRRORS)."),
@@ -54,7 +56,7 @@ def data_fetch(
 
 
 @command_of(data_app, "verify")
-def data_verify(name: str = typer.Argument(..., help="omniglot | cifar-fs | tiny-imagenet"),
+def data_verify(name: str = typer.Argument(..., click_type=click.Choice(tuple(CATALOG)), help="The dataset."),
                 root: Optional[Path] = typer.Option(None, help=ROOT_HELP)):
     """Check every file of a fetched dataset against its pinned checksums and the sha256 recorded when it was fetched."""
     from edgemeta.data.catalog import parse_name

@@ -8,10 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgemeta.cli.common import HEADS_HELP, command, console, parse_unknown, print_json
-
-BACKEND_HELP = ("auto (TensorRT engine if one matches this device, else ONNX Runtime) | onnxruntime | tensorrt | "
-                "onnxruntime:PROVIDER[,…] (tensorrt, cuda, openvino, coreml, dml, rocm, cpu)")
+from edgemeta.cli.common import command, console, parse_unknown, print_json
+from edgemeta.cli.options import BackendOption, HeadOption, PrecisionOption, TopKOption, VariantOption
 
 
 def _open(bundle: Path, store: Path, head: Optional[str], backend: str, variant: str, reembed: bool = False):
@@ -45,9 +43,9 @@ def enroll(
     from_folder: Optional[Path] = typer.Option(None, help="Enroll every subfolder of this folder as a class."),
     add: bool = typer.Option(False, "--add", help="Add shots to a class that is already enrolled."),
     replace: bool = typer.Option(False, "--replace", help="Replace the shots of a class that is already enrolled."),
-    head: Optional[str] = typer.Option(None, help=f"{HEADS_HELP} (default: the bundle's)."),
-    backend: str = typer.Option("auto", help=BACKEND_HELP),
-    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 | auto (the fastest on this machine, never slower than fp32)."),
+    head: HeadOption = None,
+    backend: BackendOption = "auto",
+    variant: VariantOption = "fp32",
     reembed: bool = typer.Option(False, help="The store was made with another bundle: re-embed its kept images with this one."),
 ):
     """Enroll a class from a few images (or every class of a folder). The store is saved atomically.
@@ -78,19 +76,17 @@ def predict(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     images: list[Path] = typer.Argument(..., help="Images to classify."),
     store: Optional[Path] = typer.Option(None, help="Enrollment store folder (not for a frozen classifier from `edgemeta freeze`)."),
-    top_k: int = typer.Option(1, help="Show the K most likely classes."),
+    top_k: TopKOption = 1,
     unknown: Optional[str] = typer.Option(None, help="'auto' (calibrated on the support set) or a distance: farther images are 'unknown'."),
-    head: Optional[str] = typer.Option(None, help=f"{HEADS_HELP} (default: the store's)."),
-    backend: str = typer.Option("auto", help=BACKEND_HELP),
-    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 | auto (the fastest on this machine, measured once, never slower than fp32)."),
+    head: HeadOption = None,
+    backend: BackendOption = "auto",
+    variant: VariantOption = "fp32",
     reembed: bool = typer.Option(False, help="The store was made with another bundle: re-embed its kept images with this one."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image, as a list."),
 ):
     """Classify images against the enrolled classes. Example: edgemeta predict bundle --store enrolled photo.jpg --top-k 3"""
     from edgemeta.runtime.errors import ConfigError, StoreError
     reject = parse_unknown(unknown)
-    if top_k < 1:
-        raise ConfigError(f"--top-k must be ≥ 1, not {top_k}")
     from edgemeta.runtime.frozen import FrozenClassifier, is_frozen
     if is_frozen(bundle):
         if store is not None or head is not None:
@@ -159,7 +155,7 @@ def classes(
 @command("build-engine")
 def build_engine(
     bundle: Path = typer.Argument(..., help="Bundle folder from `edgemeta export`: the engine is added to it."),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 (built from that ONNX variant of the bundle)."),
+    precision: PrecisionOption = "fp32",
     batch: str = typer.Option("1:8:64", help="Batch profile MIN:OPT:MAX (MAX ≥ 64 covers every batch edgemeta sends)."),
     workspace_mb: int = typer.Option(1024, help="Builder workspace limit in MiB."),
     dla: Optional[int] = typer.Option(None, help="DLA core (Jetson Orin), GPU fallback on."),

@@ -5,10 +5,13 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.table import Table
 
 from edgemeta.cli.common import command, console, print_json
+from edgemeta.runtime.bundle import VARIANTS
+from edgemeta.runtime.preprocess import COLOUR_MODES
 
 
 @command()
@@ -17,7 +20,7 @@ def export(
     out: Optional[Path] = typer.Option(None, help="Bundle folder to create (default: SOURCE name + '.bundle')."),
     onnx: bool = typer.Option(False, "--onnx", help="SOURCE is your own ONNX embedding model: wrap it into a bundle."),
     input_size: Optional[int] = typer.Option(None, help="--onnx: square input size in pixels."),
-    colour: str = typer.Option("L", help="--onnx: L | RGB"),
+    colour: str = typer.Option("L", click_type=click.Choice(tuple(COLOUR_MODES)), help="--onnx: the model's input."),
     mean: Optional[str] = typer.Option(None, help="--onnx: per-channel mean on the [0,1] scale, e.g. 0.485,0.456,0.406 (must already be in the graph's expectations)."),
     std: Optional[str] = typer.Option(None, help="--onnx: per-channel std on the [0,1] scale."),
     l2_normalize: bool = typer.Option(False, help="L2-normalise embeddings inside the graph (the head then uses cosine)."),
@@ -111,7 +114,7 @@ def freeze(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     store: Path = typer.Option(..., help="Enrollment store whose classes and fitted head go into the graph."),
     out: Path = typer.Option(..., help="Folder to write: classifier.onnx, labels.txt, manifest, Triton and DeepStream configs."),
-    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16: the ONNX variant the frozen graph is built from."),
+    variant: str = typer.Option("fp32", click_type=click.Choice(VARIANTS), help="The ONNX variant the frozen graph is built from."),
     overwrite: bool = typer.Option(False, help="Replace an existing frozen classifier."),
 ):
     """Freeze backbone + fitted head into one ONNX graph (probabilities and nearest-class distance) for

@@ -4,9 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 from edgemeta.cli.common import app, command_of, console
+from edgemeta.runtime.gallery import CONFLICTS
 
 gallery_app = typer.Typer(help="Move enrolled classes between devices: export a store to one file, import it elsewhere.",
                           no_args_is_help=True)
@@ -35,7 +37,7 @@ def gallery_import(
     store: Path = typer.Option(..., help="Enrollment store folder (created if missing)."),
     bundle: Optional[Path] = typer.Option(None, help="The store's bundle: needed to re-embed a gallery made for another model."),
     replace: bool = typer.Option(False, "--replace", help="The store's classes become the gallery's (default: merge)."),
-    on_conflict: str = typer.Option("error", help="A label in both: skip | add | replace | error."),
+    on_conflict: str = typer.Option("error", click_type=click.Choice(CONFLICTS), help="A label in both."),
 ):
     """Apply a gallery to a store in one atomic save; a gallery for another model is re-embedded
     from its images with --bundle, or refused."""

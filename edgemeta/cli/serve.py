@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from edgemeta.cli.common import HEADS_HELP, command, err_console
-from edgemeta.cli.device import BACKEND_HELP
+from edgemeta.cli.common import command, err_console
+from edgemeta.cli.options import BackendOption, HeadOption, VariantOption
 
 
 @command()
@@ -16,9 +16,9 @@ def serve(
     store: Path = typer.Option(..., help="Enrollment store folder (created at the first enrollment)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on. Any other than localhost needs --api-key-file or --insecure."),
     port: int = typer.Option(8050, help="TCP port."),
-    head: Optional[str] = typer.Option(None, help=f"{HEADS_HELP} (default: the store's, else the bundle's)."),
-    backend: str = typer.Option("auto", help=BACKEND_HELP),
-    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 | auto (the fastest on this machine, measured once, never slower than fp32)."),
+    head: HeadOption = None,
+    backend: BackendOption = "auto",
+    variant: VariantOption = "fp32",
     api_key_file: Optional[Path] = typer.Option(None, help="File whose first line is the key clients send as x-api-key (mode 600)."),
     insecure: bool = typer.Option(False, "--insecure", help="Serve on a non-localhost address without a key."),
     max_batch: int = typer.Option(32, help="Images per backend call when requests arrive together; 1 turns batching off."),

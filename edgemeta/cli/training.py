@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.table import Table
 
-from edgemeta.cli.common import HEADS_HELP, RichProgress, command, console, print_json, require_training_extra
+from edgemeta.cli.common import RichProgress, command, console, print_json, require_training_extra
+from edgemeta.data.splits import SPLIT_MODES, SPLITS
+from edgemeta.runtime.bundle import VARIANTS
+from edgemeta.runtime.heads import head_names
 
 
 def _train(config: Optional[Path] = None, resume: bool = False, quiet: bool = False, **settings):
@@ -61,20 +65,20 @@ train = command("train")(_train)
 def evaluate(
     checkpoint: Optional[Path] = typer.Argument(None, help="A checkpoint (.safetensors) from `edgemeta train`."),
     bundle: Optional[Path] = typer.Option(None, help="Evaluate a bundle through the deployed path (ONNX Runtime + NumPy head) instead."),
-    variant: str = typer.Option("fp32", help="With --bundle: fp32 | int8 | fp16."),
+    variant: str = typer.Option("fp32", click_type=click.Choice(VARIANTS), help="With --bundle: the bundle's graph."),
     data: Optional[list[Path]] = typer.Option(None, help="Folder or .zip of images; default: the data the checkpoint trained on."),
-    split: str = typer.Option("test", help="train | val | test | all (classes of the checkpoint's split)."),
-    split_mode: Optional[str] = typer.Option(None, help="Override the split mode (auto | alphabets | seeded)."),
+    split: str = typer.Option("test", click_type=click.Choice(SPLITS), help="Classes of the checkpoint's split."),
+    split_mode: Optional[str] = typer.Option(None, click_type=click.Choice(SPLIT_MODES), help="Override the split mode."),
     split_file: Optional[Path] = typer.Option(None, help="JSON naming the train/val/test groups (default: the checkpoint's)."),
-    way: int = typer.Option(5, help="Classes per episode."),
-    shot: int = typer.Option(1, help="Support images per class."),
-    query: int = typer.Option(15, help="Query images per class."),
-    episodes: int = typer.Option(1000, help="Number of episodes; fixed by --seed so models compare on the same tasks."),
+    way: int = typer.Option(5, min=2, help="Classes per episode."),
+    shot: int = typer.Option(1, min=1, help="Support images per class."),
+    query: int = typer.Option(15, min=1, help="Query images per class."),
+    episodes: int = typer.Option(1000, min=1, help="Number of episodes; fixed by --seed so models compare on the same tasks."),
     seed: int = typer.Option(0, help="Episode seed."),
-    head: str = typer.Option("default", help=f"default (the checkpoint's) | {HEADS_HELP}"),
+    head: str = typer.Option("default", click_type=click.Choice(("default", *head_names())), help="default: the checkpoint's."),
     center: bool = typer.Option(False, help="Checkpoint: CL2N features (centred on the training classes' mean, L2-normalised)."),
     flip_shots: Optional[bool] = typer.Option(None, help="Average each support image with its mirror (default: the head's setting)."),
-    image_size: Optional[int] = typer.Option(None, help="Checkpoint: evaluate at this square input size (globally pooled backbones)."),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Checkpoint: evaluate at this square input size (globally pooled backbones)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Few-shot accuracy ± 95% CI on classes never trained on, from a checkpoint (torch) or a bundle (deployed path)."""

@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
-from edgemeta.cli.common import HEADS_HELP, command, console, err_console, parse_unknown, writable_target
+from edgemeta.cli.common import command, console, err_console, parse_unknown, writable_target
+from edgemeta.cli.options import BackendOption, HeadOption, TopKOption, VariantOption
 
 SOURCE_HELP = ("/dev/video0 | v4l2:///dev/video0 | csi://0 (Jetson CSI camera) | clip.mp4 | file://… | rtsp://… | "
                "a folder of images | a GStreamer pipeline ending in appsink")
@@ -21,22 +23,22 @@ def watch(
     store: Path = typer.Option(..., help="Enrollment store folder."),
     source: str = typer.Option(..., help=SOURCE_HELP),
     jsonl: Optional[Path] = typer.Option(None, help="Write one JSON line per classified frame here (default: stdout)."),
-    every: int = typer.Option(1, help="Classify every Nth frame."),
-    smooth: int = typer.Option(1, help="Show the most frequent label of the last K frames (1: no smoothing)."),
-    top_k: int = typer.Option(1, help="The K most likely classes per frame."),
+    every: int = typer.Option(1, min=1, help="Classify every Nth frame."),
+    smooth: int = typer.Option(1, min=1, help="Show the most frequent label of the last K frames (1: no smoothing)."),
+    top_k: TopKOption = 1,
     unknown: Optional[str] = typer.Option(None, help="'auto' or a distance: farther frames are 'unknown'."),
-    max_frames: Optional[int] = typer.Option(None, help="Stop after classifying this many frames."),
-    duration: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
+    max_frames: Optional[int] = typer.Option(None, min=1, help="Stop after classifying this many frames."),
+    duration: Optional[float] = typer.Option(None, click_type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds."),
     capture_size: Optional[str] = typer.Option(None, help="Ask a camera (V4L2, CSI) for WIDTHxHEIGHT frames, e.g. 640x480."),
     realtime: Optional[bool] = typer.Option(None, help="Drop frames when the model is slower than the source (default: for cameras and streams)."),
     enroll: Optional[str] = typer.Option(None, help="Enroll a class of this name from the source instead of classifying."),
-    shots: int = typer.Option(5, help="--enroll: frames to capture."),
-    spacing: int = typer.Option(5, help="--enroll: take every Sth frame (near-duplicates are skipped)."),
+    shots: int = typer.Option(5, min=1, help="--enroll: frames to capture."),
+    spacing: int = typer.Option(5, min=1, help="--enroll: take every Sth frame (near-duplicates are skipped)."),
     add: bool = typer.Option(False, "--add", help="--enroll: add shots to a class that is already enrolled."),
     then_watch: bool = typer.Option(False, help="--enroll: go on classifying after enrolling."),
-    head: Optional[str] = typer.Option(None, help=f"{HEADS_HELP} (default: the store's)."),
-    backend: str = typer.Option("auto", help="auto | onnxruntime | tensorrt"),
-    variant: str = typer.Option("fp32", help="fp32 | int8 | fp16 | auto (the fastest on this machine, measured once, never slower than fp32)."),
+    head: HeadOption = None,
+    backend: BackendOption = "auto",
+    variant: VariantOption = "fp32",
 ):
     """Classify a live source frame by frame (one JSON line per frame), or enroll a class from it.
 
@@ -49,14 +51,6 @@ def watch(
     from edgemeta.runtime.watch import enroll_from_source
     from edgemeta.runtime.watch import watch as run_watch
     reject = parse_unknown(unknown)
-    for name, value in (("--every", every), ("--smooth", smooth), ("--top-k", top_k), ("--shots", shots),
-                        ("--spacing", spacing)):
-        if value < 1:
-            raise ConfigError(f"{name} must be ≥ 1, got {value}")
-    if max_frames is not None and max_frames < 1:
-        raise ConfigError(f"--max-frames must be ≥ 1, got {max_frames}")
-    if duration is not None and not duration > 0:
-        raise ConfigError(f"--duration must be > 0 seconds, got {duration}")
     writable_target(jsonl, "--jsonl", (bundle, store, Path(source) if Path(source).exists() else None), kind="jsonl")
     size = None
     if capture_size is not None:

@@ -45,6 +45,12 @@ class Backend(ABC):
             out[i:i + batch_size] = self.embed(pixels_to_batch(pixels[i:i + batch_size]))
         return out
 
+    def run_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every named output of one call, for a backend opened with `outputs` (a frozen classifier's
+        probabilities [N, C] and distance [N])."""
+        from ..errors import BundleError
+        raise BundleError(f"the {self.name} backend runs single-output graphs only")
+
     @property
     def on_gpu(self) -> bool:
         """Whether the network runs on an accelerator (batching then pays: a call of 16 costs little

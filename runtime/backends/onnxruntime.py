@@ -9,8 +9,14 @@ import numpy as np
 from ..errors import BundleError, ConfigError
 from ..preprocess import InputSpec
 from .base import MAX_BATCH, Backend
+from .registry import BackendKind, BackendRequest, register_backend
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# `--backend onnxruntime:SHORT[,SHORT…]`: e.g. onnxruntime:openvino on an Intel machine with
+# onnxruntime-openvino installed (any provider's full name works too)
+PROVIDER_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
+                  "openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider",
+                  "dml": "DmlExecutionProvider", "rocm": "ROCMExecutionProvider", "cpu": "CPUExecutionProvider"}
 GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
                            "DmlExecutionProvider", "MIGraphXExecutionProvider"})
 
@@ -111,9 +117,11 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, model_path: str | Path, spec: InputSpec, embedding_dim: int, providers: str | list[str] = "auto",
-                 threads: int | None = None, trt_options: dict | None = None):
+                 threads: int | None = None, trt_options: dict | None = None, outputs: dict[str, int] | None = None):
+        """outputs: the graph's named outputs and their widths where it has several (a frozen
+        classifier's probabilities [N, C] and distance [N]); the first is what embed returns."""
         import onnxruntime as ort
-        super().__init__(spec, embedding_dim)
+        super().__init__(spec, embedding_dim if outputs is None else next(iter(outputs.values())))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -138,16 +146,23 @@ class OnnxRuntimeBackend(Backend):
                 raise BundleError(f"ONNX Runtime cannot load {model_path}: {exc2}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.model_path = Path(model_path)
-        check_graph_io(self.session, spec, embedding_dim, self.model_path)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if outputs is not None:
+            if self.output_names[:len(outputs)] != list(outputs):
+                raise BundleError(f"{self.model_path} returns {self.output_names}, not {list(outputs)}; re-freeze it")
+            self.output_names = list(outputs)
+        else:
+            self.output_names = self.output_names[:1]
+        check_graph_io(self.session, spec, self.embedding_dim, self.model_path)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
 
-    def run_outputs(self, batch: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Several named outputs of one call (a frozen classifier's probabilities and distance), as
-        the TensorRT backend's run_outputs gives them."""
-        values = self.session.run(list(names), {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
-        return dict(zip(names, values))
+    def run_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every named output of one call (a frozen classifier's probabilities and distance), as the
+        TensorRT backend's run_outputs gives them."""
+        values = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return dict(zip(self.output_names, values))
 
     @property
     def on_gpu(self) -> bool:
@@ -157,3 +172,33 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
         return {"backend": self.name, "model": self.model_path.name, "providers": self.session.get_providers(),
                 "onnxruntime_version": ort.__version__}
+
+
+def parse_providers(listed: str) -> list[str]:
+    """'openvino,cpu' → ONNX Runtime provider names (short names or full ones), the CPU added last."""
+    providers = []
+    for short in listed.split(","):
+        full = PROVIDER_NAMES.get(short.strip().lower(), short.strip())
+        if not full.endswith("ExecutionProvider"):
+            raise ConfigError(f"unknown ONNX Runtime provider {short!r}; known: {', '.join(PROVIDER_NAMES)}")
+        providers.append(full)
+    if "CPUExecutionProvider" not in providers:
+        providers.append("CPUExecutionProvider")  # the provider every graph can fall back to
+    return providers
+
+
+def open_onnxruntime(bundle, request: BackendRequest) -> OnnxRuntimeBackend:
+    """The bundle's graph for the variant on ONNX Runtime; on a CPU-only provider list the variant's
+    CPU graph where it has one (the U8S8 INT8 graph)."""
+    providers = request.options if request.options is not None else request.providers
+    on_cpu = choose_providers(providers) == ["CPUExecutionProvider"]
+    path = bundle.variant_path(request.variant, cpu=on_cpu)
+    backend = OnnxRuntimeBackend(path, bundle.spec, bundle.embedding_dim, providers, request.threads,
+                                 trt_options=tensorrt_ep_options(bundle, request.variant), outputs=request.outputs)
+    backend.graph = f"{request.variant}-cpu" if path != bundle.variant_path(request.variant) else request.variant
+    return backend
+
+
+register_backend(BackendKind(
+    "onnxruntime", open_onnxruntime, "ONNX Runtime with the best available provider (TensorRT EP, CUDA, CPU)",
+    auto_rank=100, options=f"PROVIDER[,…] ({', '.join(PROVIDER_NAMES)})", parse_options=parse_providers))

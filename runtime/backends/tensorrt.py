@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import extras
-from ..errors import BundleError
+from ..errors import BundleError, DependencyError
 from ..preprocess import InputSpec
 from .base import Backend
+from .registry import BackendKind, BackendRequest, BackendUnavailable, register_backend
 
 
 def plan_chunks(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
@@ -166,3 +167,41 @@ class TensorRTBackend(Backend):
         import tensorrt as trt
         return {"backend": self.name, "engine": self.engine_path.name, "tensorrt_version": trt.__version__,
                 "precision": self.precision, "dla_core": self.dla_core, "profile": [self.min_batch, self.max_batch]}
+
+
+def matching_engine(bundle, device: dict | None = None, precision: str | None = None) -> tuple[dict | None, list[str]]:
+    """The first engine record valid on this device (optionally of one precision), and the reasons
+    the others are not."""
+    from ..device_info import device_identity, engine_mismatches
+    device = device if device is not None else device_identity()
+    reasons = []
+    for engine in bundle.engines:
+        if precision and engine["precision"] != precision:
+            continue
+        why = engine_mismatches(engine, device)
+        if not why:
+            return engine, []
+        reasons.append(f"{engine['file']}: {'; '.join(why)}")
+    return None, reasons
+
+
+def open_tensorrt(bundle, request: BackendRequest) -> TensorRTBackend:
+    """The bundle's engine of the variant's precision that matches this device (an fp16 engine never
+    serves fp32). Unavailable, quietly for `auto`, where the bundle has no engine at all."""
+    from ..device_info import rebuild_hint
+    subject = request.subject or f"{request.variant} TensorRT engine in this bundle runs on this device"
+    engine, reasons = matching_engine(bundle, request.device, precision=request.variant)
+    if engine is not None:
+        dim = sum(request.outputs.values()) if request.outputs else bundle.embedding_dim
+        try:
+            return TensorRTBackend(bundle.path / engine["file"], bundle.spec, dim, dla_core=engine.get("dla_core"),
+                                   precision=engine["precision"], named_outputs=request.outputs)
+        except (BundleError, DependencyError, MemoryError) as exc:
+            raise BackendUnavailable(f"no {subject}: {engine['file']} matches but did not load: {exc}; "
+                                     f"{rebuild_hint(bundle.path)}", cause=exc) from None
+    raise BackendUnavailable(f"no {subject}: {' | '.join(reasons) or 'the bundle has none'}; {rebuild_hint(bundle.path)}",
+                             quiet=not bundle.engines)
+
+
+register_backend(BackendKind("tensorrt", open_tensorrt, "a TensorRT engine of the bundle built on this device "
+                             "(`edgemeta build-engine`)", auto_rank=0))

@@ -59,8 +59,8 @@ class Service:
         self.clf, self.settings = clf, settings
         self.metrics = ServiceMetrics()
         window_ms = settings.batch_window_ms if settings.batch_window_ms is not None else default_window_ms(clf.backend)
-        self.batcher = BatchingBackend(clf.backend, settings.max_batch, window_ms / 1e3, on_batch=self.metrics.record_batch)
-        clf.backend = self.batcher
+        self.batcher = clf.wrap_backend(lambda inner: BatchingBackend(inner, settings.max_batch, window_ms / 1e3,
+                                                                      on_batch=self.metrics.record_batch))
         clf.decode_budget = self.decode_budget = DecodeBudget(settings.decode_budget_pixels)
         self.ready = False
         self.started = time.time()
