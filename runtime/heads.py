@@ -206,44 +206,50 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
         weight, bias = imprinted_init(class_means(support, labels, n_way))
     dtype = support.dtype
     n, d = support.shape
-    # The bias rides as one more weight column against a column of ones, and the mean's 1/n is folded
-    # into the step size (the update is linear in the gradient): a step is 12 NumPy calls writing into
-    # buffers made once, here, before the first step. At few-shot sizes a step is bound by NumPy's
-    # per-call overhead, not by arithmetic.
+    # At few-shot sizes a step is bound by NumPy's per-call overhead, not by arithmetic, so a step is
+    # 8 NumPy calls (9 with weight decay) writing into buffers made once, here:
+    # - the bias rides as one more weight column against a column of ones, and the gradient's
+    #   matmul runs against x·(lr/n), so it gives the step itself (the mean's 1/n and the step size
+    #   folded in: the update is linear in the gradient);
+    # - the gradient of the cross-entropy is Pᵀx − Yᵀx (P the softmax, Y the one-hot labels), and
+    #   Yᵀx is constant;
+    # - heavy-ball momentum as the last step taken, D' = m·D − step, w' = w + D': with w, D, Pᵀx
+    #   and Yᵀx stacked in one buffer, one 2×4 matmul makes the next w and D at once.
+    # The same arithmetic as torch.optim.SGD(momentum=m, weight_decay=λ) on the mean loss.
     x = np.ones((n, d + 1), dtype)
     x[:, :d] = support
-    w = np.empty((n_way, d + 1), dtype)
-    w[:, :d], w[:, d] = weight, bias
-    y = one_hot(labels, n_way, dtype)
-    rate = dtype.type(lr / n)
+    x_step = x * dtype.type(lr / n)
+    slots = 5 if weight_decay else 4       # w, D, Pᵀx·lr/n, Yᵀx·lr/n[, decay ⊙ w]
+    state, nxt = np.zeros((slots, n_way, d + 1), dtype), np.zeros((slots, n_way, d + 1), dtype)
+    state[0, :, :d], state[0, :, d] = weight, bias
+    np.matmul(one_hot(labels, n_way, dtype).T, x_step, out=state[3])
+    nxt[3] = state[3]
+    mix = np.array([[1, momentum, -1, 1, -lr / n], [0, momentum, -1, 1, -lr / n]], dtype)[:, :slots]
     decay = np.full((n_way, d + 1), weight_decay * n, dtype)  # L2 on the weights, not the bias (× n, as the
     decay[:, d] = 0                                            # gradient is); full-size: no broadcast buffering
     logits = np.empty((n, n_way), dtype)
     row = np.empty((n, 1), dtype)
-    grad, step_buf, velocity = np.empty_like(w), np.empty_like(w), np.zeros_like(w)
+    probs_t = logits.T
+    # each buffer's views, made once: (w, wᵀ, the Pᵀx slot, the decay ⊙ w slot, all slots flat, w and D flat)
+    views = [(buf[0], buf[0].T, buf[2], buf[-1], buf.reshape(slots, -1), buf[:2].reshape(2, -1)) for buf in (state, nxt)]
     if on_step is not None:
         on_step(-1)  # set-up done: what follows is the steps alone
     for step in range(steps):
-        np.matmul(x, w.T, out=logits)
+        w, w_t, grad_slot, decay_slot, flat, _ = views[step % 2]
+        np.matmul(x, w_t, out=logits)
         np.max(logits, axis=1, keepdims=True, out=row)
         logits -= row
         np.exp(logits, out=logits)
         np.sum(logits, axis=1, keepdims=True, out=row)
-        logits /= row
-        logits -= y                          # n × the gradient of the mean cross-entropy w.r.t. the logits
-        np.matmul(logits.T, x, out=grad)
+        logits /= row                        # the softmax P
+        np.matmul(probs_t, x_step, out=grad_slot)
         if weight_decay:
-            np.multiply(w, decay, out=step_buf)
-            grad += step_buf
-        if momentum:
-            velocity *= momentum
-            velocity += grad
-            np.multiply(velocity, rate, out=step_buf)
-        else:
-            np.multiply(grad, rate, out=step_buf)
-        w -= step_buf
+            np.multiply(w, decay, out=decay_slot)
+        np.matmul(mix, flat, out=views[1 - step % 2][5])
         if on_step is not None:
             on_step(step)
+    state = (state, nxt)[steps % 2]
+    w = state[0]
     return np.ascontiguousarray(w[:, :d]), w[:, d].copy()
 
 
