@@ -85,6 +85,29 @@ def test_device_commands_import_no_training_side_module(tmp_path):
     assert training_side == []
 
 
+def test_a_device_command_printing_json_imports_neither_rich_nor_package_metadata(tmp_path):
+    """`edgemeta predict … --json` in a per-image loop: rich is imported when a table or an error
+    is printed, and ONNX Runtime's TensorRT options (which read package metadata) only where the
+    TensorRT provider is present."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from conftest import TINY_BUNDLE, run_cli
+    from PIL import Image
+    image = tmp_path / "one.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(image)
+    assert run_cli("enroll", TINY_BUNDLE, image, "--store", tmp_path / "s", "--label", "a").exit_code == 0
+    code = ("import sys; sys.argv = ['edgemeta', 'predict', *sys.argv[1:]]\n"
+            "from edgemeta.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('rich', 'importlib.metadata')))), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, str(TINY_BUNDLE), "--store", str(tmp_path / "s"), "--json", str(image)],
+                          capture_output=True, text=True, check=True)
+    assert '"label": "a"' in done.stdout
+    assert done.stderr.split() == []
+
+
 def test_the_torch_free_modules_of_edgemeta_stay_torch_free():
     """The modules the device CLI and `edgemeta data` import must not import torch, even indirectly."""
     import subprocess

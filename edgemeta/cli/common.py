@@ -10,8 +10,6 @@ from typing import Optional
 
 import typer
 import typer.core
-from rich.console import Console
-from rich.markup import escape
 
 from edgemeta.runtime.errors import EdgemetaError
 
@@ -45,8 +43,28 @@ class OneLineUsageErrors(typer.core.TyperGroup):
 
 app = typer.Typer(cls=OneLineUsageErrors, help="edgemeta: few-shot image classification from meta-training to an edge device.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
+class _Console:
+    """A rich Console made at its first use: a command that prints JSON (or nothing) never imports
+    rich, which a device command run once per image in a shell loop would pay each time."""
+
+    def __init__(self, **options):
+        self._options, self._console = options, None
+
+    def __getattr__(self, name: str):
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+def escape(text: str) -> str:
+    """rich's markup escape, imported when first needed."""
+    from rich.markup import escape as rich_escape
+    return rich_escape(text)
+
+
+console = _Console()
+err_console = _Console(stderr=True, soft_wrap=True)  # one error, one line
 
 
 def require_training_extra() -> None:

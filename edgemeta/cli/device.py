@@ -5,10 +5,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from edgemeta.cli.common import command, console, parse_unknown, print_json
+from edgemeta.cli.common import command, console, escape, parse_unknown, print_json
 from edgemeta.cli.options import BackendOption, HeadOption, PrecisionOption, TopKOption, VariantOption
 
 
@@ -103,6 +101,7 @@ def predict(
     if as_json:
         print_json([{"image": str(p), **r} for p, r in zip(images, rows)], indent=2)
         return
+    from rich.table import Table
     table = Table("image", "label", f"top {top_k}" if top_k > 1 else "probability", "distance")
     for p, r in zip(images, rows):
         tops = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in r["top_k"])
@@ -146,6 +145,7 @@ def classes(
     if as_json:
         print_json({"classes": shots, "head": state.head.to_dict(), "model_sha256": state.model_sha256})
         return
+    from rich.table import Table
     table = Table("class", "shots", title=f"{store} — head {state.head.kind}")
     for k, v in shots.items():
         table.add_row(escape(k), str(v))

@@ -190,11 +190,11 @@ def parse_providers(listed: str) -> list[str]:
 def open_onnxruntime(bundle, request: BackendRequest) -> OnnxRuntimeBackend:
     """The bundle's graph for the variant on ONNX Runtime; on a CPU-only provider list the variant's
     CPU graph where it has one (the U8S8 INT8 graph)."""
-    providers = request.options if request.options is not None else request.providers
-    on_cpu = choose_providers(providers) == ["CPUExecutionProvider"]
-    path = bundle.variant_path(request.variant, cpu=on_cpu)
+    providers = choose_providers(request.options if request.options is not None else request.providers)
+    path = bundle.variant_path(request.variant, cpu=providers == ["CPUExecutionProvider"])
+    trt = tensorrt_ep_options(bundle, request.variant) if "TensorrtExecutionProvider" in providers else None
     backend = OnnxRuntimeBackend(path, bundle.spec, bundle.embedding_dim, providers, request.threads,
-                                 trt_options=tensorrt_ep_options(bundle, request.variant), outputs=request.outputs)
+                                 trt_options=trt, outputs=request.outputs)
     backend.graph = f"{request.variant}-cpu" if path != bundle.variant_path(request.variant) else request.variant
     return backend
 

@@ -190,6 +190,8 @@ def open_tensorrt(bundle, request: BackendRequest) -> TensorRTBackend:
     serves fp32). Unavailable, quietly for `auto`, where the bundle has no engine at all."""
     from ..device_info import rebuild_hint
     subject = request.subject or f"{request.variant} TensorRT engine in this bundle runs on this device"
+    if not bundle.engines:  # before reading the device's identity (cuda-python, package metadata)
+        raise BackendUnavailable(f"no {subject}: the bundle has none; {rebuild_hint(bundle.path)}", quiet=True)
     engine, reasons = matching_engine(bundle, request.device, precision=request.variant)
     if engine is not None:
         dim = sum(request.outputs.values()) if request.outputs else bundle.embedding_dim
@@ -199,8 +201,7 @@ def open_tensorrt(bundle, request: BackendRequest) -> TensorRTBackend:
         except (BundleError, DependencyError, MemoryError) as exc:
             raise BackendUnavailable(f"no {subject}: {engine['file']} matches but did not load: {exc}; "
                                      f"{rebuild_hint(bundle.path)}", cause=exc) from None
-    raise BackendUnavailable(f"no {subject}: {' | '.join(reasons) or 'the bundle has none'}; {rebuild_hint(bundle.path)}",
-                             quiet=not bundle.engines)
+    raise BackendUnavailable(f"no {subject}: {' | '.join(reasons) or 'none of its precision'}; {rebuild_hint(bundle.path)}")
 
 
 register_backend(BackendKind("tensorrt", open_tensorrt, "a TensorRT engine of the bundle built on this device "
