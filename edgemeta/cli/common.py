@@ -50,11 +50,15 @@ class _Console:
     def __init__(self, **options):
         self._options, self._console = options, None
 
-    def __getattr__(self, name: str):
+    def real(self):
+        """The rich Console itself."""
         if self._console is None:
             from rich.console import Console
             self._console = Console(**self._options)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.real(), name)
 
 
 def escape(text: str) -> str:
@@ -132,7 +136,7 @@ class RichProgress:
         self.finish()
         self._bar = Progress(TextColumn(f"[bold]{escape(label)}"), BarColumn(), MofNCompleteColumn(),
                              TimeRemainingColumn(), TextColumn("{task.description}"), transient=label != "train",
-                             console=err_console)
+                             console=err_console.real())
         self._bar.__enter__()
         self._task = self._bar.add_task("", total=total, completed=completed)
 
