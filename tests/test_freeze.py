@@ -147,9 +147,12 @@ def test_bench_takes_a_frozen_classifier(tiny_bundle, tagalog, tmp_path, omniglo
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
-def test_the_frozen_classifier_runs_through_a_backend_with_the_tensorrt_provider_options(tiny_bundle, tagalog, tmp_path):
+def test_the_frozen_classifier_runs_through_a_backend_with_the_tensorrt_provider_options(tiny_bundle, tagalog, tmp_path,
+                                                                                         monkeypatch):
     """Not a bare session: the ONNX Runtime Backend, with the TensorRT provider's engine and timing
-    caches and batch profile (no rebuild at every process start on a Jetson) and its fallback."""
+    caches and batch profile where that provider is present (no rebuild at every process start on a
+    Jetson), and its fallback; on a CPU, none."""
+    import onnxruntime as ort
     from edgemeta.runtime.backends.base import MAX_BATCH
     from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
     clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s")
@@ -158,6 +161,19 @@ def test_the_frozen_classifier_runs_through_a_backend_with_the_tensorrt_provider
     assert run_cli("freeze", tiny_bundle, "--store", tmp_path / "s", "--out", tmp_path / "f").exit_code == 0
     frozen = FrozenClassifier.load(tmp_path / "f")
     assert isinstance(frozen.backend, OnnxRuntimeBackend) and frozen.backend.describe()["model"] == "classifier.onnx"
+    assert frozen.backend.trt_options == {}  # CPU only here
+    # where the TensorRT provider is listed (it fails to start here: a warning, then the CPU)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    real = ort.InferenceSession
+
+    def session(path, options=None, providers=None):
+        if any((p[0] if isinstance(p, tuple) else p) == "TensorrtExecutionProvider" for p in providers):
+            assert dict(providers[0][1])["trt_engine_cache_enable"]
+            raise RuntimeError("TensorRT EP: libnvinfer.so.10 not found")
+        return real(path, options, providers=providers)
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with pytest.warns(RuntimeWarning, match="TensorRT provider failed"):
+        frozen = FrozenClassifier.load(tmp_path / "f")
     options = frozen.backend.trt_options
     assert options["trt_engine_cache_enable"] and options["trt_profile_max_shapes"].split(":")[1].startswith(f"{MAX_BATCH}x")
     probs, dist = frozen.run(np.zeros((MAX_BATCH + 3, 28, 28, 1), np.uint8))   # chunked by MAX_BATCH
