@@ -227,25 +227,27 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
     mix = np.array([[1, momentum, -1, 1, -lr / n], [0, momentum, -1, 1, -lr / n]], dtype)[:, :slots]
     decay = np.full((n_way, d + 1), weight_decay * n, dtype)  # L2 on the weights, not the bias (× n, as the
     decay[:, d] = 0                                            # gradient is); full-size: no broadcast buffering
-    logits = np.empty((n, n_way), dtype)
-    row = np.empty((n, 1), dtype)
-    probs_t = logits.T
-    # each buffer's views, made once: (w, wᵀ, the Pᵀx slot, the decay ⊙ w slot, all slots flat, w and D flat)
-    views = [(buf[0], buf[0].T, buf[2], buf[-1], buf.reshape(slots, -1), buf[:2].reshape(2, -1)) for buf in (state, nxt)]
+    x_t = np.ascontiguousarray(x.T)
+    logits_t = np.empty((n_way, n), dtype)   # classes × shots: the softmax reduces across rows, a vector op
+    col = np.empty((1, n), dtype)
+    # each buffer's views, made once: (w, the Pᵀx slot, the decay ⊙ w slot, all slots flat, w and D flat)
+    views = [(buf[0], buf[2], buf[-1], buf.reshape(slots, -1), buf[:2].reshape(2, -1)) for buf in (state, nxt)]
     if on_step is not None:
         on_step(-1)  # set-up done: what follows is the steps alone
     for step in range(steps):
-        w, w_t, grad_slot, decay_slot, flat, _ = views[step % 2]
-        np.matmul(x, w_t, out=logits)
-        np.max(logits, axis=1, keepdims=True, out=row)
-        logits -= row
-        np.exp(logits, out=logits)
-        np.sum(logits, axis=1, keepdims=True, out=row)
-        logits /= row                        # the softmax P
-        np.matmul(probs_t, x_step, out=grad_slot)
+        w, grad_slot, decay_slot, flat, _ = views[step % 2]
+        # np.dot and the ufuncs' own reduce: the same BLAS and loops as np.matmul, np.max and np.sum
+        # with less call overhead each
+        np.dot(w, x_t, out=logits_t)
+        np.maximum.reduce(logits_t, axis=0, keepdims=True, out=col)
+        np.subtract(logits_t, col, out=logits_t)
+        np.exp(logits_t, out=logits_t)
+        np.add.reduce(logits_t, axis=0, keepdims=True, out=col)
+        np.divide(logits_t, col, out=logits_t)   # the softmax Pᵀ
+        np.dot(logits_t, x_step, out=grad_slot)
         if weight_decay:
             np.multiply(w, decay, out=decay_slot)
-        np.matmul(mix, flat, out=views[1 - step % 2][5])
+        np.dot(mix, flat, out=views[1 - step % 2][4])
         if on_step is not None:
             on_step(step)
     state = (state, nxt)[steps % 2]
