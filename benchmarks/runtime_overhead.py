@@ -1,6 +1,6 @@
 """The runtime's fixed cost per call: `FewShotClassifier.embed` on uint8 pixels and `predict` on
 pixels, against a bare `session.run` on the model's float32 NCHW input, batch 1 and 32 (p50 of
-interleaved rounds). --before PYTHON runs the same measurement with another edgemeta installation
+calls interleaved one by one). --before PYTHON runs the same measurement with another edgemeta installation
 (an earlier commit in its own venv) in alternating processes, for a side-by-side before/after.
 
     python benchmarks/runtime_overhead.py BUNDLE [--rounds 5] [--before /tmp/venv-before/bin/python]
@@ -31,18 +31,16 @@ for batch in (1, 32):
     x = pixels_to_batch(pixels)
     fns = {"session.run": lambda: session.run(None, {name: x}), "embed": lambda: clf.embed(pixels),
            "predict": lambda: clf.predict(pixels)}
-    best = {k: [] for k in fns}
-    for _ in range(7):
+    for f in fns.values():  # warm-up
+        for _ in range(5):
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(400 if batch == 1 else 40):  # one call of each in turn: drift hits all three alike
         for k, f in fns.items():
-            for _ in range(3):
-                f()
-            t = []
-            for _ in range(30):
-                t0 = time.perf_counter()
-                f()
-                t.append(time.perf_counter() - t0)
-            best[k].append(sorted(t)[len(t) // 2])
-    out[batch] = {k: sorted(v)[len(v) // 2] for k, v in best.items()}
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    out[batch] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 print(json.dumps(out))
 """
 

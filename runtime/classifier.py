@@ -62,17 +62,21 @@ def similarity_to_distance(similarity: np.ndarray, metric: str) -> np.ndarray:
     return 1.0 - similarity if metric == "cosine" else np.sqrt(np.maximum(-similarity, 0.0))
 
 
-def make_prediction(labels: list[str], probs: np.ndarray, distances: np.ndarray, top_k: int,
+def make_prediction(labels: Sequence[str], probs: np.ndarray, distances: np.ndarray, top_k: int,
                     threshold: float | None) -> Prediction:
     """Top-k labels and probabilities per row; rows farther than `threshold` are "unknown"."""
     k = min(top_k, len(labels))
-    # the usual call (top 1) is an argmax, not a sort
-    order = probs.argmax(1)[:, None] if k == 1 else np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    top_p = probs[np.arange(len(probs))[:, None], order]
-    best = [labels[o[0]] for o in order]
+    if k == 1:  # the usual call: an argmax and a max, not a sort and a gather
+        order, top_p = probs.argmax(1)[:, None], probs.max(1, keepdims=True)
+    else:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top_p = np.take_along_axis(probs, order, 1)
+    rows, values = order.tolist(), top_p.tolist()  # Python ints and floats in one call each
+    best = [labels[o[0]] for o in rows]
     if threshold is not None:
-        best = [UNKNOWN if d > float(threshold) else lab for lab, d in zip(best, distances)]
-    top = [[(labels[j], float(p)) for j, p in zip(o, ps)] for o, ps in zip(order, top_p)]
+        limit = float(threshold)
+        best = [UNKNOWN if d > limit else lab for lab, d in zip(best, distances.tolist())]
+    top = [[(labels[j], p) for j, p in zip(o, ps)] for o, ps in zip(rows, values)]
     return Prediction(best, top_p, top, distances)
 
 
@@ -258,7 +262,7 @@ class FewShotClassifier:
     # ---------------------------------------------------------------- queries
     @property
     def classes(self) -> list[str]:
-        return self._state.labels
+        return list(self._state.labels)
 
     @property
     def head(self) -> HeadConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import io
 import json
@@ -69,9 +70,9 @@ class StoreState:
     fitted: dict = field(default_factory=dict)  # name -> array, the fitted head
     generation: int = 0
 
-    @property
-    def labels(self) -> list[str]:
-        return [c.label for c in self.classes]
+    @functools.cached_property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(c.label for c in self.classes)  # once per snapshot: every prediction names them
 
     def find(self, label: str) -> int | None:
         for i, c in enumerate(self.classes):

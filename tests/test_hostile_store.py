@@ -36,7 +36,7 @@ def test_two_models_on_one_store_refuse_instead_of_losing_classes(device_bundle,
     with pytest.raises(StoreError, match="belongs to another model"):
         b.enroll("beta", pixels(2, 2))
     a.enroll("gamma", pixels(2, 3))
-    assert EnrollmentStore(tmp_path / "s").read().labels == ["alpha", "gamma"]
+    assert EnrollmentStore(tmp_path / "s").read().labels == ("alpha", "gamma")
 
 
 def test_two_variants_on_one_store_refuse(device_bundle, tmp_path):
@@ -50,7 +50,7 @@ def test_two_variants_on_one_store_refuse(device_bundle, tmp_path):
     b._state = StoreState(saved.model_sha256, "int8", saved.embedding_dim, saved.head)
     with pytest.raises(StoreError, match="another model"):
         b.enroll("beta", pixels(2, 2))
-    assert EnrollmentStore(tmp_path / "s").read().labels == ["alpha"]
+    assert EnrollmentStore(tmp_path / "s").read().labels == ("alpha",)
 
 
 def test_a_backup_restored_under_a_running_writer_is_kept(device_bundle, tmp_path):
@@ -61,7 +61,7 @@ def test_a_backup_restored_under_a_running_writer_is_kept(device_bundle, tmp_pat
     clf.forget("alpha")                                                        # generation 3: beta only
     shutil.copy(tmp_path / "backup.npz", tmp_path / "s" / "enrollment.npz")   # the user restores alpha
     clf.enroll("gamma", pixels(2, 3))
-    assert EnrollmentStore(tmp_path / "s").read().labels == ["alpha", "gamma"]
+    assert EnrollmentStore(tmp_path / "s").read().labels == ("alpha", "gamma")
     assert clf.classes == ["alpha", "gamma"]
 
 
