@@ -38,6 +38,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--before", help="the python of another edgemeta installation, run side by side")
     args = ap.parse_args()
+    # as a pip install leaves edgemeta: compiled to bytecode (an editable checkout under
+    # PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module from source at each start)
+    import compileall
+
+    import edgemeta
+    import edgemeta.runtime
+    for package in {Path(edgemeta.__file__).parent, Path(edgemeta.runtime.__file__).parent}:
+        compileall.compile_dir(str(package), quiet=1)
     tmp = Path(tempfile.mkdtemp())
     img = tmp / "one.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(img)
@@ -48,6 +56,7 @@ def main() -> None:
     cases = {
         "bare imports": [py, "-c", "import numpy, onnxruntime, PIL.Image"],
         "predict (device modules)": [py, "-c", NOW, "predict", str(bundle), "--store", str(store), str(img)],
+        "predict --json": [py, "-c", NOW, "predict", str(bundle), "--store", str(store), "--json", str(img)],
         "predict (every module)": [py, "-c", ALL, "predict", str(bundle), "--store", str(store), str(img)],
         "classes (device modules)": [py, "-c", NOW, "classes", "--store", str(store)],
         "classes (every module)": [py, "-c", ALL, "classes", "--store", str(store)],
@@ -57,9 +66,9 @@ def main() -> None:
                                   "--replace"],
     }
     if args.before:
-        for name in ("predict", "classes", "enroll"):
-            cmd = list(cases[f"{name} (device modules)"])
-            cases[f"{name} (before)"] = [args.before, *cmd[1:]]
+        for name in ("predict (device modules)", "predict --json", "classes (device modules)", "enroll (device modules)"):
+            cmd = list(cases[name])
+            cases[f"{name.split(' (')[0]} (before)"] = [args.before, *cmd[1:]]
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.runs):
         for name, cmd in cases.items():
