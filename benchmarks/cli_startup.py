@@ -42,8 +42,9 @@ def main() -> None:
     # PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module from source at each start)
     import compileall
 
-    import edgemeta
     import edgemeta.runtime
+
+    import edgemeta
     for package in {Path(edgemeta.__file__).parent, Path(edgemeta.runtime.__file__).parent}:
         compileall.compile_dir(str(package), quiet=1)
     tmp = Path(tempfile.mkdtemp())

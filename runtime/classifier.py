@@ -180,6 +180,17 @@ class Prediction:
 WrappedBackend = TypeVar("WrappedBackend", bound=Backend)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """An enrolled state ready to predict: its prototypes prepared in the rejection metric, and the
+    prototype head's scale (None for the other heads, which score with their fitted arrays)."""
+
+    state: StoreState
+    metric: str
+    prototypes: heads.PreparedPrototypes
+    scale: np.float32 | None
+
+
 class FewShotClassifier:
     """Embed on ONNX Runtime or TensorRT, fit only the head in NumPy, classify."""
 
@@ -190,7 +201,7 @@ class FewShotClassifier:
         self._write_lock = threading.Lock()
         self.decode_budget: DecodeBudget | None = None  # a service bounds the pixels decoded at once
         self._threshold_cache: tuple[StoreState, float | None] | None = None
-        self._prepared_cache: tuple[StoreState, heads.PreparedPrototypes] | None = None
+        self._prepared_cache: _Prepared | None = None
         self._state = StoreState(bundle.model_sha256, variant, bundle.embedding_dim, head)
 
     def wrap_backend(self, wrap: Callable[[Backend], WrappedBackend]) -> WrappedBackend:
@@ -317,20 +328,24 @@ class FewShotClassifier:
         return state
 
     def _classify(self, state: StoreState, query: np.ndarray, top_k: int, reject) -> Prediction:
-        metric = state.head.rejection_metric(self.bundle.l2_normalized)
-        # one prototype comparison (prototypes prepared once per enrolled state) gives the rejection
-        # distance for every head, and the logits of the prototype head
-        raw = self._prototypes(state, metric).logits(query)
-        all_distances = similarity_to_distance(raw, metric)
-        logits = raw * np.float32(state.head.scale) if state.head.kind == "prototype" else heads.score(state.head, state.fitted, query)
-        threshold = self._auto_threshold(state, metric) if reject == "auto" else reject
-        return make_prediction(state.labels, heads.softmax(logits), all_distances.min(1), top_k, threshold)
+        prepared = self._prepared(state)
+        # one prototype comparison gives the rejection distance for every head (the nearest prototype
+        # is the most similar one), and the logits of the prototype head
+        raw = prepared.prototypes.logits(query)
+        distances = similarity_to_distance(raw.max(1), prepared.metric)
+        logits = raw * prepared.scale if prepared.scale is not None else heads.score(state.head, state.fitted, query)
+        threshold = self._auto_threshold(state, prepared.metric) if reject == "auto" else reject
+        return make_prediction(state.labels, heads.softmax(logits), distances, top_k, threshold)
 
-    def _prototypes(self, state: StoreState, metric: str) -> heads.PreparedPrototypes:
+    def _prepared(self, state: StoreState) -> _Prepared:
+        """What predict needs of an enrolled state, made once per state (states are immutable)."""
         cached = self._prepared_cache
-        if cached is None or cached[0] is not state or cached[1].metric != metric:
-            cached = self._prepared_cache = (state, heads.PreparedPrototypes(state.fitted["prototypes"], metric))
-        return cached[1]
+        if cached is None or cached.state is not state:
+            metric = state.head.rejection_metric(self.bundle.l2_normalized)
+            cached = self._prepared_cache = _Prepared(
+                state, metric, heads.PreparedPrototypes(state.fitted["prototypes"], metric),
+                np.float32(state.head.scale) if state.head.kind == "prototype" else None)
+        return cached
 
     def _auto_threshold(self, state: StoreState, metric: str) -> float | None:
         """calibrate_rejection, computed once per enrolled state (states are immutable)."""
