@@ -133,3 +133,21 @@ def test_each_training_setting_is_declared_once():
             assert f.default == defaults[f.name].default, f.name
     r = run_cli("train", "--help")
     assert "--lr-schedule" in r.output and "--freeze-blocks" in r.output and "--val-shot" in r.output
+
+
+def test_the_train_help_names_every_registered_choice():
+    """`edgemeta train --help` is built without importing torch, so edgemeta/config.py's HELP names
+    the algorithms, backbones and other choices in words: they must be exactly what is registered."""
+    from edgemeta.algorithms import ALGORITHMS
+    from edgemeta.backbones import list_backbones
+    from edgemeta.config import HELP
+    from edgemeta.data.loading import LAYOUTS
+    from edgemeta.data.splits import SPLIT_MODES
+    from edgemeta.runtime.heads import METRICS
+
+    def listed(key: str) -> list[str]:
+        text = HELP[key].split(":", 1)[-1] if ":" in HELP[key] else HELP[key]
+        return [w.strip().split(" ")[0] for w in text.split("|")]
+    for key, registered in (("algo", ALGORITHMS), ("backbone", list_backbones()), ("layout", LAYOUTS),
+                            ("split_mode", SPLIT_MODES), ("metric", METRICS)):
+        assert sorted(listed(key)) == sorted(registered), key
