@@ -138,12 +138,13 @@ def test_each_training_setting_is_declared_once():
 def test_the_train_help_names_every_registered_choice():
     """`edgemeta train --help` is built without importing torch, so edgemeta/config.py's HELP names
     the algorithms, backbones and other choices in words: they must be exactly what is registered."""
+    from edgemeta.runtime.heads import METRICS
+
     from edgemeta.algorithms import ALGORITHMS
     from edgemeta.backbones import list_backbones
     from edgemeta.config import HELP
     from edgemeta.data.loading import LAYOUTS
     from edgemeta.data.splits import SPLIT_MODES
-    from edgemeta.runtime.heads import METRICS
 
     def listed(key: str) -> list[str]:
         text = HELP[key].split(":", 1)[-1] if ":" in HELP[key] else HELP[key]
