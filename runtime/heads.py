@@ -225,8 +225,9 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
     np.matmul(one_hot(labels, n_way, dtype).T, x_step, out=state[3])
     nxt[3] = state[3]
     mix = np.array([[1, momentum, -1, 1, -lr / n], [0, momentum, -1, 1, -lr / n]], dtype)[:, :slots]
-    decay = np.full((n_way, d + 1), weight_decay * n, dtype)  # L2 on the weights, not the bias (× n, as the
-    decay[:, d] = 0                                            # gradient is); full-size: no broadcast buffering
+    if weight_decay:
+        decay = np.full((n_way, d + 1), weight_decay * n, dtype)  # L2 on the weights, not the bias (× n, as
+        decay[:, d] = 0                                            # the gradient is); full-size: no broadcasting
     x_t = np.ascontiguousarray(x.T)
     logits_t = np.empty((n_way, n), dtype)   # classes × shots: the softmax reduces across rows, a vector op
     col = np.empty((1, n), dtype)

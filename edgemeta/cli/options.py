@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import click
 import typer
 
+from edgemeta.runtime.backends import backend_help, parse_backend
 from edgemeta.runtime.bundle import VARIANTS
+from edgemeta.runtime.errors import ConfigError
 from edgemeta.runtime.heads import head_names
 
 
 def _check_backend(value: str) -> str:
-    from edgemeta.runtime.backends import parse_backend
-    from edgemeta.runtime.errors import ConfigError
     try:
         parse_backend(value)
     except ConfigError as exc:
@@ -22,14 +22,9 @@ def _check_backend(value: str) -> str:
     return value
 
 
-def _backend_help() -> str:
-    from edgemeta.runtime.backends import backend_help
-    return backend_help()
-
-
 HEAD_CHOICES = click.Choice(head_names())
 
-BackendOption = Annotated[str, typer.Option(help=_backend_help(), callback=_check_backend)]
+BackendOption = Annotated[str, typer.Option(help=backend_help(), callback=_check_backend)]
 VariantOption = Annotated[str, typer.Option(
     click_type=click.Choice((*VARIANTS, "auto")),
     help="The bundle's graph; auto: the fastest on this machine, measured once, never slower than fp32.")]

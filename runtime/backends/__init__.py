@@ -37,9 +37,11 @@ def open_backend(bundle: Bundle, backend: str = "auto", variant: str = "fp32", p
     variant "auto": the fastest of the bundle's graphs on this machine (runtime.variant_choice), never
     slower than fp32. outputs: named outputs and their widths (a frozen classifier's)."""
     name, options = parse_backend(backend)
+    if name == "onnxruntime" and options is not None:
+        providers = options  # `onnxruntime:PROVIDER,…` names them on the command line
     if variant == "auto":
         from ..variant_choice import choose_variant
-        variant = choose_variant(bundle, choose_providers(options if name == "onnxruntime" and options else providers))
+        variant = choose_variant(bundle, choose_providers(providers))
     request = BackendRequest(variant, options, providers, threads, device, outputs, subject)
     opened = open_with(bundle, name, request)
     opened.graph = opened.graph or variant

@@ -146,13 +146,10 @@ class OnnxRuntimeBackend(Backend):
                 raise BundleError(f"ONNX Runtime cannot load {model_path}: {exc2}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.model_path = Path(model_path)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        if outputs is not None:
-            if self.output_names[:len(outputs)] != list(outputs):
-                raise BundleError(f"{self.model_path} returns {self.output_names}, not {list(outputs)}; re-freeze it")
-            self.output_names = list(outputs)
-        else:
-            self.output_names = self.output_names[:1]
+        returned = [o.name for o in self.session.get_outputs()]
+        self.output_names = list(outputs) if outputs is not None else returned[:1]
+        if returned[:len(self.output_names)] != self.output_names:
+            raise BundleError(f"{self.model_path} returns {returned}, not {self.output_names}; re-freeze it")
         check_graph_io(self.session, spec, self.embedding_dim, self.model_path)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -190,7 +187,7 @@ def parse_providers(listed: str) -> list[str]:
 def open_onnxruntime(bundle, request: BackendRequest) -> OnnxRuntimeBackend:
     """The bundle's graph for the variant on ONNX Runtime; on a CPU-only provider list the variant's
     CPU graph where it has one (the U8S8 INT8 graph)."""
-    providers = choose_providers(request.options if request.options is not None else request.providers)
+    providers = choose_providers(request.providers)
     path = bundle.variant_path(request.variant, cpu=providers == ["CPUExecutionProvider"])
     trt = tensorrt_ep_options(bundle, request.variant) if "TensorrtExecutionProvider" in providers else None
     backend = OnnxRuntimeBackend(path, bundle.spec, bundle.embedding_dim, providers, request.threads,

@@ -30,7 +30,7 @@ class BackendRequest:
 
     variant: str = "fp32"                       # the bundle's graph: fp32 | int8 | fp16
     options: Any = None                         # the kind's parse_options of the text after "NAME:", else None
-    providers: str | list[str] = "auto"         # ONNX Runtime providers from the Python API
+    providers: str | list[str] = "auto"         # ONNX Runtime providers (the API's, or onnxruntime:PROVIDER,…)
     threads: int | None = None
     device: dict | None = None                  # the device identity (tests give a fake one)
     outputs: dict[str, int] | None = None       # named outputs and their widths (a frozen classifier's)
