@@ -9,7 +9,6 @@ earlier commit installed in its own venv) for a side-by-side before/after.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import machine
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,8 +75,7 @@ def main() -> None:
         for name, cmd in cases.items():
             times[name].append(wall(cmd))
     bare = statistics.median(times["bare imports"])
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"CPU: {cpu} ({os.cpu_count()} logical), median of {args.runs} interleaved runs")
+    print(f"machine: {machine()}; median of {args.runs} interleaved runs")
     for name, ts in times.items():
         m = statistics.median(ts)
         print(f"  {name:26s} {m * 1e3:7.1f} ms  ({m / bare:.2f}× the bare imports)")

@@ -13,6 +13,8 @@ import statistics
 import subprocess
 import sys
 
+from common import machine
+
 MEASURE = r"""
 import json, sys, time
 import numpy as np
@@ -63,8 +65,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for k, py in pythons.items():
             results[k].append(run(py, args.bundle))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"CPU: {cpu}; {args.bundle}; median of {args.rounds} alternating processes, p50 per call")
+    print(f"machine: {machine()}; {args.bundle}; median of {args.rounds} alternating processes, p50 per call")
     for k in pythons:
         for batch in ("1", "32"):
             m = {f: statistics.median(r[batch][f] for r in results[k]) for f in ("session.run", "embed", "predict")}

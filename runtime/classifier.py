@@ -71,6 +71,22 @@ def make_prediction(labels: Sequence[str], probs: np.ndarray, distances: np.ndar
     else:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, order, 1)
+    return _labelled(labels, order, top_p, distances, threshold)
+
+
+def prediction_from_logits(labels: Sequence[str], logits: np.ndarray, best: np.ndarray, distances: np.ndarray,
+                           top_k: int, threshold: float | None) -> Prediction:
+    """make_prediction of softmax(logits), given each row's largest logit `best` [N, 1]. For top-1 the
+    softmax is never normalised: the top class is the largest logit's, and its probability is
+    exp(0) / Σ exp(logit − best)."""
+    if min(top_k, len(labels)) > 1:
+        return make_prediction(labels, heads.softmax(logits), distances, top_k, threshold)
+    e = np.exp(logits - best)
+    return _labelled(labels, logits.argmax(1)[:, None], 1.0 / e.sum(1, keepdims=True), distances, threshold)
+
+
+def _labelled(labels: Sequence[str], order: np.ndarray, top_p: np.ndarray, distances: np.ndarray,
+              threshold: float | None) -> Prediction:
     rows, values = order.tolist(), top_p.tolist()  # Python ints and floats in one call each
     best = [labels[o[0]] for o in rows]
     if threshold is not None:
@@ -329,13 +345,17 @@ class FewShotClassifier:
 
     def _classify(self, state: StoreState, query: np.ndarray, top_k: int, reject) -> Prediction:
         prepared = self._prepared(state)
-        # one prototype comparison gives the rejection distance for every head (the nearest prototype
-        # is the most similar one), and the logits of the prototype head
-        raw = prepared.prototypes.logits(query)
-        distances = similarity_to_distance(raw.max(1), prepared.metric)
-        logits = raw * prepared.scale if prepared.scale is not None else heads.score(state.head, state.fitted, query)
         threshold = self._auto_threshold(state, prepared.metric) if reject == "auto" else reject
-        return make_prediction(state.labels, heads.softmax(logits), distances, top_k, threshold)
+        if prepared.scale is not None:  # the prototype head: its logits are the rejection similarities, scaled
+            logits = prepared.prototypes.logits(query, prepared.scale)
+            best = logits.max(1, keepdims=True)
+            distances = similarity_to_distance(best[:, 0] / prepared.scale, prepared.metric)
+            return prediction_from_logits(state.labels, logits, best, distances, top_k, threshold)
+        # the other heads: one prototype comparison gives the rejection distance (the nearest
+        # prototype is the most similar one); the head's own arrays give the logits
+        distances = similarity_to_distance(prepared.prototypes.logits(query).max(1), prepared.metric)
+        logits = heads.score(state.head, state.fitted, query)
+        return prediction_from_logits(state.labels, logits, logits.max(1, keepdims=True), distances, top_k, threshold)
 
     def _prepared(self, state: StoreState) -> _Prepared:
         """What predict needs of an enrolled state, made once per state (states are immutable)."""

@@ -99,13 +99,23 @@ def rebuild_hint(bundle: str | Path) -> str:
     return f"rebuild it on this device with `edgemeta build-engine {bundle}`"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (x86: "model name", Arm: "Hardware" in /proc/cpuinfo), else platform's."""
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (x86: "model name", Arm: "Hardware" in /proc/cpuinfo), else platform's.
+
+    On x86 the family and model numbers follow it: virtual machines often report a bare "AMD EPYC",
+    and the family (25: Zen 3/4, 26: Zen 5) is what tells one such machine from another."""
     import platform
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware")):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        text = ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    name = fields.get("model name") or fields.get("hardware")
+    if not name:
+        return platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name

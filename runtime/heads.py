@@ -7,6 +7,7 @@ keeps the closed forms stable); everything else runs in the features' dtype.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -137,14 +138,13 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 def prototype_logits(query: np.ndarray, prototypes: np.ndarray, metric: str = "euclidean", scale: float = 1.0) -> np.ndarray:
     """−scale·‖q − p‖² or scale·cos(q, p): one formula, PreparedPrototypes' (which predict keeps per state)."""
-    logits = PreparedPrototypes(prototypes, metric).logits(query)
-    return logits if scale == 1.0 else logits * np.asarray(scale, logits.dtype)
+    return PreparedPrototypes(prototypes, metric).logits(query, scale)
 
 
 class PreparedPrototypes:
     """Prototypes ready to score queries fast and often (the device's predict): their transpose and
-    squared norms (euclidean) or unit-normalised transpose (cosine) made once. logits(q) equals
-    prototype_logits(q, prototypes, metric, 1.0)."""
+    squared norms (euclidean) or unit-normalised transpose (cosine) made once. logits(q, scale)
+    equals prototype_logits(q, prototypes, metric, scale), with the scale folded into one multiply."""
 
     def __init__(self, prototypes: np.ndarray, metric: str):
         if metric not in METRICS:
@@ -156,14 +156,18 @@ class PreparedPrototypes:
             self.t = np.ascontiguousarray(prototypes.T)
             self.sq = (prototypes * prototypes).sum(1)
 
-    def logits(self, query: np.ndarray) -> np.ndarray:
-        if self.metric == "cosine":
-            return _normalize(query) @ self.t
-        out = query @ self.t
+    def logits(self, query: np.ndarray, scale: float | np.floating = 1.0) -> np.ndarray:
+        out = np.dot(query, self.t)
+        if self.metric == "cosine":  # q·p / ‖q‖: the query's norm divides C logits, not D features
+            if len(query) == 1:  # a camera frame: the norm as one Python float
+                out *= scale / max(math.sqrt(float(np.dot(query[0], query[0]))), 1e-12)
+            else:
+                out *= scale / np.maximum(np.sqrt(np.einsum("ij,ij->i", query, query)), 1e-12)[:, None]
+            return out
         out *= -2.0
         out += (query * query).sum(1, keepdims=True)
         out += self.sq
-        return np.negative(out, out=out)
+        return np.multiply(out, -scale, out=out)  # −scale·‖q − p‖²
 
 
 def ridge_fit(support: np.ndarray, labels: np.ndarray, n_way: int, lam: float = 1.0) -> np.ndarray:

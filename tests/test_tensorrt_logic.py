@@ -11,7 +11,7 @@ from edgemeta.runtime.backends import matching_engine, open_backend
 from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend, choose_providers
 from edgemeta.runtime.backends.tensorrt import plan_chunks
 from edgemeta.runtime.bundle import write_manifest
-from edgemeta.runtime.device_info import device_identity, engine_mismatches, parse_l4t_release
+from edgemeta.runtime.device_info import cpu_model, device_identity, engine_mismatches, parse_l4t_release
 
 ORIN = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "l4t": "36.4.0"}
 
@@ -30,6 +30,14 @@ def test_l4t_release_parsing():
     assert parse_l4t_release(text) == "36.4.0"
     assert parse_l4t_release("# R35 (release), REVISION: 5.0, GCID: 1") == "35.5.0"
     assert parse_l4t_release("nonsense") is None
+
+
+def test_cpu_model_names_the_x86_family_that_a_bare_vm_name_hides():
+    epyc = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n" \
+           "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    assert cpu_model(epyc) == "AMD EPYC (family 26, model 2)"
+    jetson = "processor\t: 0\nBogoMIPS\t: 62.50\nCPU part\t: 0xd42\n\nHardware\t: NVIDIA Orin\n"
+    assert cpu_model(jetson) == "NVIDIA Orin"
 
 
 @pytest.mark.parametrize("device,expected", [
