@@ -118,7 +118,7 @@ def run_bench(bundle: str | Path | Bundle, images: Sequence[ImageSource], backen
         s = summarize(runs)
         result["enroll"].append({"shot": shot, **s, "per_shot_p50_ms": s["p50_ms"] / shot})
     result["predict"] = []
-    for batch in (1, max(batches)):
+    for batch in sorted({1, max(batches)}):
         q = [images[i % len(images)] for i in range(batch)]
         result["predict"].append({"batch": batch, **summarize(time_call(lambda: clf.predict(q), max(5, repeat // 5), 1))})
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -50,3 +50,12 @@ def test_per_step_timings_count_the_steps_asked_for(monkeypatch):
 def test_bench_bad_options(tiny_bundle, args, msg):
     r = run_cli("bench", tiny_bundle, *args)
     assert r.exit_code == 2 and msg in r.output
+
+
+def test_a_single_batch_size_is_timed_once(device_bundle, tmp_path, omniglot_paths):
+    out = tmp_path / "b.json"
+    r = run_cli("bench", device_bundle, "--images", omniglot_paths[0], "--shot", "1", "--steps", "1",
+                "--batch", "1", "--repeat", "3", "--json", out)
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert [p["batch"] for p in result["predict"]] == [1] and r.stdout.count("predict batch 1") == 1
