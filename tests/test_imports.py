@@ -77,7 +77,7 @@ def test_device_commands_import_no_training_side_module(tmp_path):
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('edgemeta', 'torch', 'onnx.', 'fastapi', 'cv2')))))")
     loaded = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none")], capture_output=True, text=True,
                             check=True).stdout.split()
-    assert "edgemeta.cli.device" in loaded
+    assert "edgemeta.cli.device_actions" in loaded
     training_side = [m for m in loaded if m.startswith(("edgemeta.cli.training", "edgemeta.cli.export", "edgemeta.cli.serve",
                                                          "edgemeta.cli.watch", "edgemeta.cli.data", "edgemeta.train",
                                                          "edgemeta.config", "edgemeta.data", "edgemeta.export", "torch",
@@ -85,27 +85,28 @@ def test_device_commands_import_no_training_side_module(tmp_path):
     assert training_side == []
 
 
-def test_a_device_command_printing_json_imports_neither_rich_nor_package_metadata(tmp_path):
-    """`edgemeta predict … --json` in a per-image loop: rich is imported when a table or an error
-    is printed, and ONNX Runtime's TensorRT options (which read package metadata) only where the
-    TensorRT provider is present."""
+def test_device_commands_in_a_loop_import_neither_typer_nor_rich_nor_package_metadata(tmp_path):
+    """`edgemeta enroll …` and `edgemeta predict … --json` in a per-image loop: no typer or click (the
+    fast path reads the command line), rich only when a table or an error is printed, and ONNX
+    Runtime's TensorRT options (which read package metadata) only where the TensorRT provider is present."""
     import subprocess
     import sys
 
     import numpy as np
-    from conftest import TINY_BUNDLE, run_cli
+    from conftest import TINY_BUNDLE
     from PIL import Image
     image = tmp_path / "one.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(image)
-    assert run_cli("enroll", TINY_BUNDLE, image, "--store", tmp_path / "s", "--label", "a").exit_code == 0
-    code = ("import sys; sys.argv = ['edgemeta', 'predict', *sys.argv[1:]]\n"
+    code = ("import sys; sys.argv = ['edgemeta', *sys.argv[1:]]\n"
             "from edgemeta.cli import main\n"
             "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
-            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('rich', 'importlib.metadata')))), file=sys.stderr)")
-    done = subprocess.run([sys.executable, "-c", code, str(TINY_BUNDLE), "--store", str(tmp_path / "s"), "--json", str(image)],
-                          capture_output=True, text=True, check=True)
-    assert '"label": "a"' in done.stdout
-    assert done.stderr.split() == []
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('rich', 'importlib.metadata', 'typer', 'click')))),"
+            " file=sys.stderr)")
+    for argv, printed in ((["enroll", TINY_BUNDLE, image, "--store", tmp_path / "s", "--label", "a"], "enrolled 'a'"),
+                          (["predict", TINY_BUNDLE, "--store", tmp_path / "s", "--json", image], '"label": "a"')):
+        done = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, check=True)
+        assert printed in done.stdout
+        assert done.stderr.split() == [], argv[0]
 
 
 def test_the_torch_free_modules_of_edgemeta_stay_torch_free():

@@ -5,7 +5,8 @@ of edgemeta.cli.common; none imports from this module.
 
 `edgemeta predict|enroll|forget|classes|build-engine …` registers the device commands only: a
 per-image shell loop on a Jetson pays for numpy, ONNX Runtime and Pillow, not for the modules of
-every other command (tests/test_imports.py holds it)."""
+every other command (tests/test_imports.py holds it); the first four run without typer at all
+when their command line reads plainly (edgemeta.cli.fast)."""
 from __future__ import annotations
 
 import importlib
@@ -37,6 +38,10 @@ def __getattr__(name: str):
 
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command in DEVICE_COMMANDS:
+        from .fast import run  # without typer when the command line reads plainly
+        if run(sys.argv[1:]):
+            return
     register(("device",) if command in DEVICE_COMMANDS else MODULES)()
 
 

@@ -1,5 +1,6 @@
 """What every command shares: the typer app, the one-line error contract, strict JSON, rich
-progress, and the training-extra check."""
+progress, and the training-extra check. What a command prints lives in edgemeta.cli.output (no
+typer there, for the device commands' fast path) and is re-exported here."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,11 @@ from typing import Optional
 import typer
 import typer.core
 
-from edgemeta.runtime.errors import EdgemetaError
+from edgemeta.cli.output import console, err_console, escape, fail, os_error_message, print_json, run_guarded, say_error
+
+__all__ = ["OneLineUsageErrors", "RichProgress", "app", "command", "command_of", "console", "err_console", "escape",
+           "fail", "os_error_message", "parse_unknown", "print_json", "require_training_extra", "say_error",
+           "writable_target"]
 
 
 class OneLineUsageErrors(typer.core.TyperGroup):
@@ -43,58 +48,11 @@ class OneLineUsageErrors(typer.core.TyperGroup):
 
 app = typer.Typer(cls=OneLineUsageErrors, help="edgemeta: few-shot image classification from meta-training to an edge device.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-class _Console:
-    """A rich Console made at its first use: a command that prints JSON (or nothing) never imports
-    rich, which a device command run once per image in a shell loop would pay each time."""
-
-    def __init__(self, **options):
-        self._options, self._console = options, None
-
-    def real(self):
-        """The rich Console itself."""
-        if self._console is None:
-            from rich.console import Console
-            self._console = Console(**self._options)
-        return self._console
-
-    def __getattr__(self, name: str):
-        return getattr(self.real(), name)
-
-
-def escape(text: str) -> str:
-    """rich's markup escape, imported when first needed."""
-    from rich.markup import escape as rich_escape
-    return rich_escape(text)
-
-
-console = _Console()
-err_console = _Console(stderr=True, soft_wrap=True)  # one error, one line
-
-
 def require_training_extra() -> None:
     """Fail at the point of use, with the install command, when torch & co. are missing (a device
     install: enroll/predict/forget/classes/bench/eval --bundle work without them)."""
     from edgemeta.runtime.extras import require
     require("torch", "safetensors", "onnx", purpose="this command")
-
-
-def say_error(message: str) -> None:
-    """One red `error:` line on stderr (control characters shown escaped)."""
-    printable = "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in message)
-    err_console.print(f"[bold red]error:[/] {escape(printable)}", highlight=False)
-
-
-def fail(message: str) -> None:
-    """One red `error:` line on stderr, then exit status 2."""
-    say_error(message)
-    raise typer.Exit(2)
-
-
-def os_error_message(exc: OSError) -> str:
-    """An environment fault (permission denied, read-only or full disk, a file in the way) as one line."""
-    where = " → ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return f"{reason}: {where}" if where else reason
 
 
 def command(*args, **kwargs):
@@ -108,14 +66,7 @@ def command_of(group: typer.Typer, *args, **kwargs):
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*a, **kw):
-            try:
-                fn(*a, **kw)  # a command's result is what it prints; the exit status says how it ended
-            except EdgemetaError as exc:
-                fail(str(exc))
-            except OSError as exc:
-                fail(os_error_message(exc))
-            except MemoryError:
-                fail("out of memory; use smaller images or batches")
+            run_guarded(fn, *a, **kw)
         return group.command(*args, **kwargs)(wrapper)
     return deco
 
@@ -160,21 +111,6 @@ class RichProgress:
             console.print(f"[cyan]•[/] {escape(text)}")
 
 
-def print_json(value, indent: int | None = None) -> None:
-    """Strict JSON on stdout: a NaN or infinity (never valid JSON) is written as null."""
-    print(json.dumps(_finite(value), indent=indent, allow_nan=False))
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def writable_target(path: Optional[Path], what: str, inputs: tuple[Optional[Path], ...] = (), kind: str | None = None) -> None:
     """Check before a long run that an output file can be written there: its folder exists and is
     writable, it is not a folder, not inside one of the command's own inputs (a bundle, a store) nor
@@ -205,7 +141,6 @@ def writable_target(path: Optional[Path], what: str, inputs: tuple[Optional[Path
 
 def _is_kind(path: Path, kind: str) -> bool:
     """Whether an existing file looks like an output of this kind (read from its start only)."""
-    import json
     with open(path, "rb") as f:
         head = f.read(1 << 16)
     if kind == "png":

@@ -22,6 +22,8 @@ def _check_backend(value: str) -> str:
     return value
 
 
+_check_backend.fast_check = "backend"  # type: ignore[attr-defined]  # what edgemeta.cli.fast checks in its place
+
 HEAD_CHOICES = click.Choice(head_names())
 
 BackendOption = Annotated[str, typer.Option(help=backend_help(), callback=_check_backend)]

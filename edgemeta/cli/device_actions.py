@@ -1,0 +1,113 @@
+"""What the device commands do (enroll, predict, forget, classes), without typer: edgemeta.cli.device
+declares their options and calls these; the fast path (edgemeta.cli.fast) calls them straight from
+a parsed command line. They import only edgemeta.runtime (no torch), rich only to draw a table
+(plain lines are printed plainly: a shell loop of `edgemeta enroll` never imports rich)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from edgemeta.cli.output import console, escape, print_json
+
+
+def _open(bundle: Path, store: Path, head: Optional[str], backend: str, variant: str, reembed: bool = False):
+    from edgemeta.runtime import FewShotClassifier
+    return FewShotClassifier.load(bundle, store=store, head=head, backend=backend, variant=variant, reembed=reembed)
+
+
+def folder_classes(folder: Path) -> dict[str, list[Path]]:
+    """<folder>/<label>/<images>: every subfolder is a class; an empty one is an error, not a skip."""
+    from edgemeta.runtime.errors import DataError, StoreError
+    from edgemeta.runtime.preprocess import IMAGE_EXTENSIONS
+    if not folder.is_dir():
+        raise DataError(f"--from-folder {folder} is not a folder")
+    classes = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images:
+            raise StoreError(f"class folder {sub} has no images (png/jpg); add some or remove the folder")
+        classes[sub.name] = images
+    if not classes:
+        raise DataError(f"{folder} has no class subfolders; expected {folder}/<label>/<image>")
+    return classes
+
+
+def enroll(bundle: Path, images: Optional[list[Path]], store: Path, label: Optional[str], from_folder: Optional[Path],
+           add: bool, replace: bool, head: Optional[str], backend: str, variant: str, reembed: bool) -> None:
+    from edgemeta.runtime.errors import ConfigError
+    if add and replace:
+        raise ConfigError("--add and --replace exclude each other")
+    mode = "add" if add else "replace" if replace else "new"
+    if from_folder is not None:
+        if images or label:
+            raise ConfigError("use either --from-folder or --label with IMAGES, not both")
+        todo = folder_classes(from_folder)
+    else:
+        if not label:
+            raise ConfigError("name the class with --label NAME (or use --from-folder DIR)")
+        todo = {label: list(images or [])}
+    clf = _open(bundle, store, head, backend, variant, reembed)
+    for name, shots in clf.enroll_many(todo, mode=mode).items():  # all classes checked before any is saved
+        print(f"enrolled {name!r}: {shots} shot(s)")  # plain lines: rich only for the tables
+    print(f"{len(clf.classes)} class(es) in {store}")
+
+
+def predict(bundle: Path, images: list[Path], store: Optional[Path], top_k: int, unknown: Optional[str],
+            head: Optional[str], backend: str, variant: str, reembed: bool, as_json: bool) -> None:
+    from edgemeta.runtime.classifier import parse_unknown
+    from edgemeta.runtime.errors import ConfigError, StoreError
+    from edgemeta.runtime.frozen import FrozenClassifier, is_frozen
+    reject = parse_unknown(unknown, "--unknown")
+    if is_frozen(bundle):
+        if store is not None or head is not None:
+            raise ConfigError(f"{bundle} is a frozen classifier: its classes and head are inside it (no --store/--head)")
+        result = FrozenClassifier.load(bundle).predict(list(images), top_k=top_k, reject=reject)
+    else:
+        if store is None:
+            raise ConfigError("give the enrollment store with --store DIR (or predict with a frozen classifier)")
+        if not Path(store).exists():
+            raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
+        clf = _open(bundle, store, head, backend, variant, reembed)
+        result = clf.predict(list(images), top_k=top_k, reject=reject)
+    rows = result.to_list()
+    if as_json:
+        print_json([{"image": str(p), **r} for p, r in zip(images, rows)], indent=2)
+        return
+    from rich.table import Table
+    table = Table("image", "label", f"top {top_k}" if top_k > 1 else "probability", "distance")
+    for p, r in zip(images, rows):
+        tops = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in r["top_k"])
+        table.add_row(escape(str(p)), escape(r["label"]), escape(tops), f"{r['distance']:.3f}")
+    console.print(table)
+
+
+def forget(bundle: Path, labels: list[str], store: Path) -> None:
+    from edgemeta.runtime.errors import StoreError
+    from edgemeta.runtime.store import EnrollmentStore
+    if not EnrollmentStore(store).exists():
+        raise StoreError(f"no store at {store}; nothing to forget")
+    clf = _open(bundle, store, None, "onnxruntime", "fp32")
+    missing = [label for label in labels if label not in clf.classes]
+    if missing:  # check every label before removing any
+        raise StoreError(f"{missing[0]!r} is not enrolled (enrolled: {', '.join(clf.classes) or 'none'}); nothing was removed")
+    for label in labels:
+        clf.forget(label)
+        print(f"forgot {label!r}")
+    print(f"{len(clf.classes)} class(es) left")
+
+
+def classes(store: Path, as_json: bool) -> None:
+    from edgemeta.runtime.errors import StoreError
+    from edgemeta.runtime.store import EnrollmentStore
+    state = EnrollmentStore(store).read()
+    if state is None:
+        raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
+    shots = {c.label: c.shots for c in state.classes}
+    if as_json:
+        print_json({"classes": shots, "head": state.head.to_dict(), "model_sha256": state.model_sha256})
+        return
+    from rich.table import Table
+    table = Table("class", "shots", title=f"{store} — head {state.head.kind}")
+    for k, v in shots.items():
+        table.add_row(escape(k), str(v))
+    console.print(table)

@@ -1,0 +1,108 @@
+"""The device commands' fast path (edgemeta.cli.fast): the same options as typer's declarations,
+read the same way, and everything it cannot read plainly left to typer."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY_BUNDLE
+
+from edgemeta.cli import device_actions, fast
+
+
+def test_the_spec_file_is_the_typer_declarations():
+    """device_commands.json is generated; a changed option must regenerate it."""
+    from edgemeta.cli import register
+    assert fast.describe(register(("device",))) == json.loads(fast.SPEC.read_text()), \
+        "the device commands' options changed: run `python -m edgemeta.cli.fast` to regenerate device_commands.json"
+
+
+PLAIN = [
+    ["predict", "b", "x.png", "--store", "s"],
+    ["predict", "b", "x.png", "y.jpg", "--store=s", "--top-k", "3", "--json", "--unknown", "auto"],
+    ["predict", "--json", "b", "--head", "logistic", "x.png", "--variant", "int8", "--backend", "onnxruntime:cpu",
+     "--no-reembed", "--store", "s"],
+    ["predict", "b", "--store", "s", "--reembed", "--top-k=2", "--top-k", "4", "--", "-odd.png"],
+    ["enroll", "b", "--store", "s", "--label", "mug", "a.png", "b.png", "--add"],
+    ["enroll", "b", "--store", "s", "--from-folder", "photos", "--replace", "--backend", "auto"],
+    ["forget", "b", "mug", "cup", "--store", "s"],
+    ["classes", "--store", "s", "--json"],
+]
+
+
+@pytest.mark.parametrize("argv", PLAIN, ids=[" ".join(a) for a in PLAIN])
+def test_the_fast_path_passes_what_typer_passes(argv, monkeypatch):
+    from typer.testing import CliRunner
+
+    from edgemeta.cli import register
+    seen = []
+    monkeypatch.setattr(device_actions, argv[0], lambda **kw: seen.append(kw))
+    result = CliRunner().invoke(register(("device",)), argv)
+    assert result.exit_code == 0, result.output
+    assert fast.parse(json.loads(fast.SPEC.read_text())[argv[0]], argv[1:]) == seen[0]
+
+
+LEFT_TO_TYPER = [
+    ["predict", "--help"], ["predict", "b", "x.png", "--store", "s", "-h"],
+    ["predict", "b", "--store", "s"],                      # no image
+    ["predict", "b", "x.png", "--top-k", "0"],             # out of range
+    ["predict", "b", "x.png", "--top-k", "two"],
+    ["predict", "b", "x.png", "--variant", "int4"],
+    ["predict", "b", "x.png", "--head", "knn"],
+    ["predict", "b", "x.png", "--backend", "nope"],
+    ["predict", "b", "x.png", "--store"],                   # a value missing
+    ["predict", "b", "x.png", "--json=yes"],
+    ["predict", "b", "x.png", "--colour", "L"],             # unknown option
+    ["classes"],                                            # required option missing
+    ["classes", "--store", "s", "extra"],                   # an argument it does not take
+    ["forget", "b", "--store", "s"],
+]
+
+
+@pytest.mark.parametrize("argv", LEFT_TO_TYPER, ids=[" ".join(a) for a in LEFT_TO_TYPER])
+def test_what_the_fast_path_cannot_read_plainly_is_left_to_typer(argv, monkeypatch):
+    from typer.testing import CliRunner
+
+    from edgemeta.cli import register
+    assert fast.parse(json.loads(fast.SPEC.read_text())[argv[0]], argv[1:]) is None
+    monkeypatch.setattr(device_actions, argv[0], lambda **kw: pytest.fail(f"typer ran {argv[0]} with {kw}"))
+    result = CliRunner().invoke(register(("device",)), argv)
+    assert "--help" in argv or result.exit_code == 2  # and typer answers: help, or one usage error
+
+
+def _edgemeta(*args, check=True):
+    """The installed entry point's code path: edgemeta.cli.main in a fresh process."""
+    code = "import sys; sys.argv[0] = 'edgemeta'; from edgemeta.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=check)
+
+
+def test_the_device_commands_end_to_end_through_the_fast_path(tmp_path, tagalog):
+    """enroll, classes, predict, forget on real Omniglot characters in fresh processes (the way a
+    shell loop runs them); errors are one line, exit status 2, and leave the store as it was."""
+    names = sorted(tagalog)[:2]
+    files = {}
+    for name in names:
+        files[name] = []
+        for i, png in enumerate(tagalog[name][:4]):
+            path = tmp_path / f"{name}-{i}.png"
+            path.write_bytes(png)
+            files[name].append(path)
+    store = tmp_path / "store"
+    for name in names:
+        done = _edgemeta("enroll", TINY_BUNDLE, *files[name][:3], "--store", store, "--label", name)
+        assert f"enrolled {name!r}: 3 shot(s)" in done.stdout
+    assert json.loads(_edgemeta("classes", "--store", store, "--json").stdout)["classes"] == dict.fromkeys(names, 3)
+    queries = [files[n][3] for n in names]
+    rows = json.loads(_edgemeta("predict", TINY_BUNDLE, *queries, "--store", store, "--json", "--top-k", "2").stdout)
+    assert [r["image"] for r in rows] == [str(q) for q in queries]
+    assert all(len(r["top_k"]) == 2 and abs(sum(t["probability"] for t in r["top_k"]) - 1) < 1e-5 for r in rows)
+    bad = _edgemeta("predict", TINY_BUNDLE, tmp_path / "missing.png", "--store", store, "--json", check=False)
+    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("error:") and "missing.png" in bad.stderr
+    refused = _edgemeta("forget", TINY_BUNDLE, names[0], "nope", "--store", store, check=False)
+    assert refused.returncode == 2 and "'nope' is not enrolled" in refused.stderr
+    assert json.loads(_edgemeta("classes", "--store", store, "--json").stdout)["classes"] == dict.fromkeys(names, 3)
+    assert f"forgot {names[0]!r}" in _edgemeta("forget", TINY_BUNDLE, names[0], "--store", store).stdout
+    assert list(json.loads(_edgemeta("classes", "--store", store, "--json").stdout)["classes"]) == [names[1]]
