@@ -106,3 +106,12 @@ def test_the_device_commands_end_to_end_through_the_fast_path(tmp_path, tagalog)
     assert json.loads(_edgemeta("classes", "--store", store, "--json").stdout)["classes"] == dict.fromkeys(names, 3)
     assert f"forgot {names[0]!r}" in _edgemeta("forget", TINY_BUNDLE, names[0], "--store", store).stdout
     assert list(json.loads(_edgemeta("classes", "--store", store, "--json").stdout)["classes"]) == [names[1]]
+
+
+def test_ctrl_c_in_the_fast_path_is_one_line_and_exit_status_1(monkeypatch, capsys):
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(device_actions, "classes", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        fast.run(["classes", "--store", "s"])
+    assert exc.value.code == 1 and capsys.readouterr().err.strip() == "error: aborted"

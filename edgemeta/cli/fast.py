@@ -28,8 +28,12 @@ def run(argv: list[str]) -> bool:
     if values is None:
         return False
     from edgemeta.cli import device_actions
-    from edgemeta.cli.output import run_guarded
-    run_guarded(getattr(device_actions, argv[0]), **values)
+    from edgemeta.cli.output import run_guarded, say_error
+    try:
+        run_guarded(getattr(device_actions, argv[0]), **values)
+    except KeyboardInterrupt:  # as under click: one line, exit status 1
+        say_error("aborted")
+        raise SystemExit(1) from None
     return True
 
 
