@@ -5,7 +5,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ..preprocess import InputSpec
+from ..preprocess import InputSpec, pixels_to_batch
 
 # The largest batch edgemeta hands a backend in one call: embed_pixels and the frozen classifier chunk
 # by it, the service's --max-batch stops at it, and TensorRT profiles (engines, ONNX Runtime's TensorRT
@@ -37,7 +37,6 @@ class Backend(ABC):
 
     def embed_pixels(self, pixels: np.ndarray, batch_size: int = MAX_BATCH) -> np.ndarray:
         """Embed decoded uint8 images [N, H, W, C] in batches: float32 [N, D]."""
-        from ..preprocess import pixels_to_batch
         if 0 < len(pixels) <= batch_size:  # one call: no output buffer to fill and copy
             return self.embed(pixels_to_batch(pixels))
         out = np.empty((len(pixels), self.embedding_dim), np.float32)
