@@ -12,6 +12,7 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 from common import machine
 
@@ -64,7 +65,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {k: [] for k in pythons}
     for _ in range(args.rounds):
         for k, py in pythons.items():
-            results[k].append(run(py, args.bundle))
+            results[k].append(run(py, str(Path(args.bundle).resolve())))
     print(f"machine: {machine()}; {args.bundle}; median of {args.rounds} alternating processes, p50 per call")
     for k in pythons:
         for batch in ("1", "32"):
