@@ -8,7 +8,6 @@ bundle files and manifests, the enrollment store and the dataset cache all write
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +18,7 @@ FILE_MODE = 0o644  # mkstemp makes 0600; bundles and stores are shared with othe
 def atomic_write(path: str | os.PathLike, content: bytes | Callable[[BinaryIO], None], durable: bool = True) -> None:
     """Replace `path` with `content` (bytes, or a function writing to a binary file object).
     durable=False skips the fsyncs (for caches, which can be rebuilt)."""
+    import tempfile  # here, not at the top: a command that only reads (predict, classes) never pays for it
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
