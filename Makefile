@@ -13,7 +13,7 @@ SHIPPED_CKPT := checkpoints/omniglot-conv4-protonet.safetensors
 DEVICE_BUNDLE := build/device-test-bundle
 # tests that need only the runtime and the tiny bundle (tests/tiny_bundle): `make test-fast` runs them
 # with the rest, `make test-device` runs them again where torch and onnx are not installed
-DEVICE_SIDE_TESTS := test_hostile_store.py test_variant_choice.py test_outputs.py
+DEVICE_SIDE_TESTS := test_hostile_store.py test_variant_choice.py test_outputs.py test_prediction.py test_cli_fast.py
 
 .PHONY: test test-fast test-main test-device lint demo install clean
 

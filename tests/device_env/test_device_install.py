@@ -71,6 +71,19 @@ def test_device_cli_enroll_predict_forget_without_torch(drawings, tmp_path):
     assert json.loads(r.stdout)["accuracy"] > 80
 
 
+def test_the_wheel_carries_the_device_commands_fast_path(tmp_path):
+    """device_commands.json is package data: without it `edgemeta classes` would still work, through
+    typer, and the start-up the fast path exists for would be lost without a sign."""
+    from edgemeta.cli import fast
+    assert fast.SPEC.is_file() and "site-packages" in str(fast.SPEC)
+    code = ("import sys; sys.argv = ['edgemeta', 'classes', '--store', sys.argv[1], '--json']\n"
+            "from edgemeta.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('typer', 'click')), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none")], capture_output=True, text=True)
+    assert done.stderr.splitlines()[-1] == "[]" and "no store at" in done.stderr
+
+
 def test_training_commands_say_what_to_install(tmp_path):
     r = edgemeta("train", "--data", DATA)
     assert r.returncode == 2 and "(edgemeta's [train] extra)" in r.stderr and "'torch>=" in r.stderr and "Traceback" not in r.stderr
