@@ -199,7 +199,8 @@ WrappedBackend = TypeVar("WrappedBackend", bound=Backend)
 @dataclass(frozen=True)
 class _Prepared:
     """An enrolled state ready to predict: its prototypes prepared in the rejection metric, and the
-    prototype head's scale (None for the other heads, which score with their fitted arrays)."""
+    prototype head's scale — None for the other heads, which score with their fitted arrays, and for
+    a scale of 0, whose logits (all 0) carry no similarity to reject by."""
 
     state: StoreState
     metric: str
@@ -364,7 +365,7 @@ class FewShotClassifier:
             metric = state.head.rejection_metric(self.bundle.l2_normalized)
             cached = self._prepared_cache = _Prepared(
                 state, metric, heads.PreparedPrototypes(state.fitted["prototypes"], metric),
-                np.float32(state.head.scale) if state.head.kind == "prototype" else None)
+                np.float32(state.head.scale) if state.head.kind == "prototype" and state.head.scale > 0 else None)
         return cached
 
     def _auto_threshold(self, state: StoreState, metric: str) -> float | None:

@@ -7,6 +7,7 @@ from edgemeta.runtime import FewShotClassifier
 
 @pytest.mark.parametrize("head", [{"kind": "prototype", "metric": "cosine", "scale": 12.0},
                                   {"kind": "prototype", "metric": "euclidean", "scale": 0.5},
+                                  {"kind": "prototype", "metric": "cosine", "scale": 0.0},
                                   {"kind": "logistic", "steps": 5}])
 def test_predict_gives_the_softmax_of_the_heads_logits_at_any_top_k_and_batch(device_bundle, head):
     """predict's top-1 path never normalises the softmax (the top class is the largest logit's, its

@@ -391,4 +391,3 @@ def test_a_backend_is_one_registration_and_every_entry_point_reaches_it(tmp_path
         BACKEND_KINDS.pop("counting")
     result = run_cli("predict", bundle, "--store", tmp_path / "s", "--backend", "counting", *files)
     assert result.exit_code == 2 and "backend must be auto or one of" in result.output
-
