@@ -86,8 +86,8 @@ def test_device_commands_import_no_training_side_module(tmp_path):
 
 
 def test_device_commands_in_a_loop_import_neither_typer_nor_rich_nor_package_metadata(tmp_path):
-    """`edgemeta enroll …` and `edgemeta predict … --json` in a per-image loop: no typer or click (the
-    fast path reads the command line), rich only when a table or an error is printed, and ONNX
+    """`edgemeta enroll|predict|classes …` in a per-image loop: no typer or click (the fast path reads
+    the command line), no rich (their tables are plain columns; rich only for an error), and ONNX
     Runtime's TensorRT options (which read package metadata) only where the TensorRT provider is present."""
     import subprocess
     import sys
@@ -103,9 +103,12 @@ def test_device_commands_in_a_loop_import_neither_typer_nor_rich_nor_package_met
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('rich', 'importlib.metadata', 'typer', 'click')))),"
             " file=sys.stderr)")
     for argv, printed in ((["enroll", TINY_BUNDLE, image, "--store", tmp_path / "s", "--label", "a"], "enrolled 'a'"),
-                          (["predict", TINY_BUNDLE, "--store", tmp_path / "s", "--json", image], '"label": "a"')):
+                          (["predict", TINY_BUNDLE, "--store", tmp_path / "s", "--json", image], '"label": "a"'),
+                          (["predict", TINY_BUNDLE, "--store", tmp_path / "s", image, image],
+                           f"image{' ' * (len(str(image)) - 3)}label  probability  distance\n{image}  a      1.00"),
+                          (["classes", "--store", tmp_path / "s"], "class  shots\na      1\n")):
         done = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, check=True)
-        assert printed in done.stdout
+        assert printed in done.stdout, done.stdout
         assert done.stderr.split() == [], argv[0]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from edgemeta.cli.output import console, escape, print_json
+from edgemeta.cli.output import print_json, print_table
 
 
 def _open(bundle: Path, store: Path, head: Optional[str], backend: str, variant: str, reembed: bool = False):
@@ -73,12 +73,12 @@ def predict(bundle: Path, images: list[Path], store: Optional[Path], top_k: int,
     if as_json:
         print_json([{"image": str(p), **r} for p, r in zip(images, rows)], indent=2)
         return
-    from rich.table import Table
-    table = Table("image", "label", f"top {top_k}" if top_k > 1 else "probability", "distance")
-    for p, r in zip(images, rows):
-        tops = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in r["top_k"])
-        table.add_row(escape(str(p)), escape(r["label"]), escape(tops), f"{r['distance']:.3f}")
-    console.print(table)
+    def chances(row: dict) -> str:  # the probability alone where it is the label's own
+        if len(row["top_k"]) == 1 and row["top_k"][0]["label"] == row["label"]:
+            return f"{row['top_k'][0]['probability']:.2f}"
+        return ", ".join(f"{t['label']} {t['probability']:.2f}" for t in row["top_k"])
+    print_table(["image", "label", f"top {top_k}" if top_k > 1 else "probability", "distance"],
+                [[str(p), r["label"], chances(r), f"{r['distance']:.3f}"] for p, r in zip(images, rows)])
 
 
 def forget(bundle: Path, labels: list[str], store: Path) -> None:
@@ -106,8 +106,4 @@ def classes(store: Path, as_json: bool) -> None:
     if as_json:
         print_json({"classes": shots, "head": state.head.to_dict(), "model_sha256": state.model_sha256})
         return
-    from rich.table import Table
-    table = Table("class", "shots", title=f"{store} — head {state.head.kind}")
-    for k, v in shots.items():
-        table.add_row(escape(k), str(v))
-    console.print(table)
+    print_table(["class", "shots"], [[k, str(v)] for k, v in shots.items()], title=f"{store} — head {state.head.kind}")

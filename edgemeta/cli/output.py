@@ -35,10 +35,25 @@ console = _Console()
 err_console = _Console(stderr=True, soft_wrap=True)  # one error, one line
 
 
+def printable(text: str) -> str:
+    """Control characters shown escaped: a label, a path or a message never moves the cursor."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+
+
+def print_table(header: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    """Plain columns aligned with spaces, as `grep`, `awk` and `column` read them. The device
+    commands print tables this way: rich's import would cost a shell loop more than the model."""
+    cells = [[printable(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    if title is not None:
+        print(printable(title))
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
 def say_error(message: str) -> None:
     """One red `error:` line on stderr (control characters shown escaped)."""
-    printable = "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in message)
-    err_console.print(f"[bold red]error:[/] {escape(printable)}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False)
 
 
 def fail(message: str) -> None:
