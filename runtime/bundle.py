@@ -4,14 +4,16 @@ manifest.json (schema "edgemeta-bundle", version MAJOR.MINOR) says what the grap
 (input spec), what it returns (embedding size, L2-normalised or not), the head defaults, every
 file with its sha256, each ONNX variant's checks (parity, INT8 accuracy delta) and, for each
 TensorRT engine, the device it was built for. A reader refuses an unknown major version, a
-manifest that does not validate, and any file whose checksum differs.
+manifest that does not validate, and any file whose checksum differs — checked when the file is
+first asked for (Bundle.file): a command hashes the graph it runs, not every variant and engine
+of a bundle that may hold tens of megabytes of them (`edgemeta inspect` checks them all).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BundleError, ConfigError
@@ -123,6 +125,22 @@ def verify_files(bundle_dir: str | os.PathLike, manifest: dict, names: list[str]
 class Bundle:
     path: Path
     manifest: dict
+    verify: bool = True  # each file checked against its sha256 the first time it is asked for
+    _verified: set[str] = field(default_factory=set, repr=False, compare=False)
+
+    def file(self, name: str) -> Path:
+        """The path of a file the manifest lists, checked against its sha256 on first use."""
+        if name not in self.manifest["files"]:
+            raise BundleError(f"{self.path}: the manifest lists no file {name!r}; re-export the bundle")
+        if self.verify and name not in self._verified:
+            verify_files(self.path, self.manifest, [name])
+            self._verified.add(name)
+        return self.path / name
+
+    def verify_every_file(self) -> None:
+        """Check every file the manifest lists (what `edgemeta inspect` reports), not only those used."""
+        for name in self.manifest["files"]:
+            self.file(name)
 
     @property
     def spec(self) -> InputSpec:
@@ -160,11 +178,10 @@ class Bundle:
     def variant_path(self, variant: str = "fp32", cpu: bool = False) -> Path:
         """The variant's ONNX file; cpu=True: its CPU graph where it has one (INT8: U8S8 for ONNX
         Runtime's CPU provider, where the TensorRT-shaped S8S8 graph runs slower than fp32)."""
-        path = self._variant_path(variant)
-        entry = self.manifest["variants"][variant].get("cpu") if cpu else None
-        return self.path / entry["file"] if entry else path
+        entry = self._variant(variant)
+        return self.file(((entry.get("cpu") if cpu else None) or entry)["file"])
 
-    def _variant_path(self, variant: str) -> Path:
+    def _variant(self, variant: str) -> dict:
         if variant not in VARIANTS:
             raise BundleError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
         if variant not in self.manifest["variants"]:
@@ -172,12 +189,10 @@ class Bundle:
             raise BundleError(f"this bundle has no {variant} model (it has: {have}); "
                               f"re-export with `edgemeta export --{variant}`" if variant != "fp32" else
                               "this bundle has no fp32 model; re-export it")
-        return self.path / self.manifest["variants"][variant]["file"]
+        return self.manifest["variants"][variant]
 
 
 def load_bundle(bundle_dir: str | os.PathLike, verify: bool = True) -> Bundle:
-    """Read and validate the manifest; check every file's sha256 unless verify=False."""
-    manifest = read_manifest(bundle_dir)
-    if verify:
-        verify_files(bundle_dir, manifest)
-    return Bundle(Path(bundle_dir), manifest)
+    """Read and validate the manifest. Each file's sha256 is checked when the bundle first hands
+    out its path (Bundle.file), unless verify=False; Bundle.verify_every_file() checks them all now."""
+    return Bundle(Path(bundle_dir), read_manifest(bundle_dir), verify)

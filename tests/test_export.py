@@ -11,6 +11,7 @@ from edgemeta.export.onnx_graph import ALLOWED_OPS, ExportEmbedder, audit_ops, e
 from edgemeta.runtime import BundleError, InputSpec, load_bundle
 from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgemeta.runtime.bundle import read_manifest, validate_manifest, write_manifest
+from edgemeta.runtime.store import EnrollmentStore
 
 from edgemeta.backbones import Embedder
 
@@ -96,16 +97,28 @@ def test_exported_onnx_also_runs_in_the_onnx_reference_evaluator(tiny_bundle, om
     np.testing.assert_allclose(ref, ort_out, rtol=1e-4, atol=1e-4)
 
 
-def test_a_tampered_file_is_refused(tiny_bundle, tmp_path):
-    copy = tmp_path / "b"
-    shutil.copytree(tiny_bundle, copy)
-    data = bytearray((copy / "embed.onnx").read_bytes())
-    data[-10] ^= 0xFF
-    (copy / "embed.onnx").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="does not match its sha256"):
-        load_bundle(copy)
-    result = run_cli("enroll", copy, "x.png", "--store", tmp_path / "s", "--label", "a")
-    assert result.exit_code == 2 and "sha256" in result.output
+def test_a_tampered_file_is_refused_when_used_and_inspect_names_it(tiny_bundle, tmp_path, tagalog):
+    """Each file is checked against its sha256 when first asked for: a damaged fp32 graph stops
+    enroll; a damaged INT8 graph stops only the INT8 variant (fp32 commands do not hash it), and
+    `edgemeta inspect` checks every file."""
+    image = tmp_path / "x.png"
+    image.write_bytes(tagalog[sorted(tagalog)[0]][0])
+    for damaged, used in (("embed.onnx", ["enroll"]), ("embed.int8-cpu.onnx", ["enroll", "--variant", "int8"])):
+        copy = tmp_path / damaged
+        shutil.copytree(tiny_bundle, copy)
+        data = bytearray((copy / damaged).read_bytes())
+        data[-10] ^= 0xFF
+        (copy / damaged).write_bytes(bytes(data))
+        b = load_bundle(copy)                                   # the manifest alone: nothing hashed yet
+        with pytest.raises(BundleError, match=f"{damaged} does not match its sha256"):
+            b.verify_every_file()
+        result = run_cli(used[0], copy, image, "--store", tmp_path / f"s-{damaged}", "--label", "a", *used[1:])
+        assert result.exit_code == 2 and f"{damaged} does not match its sha256" in result.output
+        assert EnrollmentStore(tmp_path / f"s-{damaged}").read() is None    # nothing enrolled
+        inspected = run_cli("inspect", copy)
+        assert inspected.exit_code == 2 and f"{damaged} does not match its sha256" in inspected.output
+    fp32 = run_cli("enroll", tmp_path / "embed.int8-cpu.onnx", image, "--store", tmp_path / "s-fp32", "--label", "a")
+    assert fp32.exit_code == 0 and "enrolled 'a'" in fp32.stdout
 
 
 def test_a_truncated_or_foreign_manifest_is_refused(tiny_bundle, tmp_path):

@@ -78,6 +78,7 @@ def export(
 def inspect_bundle(path: Path, as_json: bool) -> None:
     from edgemeta.runtime.bundle import load_bundle
     bundle = load_bundle(path)
+    bundle.verify_every_file()  # each file row below says ✓
     m = bundle.manifest
     if as_json:
         print_json(m, indent=2)

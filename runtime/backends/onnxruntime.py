@@ -188,11 +188,13 @@ def open_onnxruntime(bundle, request: BackendRequest) -> OnnxRuntimeBackend:
     """The bundle's graph for the variant on ONNX Runtime; on a CPU-only provider list the variant's
     CPU graph where it has one (the U8S8 INT8 graph)."""
     providers = choose_providers(request.providers)
-    path = bundle.variant_path(request.variant, cpu=providers == ["CPUExecutionProvider"])
+    on_cpu = providers == ["CPUExecutionProvider"]
+    path = bundle.variant_path(request.variant, cpu=on_cpu)
     trt = tensorrt_ep_options(bundle, request.variant) if "TensorrtExecutionProvider" in providers else None
     backend = OnnxRuntimeBackend(path, bundle.spec, bundle.embedding_dim, providers, request.threads,
                                  trt_options=trt, outputs=request.outputs)
-    backend.graph = f"{request.variant}-cpu" if path != bundle.variant_path(request.variant) else request.variant
+    cpu_graph = on_cpu and "cpu" in bundle.manifest["variants"][request.variant]
+    backend.graph = f"{request.variant}-cpu" if cpu_graph else request.variant
     return backend
 
 

@@ -196,7 +196,7 @@ def open_tensorrt(bundle, request: BackendRequest) -> TensorRTBackend:
     if engine is not None:
         dim = sum(request.outputs.values()) if request.outputs else bundle.embedding_dim
         try:
-            return TensorRTBackend(bundle.path / engine["file"], bundle.spec, dim, dla_core=engine.get("dla_core"),
+            return TensorRTBackend(bundle.file(engine["file"]), bundle.spec, dim, dla_core=engine.get("dla_core"),
                                    precision=engine["precision"], named_outputs=request.outputs)
         except (BundleError, DependencyError, MemoryError) as exc:
             raise BackendUnavailable(f"no {subject}: {engine['file']} matches but did not load: {exc}; "
