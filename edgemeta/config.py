@@ -34,6 +34,7 @@ HELP = {
     "split_file": "JSON naming the train/val/test groups (overrides --split-mode).",
     "rotations": "Add each 90° rotation of a training class as a new class.",
     "augment": "Random crop, flip and colour jitter while training (never at evaluation).",
+    "augment_pad": "augment: reflect padding in pixels at --image-size before the random crop (4 is CIFAR's at 32 px).",
     "algo": "protonet | r2d2 | pretrain | distill | maml | fomaml | anil | reptile",
     "backbone": "conv4 | resnet12 | edgenet | efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2",
     "metric": "ProtoNet distance: euclidean | cosine",
@@ -90,6 +91,7 @@ class TrainConfig:
     split_file: str = ""              # JSON {"train": [...], "val": [...], "test": [...]} of groups
     rotations: bool = True            # each 90° rotation of a training class is a new class
     augment: bool = False             # random crop + flip + colour jitter (training only)
+    augment_pad: int = 4              # the random crop's reflect padding, in pixels at image_size
     # model
     algo: str = "protonet"
     backbone: str = "conv4"
@@ -197,11 +199,13 @@ class TrainConfig:
         for name, low in (("way", 2), ("val_way", 2), ("shot", 1), ("query", 1),
                           ("episodes", 0 if self.pretrained or self.init else 1), ("meta_batch", 1),
                           ("batch_size", 1), ("val_every", 1), ("val_episodes", 1), ("val_shot", 1), ("val_query", 1),
-                          ("inner_steps", 0), ("log_every", 1), ("lr_step", 1), ("image_size", 1)):
+                          ("inner_steps", 0), ("log_every", 1), ("lr_step", 1), ("image_size", 1), ("augment_pad", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be a whole number ≥ {low}, got {value!r}"
                                   + (" (an episode needs at least two classes)" if name.endswith("way") else ""))
+        if self.augment_pad >= self.image_size:
+            raise ConfigError(f"augment_pad must be smaller than image_size ({self.image_size}), got {self.augment_pad}")
         if not 0.0 <= self.distill_alpha <= 1.0 or not self.distill_temperature > 0:
             raise ConfigError(f"distill_alpha must be in [0, 1] and distill_temperature > 0, got "
                               f"{self.distill_alpha!r}, {self.distill_temperature!r}")

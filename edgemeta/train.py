@@ -110,7 +110,8 @@ class TrainInputs:
     def inputs(self, idx: np.ndarray, step: int) -> torch.Tensor:
         x = torch.from_numpy(pixels_to_batch(self.data.pixels[idx]))
         if self.config.augment:
-            x = augment_batch(x, torch.Generator().manual_seed(self.config.seed * 1_000_003 + step))
+            x = augment_batch(x, torch.Generator().manual_seed(self.config.seed * 1_000_003 + step),
+                              pad=self.config.augment_pad)
         return x.to(self.config.device)
 
     def episodes(self, step: int) -> list:

@@ -36,6 +36,27 @@ def test_augmentation_is_seeded_keeps_shape_and_range_and_changes_images():
     assert torch.equal(same, x)
 
 
+def test_the_random_crops_padding_is_a_setting_scaled_to_the_training_size(omniglot_paths, tmp_path, monkeypatch):
+    """--augment-pad reaches the crop (4 px is CIFAR's at 32 px; an upsampled image wants it scaled),
+    and a padding as large as the image is one error line before any data loads."""
+    import edgemeta.train
+    pads = []
+
+    def recording(x, generator, pad=4, **kw):
+        pads.append(pad)
+        return augment_batch(x, generator, pad=pad, **kw)
+    monkeypatch.setattr(edgemeta.train, "augment_batch", recording)
+    data = [x for p in omniglot_paths for x in ("--data", p)]
+    common = [*data, "--split-mode", "seeded", "--way", "5", "--shot", "1", "--query", "2", "--val-every", "2",
+              "--val-episodes", "2", "--quiet", "--augment"]
+    r = run_cli("train", *common, "--episodes", "2", "--augment-pad", "7", "--out", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    assert pads and set(pads) == {7}
+    bad = run_cli("train", *common, "--episodes", "2", "--augment-pad", "28", "--out", tmp_path / "bad")
+    assert bad.exit_code == 2 and "augment_pad must be smaller than image_size (28)" in bad.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_augmentation_never_runs_at_evaluation_export_or_enrollment(tiny_run, omniglot_paths, tmp_path, monkeypatch):
     import edgemeta.augment
     import edgemeta.train
