@@ -178,8 +178,12 @@ class Bundle:
     def variant_path(self, variant: str = "fp32", cpu: bool = False) -> Path:
         """The variant's ONNX file; cpu=True: its CPU graph where it has one (INT8: U8S8 for ONNX
         Runtime's CPU provider, where the TensorRT-shaped S8S8 graph runs slower than fp32)."""
+        return self.file(self.variant_file(variant, cpu))
+
+    def variant_file(self, variant: str = "fp32", cpu: bool = False) -> str:
+        """The name of the variant's ONNX file (as variant_path, without reading the file)."""
         entry = self._variant(variant)
-        return self.file(((entry.get("cpu") if cpu else None) or entry)["file"])
+        return ((entry.get("cpu") if cpu else None) or entry)["file"]
 
     def _variant(self, variant: str) -> dict:
         if variant not in VARIANTS:

@@ -99,12 +99,8 @@ def rebuild_hint(bundle: str | Path) -> str:
     return f"rebuild it on this device with `edgemeta build-engine {bundle}`"
 
 
-def cpu_model(cpuinfo: str | None = None) -> str:
-    """The CPU's model name (x86: "model name", Arm: "Hardware" in /proc/cpuinfo), else platform's.
-
-    On x86 the family and model numbers follow it: virtual machines often report a bare "AMD EPYC",
-    and the family (25: Zen 3/4, 26: Zen 5) is what tells one such machine from another."""
-    import platform
+def _cpuinfo_fields(cpuinfo: str | None) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (or of the text given), keys in lower case."""
     try:
         text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
@@ -113,6 +109,23 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def cpu_features(cpuinfo: str | None = None) -> str:
+    """The instruction-set extensions the CPU reports (x86 "flags", Arm "Features"), sorted: two
+    machines of one model name can differ here (a hypervisor may hide AVX-512)."""
+    fields = _cpuinfo_fields(cpuinfo)
+    return " ".join(sorted((fields.get("flags") or fields.get("features") or "").split()))
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (x86: "model name", Arm: "Hardware" in /proc/cpuinfo), else platform's.
+
+    On x86 the family and model numbers follow it: virtual machines often report a bare "AMD EPYC",
+    and the family (25: Zen 3/4, 26: Zen 5) is what tells one such machine from another."""
+    import platform
+    fields = _cpuinfo_fields(cpuinfo)
     name = fields.get("model name") or fields.get("hardware")
     if not name:
         return platform.processor() or "unknown"

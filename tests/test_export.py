@@ -97,10 +97,12 @@ def test_exported_onnx_also_runs_in_the_onnx_reference_evaluator(tiny_bundle, om
     np.testing.assert_allclose(ref, ort_out, rtol=1e-4, atol=1e-4)
 
 
-def test_a_tampered_file_is_refused_when_used_and_inspect_names_it(tiny_bundle, tmp_path, tagalog):
+def test_a_tampered_file_is_refused_when_used_and_inspect_names_it(tiny_bundle, tmp_path, tagalog, monkeypatch):
     """Each file is checked against its sha256 when first asked for: a damaged fp32 graph stops
     enroll; a damaged INT8 graph stops only the INT8 variant (fp32 commands do not hash it), and
-    `edgemeta inspect` checks every file."""
+    `edgemeta inspect` checks every file. (A machine that has not run the graph before: no optimised
+    copy of it in the cache, tests/test_ort_graph_cache.py.)"""
+    monkeypatch.setenv("EDGEMETA_CACHE", str(tmp_path / "cache"))
     image = tmp_path / "x.png"
     image.write_bytes(tagalog[sorted(tagalog)[0]][0])
     for damaged, used in (("embed.onnx", ["enroll"]), ("embed.int8-cpu.onnx", ["enroll", "--variant", "int8"])):

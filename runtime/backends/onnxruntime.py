@@ -115,15 +115,22 @@ def tensorrt_ep_options(bundle, variant: str, cache_root: str | Path | None = No
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    optimized_graph: Path | None = None  # the saved optimised graph this session loaded (ort_graph_cache)
 
     def __init__(self, model_path: str | Path, spec: InputSpec, embedding_dim: int, providers: str | list[str] = "auto",
-                 threads: int | None = None, trt_options: dict | None = None, outputs: dict[str, int] | None = None):
+                 threads: int | None = None, trt_options: dict | None = None, outputs: dict[str, int] | None = None,
+                 optimized: bool = False, save_optimized: Path | None = None):
         """outputs: the graph's named outputs and their widths where it has several (a frozen
-        classifier's probabilities [N, C] and distance [N]); the first is what embed returns."""
+        classifier's probabilities [N, C] and distance [N]); the first is what embed returns.
+        optimized: the graph is one ONNX Runtime already optimised for this machine (loaded with the
+        optimisers off); save_optimized: where to write the optimised graph (ort_graph_cache)."""
         import onnxruntime as ort
         super().__init__(spec, embedding_dim if outputs is None else next(iter(outputs.values())))
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimized
+                                            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        if save_optimized is not None:
+            options.optimized_model_filepath = str(save_optimized)
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
@@ -168,7 +175,8 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> dict:
         import onnxruntime as ort
         return {"backend": self.name, "model": self.model_path.name, "providers": self.session.get_providers(),
-                "onnxruntime_version": ort.__version__}
+                "onnxruntime_version": ort.__version__,
+                "optimized_graph": str(self.optimized_graph) if self.optimized_graph else None}
 
 
 def parse_providers(listed: str) -> list[str]:
@@ -189,13 +197,44 @@ def open_onnxruntime(bundle, request: BackendRequest) -> OnnxRuntimeBackend:
     CPU graph where it has one (the U8S8 INT8 graph)."""
     providers = choose_providers(request.providers)
     on_cpu = providers == ["CPUExecutionProvider"]
-    path = bundle.variant_path(request.variant, cpu=on_cpu)
-    trt = tensorrt_ep_options(bundle, request.variant) if "TensorrtExecutionProvider" in providers else None
-    backend = OnnxRuntimeBackend(path, bundle.spec, bundle.embedding_dim, providers, request.threads,
-                                 trt_options=trt, outputs=request.outputs)
+    if on_cpu:
+        backend = _open_on_cpu(bundle, bundle.variant_file(request.variant, cpu=True), request)
+    else:
+        trt = tensorrt_ep_options(bundle, request.variant) if "TensorrtExecutionProvider" in providers else None
+        backend = OnnxRuntimeBackend(bundle.variant_path(request.variant), bundle.spec, bundle.embedding_dim, providers,
+                                     request.threads, trt_options=trt, outputs=request.outputs)
     cpu_graph = on_cpu and "cpu" in bundle.manifest["variants"][request.variant]
     backend.graph = f"{request.variant}-cpu" if cpu_graph else request.variant
     return backend
+
+
+def _open_on_cpu(bundle, name: str, request: BackendRequest) -> OnnxRuntimeBackend:
+    """The CPU provider's session for the bundle's graph `name`: from the graph ONNX Runtime saved,
+    optimised, on an earlier run on this machine, else from the bundle's (verified) file, saving the
+    optimised graph for the next run."""
+    from . import ort_graph_cache as cache
+    key = cache.graph_key(bundle.manifest["files"][name]["sha256"])
+    opened = functools.partial(OnnxRuntimeBackend, spec=bundle.spec, embedding_dim=bundle.embedding_dim,
+                               providers=["CPUExecutionProvider"], threads=request.threads, outputs=request.outputs)
+    saved = cache.cached_graph(key)
+    if saved is not None:
+        try:
+            backend = opened(saved, optimized=True)
+            backend.model_path = bundle.path / name  # what it runs, as the bundle names it
+            backend.optimized_graph = saved
+            return backend
+        except BundleError:
+            saved.unlink(missing_ok=True)  # ONNX Runtime refused it: made again below
+    path, target = bundle.file(name), cache.save_target(key)
+    if target is not None:
+        try:
+            backend = opened(path, save_optimized=target)
+        except BundleError:  # the graph is fine but its optimised copy could not be written
+            target.unlink(missing_ok=True)
+        else:
+            cache.keep(target, key)
+            return backend
+    return opened(path)
 
 
 register_backend(BackendKind(

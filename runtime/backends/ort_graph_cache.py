@@ -1,0 +1,71 @@
+"""ONNX Runtime's graph optimisation, done once per machine instead of at every start.
+
+Creating a session on ONNX Runtime's CPU provider is mostly optimising the graph (fusions, the
+NCHWc layout for this CPU's vector width): for EfficientNet-Lite0, tens of milliseconds of every
+`edgemeta predict` in a shell loop. The first session on a machine saves the graph ONNX Runtime
+optimised (its documented offline mode) into the user's cache — `$EDGEMETA_CACHE/ort-graphs/`,
+else `~/.cache/edgemeta/ort-graphs/` — and later sessions load that with the optimisers off.
+
+ONNX Runtime warns that such a graph may hold layouts for this hardware only, so a saved graph is
+keyed by the source graph's sha256 (from the bundle's manifest), ONNX Runtime's version and the
+CPU (model and instruction-set flags). Its file name ends in its own sha256, checked at each load:
+a damaged copy is removed and rebuilt from the bundle's verified graph, never run. Where the cache
+cannot be written, sessions are made as before.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+FOLDER = "ort-graphs"
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("EDGEMETA_CACHE", Path.home() / ".cache" / "edgemeta")) / FOLDER
+
+
+def graph_key(source_sha256: str) -> str:
+    """What a saved graph is valid for: this source graph, this ONNX Runtime, this CPU."""
+    import onnxruntime as ort
+
+    from ..device_info import cpu_features, cpu_model
+    text = "|".join([source_sha256, ort.__version__, cpu_model(), cpu_features()])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def cached_graph(key: str) -> Path | None:
+    """The graph saved for `key` whose content matches the sha256 in its name; a damaged one is removed."""
+    from ..bundle import sha256_file
+    for path in sorted(cache_folder().glob(f"{key}-*.onnx")):
+        try:
+            if sha256_file(path) == path.stem.rpartition("-")[2]:
+                return path
+            path.unlink()
+        except OSError:
+            continue
+    return None
+
+
+def save_target(key: str) -> Path | None:
+    """Where ONNX Runtime may write the optimised graph for `key` (a temporary name, made unique per
+    process), or None where the cache folder cannot be made."""
+    folder = cache_folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder / f".{key}.{os.getpid()}.tmp"
+
+
+def keep(saved: Path, key: str) -> None:
+    """Give the graph ONNX Runtime wrote at `saved` its name (key and content sha256), atomically;
+    a concurrent process saving the same graph renames onto the same name."""
+    from ..bundle import sha256_file
+    try:
+        if saved.is_file():
+            os.replace(saved, saved.with_name(f"{key}-{sha256_file(saved)}.onnx"))
+    except OSError:
+        pass
+    finally:
+        saved.unlink(missing_ok=True)
