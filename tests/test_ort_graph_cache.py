@@ -92,3 +92,15 @@ def test_a_saved_graph_runs_while_a_damaged_bundle_graph_is_still_reported(fresh
     shutil.rmtree(fresh_cache)
     miss = run_cli("predict", bundle, image, "--store", tmp_path / "s", "--json")
     assert miss.exit_code == 2 and "embed.onnx does not match its sha256" in miss.output
+
+
+def test_the_folder_keeps_the_most_recently_used_graphs_within_its_size(fresh_cache, tiny_bundle, omniglot, monkeypatch):
+    import os
+    pixels = omniglot.pixels[:2].transpose(0, 3, 1, 2).astype(np.float32)
+    _embed(tiny_bundle, pixels, "fp32")
+    (fp32,) = fresh_cache.glob("*.onnx")
+    os.utime(fp32, (1, 1))                                   # long unused
+    monkeypatch.setattr(cache, "MAX_BYTES", fp32.stat().st_size + 1)
+    _embed(tiny_bundle, pixels, "int8")                      # saving a second graph goes over the limit
+    (kept,) = fresh_cache.glob("*.onnx")
+    assert kept != fp32 and not fp32.exists()

@@ -10,7 +10,8 @@ ONNX Runtime warns that such a graph may hold layouts for this hardware only, so
 keyed by the source graph's sha256 (from the bundle's manifest), ONNX Runtime's version and the
 CPU (model and instruction-set flags). Its file name ends in its own sha256, checked at each load:
 a damaged copy is removed and rebuilt from the bundle's verified graph, never run. Where the cache
-cannot be written, sessions are made as before.
+cannot be written, sessions are made as before. The folder keeps at most MAX_BYTES: saving a graph
+removes the least recently used ones beyond that.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import os
 from pathlib import Path
 
 FOLDER = "ort-graphs"
+MAX_BYTES = 512 << 20  # a few dozen EfficientNet-Lite0 graphs
 
 
 def cache_folder() -> Path:
@@ -40,6 +42,7 @@ def cached_graph(key: str) -> Path | None:
     for path in sorted(cache_folder().glob(f"{key}-*.onnx")):
         try:
             if sha256_file(path) == path.stem.rpartition("-")[2]:
+                os.utime(path)  # used now: the last to be pruned
                 return path
             path.unlink()
         except OSError:
@@ -65,7 +68,25 @@ def keep(saved: Path, key: str) -> None:
     try:
         if saved.is_file():
             os.replace(saved, saved.with_name(f"{key}-{sha256_file(saved)}.onnx"))
+            _prune(saved.parent)
     except OSError:
         pass
     finally:
         saved.unlink(missing_ok=True)
+
+
+def _prune(folder: Path) -> None:
+    """Remove the least recently used saved graphs while the folder holds more than MAX_BYTES."""
+    graphs = []
+    for path in folder.glob("*.onnx"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        graphs.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in graphs)
+    for _, size, path in sorted(graphs, key=lambda g: g[0]):
+        if total <= MAX_BYTES:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
