@@ -2,13 +2,16 @@
 interleaved), against the bare imports every device command needs (numpy + onnxruntime + Pillow).
 On the checked-in tiny bundle, so the model's own cost is negligible and the figure is start-up.
 --before PYTHON runs the same commands, interleaved, with another installation of edgemeta (an
-earlier commit installed in its own venv) for a side-by-side before/after.
+earlier commit installed in its own venv) for a side-by-side before/after. --bundle B adds `predict
+--json` on a real bundle (B's fp32 graph, one RGB photo enrolled): with the optimised graph ONNX
+Runtime saved on the first run (ort-graphs in the cache), and with no cache to read or write.
 
-    python benchmarks/cli_startup.py [--runs 7] [--before /tmp/venv-before/bin/python]
+    python benchmarks/cli_startup.py [--runs 7] [--before /tmp/venv-before/bin/python] [--bundle B]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -25,9 +28,9 @@ ALL = "import sys; from edgemeta.cli import register; sys.argv[0] = 'edgemeta'; 
 NOW = "import sys; from edgemeta.cli import main; sys.argv[0] = 'edgemeta'; main()"
 
 
-def wall(cmd: list[str]) -> float:
+def wall(cmd: list[str], env: dict | None = None) -> float:
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())  # not the source tree
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env)  # not the source tree
     if done.returncode:
         raise SystemExit(f"{cmd[2:]} failed: {done.stderr.strip()[-400:]}")
     return time.perf_counter() - t0
@@ -37,6 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--before", help="the python of another edgemeta installation, run side by side")
+    ap.add_argument("--bundle", help="also time predict --json on this bundle, with and without the ort-graphs cache")
     args = ap.parse_args()
     # as a pip install leaves edgemeta: compiled to bytecode (an editable checkout under
     # PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module from source at each start)
@@ -70,10 +74,23 @@ def main() -> None:
         for name in ("predict (device modules)", "predict --json", "classes (device modules)", "enroll (device modules)"):
             cmd = list(cases[name])
             cases[f"{name.split(' (')[0]} (before)"] = [args.before, *cmd[1:]]
+    envs: dict[str, dict] = {}
+    if args.bundle:
+        photo, real_store = tmp / "photo.png", tmp / "real-store"
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(photo)
+        subprocess.run([py, "-c", NOW, "enroll", args.bundle, str(photo), "--store", str(real_store), "--label", "a"],
+                       check=True, capture_output=True)
+        real = [py, "-c", NOW, "predict", args.bundle, "--store", str(real_store), "--json", str(photo)]
+        (tmp / "not-a-folder").write_text("")
+        cases["bundle: predict --json, graph cache"] = real
+        cases["bundle: predict --json, no cache"] = real
+        envs["bundle: predict --json, no cache"] = {**os.environ, "EDGEMETA_CACHE": str(tmp / "not-a-folder" / "cache")}
+        if args.before:
+            cases["bundle: predict --json (before)"] = [args.before, *real[1:]]
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.runs):
         for name, cmd in cases.items():
-            times[name].append(wall(cmd))
+            times[name].append(wall(cmd, envs.get(name)))
     bare, bare_min = statistics.median(times["bare imports"]), min(times["bare imports"])
     print(f"machine: {machine()}; median (and fastest) of {args.runs} interleaved runs")
     for name, ts in times.items():
