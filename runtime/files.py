@@ -41,3 +41,10 @@ def atomic_write(path: str | os.PathLike, content: bytes | Callable[[BinaryIO], 
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
+
+
+def user_cache(name: str = "") -> Path:
+    """edgemeta's per-user cache folder (EDGEMETA_CACHE, else ~/.cache/edgemeta), or its subfolder
+    `name`: what can be rebuilt — dataset decodes, optimised graphs, variant measurements."""
+    root = Path(os.environ.get("EDGEMETA_CACHE") or Path.home() / ".cache" / "edgemeta")
+    return root / name if name else root

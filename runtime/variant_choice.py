@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
-from .files import atomic_write
+from .files import atomic_write, user_cache
 
 RECORD = ".variant-choice.json"
 MAX_ACCURACY_COST_POINTS = 1.0
@@ -34,8 +34,7 @@ def machine_key(bundle: Bundle, providers: list[str]) -> str:
 
 
 def _records(bundle: Bundle) -> list[Path]:
-    cache = Path(os.environ.get("EDGEMETA_CACHE", Path.home() / ".cache" / "edgemeta")) / "variant-choice"
-    return [bundle.path / RECORD, cache / f"{bundle.model_sha256[:16]}.json"]
+    return [bundle.path / RECORD, user_cache("variant-choice") / f"{bundle.model_sha256[:16]}.json"]
 
 
 def candidates(bundle: Bundle) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.runtime.errors import DataError
-from edgemeta.runtime.files import atomic_write
+from edgemeta.runtime.files import atomic_write, user_cache
 from edgemeta.runtime.preprocess import InputSpec, load_image
 from edgemeta.runtime.progress import SILENT, Progress
 
@@ -27,10 +27,6 @@ from .sources import iter_image_entries, source_fingerprint
 CACHE_VERSION = 2  # 2: EXIF orientation, 16-bit scaling, JPEG draft decoding
 LAYOUTS = ("auto", "omniglot", "folder")
 _CHARACTER_DIR = re.compile(r"character\d+$")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EDGEMETA_CACHE", Path.home() / ".cache" / "edgemeta"))
 
 
 def load_dataset(sources: str | os.PathLike | list, image_size: int | tuple[int, int] = 28,
@@ -53,7 +49,7 @@ def load_dataset(sources: str | os.PathLike | list, image_size: int | tuple[int,
                          + [source_fingerprint(s) for s in sources])
     cache_file = None
     if cache_dir is not False:
-        cache_file = Path(cache_dir or default_cache_dir()) / (hashlib.sha256(key_text.encode()).hexdigest()[:24] + ".npz")
+        cache_file = Path(cache_dir or user_cache()) / (hashlib.sha256(key_text.encode()).hexdigest()[:24] + ".npz")
         if cache_file.exists():
             try:
                 return _read_cache(cache_file)

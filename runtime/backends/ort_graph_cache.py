@@ -24,7 +24,8 @@ MAX_BYTES = 512 << 20  # a few dozen EfficientNet-Lite0 graphs
 
 
 def cache_folder() -> Path:
-    return Path(os.environ.get("EDGEMETA_CACHE", Path.home() / ".cache" / "edgemeta")) / FOLDER
+    from ..files import user_cache
+    return user_cache(FOLDER)
 
 
 def graph_key(source_sha256: str) -> str:
@@ -52,13 +53,13 @@ def cached_graph(key: str) -> Path | None:
 
 def save_target(key: str) -> Path | None:
     """Where ONNX Runtime may write the optimised graph for `key` (a temporary name, made unique per
-    process), or None where the cache folder cannot be made."""
+    process and thread), or None where the cache folder cannot be made."""
     folder = cache_folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
-    return folder / f".{key}.{os.getpid()}.tmp"
+    return folder / f".{key}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
 
 
 def keep(saved: Path, key: str) -> None:
@@ -76,14 +77,19 @@ def keep(saved: Path, key: str) -> None:
 
 
 def _prune(folder: Path) -> None:
-    """Remove the least recently used saved graphs while the folder holds more than MAX_BYTES."""
+    """Remove the least recently used saved graphs while the folder holds more than MAX_BYTES, and
+    what a process killed while saving left behind (temporary files over an hour old)."""
+    import time
     graphs = []
-    for path in folder.glob("*.onnx"):
+    for path in folder.glob("*"):
         try:
             st = path.stat()
+            if path.name.endswith(".tmp") and st.st_mtime < time.time() - 3600:
+                path.unlink()
         except OSError:
             continue
-        graphs.append((st.st_mtime, st.st_size, path))
+        if path.suffix == ".onnx":
+            graphs.append((st.st_mtime, st.st_size, path))
     total = sum(size for _, size, _ in graphs)
     for _, size, path in sorted(graphs, key=lambda g: g[0]):
         if total <= MAX_BYTES:
