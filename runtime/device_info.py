@@ -3,6 +3,7 @@ a TensorRT engine built elsewhere may run here. Engines are only valid on the de
 version and L4T release they were built for; everything here but the probing is pure and tested."""
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -99,12 +100,18 @@ def rebuild_hint(bundle: str | Path) -> str:
     return f"rebuild it on this device with `edgemeta build-engine {bundle}`"
 
 
+@functools.lru_cache(maxsize=1)
+def _proc_cpuinfo() -> str:
+    """/proc/cpuinfo, read once per process (the CPU does not change under it)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def _cpuinfo_fields(cpuinfo: str | None) -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (or of the text given), keys in lower case."""
-    try:
-        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-    except OSError:
-        text = ""
+    text = _proc_cpuinfo() if cpuinfo is None else cpuinfo
     fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -117,6 +124,16 @@ def cpu_features(cpuinfo: str | None = None) -> str:
     machines of one model name can differ here (a hypervisor may hide AVX-512)."""
     fields = _cpuinfo_fields(cpuinfo)
     return " ".join(sorted((fields.get("flags") or fields.get("features") or "").split()))
+
+
+def machine_key(*parts: str) -> str:
+    """A short hash of `parts` with this machine's identity — the CPU's model and instruction-set
+    flags, ONNX Runtime's version: what a measurement or an optimised graph made here is valid for."""
+    import hashlib
+
+    import onnxruntime as ort
+    text = "|".join([*parts, cpu_model(), cpu_features(), ort.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def cpu_model(cpuinfo: str | None = None) -> str:

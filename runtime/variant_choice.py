@@ -9,7 +9,6 @@ an engine's device identity. Later runs read the record.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,12 +24,9 @@ RECORD = ".variant-choice.json"
 MAX_ACCURACY_COST_POINTS = 1.0
 
 
-def machine_key(bundle: Bundle, providers: list[str]) -> str:
-    import onnxruntime as ort
-
-    from .device_info import cpu_model
-    text = "|".join([bundle.model_sha256, cpu_model(), ",".join(providers), ort.__version__, str(os.cpu_count())])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+def record_key(bundle: Bundle, providers: list[str]) -> str:
+    from .device_info import machine_key
+    return machine_key(bundle.model_sha256, ",".join(providers), str(os.cpu_count()))
 
 
 def _records(bundle: Bundle) -> list[Path]:
@@ -67,7 +63,7 @@ def measure_ms(path: Path, bundle: Bundle, providers: list[str], runs: int = 30)
 def choose_variant(bundle: Bundle, providers: list[str], measure: Callable[[Path], float] | None = None) -> str:
     """The recorded choice for this machine, else measure every candidate once, record, and choose:
     the fastest, and fp32 unless another is faster."""
-    key = machine_key(bundle, providers)
+    key = record_key(bundle, providers)
     for path in _records(bundle):
         try:
             record = json.loads(path.read_text()).get(key)

@@ -196,15 +196,15 @@ def open_onnxruntime(bundle, request: BackendRequest) -> OnnxRuntimeBackend:
     """The bundle's graph for the variant on ONNX Runtime; on a CPU-only provider list the variant's
     CPU graph where it has one (the U8S8 INT8 graph)."""
     providers = choose_providers(request.providers)
-    on_cpu = providers == ["CPUExecutionProvider"]
-    if on_cpu:
-        backend = _open_on_cpu(bundle, bundle.variant_file(request.variant, cpu=True), request)
-    else:
-        trt = tensorrt_ep_options(bundle, request.variant) if "TensorrtExecutionProvider" in providers else None
-        backend = OnnxRuntimeBackend(bundle.variant_path(request.variant), bundle.spec, bundle.embedding_dim, providers,
-                                     request.threads, trt_options=trt, outputs=request.outputs)
-    cpu_graph = on_cpu and "cpu" in bundle.manifest["variants"][request.variant]
-    backend.graph = f"{request.variant}-cpu" if cpu_graph else request.variant
+    if providers == ["CPUExecutionProvider"]:
+        name = bundle.variant_file(request.variant, cpu=True)
+        backend = _open_on_cpu(bundle, name, request)
+        backend.graph = request.variant if name == bundle.variant_file(request.variant) else f"{request.variant}-cpu"
+        return backend
+    trt = tensorrt_ep_options(bundle, request.variant) if "TensorrtExecutionProvider" in providers else None
+    backend = OnnxRuntimeBackend(bundle.variant_path(request.variant), bundle.spec, bundle.embedding_dim, providers,
+                                 request.threads, trt_options=trt, outputs=request.outputs)
+    backend.graph = request.variant
     return backend
 
 

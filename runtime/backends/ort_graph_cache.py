@@ -15,7 +15,6 @@ removes the least recently used ones beyond that.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -30,11 +29,8 @@ def cache_folder() -> Path:
 
 def graph_key(source_sha256: str) -> str:
     """What a saved graph is valid for: this source graph, this ONNX Runtime, this CPU."""
-    import onnxruntime as ort
-
-    from ..device_info import cpu_features, cpu_model
-    text = "|".join([source_sha256, ort.__version__, cpu_model(), cpu_features()])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    from ..device_info import machine_key
+    return machine_key(source_sha256)
 
 
 def cached_graph(key: str) -> Path | None:
