@@ -5,6 +5,8 @@ On the checked-in tiny bundle, so the model's own cost is negligible and the fig
 earlier commit installed in its own venv) for a side-by-side before/after. --bundle B adds `predict
 --json` on a real bundle (B's fp32 graph, one RGB photo enrolled): with the optimised graph ONNX
 Runtime saved on the first run (ort-graphs in the cache), and with no cache to read or write.
+"bare imports, no teardown" ends the bare imports with os._exit, as a finished device command ends
+(edgemeta.cli.fast.exit_without_teardown): the floor for a command that skips the teardown too.
 
     python benchmarks/cli_startup.py [--runs 7] [--before /tmp/venv-before/bin/python] [--bundle B]
 """
@@ -60,6 +62,8 @@ def main() -> None:
                    capture_output=True)
     cases = {
         "bare imports": [py, "-c", "import numpy, onnxruntime, PIL.Image"],
+        # the same, ending without the interpreter's teardown, as a finished device command does
+        "bare imports, no teardown": [py, "-c", "import os, numpy, onnxruntime, PIL.Image; os._exit(0)"],
         "predict (device modules)": [py, "-c", NOW, "predict", str(bundle), "--store", str(store), str(img)],
         "predict --json": [py, "-c", NOW, "predict", str(bundle), "--store", str(store), "--json", str(img)],
         "predict (every module)": [py, "-c", ALL, "predict", str(bundle), "--store", str(store), str(img)],

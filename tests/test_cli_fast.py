@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import TINY_BUNDLE
+from PIL import Image
 
 from edgemeta.cli import device_actions, fast
 
@@ -115,3 +117,40 @@ def test_ctrl_c_in_the_fast_path_is_one_line_and_exit_status_1(monkeypatch, caps
     with pytest.raises(SystemExit) as exc:
         fast.run(["classes", "--store", "s"])
     assert exc.value.code == 1 and capsys.readouterr().err.strip() == "error: aborted"
+
+
+def _after_main(script: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_a_finished_device_command_ends_the_process_with_its_output_and_exit_hooks(tmp_path):
+    """The fast path ends the process when the command is done (no interpreter teardown): the JSON
+    comes whole through a pipe, exit hooks run, the store is written, and nothing after main() runs."""
+    image = tmp_path / "one.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(image)
+    script = ("import atexit, sys; sys.argv = ['edgemeta', *sys.argv[1:]]\n"
+              "atexit.register(lambda: print('exit hook', file=sys.stderr))\n"
+              "from edgemeta.cli import main\nmain()\nprint('after main')\n")
+    enrolled = _after_main(script, "enroll", TINY_BUNDLE, image, "--store", tmp_path / "s", "--label", "a")
+    assert (enrolled.returncode, enrolled.stderr) == (0, "exit hook\n") and "after main" not in enrolled.stdout
+    done = _after_main(script, "predict", TINY_BUNDLE, image, image, "--store", tmp_path / "s", "--json")
+    assert (done.returncode, done.stderr) == (0, "exit hook\n")
+    assert [r["label"] for r in json.loads(done.stdout)] == ["a", "a"]  # the whole output, nothing after it
+    # the caller that goes on in the same process
+    kept = _after_main(script.replace("main()", "main(exit_when_done=False)"), "classes", "--store", tmp_path / "s")
+    assert kept.returncode == 0 and kept.stdout.endswith("after main\n")
+
+
+def test_the_quick_exit_leaves_a_running_thread_or_a_tracer_to_the_normal_exit():
+    """A non-daemon thread still running, or a tracer (coverage saves at exit), keep the normal exit:
+    exit_without_teardown returns and the process goes on."""
+    thread = ("import threading\nfrom edgemeta.cli.fast import exit_without_teardown\n"
+              "go = threading.Event(); t = threading.Thread(target=go.wait); t.start()\n"
+              "exit_without_teardown(); print('went on'); go.set()\n")
+    tracer = ("import sys\nfrom edgemeta.cli.fast import exit_without_teardown\n"
+              "sys.settrace(lambda *a: None); exit_without_teardown(); sys.settrace(None); print('went on')\n")
+    plain = "from edgemeta.cli.fast import exit_without_teardown\nexit_without_teardown(); print('went on')\n"
+    assert _after_main(thread).stdout == "went on\n"
+    assert _after_main(tracer).stdout == "went on\n"
+    ended = _after_main(plain)
+    assert (ended.returncode, ended.stdout) == (0, "")

@@ -36,11 +36,16 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def main() -> None:
+def main(exit_when_done: bool = True) -> None:
+    """The `edgemeta` entry point. A device command run by the fast path ends the process when it is
+    done (edgemeta.cli.fast.exit_without_teardown) unless exit_when_done is False (a caller that goes
+    on in the same process)."""
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command in DEVICE_COMMANDS:
-        from .fast import run  # without typer when the command line reads plainly
+        from .fast import exit_without_teardown, run  # without typer when the command line reads plainly
         if run(sys.argv[1:]):
+            if exit_when_done:
+                exit_without_teardown()
             return
     register(("device",) if command in DEVICE_COMMANDS else MODULES)()
 
