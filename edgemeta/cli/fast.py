@@ -42,7 +42,7 @@ def run(argv: list[str]) -> bool:
 def exit_without_teardown() -> None:
     """End a device command that has finished: its output is printed and its files are written
     (stores and caches are written whole and renamed into place before a command returns), and
-    the interpreter's teardown would add 20–25 ms to every call of a per-image shell loop, nearly
+    the interpreter's teardown would add 20–30 ms to every call of a per-image shell loop, nearly
     all of it ONNX Runtime's native library unwinding its global state (measured on a 2-core EPYC:
     `import onnxruntime` then a normal exit against os._exit). The exit hooks still run (logging's
     shutdown, weakref finalizers, anything a library registered); then the process ends with
