@@ -154,3 +154,18 @@ def test_the_quick_exit_leaves_a_running_thread_or_a_tracer_to_the_normal_exit()
     assert _after_main(tracer).stdout == "went on\n"
     ended = _after_main(plain)
     assert (ended.returncode, ended.stdout) == (0, "")
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
+    """`edgemeta predict … | head -1` where head has gone: no error line, exit status 141 (128 +
+    SIGPIPE, as a shell reports for other tools), and the store as it was."""
+    image = tmp_path / "one.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(image)
+    _edgemeta("enroll", TINY_BUNDLE, image, "--store", tmp_path / "s", "--label", "a")
+    code = "import sys; sys.argv[0] = 'edgemeta'; from edgemeta.cli import main; main()"
+    child = subprocess.Popen([sys.executable, "-c", code, "predict", TINY_BUNDLE, "--store", tmp_path / "s", "--json",
+                              *[image] * 2000], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader is gone before the first line
+    stderr = child.stderr.read()
+    assert (child.wait(timeout=120), stderr) == (141, b"")
+    assert json.loads(_edgemeta("classes", "--store", tmp_path / "s", "--json").stdout)["classes"] == {"a": 1}

@@ -3,6 +3,8 @@ strict JSON. The device commands' fast path (edgemeta.cli.fast) runs on this mod
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 from edgemeta.runtime.errors import EdgemetaError
 
@@ -76,6 +78,9 @@ def run_guarded(fn, *args, **kwargs) -> None:
         fn(*args, **kwargs)
     except EdgemetaError as exc:
         fail(str(exc))
+    except BrokenPipeError:  # the reader stopped reading (`| head`): quiet, as other command-line tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere
+        raise SystemExit(141) from None  # 128 + SIGPIPE, what a shell reports for a tool the pipe ended
     except OSError as exc:
         fail(os_error_message(exc))
     except MemoryError:
