@@ -47,8 +47,8 @@ def exit_without_teardown() -> None:
     `import onnxruntime` then a normal exit against os._exit). The exit hooks still run (logging's
     shutdown, weakref finalizers, anything a library registered); then the process ends with
     status 0. Left to the normal exit where it could matter: a tracer or profiler (coverage saves
-    its data at exit), a non-daemon thread still running, output that cannot be flushed (a closed
-    pipe, which Python reports as it always does), or an interpreter without CPython's hook runner."""
+    its data at exit), a non-daemon thread still running, output that cannot be flushed, or an
+    interpreter without CPython's hook runner; a reader that has stopped reading ends it quietly (141)."""
     import atexit
     run_exit_hooks = getattr(atexit, "_run_exitfuncs", None)
     threading = sys.modules.get("threading")
@@ -60,14 +60,17 @@ def exit_without_teardown() -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+    except BrokenPipeError:
+        from edgemeta.cli.output import end_for_closed_pipe
+        end_for_closed_pipe()
     except (OSError, ValueError):
         return
-    run_exit_hooks()
+    run_exit_hooks()  # CPython's: each hook once (the normal exit would find none left)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except (OSError, ValueError):
-        os._exit(120)  # what Python's own exit returns when it cannot flush stdout
+        return
     os._exit(0)
 
 

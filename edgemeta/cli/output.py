@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import NoReturn
 
 from edgemeta.runtime.errors import EdgemetaError
 
@@ -78,13 +79,19 @@ def run_guarded(fn, *args, **kwargs) -> None:
         fn(*args, **kwargs)
     except EdgemetaError as exc:
         fail(str(exc))
-    except BrokenPipeError:  # the reader stopped reading (`| head`): quiet, as other command-line tools
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere
-        raise SystemExit(141) from None  # 128 + SIGPIPE, what a shell reports for a tool the pipe ended
+    except BrokenPipeError:
+        end_for_closed_pipe()
     except OSError as exc:
         fail(os_error_message(exc))
     except MemoryError:
         fail("out of memory; use smaller images or batches")
+
+
+def end_for_closed_pipe() -> NoReturn:
+    """The reader stopped reading (`edgemeta predict … | head`): end quietly, as other command-line
+    tools do, with the status a shell reports for a tool the pipe ended (128 + SIGPIPE)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush goes nowhere
+    raise SystemExit(141)
 
 
 def print_json(value, indent: int | None = None) -> None:
