@@ -133,6 +133,7 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
                                                  ("cifarfs-edgenet-distill", 128, 32, ["--center"]),
                                                  ("cifarfs-edgenet-rotation-distill", 128, 32, ["--center"]),
                                                  ("cifarfs-efficientnet-lite0-metafinetune", 1280, 160, ["--center"]),
+                                                 ("cifarfs-efficientnet-lite0-finetune", 1280, 160, ["--center"]),
                                                  ("tinyimagenet-efficientnet-lite0-metafinetune", 1280, 160, [])])
 def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name, dim, side, extra):
     from conftest import ROOT
