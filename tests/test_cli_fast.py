@@ -74,10 +74,26 @@ def test_what_the_fast_path_cannot_read_plainly_is_left_to_typer(argv, monkeypat
     assert "--help" in argv or result.exit_code == 2  # and typer answers: help, or one usage error
 
 
+ENTRY_POINT = "import sys; sys.argv[0] = 'edgemeta'; from edgemeta.cli import main; main()"
+
+
+def _python(script: str, *args, check: bool = False) -> subprocess.CompletedProcess:
+    """`script` with `args` in a fresh Python process."""
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, check=check,
+                          timeout=120)
+
+
 def _edgemeta(*args, check=True):
     """The installed entry point's code path: edgemeta.cli.main in a fresh process."""
-    code = "import sys; sys.argv[0] = 'edgemeta'; from edgemeta.cli import main; main()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=check)
+    return _python(ENTRY_POINT, *args, check=check)
+
+
+@pytest.fixture
+def one_png(tmp_path):
+    """A 16×16 greyscale PNG."""
+    image = tmp_path / "one.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(image)
+    return image
 
 
 def test_the_device_commands_end_to_end_through_the_fast_path(tmp_path, tagalog):
@@ -119,25 +135,19 @@ def test_ctrl_c_in_the_fast_path_is_one_line_and_exit_status_1(monkeypatch, caps
     assert exc.value.code == 1 and capsys.readouterr().err.strip() == "error: aborted"
 
 
-def _after_main(script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def test_a_finished_device_command_ends_the_process_with_its_output_and_exit_hooks(tmp_path):
+def test_a_finished_device_command_ends_the_process_with_its_output_and_exit_hooks(tmp_path, one_png):
     """The fast path ends the process when the command is done (no interpreter teardown): the JSON
     comes whole through a pipe, exit hooks run, the store is written, and nothing after main() runs."""
-    image = tmp_path / "one.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(image)
     script = ("import atexit, sys; sys.argv = ['edgemeta', *sys.argv[1:]]\n"
               "atexit.register(lambda: print('exit hook', file=sys.stderr))\n"
               "from edgemeta.cli import main\nmain()\nprint('after main')\n")
-    enrolled = _after_main(script, "enroll", TINY_BUNDLE, image, "--store", tmp_path / "s", "--label", "a")
+    enrolled = _python(script, "enroll", TINY_BUNDLE, one_png, "--store", tmp_path / "s", "--label", "a")
     assert (enrolled.returncode, enrolled.stderr) == (0, "exit hook\n") and "after main" not in enrolled.stdout
-    done = _after_main(script, "predict", TINY_BUNDLE, image, image, "--store", tmp_path / "s", "--json")
+    done = _python(script, "predict", TINY_BUNDLE, one_png, one_png, "--store", tmp_path / "s", "--json")
     assert (done.returncode, done.stderr) == (0, "exit hook\n")
     assert [r["label"] for r in json.loads(done.stdout)] == ["a", "a"]  # the whole output, nothing after it
     # the caller that goes on in the same process
-    kept = _after_main(script.replace("main()", "main(exit_when_done=False)"), "classes", "--store", tmp_path / "s")
+    kept = _python(script.replace("main()", "main(exit_when_done=False)"), "classes", "--store", tmp_path / "s")
     assert kept.returncode == 0 and kept.stdout.endswith("after main\n")
 
 
@@ -150,21 +160,18 @@ def test_the_quick_exit_leaves_a_running_thread_or_a_tracer_to_the_normal_exit()
     tracer = ("import sys\nfrom edgemeta.cli.fast import exit_without_teardown\n"
               "sys.settrace(lambda *a: None); exit_without_teardown(); sys.settrace(None); print('went on')\n")
     plain = "from edgemeta.cli.fast import exit_without_teardown\nexit_without_teardown(); print('went on')\n"
-    assert _after_main(thread).stdout == "went on\n"
-    assert _after_main(tracer).stdout == "went on\n"
-    ended = _after_main(plain)
+    assert _python(thread).stdout == "went on\n"
+    assert _python(tracer).stdout == "went on\n"
+    ended = _python(plain)
     assert (ended.returncode, ended.stdout) == (0, "")
 
 
-def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path, one_png):
     """`edgemeta predict … | head -1` where head has gone: no error line, exit status 141 (128 +
     SIGPIPE, as a shell reports for other tools), and the store as it was."""
-    image = tmp_path / "one.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(image)
-    _edgemeta("enroll", TINY_BUNDLE, image, "--store", tmp_path / "s", "--label", "a")
-    code = "import sys; sys.argv[0] = 'edgemeta'; from edgemeta.cli import main; main()"
-    child = subprocess.Popen([sys.executable, "-c", code, "predict", TINY_BUNDLE, "--store", tmp_path / "s", "--json",
-                              *[image] * 2000], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _edgemeta("enroll", TINY_BUNDLE, one_png, "--store", tmp_path / "s", "--label", "a")
+    child = subprocess.Popen([sys.executable, "-c", ENTRY_POINT, "predict", TINY_BUNDLE, "--store", tmp_path / "s", "--json",
+                              *[one_png] * 2000], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     child.stdout.close()  # the reader is gone before the first line
     stderr = child.stderr.read()
     assert (child.wait(timeout=120), stderr) == (141, b"")

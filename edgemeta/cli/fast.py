@@ -45,8 +45,8 @@ def exit_without_teardown() -> None:
     the interpreter's teardown would add 20–30 ms to every call of a per-image shell loop, nearly
     all of it ONNX Runtime's native library unwinding its global state (measured on a 2-core EPYC:
     `import onnxruntime` then a normal exit against os._exit). The exit hooks still run (logging's
-    shutdown, weakref finalizers, anything a library registered); then the process ends with
-    status 0. Left to the normal exit where it could matter: a tracer or profiler (coverage saves
+    shutdown, weakref finalizers, anything a library registered), then the output is flushed and the
+    process ends with status 0. Left to the normal exit where it could matter: a tracer or profiler (coverage saves
     its data at exit), a non-daemon thread still running, output that cannot be flushed, or an
     interpreter without CPython's hook runner; a reader that has stopped reading ends it quietly (141)."""
     import atexit
@@ -57,18 +57,13 @@ def exit_without_teardown() -> None:
             or (threading is not None and any(t.is_alive() and not t.daemon and t is not threading.main_thread()
                                               for t in threading.enumerate()))):
         return
+    run_exit_hooks()  # CPython's: each hook once (the normal exit would find none left)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except BrokenPipeError:
         from edgemeta.cli.output import end_for_closed_pipe
         end_for_closed_pipe()
-    except (OSError, ValueError):
-        return
-    run_exit_hooks()  # CPython's: each hook once (the normal exit would find none left)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
     except (OSError, ValueError):
         return
     os._exit(0)
