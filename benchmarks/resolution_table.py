@@ -51,6 +51,7 @@ def main() -> None:
         row["int8_check"] = {"tensorrt_graph_points": int8["accuracy_delta_points"],
                              "cpu_graph_points": int8["cpu"]["accuracy_delta_points"]}
         row["fp16_parity"] = bundle.manifest["variants"]["fp16"].get("parity")
+        row["cl2n"] = "centered" in bundle.manifest["output"]  # as the checkpoint records (Checkpoint.center)
         for variant in ("fp32", "int8"):
             for shot in (1, 5):
                 e = evaluate(bundle=tmp / "b", variant=variant, data=[args.data], split="val", split_file=SPLIT, way=5,

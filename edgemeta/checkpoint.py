@@ -45,6 +45,12 @@ class Checkpoint:
         head = self.meta["head"]
         return HeadConfig.from_dict(head["device_head"] if head.get("kind") == "finetune" else head)
 
+    @property
+    def center(self) -> bool:
+        """Whether the checkpoint deploys with CL2N features (recorded when it was shipped, where
+        validation chose them): `export` and `eval` then centre unless told --no-center."""
+        return bool(self.meta.get("center", False))
+
     def at_image_size(self, size: int | None) -> Checkpoint:
         """The same network fed `size`×`size` images (None: as trained). Only for backbones whose
         embedding does not depend on the input size (globally pooled): the rest are refused."""
@@ -94,14 +100,17 @@ def save_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor
     return path
 
 
-def ship_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False, flip_shots: bool = False) -> Path:
+def ship_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False, flip_shots: bool = False,
+                    center: bool = False) -> Path:
     """The checkpoint as it ships: deployable weights only (no optimizer state), CL2N's feature mean
     computed on the training split and stored (so `export --center` needs no training data), with
-    half=True float weights stored in float16 (loaded back as float32), and with flip_shots=True a
-    device head that enrolls flipped shots (where validation showed it helps)."""
+    half=True float weights stored in float16 (loaded back as float32), with flip_shots=True a
+    device head that enrolls flipped shots, and with center=True CL2N as its default deployment
+    (each where validation showed it helps)."""
     from edgemeta.features import FEATURE_MEAN_KEY, feature_mean
     ckpt = load_checkpoint(src)
     mean, about = feature_mean(ckpt)
+    about = {k: v for k, v in about.items() if k != "source"}  # where the mean came from, as first computed
     state = {**ckpt.model_state, FEATURE_MEAN_KEY: torch.from_numpy(mean)}
     if half:
         state = {k: v.half() if v.is_floating_point() and k != FEATURE_MEAN_KEY and "running_" not in k else v
@@ -111,6 +120,8 @@ def ship_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool =
         import dataclasses
         head = dataclasses.replace(ckpt.device_head, flip_shots=True).to_dict()
         meta["head"] = {**meta["head"], "device_head": head} if meta["head"].get("kind") == "finetune" else head
+    if center:
+        meta["center"] = True
     return save_checkpoint(dst, state, {**meta, FEATURE_MEAN_KEY: about, "weights_dtype": "float16" if half else "float32"})
 
 

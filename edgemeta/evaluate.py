@@ -31,13 +31,14 @@ class Evaluation:
 def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.PathLike | None = None,
              variant: str = "fp32", data: list[str] | None = None, split: str = "test", split_mode: str | None = None,
              split_file: str | None = None, way: int = 5, shot: int = 1, query: int = 15, episodes: int = 1000,
-             seed: int = 0, head: str = "default", center: bool = False,
+             seed: int = 0, head: str = "default", center: bool | None = None,
              flip_shots: bool | None = None, image_size: int | None = None) -> Evaluation:
     """Accuracy ± 95% CI on fixed episodes of one split. head "default" is the checkpoint's or the
     bundle's own (for MAML-family checkpoints: their own adaptation); a kind name fits that device
     head on the frozen embedding. center=True (checkpoints): CL2N features, as `export --center`
-    bakes into a bundle. flip_shots overrides the head's flipped-shot setting. image_size
-    (checkpoints of globally pooled backbones) evaluates at another input resolution."""
+    bakes into a bundle; None: as the checkpoint records (Checkpoint.center). flip_shots overrides
+    the head's flipped-shot setting. image_size (checkpoints of globally pooled backbones)
+    evaluates at another input resolution."""
     from edgemeta.data import load_dataset, select_split
     from edgemeta.runtime.heads import head_names, resolve_head
     check_episode_request(way, shot, query, episodes)
@@ -73,7 +74,7 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
         else:
             head_cfg = _flip(resolve_head(ckpt.device_head, choice), flip_shots)
             embedder = ckpt.build_embedder()
-            if center:  # what `export --center` deploys: CL2N features, a cosine prototype head
+            if ckpt.center if center is None else center:  # what `export --center` deploys: CL2N features, a cosine prototype head
                 head_cfg = head_cfg.for_normalized_embeddings()
                 mean, _ = feature_mean(ckpt, embedder)
                 embed = lambda pixels: cl2n(embed_pixels(embedder, pixels), mean)  # noqa: E731

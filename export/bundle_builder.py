@@ -30,7 +30,8 @@ class ExportOptions:
     quantize(model_in, model_out, config))."""
 
     l2_normalize: bool = False        # L2-normalise embeddings inside the graph (the head then uses cosine)
-    center: bool = False              # CL2N: subtract the training classes' mean embedding, then L2-normalise
+    center: bool | None = None        # CL2N: subtract the training classes' mean embedding, then L2-normalise
+                                      # (None: as the checkpoint records, Checkpoint.center)
     flip_shots: bool = False          # the bundle's head averages each support image with its mirror
     int8: bool = False                # add an INT8 (QDQ, per-channel) variant calibrated on real images
     fp16: bool = False                # add an FP16 variant
@@ -174,11 +175,12 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, option
     from edgemeta.pretrained import notice_text
 
     from .onnx_graph import PARITY_RTOL, ExportEmbedder, export_onnx, graph_io, parity
-    l2_normalize, calib_images = options.l2_normalize or options.center, options.calib_images
+    centring = ckpt.center if options.center is None else options.center
+    l2_normalize, calib_images = options.l2_normalize or centring, options.calib_images
     spec = ckpt.spec
     embedder = ckpt.build_embedder()
     center, centered = None, None
-    if options.center:
+    if centring:
         from edgemeta.features import feature_mean
         center, centered = feature_mean(ckpt, embedder)
         report(f"CL2N: centering on the mean embedding of {centered['images']} training images, then L2 normalisation")

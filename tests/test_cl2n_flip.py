@@ -85,3 +85,23 @@ def test_a_shipped_half_checkpoint_keeps_its_feature_mean_and_exports_without_tr
     r = run_cli("export", tmp_path / "moved.safetensors", "--out", tmp_path / "b", "--center", "--calib-data", omniglot_paths[0])
     assert r.exit_code == 0, r.output
     assert load_bundle(tmp_path / "b").manifest["output"]["centered"]["source"] == "checkpoint"
+
+
+def test_a_checkpoint_shipped_with_cl2n_exports_and_evaluates_centred_unless_told_not_to(tiny_run, tmp_path, omniglot_paths):
+    from edgemeta.checkpoint import ship_checkpoint
+    shipped = ship_checkpoint(tiny_run / "best.safetensors", tmp_path / "ship.safetensors", center=True)
+    assert load_checkpoint(shipped).center and not load_checkpoint(tiny_run / "best.safetensors").center
+    info = run_cli("inspect", shipped, "--json")
+    assert info.exit_code == 0 and json.loads(info.stdout)["center"] is True
+    calib = ["--calib-data", str(omniglot_paths[0]), "--calib-images", "32"]
+    assert run_cli("export", shipped, "--out", tmp_path / "c", *calib).exit_code == 0
+    assert run_cli("export", shipped, "--out", tmp_path / "p", "--no-center", *calib).exit_code == 0
+    centred, plain = load_bundle(tmp_path / "c"), load_bundle(tmp_path / "p")
+    assert centred.l2_normalized and centred.manifest["output"]["centered"]["source"] == "checkpoint"
+    assert "centered" not in plain.manifest["output"] and not plain.l2_normalized
+    common = ["--data", str(omniglot_paths[0]), "--data", str(omniglot_paths[1]), "--split-mode", "seeded",
+              "--way", "5", "--shot", "1", "--episodes", "100", "--json"]
+    default, on, off = (json.loads(run_cli("eval", shipped, *flag, *common).stdout)
+                        for flag in ([], ["--center"], ["--no-center"]))
+    assert default["accuracy"] == on["accuracy"] != off["accuracy"]
+    assert default["head"]["metric"] == "cosine"

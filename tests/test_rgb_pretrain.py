@@ -124,6 +124,9 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
     assert bad.exit_code == 2 and "holds a conv4 backbone" in bad.output
 
 
+RECORDS_CL2N = {"cifarfs-efficientnet-lite0-finetune"}  # shipped with `ship_checkpoint --center`
+
+
 @pytest.mark.parametrize("name,dim,side,extra", [("tinyimagenet-conv4-pretrain", 1024, 64, []),
                                                  ("tinyimagenet-conv4-finetune", 1024, 64, []),
                                                  ("tinyimagenet-edgenet-pretrain", 128, 64, []),
@@ -133,7 +136,7 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
                                                  ("cifarfs-edgenet-distill", 128, 32, ["--center"]),
                                                  ("cifarfs-edgenet-rotation-distill", 128, 32, ["--center"]),
                                                  ("cifarfs-efficientnet-lite0-metafinetune", 1280, 160, ["--center"]),
-                                                 ("cifarfs-efficientnet-lite0-finetune", 1280, 160, ["--center"]),
+                                                 ("cifarfs-efficientnet-lite0-finetune", 1280, 160, []),
                                                  ("tinyimagenet-efficientnet-lite0-metafinetune", 1280, 160, [])])
 def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name, dim, side, extra):
     from conftest import ROOT
@@ -143,6 +146,8 @@ def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, o
     assert r.exit_code == 0, r.output
     bundle = load_bundle(tmp_path / "b")
     assert bundle.spec.colour == "RGB" and bundle.spec.height == side and bundle.embedding_dim == dim
+    # CL2N where asked, or where the checkpoint records it as its deployment (validation chose it)
+    assert ("centered" in bundle.manifest["output"]) == ("--center" in extra or name in RECORDS_CL2N)
     if extra:  # CL2N from the feature mean stored in the shipped checkpoint: no training data needed
         assert bundle.manifest["output"]["centered"]["source"] == "checkpoint"
         assert bundle.head.flip_shots or "efficientnet" in name

@@ -24,7 +24,9 @@ def export(
     mean: Optional[str] = typer.Option(None, help="--onnx: per-channel mean on the [0,1] scale, e.g. 0.485,0.456,0.406 (must already be in the graph's expectations)."),
     std: Optional[str] = typer.Option(None, help="--onnx: per-channel std on the [0,1] scale."),
     l2_normalize: bool = typer.Option(False, help="L2-normalise embeddings inside the graph (the head then uses cosine)."),
-    center: bool = typer.Option(False, help="CL2N: subtract the training classes' mean embedding, then L2-normalise, inside the graph."),
+    center: Optional[bool] = typer.Option(None, "--center/--no-center",
+                                          help="CL2N: subtract the training classes' mean embedding, then L2-normalise, "
+                                               "inside the graph (default: as the checkpoint records)."),
     flip_shots: bool = typer.Option(False, help="The bundle's head averages each support image with its horizontal mirror."),
     int8: bool = typer.Option(False, "--int8", help="Add an INT8 (QDQ, per-channel) variant calibrated on real images."),
     fp16: bool = typer.Option(False, "--fp16", help="Add an FP16 variant (CUDA provider, TensorRT fp16 engines)."),

@@ -76,7 +76,9 @@ def evaluate(
     episodes: int = typer.Option(1000, min=1, help="Number of episodes; fixed by --seed so models compare on the same tasks."),
     seed: int = typer.Option(0, help="Episode seed."),
     head: str = typer.Option("default", click_type=click.Choice(("default", *head_names())), help="default: the checkpoint's."),
-    center: bool = typer.Option(False, help="Checkpoint: CL2N features (centred on the training classes' mean, L2-normalised)."),
+    center: Optional[bool] = typer.Option(None, "--center/--no-center",
+                                          help="Checkpoint: CL2N features (centred on the training classes' mean, "
+                                               "L2-normalised; default: as the checkpoint records)."),
     flip_shots: Optional[bool] = typer.Option(None, help="Average each support image with its mirror (default: the head's setting)."),
     image_size: Optional[int] = typer.Option(None, min=8, help="Checkpoint: evaluate at this square input size (globally pooled backbones)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -113,7 +115,7 @@ def inspect(
     meta = ckpt.meta
     params = sum(int(t.numel()) for k, t in ckpt.model_state.items() if "running_" not in k and "num_batches" not in k)
     if as_json:
-        print_json({**meta, "pretrained": meta.get("pretrained", {}), "parameters": params}, indent=2)
+        print_json({**meta, "pretrained": meta.get("pretrained", {}), "center": ckpt.center, "parameters": params}, indent=2)
         return
     table = Table(title=str(path), show_header=False)
     spec = meta["input"]
@@ -128,6 +130,7 @@ def inspect(
         ("metrics", json.dumps(meta.get("metrics", {}))),
         ("data", ", ".join(meta.get("train_config", {}).get("data", []))),
         ("pretrained", json.dumps(meta.get("pretrained", {})) if meta.get("pretrained") else "none (from scratch)"),
+        ("deployed with", "CL2N features (export --center)" if ckpt.center else "plain features"),
         ("edgemeta", meta.get("edgemeta_version", "?")),
     ]
     for k, v in rows:
