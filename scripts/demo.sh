@@ -29,8 +29,8 @@ edgemeta inspect "$OUT/bundle"
 step "4. on the device: enroll classes from a folder, then classify held-out images"
 rm -rf "$OUT/store"
 if [ -n "${PHOTOS:-}" ]; then
-  # your photos: the ImageNet-pretrained, meta-fine-tuned EfficientNet-Lite0 (160×160), calibrated on your own images
-  edgemeta export checkpoints/tinyimagenet-efficientnet-lite0-metafinetune.safetensors --out "$OUT/rgb-bundle" --calib-data "$PHOTOS" --overwrite
+  # your photos: the ImageNet-pretrained, fine-tuned EfficientNet-Lite0 (160×160, CL2N), calibrated on your own images
+  edgemeta export checkpoints/tinyimagenet-efficientnet-lite0-finetune.safetensors --out "$OUT/rgb-bundle" --calib-data "$PHOTOS" --overwrite
   edgemeta enroll "$OUT/rgb-bundle" --store "$OUT/store" --from-folder "$PHOTOS"
   edgemeta classes --store "$OUT/store"
 else
