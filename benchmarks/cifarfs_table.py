@@ -41,7 +41,7 @@ def main() -> None:
         embedder = ckpt.build_embedder()
         flops = conv_flops(embedder, torch.zeros(1, 3, 32, 32))
         params = int(sum(p.numel() for p in embedder.parameters()))
-        bundles = {"plain": ExportOptions(calib_images=64), "cl2n": ExportOptions(center=True, calib_images=64)}
+        bundles = {"plain": ExportOptions(center=False, calib_images=64), "cl2n": ExportOptions(center=True, calib_images=64)}
         for name, options in bundles.items():
             export_checkpoint(ckpt_path, tmp / name, options)
         for name in bundles:
