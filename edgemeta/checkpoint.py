@@ -51,6 +51,10 @@ class Checkpoint:
         validation chose them): `export` and `eval` then centre unless told --no-center."""
         return bool(self.meta.get("center", False))
 
+    def centring(self, requested: bool | None) -> bool:
+        """CL2N or not for an export or evaluation: as requested, else as the checkpoint records."""
+        return self.center if requested is None else requested
+
     def at_image_size(self, size: int | None) -> Checkpoint:
         """The same network fed `size`×`size` images (None: as trained). Only for backbones whose
         embedding does not depend on the input size (globally pooled): the rest are refused."""

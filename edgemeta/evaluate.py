@@ -74,7 +74,7 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
         else:
             head_cfg = _flip(resolve_head(ckpt.device_head, choice), flip_shots)
             embedder = ckpt.build_embedder()
-            if ckpt.center if center is None else center:  # what `export --center` deploys: CL2N features, a cosine prototype head
+            if ckpt.centring(center):  # what `export --center` deploys: CL2N features, a cosine prototype head
                 head_cfg = head_cfg.for_normalized_embeddings()
                 mean, _ = feature_mean(ckpt, embedder)
                 embed = lambda pixels: cl2n(embed_pixels(embedder, pixels), mean)  # noqa: E731

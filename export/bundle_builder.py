@@ -175,7 +175,7 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, option
     from edgemeta.pretrained import notice_text
 
     from .onnx_graph import PARITY_RTOL, ExportEmbedder, export_onnx, graph_io, parity
-    centring = ckpt.center if options.center is None else options.center
+    centring = ckpt.centring(options.center)
     l2_normalize, calib_images = options.l2_normalize or centring, options.calib_images
     spec = ckpt.spec
     embedder = ckpt.build_embedder()

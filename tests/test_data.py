@@ -46,6 +46,38 @@ def test_second_load_comes_from_the_disk_cache(tmp_path, omniglot_paths, monkeyp
     assert len(list(tmp_path.glob("*.npz"))) == 2
 
 
+def test_the_cache_keeps_the_most_recently_used_decodes_within_its_limit(tmp_path, omniglot_paths, monkeypatch):
+    """Each image size is its own decode (3.5 GB for Tiny ImageNet at 160 px): beyond the limit the
+    least recently used ones go, never the one in use; other files in the folder are left alone."""
+    import os
+
+    from edgemeta.runtime.errors import DataError
+    (tmp_path / "notes.npz").write_bytes(b"not a decode")
+    (tmp_path / "ort-graphs").mkdir()
+    sizes = ((16, 36), (36, 16), (24, 24), (18, 32), (32, 18))  # one pixel count: decodes of one size on disk
+    for s in sizes[:3]:
+        load_dataset(omniglot_paths[0], s, cache_dir=tmp_path)
+    decodes = sorted((p for p in tmp_path.glob("*.npz") if p.name != "notes.npz"), key=lambda p: p.stat().st_mtime)
+    assert len(decodes) == 3
+    for age, p in enumerate(decodes):  # make the order of use unambiguous: the first oldest
+        os.utime(p, (1_000_000 + age * 1000,) * 2)
+    load_dataset(omniglot_paths[0], sizes[0], cache_dir=tmp_path)  # reading the first makes it the most recent
+    one = decodes[0].stat().st_size
+    assert all(p.stat().st_size == one for p in decodes)
+    monkeypatch.setenv("EDGEMETA_DATA_CACHE_GB", str(3.5 * one / 1e9))  # room for three decodes
+    load_dataset(omniglot_paths[0], sizes[3], cache_dir=tmp_path)  # a fourth: the least recently used (the second) goes
+    left = {p.name for p in tmp_path.glob("*.npz")}
+    assert decodes[1].name not in left and {decodes[0].name, decodes[2].name} <= left and "notes.npz" in left
+    assert len(left) == 3 + 1 and (tmp_path / "ort-graphs").is_dir()
+    monkeypatch.setenv("EDGEMETA_DATA_CACHE_GB", "0")  # nothing kept but the decode just made
+    load_dataset(omniglot_paths[0], sizes[4], cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    monkeypatch.setenv("EDGEMETA_DATA_CACHE_GB", "lots")
+    with pytest.raises(DataError, match="EDGEMETA_DATA_CACHE_GB must be a size in GB"):
+        load_dataset(omniglot_paths[0], 14, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2  # refused before decoding: nothing written
+
+
 def test_corrupt_cache_file_is_rebuilt(tmp_path, omniglot_paths):
     first = load_dataset(omniglot_paths[0], 20, cache_dir=tmp_path)
     cache = next(tmp_path.glob("*.npz"))
