@@ -8,7 +8,7 @@ bundle files and manifests, the enrollment store and the dataset cache all write
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,3 +48,22 @@ def user_cache(name: str = "") -> Path:
     `name`: what can be rebuilt — dataset decodes, optimised graphs, variant measurements."""
     root = Path(os.environ.get("EDGEMETA_CACHE") or Path.home() / ".cache" / "edgemeta")
     return root / name if name else root
+
+
+def trim_least_recently_used(paths: Iterable[Path], limit: int, keep: Path | None = None) -> None:
+    """Delete the least recently used of a cache's `paths` (by mtime: a cache marks a file used with
+    os.utime) until they total ≤ `limit` bytes; never `keep`. A file gone meanwhile is skipped."""
+    entries = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries, key=lambda e: e[0]):  # oldest use first
+        if total <= limit:
+            break
+        if path != keep:
+            path.unlink(missing_ok=True)
+            total -= size

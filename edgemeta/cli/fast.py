@@ -45,10 +45,11 @@ def exit_without_teardown() -> None:
     the interpreter's teardown would add 20–30 ms to every call of a per-image shell loop, nearly
     all of it ONNX Runtime's native library unwinding its global state (measured on a 2-core EPYC:
     `import onnxruntime` then a normal exit against os._exit). The exit hooks still run (logging's
-    shutdown, weakref finalizers, anything a library registered), then the output is flushed and the
-    process ends with status 0. Left to the normal exit where it could matter: a tracer or profiler (coverage saves
-    its data at exit), a non-daemon thread still running, output that cannot be flushed, or an
-    interpreter without CPython's hook runner; a reader that has stopped reading ends it quietly (141)."""
+    shutdown, weakref finalizers, anything a library registered), then the output is flushed and
+    the process ends with status 0. Left to the normal exit where it could matter: a tracer or
+    profiler (coverage saves its data at exit), a non-daemon thread still running, output that
+    cannot be flushed, or an interpreter without CPython's hook runner; a reader that has stopped
+    reading ends it quietly (141)."""
     import atexit
     run_exit_hooks = getattr(atexit, "_run_exitfuncs", None)
     threading = sys.modules.get("threading")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.runtime.errors import DataError
-from edgemeta.runtime.files import atomic_write, user_cache
+from edgemeta.runtime.files import atomic_write, trim_least_recently_used, user_cache
 from edgemeta.runtime.preprocess import InputSpec, load_image
 from edgemeta.runtime.progress import SILENT, Progress
 
@@ -65,7 +65,8 @@ def load_dataset(sources: str | os.PathLike | list, image_size: int | tuple[int,
     dataset = _decode(sources, spec, layout, progress)
     if cache_file is not None:
         _write_cache(cache_file, dataset)
-        trim_cache(cache_file.parent, limit, keep=cache_file)
+        decodes = (p for p in cache_file.parent.glob("*.npz") if _CACHE_NAME.fullmatch(p.name))
+        trim_least_recently_used(decodes, limit, keep=cache_file)
     return dataset
 
 
@@ -80,28 +81,6 @@ def cache_limit_bytes() -> int:
         raise DataError(f"{CACHE_LIMIT_ENV} must be a size in GB ≥ 0 (e.g. 20), not {text!r}")
     return int(gb * 1e9)
 
-
-def trim_cache(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
-    """Delete the least recently used dataset decodes in `folder` until they total ≤ `limit` bytes
-    (never `keep`, the one just written or read). Returns what was deleted."""
-    entries = []
-    for path in folder.glob("*.npz"):
-        if _CACHE_NAME.fullmatch(path.name):
-            try:
-                st = path.stat()
-            except OSError:
-                continue  # deleted meanwhile by another process
-            entries.append((st.st_mtime, st.st_size, path))
-    total, deleted = sum(size for _, size, _ in entries), []
-    for _, size, path in sorted(entries, key=lambda e: e[0]):  # oldest use first
-        if total <= limit:
-            break
-        if keep is not None and path == keep:
-            continue
-        path.unlink(missing_ok=True)
-        total -= size
-        deleted.append(path)
-    return deleted
 
 
 def _decode(sources: list, spec: InputSpec, layout: str, progress: Progress) -> ImageSet:

@@ -76,19 +76,12 @@ def _prune(folder: Path) -> None:
     """Remove the least recently used saved graphs while the folder holds more than MAX_BYTES, and
     what a process killed while saving left behind (temporary files over an hour old)."""
     import time
-    graphs = []
-    for path in folder.glob("*"):
+
+    from ..files import trim_least_recently_used
+    for path in folder.glob("*.tmp"):
         try:
-            st = path.stat()
-            if path.name.endswith(".tmp") and st.st_mtime < time.time() - 3600:
+            if path.stat().st_mtime < time.time() - 3600:
                 path.unlink()
         except OSError:
             continue
-        if path.suffix == ".onnx":
-            graphs.append((st.st_mtime, st.st_size, path))
-    total = sum(size for _, size, _ in graphs)
-    for _, size, path in sorted(graphs, key=lambda g: g[0]):
-        if total <= MAX_BYTES:
-            break
-        path.unlink(missing_ok=True)
-        total -= size
+    trim_least_recently_used(folder.glob("*.onnx"), MAX_BYTES)
