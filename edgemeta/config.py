@@ -19,6 +19,7 @@ TRAINING_PRECISIONS = ("fp32", "bf16")  # the training step's arithmetic (edgeme
 # The auto/on/off settings and the device each is on for when left at "auto": vectorising a
 # meta-batch pays where kernel launches dominate (CUDA; not measured here), channels-last memory
 # on the CPU (benchmarks/maml_speed.py, benchmarks/layout_speed.py).
+CLASSIFIERS = ("linear", "cosine")  # pretrain/distill: the classifier over the training classes
 AUTO_ON = {"vectorize": "cuda", "channels_last": "cpu"}
 
 
@@ -48,6 +49,7 @@ HELP = {
     "distill_alpha": "distill: weight of the teacher's soft targets (1 − α: the labels).",
     "distill_temperature": "distill: softening temperature T.",
     "rotation_weight": "pretrain/distill: weight of an auxiliary rotation-prediction loss (0: off).",
+    "classifier": "pretrain/distill: the classifier over the training classes: linear | cosine (a learned scale times the cosine).",
     "inner_steps": "maml/fomaml/anil/reptile: adaptation steps per task.",
     "inner_lr": "maml/fomaml/anil/reptile: inner-loop step size.",
     "learn_inner_lr": "maml/fomaml: meta-learn per-layer inner step sizes.",
@@ -107,6 +109,7 @@ class TrainConfig:
     distill_alpha: float = 0.5        # distill: weight of the teacher's soft targets (1 − α: the labels)
     distill_temperature: float = 4.0  # distill: softening temperature T
     rotation_weight: float = 0.0      # pretrain/distill: weight of the auxiliary rotation-prediction loss (0: off)
+    classifier: str = "linear"        # pretrain/distill: linear | cosine (Baseline++), thrown away after training
     inner_steps: int = 5              # maml | fomaml | anil | reptile: adaptation steps per task
     inner_lr: float = 0.4             # inner-loop step size
     learn_inner_lr: bool = False      # maml/fomaml: meta-learn one step size per layer (Meta-SGD style)
@@ -212,6 +215,10 @@ class TrainConfig:
         if isinstance(self.rotation_weight, bool) or not isinstance(self.rotation_weight, (int, float)) \
                 or not 0 <= self.rotation_weight <= 10:
             raise ConfigError(f"rotation_weight must be a number in [0, 10], got {self.rotation_weight!r}")
+        if self.classifier not in CLASSIFIERS:
+            raise ConfigError(f"unknown classifier {self.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
+        if self.classifier != "linear" and self.algo not in ("pretrain", "distill"):
+            raise ConfigError(f"classifier is pretrain's and distill's classifier over the training classes, not {self.algo}'s")
         if self.rotation_weight and self.algo not in ("pretrain", "distill"):
             raise ConfigError(f"rotation_weight is an auxiliary loss of pretrain and distill, not of {self.algo}")
         if self.pretrained or self.freeze_blocks:

@@ -226,3 +226,41 @@ def test_rotation_self_supervision_is_an_auxiliary_head_that_never_ships(tmp_pat
         assert torch.equal(rotated[i], torch.rot90(x[i], int(turns[i]), dims=(1, 2)))
     expected = torch.nn.functional.cross_entropy(learner.rotation_head(learner.embedder(rotated)), turns)
     assert logits.shape == (8, 3) and aux.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_cosine_classifier_trains_ships_without_itself_and_teaches(tmp_path, omniglot_paths):
+    """--classifier cosine (Baseline++): logits are a learned scale times the cosine to each class's
+    weight vector; the run trains, the shipped best holds no classifier, a distill run takes the
+    cosine teacher, and other algorithms or unknown kinds are refused in one line."""
+    from edgemeta.runtime.preprocess import InputSpec
+
+    from edgemeta.algorithms import create_algorithm
+    from edgemeta.algorithms.base import LearnerSettings
+    from edgemeta.backbones import Embedder
+    from edgemeta.checkpoint import load_checkpoint
+    data = [x for p in omniglot_paths for x in ("--data", p)]
+    common = [*data, "--split-mode", "seeded", "--batch-size", "32", "--episodes", "6", "--val-every", "6",
+              "--val-episodes", "10", "--quiet"]
+    r = run_cli("train", "--algo", "pretrain", "--classifier", "cosine", *common, "--out", tmp_path / "cos")
+    assert r.exit_code == 0, r.output
+    last = load_checkpoint(tmp_path / "cos" / "last.safetensors")
+    assert {"classifier.weight", "classifier.log_scale"} <= set(last.model_state)
+    assert last.meta["train_config"]["classifier"] == "cosine"
+    assert last.model_state["classifier.log_scale"].item() != pytest.approx(np.log(10.0))  # the scale learns
+    assert not any(k.startswith("classifier.") for k in load_checkpoint(tmp_path / "cos" / "best.safetensors").model_state)
+    d = run_cli("train", "--algo", "distill", "--teacher", tmp_path / "cos" / "last.safetensors", *common,
+                "--out", tmp_path / "student")
+    assert d.exit_code == 0, d.output
+    for bad_args, message in ((["--algo", "protonet", "--classifier", "cosine"], "not protonet's"),
+                              (["--algo", "pretrain", "--classifier", "arcface"], "unknown classifier 'arcface'")):
+        bad = run_cli("train", *bad_args, *common, "--out", tmp_path / "x")
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    # the logits: scale × cosine, whatever the embedding's and the weights' norms
+    torch.manual_seed(0)
+    learner = create_algorithm("pretrain", Embedder("conv4", InputSpec(28, 28, "L")),
+                               LearnerSettings(n_classes=3, classifier="cosine"))
+    z = torch.randn(4, learner.embedder.embed_dim)
+    w = learner.classifier.weight
+    expected = 10.0 * torch.nn.functional.cosine_similarity(z[:, None], w[None], dim=2)
+    assert torch.allclose(learner.classifier(z), expected, atol=1e-5)
+    assert torch.allclose(learner.classifier(7 * z), expected, atol=1e-5)

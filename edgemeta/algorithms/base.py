@@ -50,6 +50,7 @@ class LearnerSettings:
     distill_alpha: float = _DEFAULTS["distill_alpha"]
     distill_temperature: float = _DEFAULTS["distill_temperature"]
     rotation_weight: float = _DEFAULTS["rotation_weight"]
+    classifier: str = _DEFAULTS["classifier"]
 
     @classmethod
     def from_train_config(cls, config, n_classes: int = 0) -> LearnerSettings:

@@ -5,10 +5,17 @@ training. The embedding is then used with the device heads; its default head is 
 prototype classifier (Meta-Baseline), which an episodic fine-tune (`--algo protonet --metric
 cosine --init CKPT`) can sharpen.
 
+The classifier is linear, or with classifier = "cosine" a learned scale times the cosine between
+the embedding and each class's weight vector (Baseline++, Chen et al. 2019, "A closer look at
+few-shot classification"): the embedding is then trained for the cosine the deployed prototype
+head measures.
+
 With rotation_weight > 0, a second linear head predicts by how many quarter turns each image of a
 rotated copy of the batch was rotated (self-supervision as an auxiliary loss: Gidaris et al. 2019,
 "Boosting few-shot visual learning with self-supervision"); it is thrown away with the classifier."""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -24,14 +31,33 @@ IMAGE_BATCH_ALGORITHMS = ("pretrain", "distill")  # learn from labelled image ba
 
 @register("pretrain")
 def _pretrain(embedder: Embedder, s: LearnerSettings) -> Pretrain:
-    return Pretrain(embedder, s.n_classes, s.rotation_weight)
+    return Pretrain(embedder, s.n_classes, s.rotation_weight, s.classifier)
+
+
+class CosineClassifier(nn.Module):
+    """Logits = a learned scale × cos(embedding, class weight vector) (Baseline++)."""
+
+    def __init__(self, dim: int, n_classes: int, scale: float = COSINE_SCALE):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_classes, dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        cosine = nn.functional.normalize(z, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
+        return self.log_scale.exp() * cosine
+
+
+def build_classifier(kind: str, dim: int, n_classes: int) -> nn.Module:
+    """The classifier over the training classes (TrainConfig.classifier): linear or cosine."""
+    return CosineClassifier(dim, n_classes) if kind == "cosine" else nn.Linear(dim, n_classes)
 
 
 class Pretrain(MetaLearner):
-    def __init__(self, embedder: Embedder, n_classes: int, rotation_weight: float = 0.0):
+    def __init__(self, embedder: Embedder, n_classes: int, rotation_weight: float = 0.0, classifier: str = "linear"):
         super().__init__()
         self.embedder = embedder
-        self.classifier = nn.Linear(embedder.embed_dim, n_classes)
+        self.classifier = build_classifier(classifier, embedder.embed_dim, n_classes)
         self.rotation_weight = rotation_weight
         if rotation_weight > 0:
             self.rotation_head = nn.Linear(embedder.embed_dim, 4)
@@ -78,7 +104,8 @@ class Pretrain(MetaLearner):
 
 @register("distill")
 def _distill(embedder: Embedder, s: LearnerSettings) -> Distill:
-    return Distill(embedder, s.n_classes, s.teacher, s.distill_alpha, s.distill_temperature, s.rotation_weight)
+    return Distill(embedder, s.n_classes, s.teacher, s.distill_alpha, s.distill_temperature, s.rotation_weight,
+                   s.classifier)
 
 
 class Distill(Pretrain):
@@ -88,20 +115,21 @@ class Distill(Pretrain):
     last.safetensors (it keeps its classifier over the training classes); it never trains."""
 
     def __init__(self, embedder: Embedder, n_classes: int, teacher: str, alpha: float = 0.5, temperature: float = 4.0,
-                 rotation_weight: float = 0.0):
-        super().__init__(embedder, n_classes, rotation_weight)
+                 rotation_weight: float = 0.0, classifier: str = "linear"):
+        super().__init__(embedder, n_classes, rotation_weight, classifier)
         from edgemeta.checkpoint import load_checkpoint
         from edgemeta.runtime.errors import ConfigError
         if not teacher:
             raise ConfigError("--algo distill needs a teacher: teacher = \"RUN/last.safetensors\" of a pretrain run")
         ckpt = load_checkpoint(teacher)
         head = {k[len("classifier."):]: v for k, v in ckpt.model_state.items() if k.startswith("classifier.")}
-        if ckpt.meta.get("algorithm") not in ("pretrain", "distill") or set(head) != {"weight", "bias"}:
+        kind = ckpt.meta.get("train_config", {}).get("classifier", "linear")
+        if ckpt.meta.get("algorithm") not in IMAGE_BATCH_ALGORITHMS or "weight" not in head:
             raise ConfigError(f"teacher {teacher} has no classifier over the training classes; use the pretrain "
                               "run's last.safetensors (best.safetensors ships without it)")
         if head["weight"].shape[0] != n_classes:
             raise ConfigError(f"teacher {teacher} knows {head['weight'].shape[0]} classes, the data has {n_classes}")
-        model = Pretrain(ckpt.build_embedder(), n_classes)
+        model = Pretrain(ckpt.build_embedder(), n_classes, classifier=kind)
         model.classifier.load_state_dict(head)
         self.teacher = model.eval().requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
