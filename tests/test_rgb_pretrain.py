@@ -124,7 +124,7 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
     assert bad.exit_code == 2 and "holds a conv4 backbone" in bad.output
 
 
-RECORDS_CL2N = {"cifarfs-efficientnet-lite0-finetune", "tinyimagenet-efficientnet-lite0-finetune"}  # shipped with `ship_checkpoint --center`
+RECORDS_CL2N = {"tinyimagenet-efficientnet-lite0-finetune"}  # shipped with `ship_checkpoint --center`
 
 
 @pytest.mark.parametrize("name,dim,side,extra", [("tinyimagenet-conv4-pretrain", 1024, 64, []),
