@@ -14,12 +14,12 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 
+CLASSIFIERS = ("linear", "cosine")  # pretrain/distill: the classifier over the training classes
 TRAINING_PRECISIONS = ("fp32", "bf16")  # the training step's arithmetic (edgemeta.precision runs it)
 
 # The auto/on/off settings and the device each is on for when left at "auto": vectorising a
 # meta-batch pays where kernel launches dominate (CUDA; not measured here), channels-last memory
 # on the CPU (benchmarks/maml_speed.py, benchmarks/layout_speed.py).
-CLASSIFIERS = ("linear", "cosine")  # pretrain/distill: the classifier over the training classes
 AUTO_ON = {"vectorize": "cuda", "channels_last": "cpu"}
 
 
@@ -174,7 +174,8 @@ class TrainConfig:
         # the algorithm's name is checked against the learner registry by train() before any data loads
         # (edgemeta.algorithms imports this module for its defaults)
         for name, allowed in (("backbone", tuple(list_backbones())), ("metric", METRICS),
-                              ("layout", LAYOUTS), ("split_mode", SPLIT_MODES), ("colour", tuple(COLOUR_MODES))):
+                              ("layout", LAYOUTS), ("split_mode", SPLIT_MODES), ("colour", tuple(COLOUR_MODES)),
+                              ("classifier", CLASSIFIERS)):
             if getattr(self, name) not in allowed:
                 label = {"algo": "algorithm", "split_mode": "split mode"}.get(name, name)
                 raise ConfigError(f"unknown {label} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -215,8 +216,6 @@ class TrainConfig:
         if isinstance(self.rotation_weight, bool) or not isinstance(self.rotation_weight, (int, float)) \
                 or not 0 <= self.rotation_weight <= 10:
             raise ConfigError(f"rotation_weight must be a number in [0, 10], got {self.rotation_weight!r}")
-        if self.classifier not in CLASSIFIERS:
-            raise ConfigError(f"unknown classifier {self.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
         if self.classifier != "linear" and self.algo not in ("pretrain", "distill"):
             raise ConfigError(f"classifier is pretrain's and distill's classifier over the training classes, not {self.algo}'s")
         if self.rotation_weight and self.algo not in ("pretrain", "distill"):
