@@ -14,6 +14,7 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 
+IMAGE_BATCH_ALGORITHMS = ("pretrain", "distill")  # learn from labelled image batches, not episodes
 CLASSIFIERS = ("linear", "cosine")  # pretrain/distill: the classifier over the training classes
 TRAINING_PRECISIONS = ("fp32", "bf16")  # the training step's arithmetic (edgemeta.precision runs it)
 
@@ -216,9 +217,9 @@ class TrainConfig:
         if isinstance(self.rotation_weight, bool) or not isinstance(self.rotation_weight, (int, float)) \
                 or not 0 <= self.rotation_weight <= 10:
             raise ConfigError(f"rotation_weight must be a number in [0, 10], got {self.rotation_weight!r}")
-        if self.classifier != "linear" and self.algo not in ("pretrain", "distill"):
+        if self.classifier != "linear" and self.algo not in IMAGE_BATCH_ALGORITHMS:
             raise ConfigError(f"classifier is pretrain's and distill's classifier over the training classes, not {self.algo}'s")
-        if self.rotation_weight and self.algo not in ("pretrain", "distill"):
+        if self.rotation_weight and self.algo not in IMAGE_BATCH_ALGORITHMS:
             raise ConfigError(f"rotation_weight is an auxiliary loss of pretrain and distill, not of {self.algo}")
         if self.pretrained or self.freeze_blocks:
             from edgemeta.backbones import create_backbone

@@ -100,7 +100,7 @@ class TrainInputs:
     def __init__(self, data: ImageSet, config: TrainConfig, dist: Distributed):
         self.data, self.config, self.dist = data, config, dist
         self.sampler = None
-        from edgemeta.algorithms.pretrain import IMAGE_BATCH_ALGORITHMS
+        from edgemeta.config import IMAGE_BATCH_ALGORITHMS
         if config.algo not in IMAGE_BATCH_ALGORITHMS:
             self.sampler = EpisodeSampler(data.labels, config.way, config.shot, config.query, config.seed + dist.rank,
                                           class_names=data.classes)

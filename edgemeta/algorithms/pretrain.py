@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from edgemeta.backbones import Embedder
+from edgemeta.config import IMAGE_BATCH_ALGORITHMS
 from edgemeta.heads import class_means, prototype_logits
 
 from .base import LearnerSettings, MetaLearner, Step, accumulate, episode_loss, register
 
 COSINE_SCALE = 10.0
-IMAGE_BATCH_ALGORITHMS = ("pretrain", "distill")  # learn from labelled image batches, not episodes
 
 
 @register("pretrain")
@@ -124,7 +124,8 @@ class Distill(Pretrain):
         ckpt = load_checkpoint(teacher)
         head = {k[len("classifier."):]: v for k, v in ckpt.model_state.items() if k.startswith("classifier.")}
         kind = ckpt.meta.get("train_config", {}).get("classifier", "linear")
-        if ckpt.meta.get("algorithm") not in IMAGE_BATCH_ALGORITHMS or "weight" not in head:
+        expected = set(build_classifier(kind, 1, 1).state_dict())  # the parameter names of that kind
+        if ckpt.meta.get("algorithm") not in IMAGE_BATCH_ALGORITHMS or set(head) != expected:
             raise ConfigError(f"teacher {teacher} has no classifier over the training classes; use the pretrain "
                               "run's last.safetensors (best.safetensors ships without it)")
         if head["weight"].shape[0] != n_classes:

@@ -82,7 +82,6 @@ def cache_limit_bytes() -> int:
     return int(gb * 1e9)
 
 
-
 def _decode(sources: list, spec: InputSpec, layout: str, progress: Progress) -> ImageSet:
     entries = {}
     for source in sources:
