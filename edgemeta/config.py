@@ -50,6 +50,7 @@ HELP = {
     "distill_alpha": "distill: weight of the teacher's soft targets (1 − α: the labels).",
     "distill_temperature": "distill: softening temperature T.",
     "rotation_weight": "pretrain/distill: weight of an auxiliary rotation-prediction loss (0: off).",
+    "mixup": "pretrain/distill: mix each batch with a shuffled copy of itself, the weight drawn from Beta(α, α) (α here; 0: off).",
     "classifier": "pretrain/distill: the classifier over the training classes: linear | cosine (a learned scale times the cosine).",
     "inner_steps": "maml/fomaml/anil/reptile: adaptation steps per task.",
     "inner_lr": "maml/fomaml/anil/reptile: inner-loop step size.",
@@ -111,6 +112,7 @@ class TrainConfig:
     distill_temperature: float = 4.0  # distill: softening temperature T
     rotation_weight: float = 0.0      # pretrain/distill: weight of the auxiliary rotation-prediction loss (0: off)
     classifier: str = "linear"        # pretrain/distill: linear | cosine (Baseline++), thrown away after training
+    mixup: float = 0.0                # pretrain/distill: mixup's Beta(α, α) parameter α (0: off)
     inner_steps: int = 5              # maml | fomaml | anil | reptile: adaptation steps per task
     inner_lr: float = 0.4             # inner-loop step size
     learn_inner_lr: bool = False      # maml/fomaml: meta-learn one step size per layer (Meta-SGD style)
@@ -217,6 +219,10 @@ class TrainConfig:
         if isinstance(self.rotation_weight, bool) or not isinstance(self.rotation_weight, (int, float)) \
                 or not 0 <= self.rotation_weight <= 10:
             raise ConfigError(f"rotation_weight must be a number in [0, 10], got {self.rotation_weight!r}")
+        if isinstance(self.mixup, bool) or not isinstance(self.mixup, (int, float)) or not 0 <= self.mixup <= 10:
+            raise ConfigError(f"mixup must be a number in [0, 10] (Beta(α, α)'s α; 0: off), got {self.mixup!r}")
+        if self.mixup and self.algo not in IMAGE_BATCH_ALGORITHMS:
+            raise ConfigError(f"mixup mixes pretrain's and distill's image batches, not {self.algo}'s episodes")
         if self.classifier != "linear" and self.algo not in IMAGE_BATCH_ALGORITHMS:
             raise ConfigError(f"classifier is pretrain's and distill's classifier over the training classes, not {self.algo}'s")
         if self.rotation_weight and self.algo not in IMAGE_BATCH_ALGORITHMS:

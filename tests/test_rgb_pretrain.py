@@ -264,3 +264,49 @@ def test_a_cosine_classifier_trains_ships_without_itself_and_teaches(tmp_path, o
     expected = 10.0 * torch.nn.functional.cosine_similarity(z[:, None], w[None], dim=2)
     assert torch.allclose(learner.classifier(z), expected, atol=1e-5)
     assert torch.allclose(learner.classifier(7 * z), expected, atol=1e-5)
+
+
+def test_mixup_mixes_each_batch_with_its_shuffled_copy_and_weights_the_loss_alike(tmp_path, omniglot_paths):
+    """--mixup α: the images the network sees are λ·x + (1 − λ)·x[perm] with λ from Beta(α, α), the
+    loss λ·CE(y) + (1 − λ)·CE(y[perm]); the same step gives the same mix; a training run with it
+    works, a distill run takes it, and episodic algorithms or an α out of range are refused in one line."""
+    from edgemeta.runtime.preprocess import InputSpec
+
+    from edgemeta.algorithms import create_algorithm
+    from edgemeta.algorithms.base import LearnerSettings, Step
+    from edgemeta.backbones import Embedder
+    data = [x for p in omniglot_paths for x in ("--data", p)]
+    common = [*data, "--split-mode", "seeded", "--batch-size", "32", "--episodes", "6", "--val-every", "6",
+              "--val-episodes", "10", "--quiet"]
+    r = run_cli("train", "--algo", "pretrain", "--classifier", "cosine", "--mixup", "0.4", *common, "--out", tmp_path / "mix")
+    assert r.exit_code == 0, r.output
+    log = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["episode"] == 6 and np.isfinite(log[-1]["loss"])
+    d = run_cli("train", "--algo", "distill", "--teacher", tmp_path / "mix" / "last.safetensors", "--mixup", "0.4",
+                *common, "--out", tmp_path / "student")
+    assert d.exit_code == 0, d.output
+    for bad_args, message in ((["--algo", "protonet", "--mixup", "0.4"], "not protonet's episodes"),
+                              (["--algo", "pretrain", "--mixup", "-1"], "mixup must be a number in [0, 10]")):
+        bad = run_cli("train", *bad_args, *common, "--out", tmp_path / "x")
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+
+    torch.manual_seed(0)
+    learner = create_algorithm("pretrain", Embedder("conv4", InputSpec(28, 28, "L")), LearnerSettings(n_classes=3, mixup=0.4))
+    x, labels = torch.rand(8, 1, 28, 28), np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    step = Step(index=5, meta_batch=1, way=3, episodes=list, images=lambda j: (np.arange(8), labels),
+                inputs=lambda idx: x, forward=learner, average_gradients=lambda m: None, average_tensors=lambda d: d)
+    mixed, y = learner._batch(step, 0)
+    assert 0 < y.lam < 1 and sorted(y.other.tolist()) == sorted(labels.tolist())
+    for i in range(8):  # every row: λ of its own image and 1 − λ of one image of the class its second label names
+        assert any(torch.allclose(mixed[i], y.lam * x[i] + (1 - y.lam) * x[k], atol=1e-6)
+                   for k in range(8) if labels[k] == int(y.other[i]))
+    assert not torch.equal(mixed, x)
+    again, y2 = learner._batch(step, 0)
+    assert torch.equal(again, mixed) and y2.lam == y.lam  # seeded by the step: a resumed run mixes alike
+    logits = torch.randn(8, 3)
+    loss, acc = y.loss(logits)
+    ce = torch.nn.functional.cross_entropy
+    assert loss.item() == pytest.approx((y.lam * ce(logits, torch.from_numpy(labels)) + (1 - y.lam) * ce(logits, y.other)).item(), rel=1e-6)
+    off = create_algorithm("pretrain", Embedder("conv4", InputSpec(28, 28, "L")), LearnerSettings(n_classes=3))
+    plain, y0 = off._batch(step, 0)
+    assert plain is x and y0.other is None  # off: the batch as it came

@@ -51,6 +51,7 @@ class LearnerSettings:
     distill_temperature: float = _DEFAULTS["distill_temperature"]
     rotation_weight: float = _DEFAULTS["rotation_weight"]
     classifier: str = _DEFAULTS["classifier"]
+    mixup: float = _DEFAULTS["mixup"]
 
     @classmethod
     def from_train_config(cls, config, n_classes: int = 0) -> LearnerSettings:

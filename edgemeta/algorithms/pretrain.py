@@ -12,11 +12,17 @@ head measures.
 
 With rotation_weight > 0, a second linear head predicts by how many quarter turns each image of a
 rotated copy of the batch was rotated (self-supervision as an auxiliary loss: Gidaris et al. 2019,
-"Boosting few-shot visual learning with self-supervision"); it is thrown away with the classifier."""
+"Boosting few-shot visual learning with self-supervision"); it is thrown away with the classifier.
+
+With mixup > 0, each batch is mixed with a shuffled copy of itself, λ·x + (1 − λ)·x[perm] with λ
+drawn from Beta(mixup, mixup), and the loss is λ·CE(y) + (1 − λ)·CE(y[perm]) (Zhang et al. 2018,
+"mixup: beyond empirical risk minimization"; as input mixup in S2M2, Mangla et al. 2020, for
+few-shot embeddings)."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,7 +37,7 @@ COSINE_SCALE = 10.0
 
 @register("pretrain")
 def _pretrain(embedder: Embedder, s: LearnerSettings) -> Pretrain:
-    return Pretrain(embedder, s.n_classes, s.rotation_weight, s.classifier)
+    return Pretrain(embedder, s.n_classes, s.rotation_weight, s.classifier, s.mixup)
 
 
 class CosineClassifier(nn.Module):
@@ -53,12 +59,29 @@ def build_classifier(kind: str, dim: int, n_classes: int) -> nn.Module:
     return CosineClassifier(dim, n_classes) if kind == "cosine" else nn.Linear(dim, n_classes)
 
 
+class MixedLabels:
+    """A batch's labels: y, or with mixup λ of y and 1 − λ of the shuffled copy's labels."""
+
+    def __init__(self, y: torch.Tensor, other: torch.Tensor | None = None, lam: float = 1.0):
+        self.y, self.other, self.lam = y, other, lam
+
+    def loss(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy and accuracy (a fraction), each weighted as the images were mixed."""
+        loss, acc = episode_loss(logits, self.y)
+        if self.other is None:
+            return loss, acc
+        loss2, acc2 = episode_loss(logits, self.other)
+        return self.lam * loss + (1 - self.lam) * loss2, self.lam * acc + (1 - self.lam) * acc2
+
+
 class Pretrain(MetaLearner):
-    def __init__(self, embedder: Embedder, n_classes: int, rotation_weight: float = 0.0, classifier: str = "linear"):
+    def __init__(self, embedder: Embedder, n_classes: int, rotation_weight: float = 0.0, classifier: str = "linear",
+                 mixup: float = 0.0):
         super().__init__()
         self.embedder = embedder
         self.classifier = build_classifier(classifier, embedder.embed_dim, n_classes)
         self.rotation_weight = rotation_weight
+        self.mixup = mixup
         if rotation_weight > 0:
             self.rotation_head = nn.Linear(embedder.embed_dim, 4)
 
@@ -83,11 +106,22 @@ class Pretrain(MetaLearner):
         aux = nn.functional.cross_entropy(rotation_logits, turns.to(x.device))
         return logits, self.rotation_weight * aux
 
+    def _batch(self, step: Step, j: int) -> tuple[torch.Tensor, MixedLabels]:
+        """Image batch j and its labels; with mixup, mixed with a shuffled copy of itself."""
+        idx, labels = step.images(j)
+        x, y = step.inputs(idx), torch.from_numpy(labels).to(step.device)
+        if not self.mixup:
+            return x, MixedLabels(y)
+        seed = 1_000_003 + step.index * 1009 + j  # apart from the rotations' seeds
+        lam = float(np.random.default_rng(seed).beta(self.mixup, self.mixup))
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
+        return lam * x + (1 - lam) * x[perm], MixedLabels(y, y[perm], lam)
+
     def meta_learn(self, step: Step) -> tuple[float, float]:
         def loss_of(j):
-            idx, labels = step.images(j)
-            logits, aux = self._logits_and_aux(step, step.inputs(idx), j)
-            loss, acc = episode_loss(logits, torch.from_numpy(labels).to(step.device))
+            x, y = self._batch(step, j)
+            logits, aux = self._logits_and_aux(step, x, j)
+            loss, acc = y.loss(logits)
             return loss + aux, acc
         return accumulate(step, loss_of)
 
@@ -105,7 +139,7 @@ class Pretrain(MetaLearner):
 @register("distill")
 def _distill(embedder: Embedder, s: LearnerSettings) -> Distill:
     return Distill(embedder, s.n_classes, s.teacher, s.distill_alpha, s.distill_temperature, s.rotation_weight,
-                   s.classifier)
+                   s.classifier, s.mixup)
 
 
 class Distill(Pretrain):
@@ -115,8 +149,8 @@ class Distill(Pretrain):
     last.safetensors (it keeps its classifier over the training classes); it never trains."""
 
     def __init__(self, embedder: Embedder, n_classes: int, teacher: str, alpha: float = 0.5, temperature: float = 4.0,
-                 rotation_weight: float = 0.0, classifier: str = "linear"):
-        super().__init__(embedder, n_classes, rotation_weight, classifier)
+                 rotation_weight: float = 0.0, classifier: str = "linear", mixup: float = 0.0):
+        super().__init__(embedder, n_classes, rotation_weight, classifier, mixup)
         from edgemeta.checkpoint import load_checkpoint
         from edgemeta.runtime.errors import ConfigError
         if not teacher:
@@ -145,12 +179,11 @@ class Distill(Pretrain):
         t = self.temperature
 
         def loss_of(j):
-            idx, labels = step.images(j)
-            x, y = step.inputs(idx), torch.from_numpy(labels).to(step.device)
+            x, y = self._batch(step, j)
             logits, aux = self._logits_and_aux(step, x, j)
             with torch.no_grad():
                 soft = F.softmax(self.teacher(x) / t, dim=1)
             kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
-            ce, acc = episode_loss(logits, y)
+            ce, acc = y.loss(logits)
             return self.alpha * kd + (1 - self.alpha) * ce + aux, acc
         return accumulate(step, loss_of)
