@@ -193,6 +193,20 @@ def test_self_distillation_learns_from_a_pretrain_runs_teacher(tmp_path, omniglo
     assert log[-1]["episode"] == 12 and np.isfinite(log[-1]["loss"])
 
 
+def _image_batch_run(omniglot_paths) -> list:
+    """Flags of a six-step pretrain/distill run on the Omniglot fixture, batches of 32."""
+    data = [x for p in omniglot_paths for x in ("--data", p)]
+    return [*data, "--split-mode", "seeded", "--batch-size", "32", "--episodes", "6", "--val-every", "6",
+            "--val-episodes", "10", "--quiet"]
+
+
+def _assert_refused(common: list, tmp_path, *cases: tuple[list, str]) -> None:
+    """Each (flags, message): `edgemeta train` refuses it with exit status 2 and that message."""
+    for bad_args, message in cases:
+        bad = run_cli("train", *bad_args, *common, "--out", tmp_path / "x")
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+
+
 def test_rotation_self_supervision_is_an_auxiliary_head_that_never_ships(tmp_path, omniglot_paths):
     """--rotation-weight: a second head learns the quarter turn of a rotated copy of each batch; the
     run's last checkpoint keeps it (to resume), the shipped best does not; other algorithms refuse it."""
@@ -202,9 +216,7 @@ def test_rotation_self_supervision_is_an_auxiliary_head_that_never_ships(tmp_pat
     from edgemeta.algorithms.base import LearnerSettings, Step
     from edgemeta.backbones import Embedder
     from edgemeta.checkpoint import load_checkpoint
-    data = [x for p in omniglot_paths for x in ("--data", p)]
-    common = [*data, "--split-mode", "seeded", "--batch-size", "32", "--episodes", "6", "--val-every", "6",
-              "--val-episodes", "10", "--quiet"]
+    common = _image_batch_run(omniglot_paths)
     r = run_cli("train", "--algo", "pretrain", "--rotation-weight", "0.5", *common, "--out", tmp_path / "rot")
     assert r.exit_code == 0, r.output
     assert any(k.startswith("rotation_head.") for k in load_checkpoint(tmp_path / "rot" / "last.safetensors").model_state)
@@ -238,9 +250,7 @@ def test_a_cosine_classifier_trains_ships_without_itself_and_teaches(tmp_path, o
     from edgemeta.algorithms.base import LearnerSettings
     from edgemeta.backbones import Embedder
     from edgemeta.checkpoint import load_checkpoint
-    data = [x for p in omniglot_paths for x in ("--data", p)]
-    common = [*data, "--split-mode", "seeded", "--batch-size", "32", "--episodes", "6", "--val-every", "6",
-              "--val-episodes", "10", "--quiet"]
+    common = _image_batch_run(omniglot_paths)
     r = run_cli("train", "--algo", "pretrain", "--classifier", "cosine", *common, "--out", tmp_path / "cos")
     assert r.exit_code == 0, r.output
     last = load_checkpoint(tmp_path / "cos" / "last.safetensors")
@@ -251,10 +261,8 @@ def test_a_cosine_classifier_trains_ships_without_itself_and_teaches(tmp_path, o
     d = run_cli("train", "--algo", "distill", "--teacher", tmp_path / "cos" / "last.safetensors", *common,
                 "--out", tmp_path / "student")
     assert d.exit_code == 0, d.output
-    for bad_args, message in ((["--algo", "protonet", "--classifier", "cosine"], "not protonet's"),
-                              (["--algo", "pretrain", "--classifier", "arcface"], "unknown classifier 'arcface'")):
-        bad = run_cli("train", *bad_args, *common, "--out", tmp_path / "x")
-        assert bad.exit_code == 2 and message in bad.output, bad.output
+    _assert_refused(common, tmp_path, (["--algo", "protonet", "--classifier", "cosine"], "not protonet's"),
+                    (["--algo", "pretrain", "--classifier", "arcface"], "unknown classifier 'arcface'"))
     # the logits: scale × cosine, whatever the embedding's and the weights' norms
     torch.manual_seed(0)
     learner = create_algorithm("pretrain", Embedder("conv4", InputSpec(28, 28, "L")),
@@ -275,9 +283,7 @@ def test_mixup_mixes_each_batch_with_its_shuffled_copy_and_weights_the_loss_alik
     from edgemeta.algorithms import create_algorithm
     from edgemeta.algorithms.base import LearnerSettings, Step
     from edgemeta.backbones import Embedder
-    data = [x for p in omniglot_paths for x in ("--data", p)]
-    common = [*data, "--split-mode", "seeded", "--batch-size", "32", "--episodes", "6", "--val-every", "6",
-              "--val-episodes", "10", "--quiet"]
+    common = _image_batch_run(omniglot_paths)
     r = run_cli("train", "--algo", "pretrain", "--classifier", "cosine", "--mixup", "0.4", *common, "--out", tmp_path / "mix")
     assert r.exit_code == 0, r.output
     log = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
@@ -285,10 +291,8 @@ def test_mixup_mixes_each_batch_with_its_shuffled_copy_and_weights_the_loss_alik
     d = run_cli("train", "--algo", "distill", "--teacher", tmp_path / "mix" / "last.safetensors", "--mixup", "0.4",
                 *common, "--out", tmp_path / "student")
     assert d.exit_code == 0, d.output
-    for bad_args, message in ((["--algo", "protonet", "--mixup", "0.4"], "not protonet's episodes"),
-                              (["--algo", "pretrain", "--mixup", "-1"], "mixup must be a number in [0, 10]")):
-        bad = run_cli("train", *bad_args, *common, "--out", tmp_path / "x")
-        assert bad.exit_code == 2 and message in bad.output, bad.output
+    _assert_refused(common, tmp_path, (["--algo", "protonet", "--mixup", "0.4"], "not protonet's episodes"),
+                    (["--algo", "pretrain", "--mixup", "-1"], "mixup must be a number in [0, 10]"))
 
     torch.manual_seed(0)
     learner = create_algorithm("pretrain", Embedder("conv4", InputSpec(28, 28, "L")), LearnerSettings(n_classes=3, mixup=0.4))
