@@ -9,8 +9,10 @@ with --center CL2N recorded as the checkpoint's deployment (`export`/`eval` cent
 from __future__ import annotations
 
 import argparse
+import sys
 
 from edgemeta.checkpoint import ship_checkpoint
+from edgemeta.runtime.errors import EdgemetaError
 
 
 def main() -> None:
@@ -21,7 +23,10 @@ def main() -> None:
     ap.add_argument("--flip-shots", action="store_true", help="the device head enrolls flipped shots")
     ap.add_argument("--center", action="store_true", help="export and eval use CL2N features unless told --no-center")
     args = ap.parse_args()
-    path = ship_checkpoint(args.src, args.dst, half=args.half, flip_shots=args.flip_shots, center=args.center)
+    try:
+        path = ship_checkpoint(args.src, args.dst, half=args.half, flip_shots=args.flip_shots, center=args.center)
+    except EdgemetaError as exc:  # a missing data root, a checkpoint that is not one: one line, nothing written
+        sys.exit(f"error: {exc}")
     print(f"{path}: {path.stat().st_size:,} bytes")
 
 

@@ -137,6 +137,7 @@ RECORDS_CL2N = {"tinyimagenet-efficientnet-lite0-finetune"}  # shipped with `shi
                                                  ("cifarfs-edgenet-rotation-distill", 128, 32, ["--center"]),
                                                  ("cifarfs-efficientnet-lite0-metafinetune", 1280, 160, ["--center"]),
                                                  ("cifarfs-efficientnet-lite0-finetune", 1280, 160, []),
+                                                 ("cifarfs-efficientnet-lite2-finetune", 1280, 160, []),
                                                  ("tinyimagenet-efficientnet-lite0-metafinetune", 1280, 160, []),
                                                  ("tinyimagenet-efficientnet-lite0-finetune", 1280, 160, [])])
 def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name, dim, side, extra):
