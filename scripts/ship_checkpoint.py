@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgemeta.checkpoint import ship_checkpoint
 from edgemeta.runtime.errors import EdgemetaError
+
+from edgemeta.checkpoint import ship_checkpoint
 
 
 def main() -> None:
