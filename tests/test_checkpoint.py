@@ -67,3 +67,39 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     spec = InputSpec(28, 28)
     save_checkpoint(tmp_path / "c.safetensors", {"a": torch.ones(3)}, {"input": spec.to_dict()})
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_each_shipped_checkpoint_is_what_its_config_trains_and_names_no_local_path():
+    """checkpoints/NAME.safetensors was trained with configs/NAME.toml (every training field the
+    checkpoint records equals the config's, the data included, by dataset name), and nothing in its
+    metadata points outside the repository or at a machine (no absolute path, no `..`)."""
+    from conftest import ROOT
+
+    from edgemeta.config import TrainConfig
+    from edgemeta.data.catalog import CATALOG
+    free = {"out", "quiet", "resume", "vectorize", "channels_last"}  # where a run wrote, how it ran: not what it trained
+    shipped = sorted((ROOT / "checkpoints").glob("*.safetensors"))
+    assert len(shipped) >= 14
+    for path in shipped:
+        config = ROOT / "configs" / f"{path.stem}.toml"
+        assert config.is_file(), f"{path.name} has no configs/{config.name} to reproduce it"
+        wanted = TrainConfig.from_toml(config).to_dict()
+        meta = load_checkpoint(path).meta
+        recorded = meta["train_config"]
+        differ = {k: (wanted[k], recorded[k]) for k in wanted if k in recorded and k not in free and wanted[k] != recorded[k]}
+        assert not differ, f"{path.name} was not trained with {config.name}: {differ}"
+        assert all(d.partition(":")[0] in CATALOG for d in recorded["data"]), recorded["data"]
+        for text in _strings(meta):
+            assert not (text.startswith(("/", "~")) or "../" in text or "\\" in text), f"{path.name} names {text!r}"
+
+
+def _strings(value):
+    """Every string inside a JSON value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
