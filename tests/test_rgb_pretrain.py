@@ -124,7 +124,7 @@ def test_pretrain_then_episodic_finetune_from_init(tmp_path, omniglot_paths):
     assert bad.exit_code == 2 and "holds a conv4 backbone" in bad.output
 
 
-RECORDS_CL2N = {"tinyimagenet-efficientnet-lite0-finetune"}  # shipped with `ship_checkpoint --center`
+RECORDS_CL2N = {"tinyimagenet-efficientnet-lite0-finetune", "tinyimagenet-efficientnet-lite2-finetune"}  # shipped with `ship_checkpoint --center`
 
 
 @pytest.mark.parametrize("name,dim,side,extra", [("tinyimagenet-conv4-pretrain", 1024, 64, []),
@@ -139,7 +139,8 @@ RECORDS_CL2N = {"tinyimagenet-efficientnet-lite0-finetune"}  # shipped with `shi
                                                  ("cifarfs-efficientnet-lite0-finetune", 1280, 160, []),
                                                  ("cifarfs-efficientnet-lite2-finetune", 1280, 160, []),
                                                  ("tinyimagenet-efficientnet-lite0-metafinetune", 1280, 160, []),
-                                                 ("tinyimagenet-efficientnet-lite0-finetune", 1280, 160, [])])
+                                                 ("tinyimagenet-efficientnet-lite0-finetune", 1280, 160, []),
+                                                 ("tinyimagenet-efficientnet-lite2-finetune", 1280, 160, [])])
 def test_shipped_rgb_checkpoint_exports_and_runs_through_the_runtime(tmp_path, omniglot_paths, name, dim, side, extra):
     from conftest import ROOT
     from edgemeta.runtime import FewShotClassifier, load_bundle
