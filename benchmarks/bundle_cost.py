@@ -17,9 +17,8 @@ from edgemeta.runtime.bundle import load_bundle
 from edgemeta.runtime.preprocess import pixels_to_batch
 
 
-def graphs(folder: Path, threads: int | None) -> dict[str, OnnxRuntimeBackend]:
+def graphs(bundle, threads: int | None) -> dict[str, OnnxRuntimeBackend]:
     """The bundle's fp32 graph and its INT8 CPU graph (where exported), opened on the CPU provider."""
-    bundle = load_bundle(folder)
     paths = {"fp32": bundle.variant_path("fp32")}
     if "int8" in bundle.manifest["variants"]:
         paths["int8-cpu"] = bundle.variant_path("int8", cpu=True)
@@ -33,23 +32,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
     args = ap.parse_args()
     print(f"# {machine()}; ONNX Runtime CPU provider; p50 of interleaved rounds")
-    opened = {}
+    opened = {}  # (bundle folder, graph) → (bundle, backend)
     for folder in args.bundles:
         bundle = load_bundle(folder)
-        model = bundle.manifest["model"]
-        for variant, backend in graphs(folder, args.threads).items():
-            opened[(folder.name, variant)] = (bundle.spec, backend, model["backbone"], backend.model_path.stat().st_size)
+        for variant, backend in graphs(bundle, args.threads).items():
+            opened[(folder.name, variant)] = (bundle, backend)
     for batch in (1, 32):
         rng = np.random.default_rng(0)
-        inputs = {k: pixels_to_batch(rng.integers(0, 256, (batch, s.height, s.width, s.channels), dtype=np.uint8))
-                  for k, (s, *_rest) in opened.items()}
-        times = interleaved({k: (lambda b=b, x=inputs[k]: b.embed(x)) for k, (_s, b, *_r) in opened.items()},
-                            rounds=args.rounds, repeats=10 if batch == 1 else 3)
+        calls = {}
+        for key, (bundle, backend) in opened.items():
+            s = bundle.spec
+            x = pixels_to_batch(rng.integers(0, 256, (batch, s.height, s.width, s.channels), dtype=np.uint8))
+            calls[key] = lambda b=backend, x=x: b.embed(x)
+        times = interleaved(calls, rounds=args.rounds, repeats=10 if batch == 1 else 3)
         print(f"batch {batch}:")
         for (name, variant), t in times.items():
-            spec, _b, backbone, size = opened[(name, variant)]
-            print(f"  {name:28s} {backbone:20s} {spec.height:>3d} px {variant:9s} {size / 1e6:5.1f} MB  "
-                  f"{t * 1e3 / batch:7.3f} ms/image")
+            bundle, backend = opened[(name, variant)]
+            print(f"  {name:28s} {bundle.manifest['model']['backbone']:20s} {bundle.spec.height:>3d} px {variant:9s} "
+                  f"{backend.model_path.stat().st_size / 1e6:5.1f} MB  {t * 1e3 / batch:7.3f} ms/image")
 
 
 if __name__ == "__main__":

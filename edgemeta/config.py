@@ -216,17 +216,18 @@ class TrainConfig:
         if not 0.0 <= self.distill_alpha <= 1.0 or not self.distill_temperature > 0:
             raise ConfigError(f"distill_alpha must be in [0, 1] and distill_temperature > 0, got "
                               f"{self.distill_alpha!r}, {self.distill_temperature!r}")
-        if isinstance(self.rotation_weight, bool) or not isinstance(self.rotation_weight, (int, float)) \
-                or not 0 <= self.rotation_weight <= 10:
-            raise ConfigError(f"rotation_weight must be a number in [0, 10], got {self.rotation_weight!r}")
-        if isinstance(self.mixup, bool) or not isinstance(self.mixup, (int, float)) or not 0 <= self.mixup <= 10:
-            raise ConfigError(f"mixup must be a number in [0, 10] (Beta(α, α)'s α; 0: off), got {self.mixup!r}")
-        if self.mixup and self.algo not in IMAGE_BATCH_ALGORITHMS:
-            raise ConfigError(f"mixup mixes pretrain's and distill's image batches, not {self.algo}'s episodes")
-        if self.classifier != "linear" and self.algo not in IMAGE_BATCH_ALGORITHMS:
-            raise ConfigError(f"classifier is pretrain's and distill's classifier over the training classes, not {self.algo}'s")
-        if self.rotation_weight and self.algo not in IMAGE_BATCH_ALGORITHMS:
-            raise ConfigError(f"rotation_weight is an auxiliary loss of pretrain and distill, not of {self.algo}")
+        for name, about in (("rotation_weight", ""), ("mixup", " (Beta(α, α)'s α; 0: off)")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10:
+                raise ConfigError(f"{name} must be a number in [0, 10]{about}, got {value!r}")
+        if self.algo not in IMAGE_BATCH_ALGORITHMS:  # the settings only image-batch training has
+            for name, is_set, refusal in (
+                    ("rotation_weight", self.rotation_weight, "is an auxiliary loss of pretrain and distill, not of {}"),
+                    ("mixup", self.mixup, "mixes pretrain's and distill's image batches, not {}'s episodes"),
+                    ("classifier", self.classifier != "linear",
+                     "is pretrain's and distill's classifier over the training classes, not {}'s")):
+                if is_set:
+                    raise ConfigError(f"{name} {refusal.format(self.algo)}")
         if self.pretrained or self.freeze_blocks:
             from edgemeta.backbones import create_backbone
             from edgemeta.pretrained import weights_file
