@@ -19,6 +19,7 @@ from edgemeta.backbones import Embedder, fixed_normalisation
 from edgemeta.checkpoint import load_checkpoint, save_checkpoint
 from edgemeta.config import TrainConfig
 from edgemeta.data import EpisodeSampler, ImageSet, load_dataset, select_split
+from edgemeta.data.splits import read_split_file
 from edgemeta.distributed import Distributed
 from edgemeta.features import embed_pixels
 from edgemeta.precision import autocast, native_bf16
@@ -36,18 +37,21 @@ CALIBRATION_IMAGES = 1024  # training images that recompute BatchNorm statistics
 class TrainResult:
     best_checkpoint: Path
     last_checkpoint: Path
-    best_val_accuracy: float
+    best_val_accuracy: float | None  # None: the split file names no validation classes
     episodes: int
     seconds: float
     model: torch.nn.Module | None = None
     is_main: bool = True  # rank 0 (or a single process): the one that writes and reports
 
 
-def load_splits(config: TrainConfig, progress: Progress = SILENT) -> tuple[ImageSet, ImageSet]:
+def load_splits(config: TrainConfig, progress: Progress = SILENT) -> tuple[ImageSet, ImageSet | None]:
+    """The training classes, and the validation classes (None where the split file names none: a
+    final run on every class there is, whose result is its last step)."""
     data = load_dataset(config.data, config.image_size, config.colour, config.layout, progress=progress)
     train = select_split(data, "train", config.split_mode, config.split_seed, config.split_file)
-    val = select_split(data, "val", config.split_mode, config.split_seed, config.split_file)
-    return train, val
+    if config.split_file and not read_split_file(config.split_file)["val"]:
+        return train, None
+    return train, select_split(data, "val", config.split_mode, config.split_seed, config.split_file)
 
 
 def build_model(config: TrainConfig, spec: InputSpec, n_train_classes: int = 0) -> MetaLearner:
@@ -172,7 +176,7 @@ class _Run:
     forward: torch.nn.Module          # the model, wrapped by DistributedDataParallel when distributed
     optimizer: torch.optim.Optimizer
     inputs: TrainInputs
-    val: ImageSet
+    val: ImageSet | None              # None: no validation classes; every save is the result
     spec: InputSpec
     dist: Distributed
     out: Path
@@ -220,8 +224,8 @@ def _set_up(config: TrainConfig, resume: bool, progress: Progress) -> _Run:
     model = build_model(config, spec, train_set.n_classes).to(config.device)
     dist = Distributed(config.device)
     inputs = TrainInputs(train_set, config, dist)
-    # Fail before training, not at the first validation, when the validation classes are too small.
-    EpisodeSampler(val_set.labels, config.val_way, config.val_shot, config.val_query, 0, class_names=val_set.classes)
+    if val_set is not None:  # fail before training, not at the first validation, when they are too small
+        EpisodeSampler(val_set.labels, config.val_way, config.val_shot, config.val_query, 0, class_names=val_set.classes)
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(config, model, model, _optimizer(config, model), inputs, val_set, spec, dist, out)
     if ckpt is not None:
@@ -255,20 +259,25 @@ def _train_step(run: _Run, step: int, precision) -> tuple[float, float]:
     return loss, acc
 
 
-def _validate_and_save(run: _Run, done: int) -> float:
+def _validate_and_save(run: _Run, done: int) -> dict:
     """The validation hook: accuracy on the fixed validation episodes; the best checkpoint (what
-    ships) when it improved, and the last one (for --resume) always."""
+    ships) when it improved, and the last one (for --resume) always. Without validation classes the
+    best checkpoint is the last step's. Returns what the metrics log records: {"val_acc": …} or {}."""
     c = run.config
-    val_acc = validation_accuracy(run.model, run.val, c)
-    improved = val_acc > run.best
-    run.best = max(run.best, val_acc)
-    metrics = {"best_val_accuracy": run.best, "val_accuracy": val_acc,
-               "val_protocol": f"{c.val_way}-way {c.val_shot}-shot, {c.val_episodes} episodes"}
+    if run.val is None:
+        val_acc, improved = None, True
+        metrics: dict = {"val_protocol": "none: the split file names no validation classes"}
+    else:
+        val_acc = validation_accuracy(run.model, run.val, c)
+        improved = val_acc > run.best
+        run.best = max(run.best, val_acc)
+        metrics = {"best_val_accuracy": run.best, "val_accuracy": val_acc,
+                   "val_protocol": f"{c.val_way}-way {c.val_shot}-shot, {c.val_episodes} episodes"}
     meta = checkpoint_meta(c, run.model, run.spec, metrics, done, run.inputs.data.n_classes)
     if improved:
         save_checkpoint(run.best_path, run.model.deployable_state(run.inputs.calibration_batches), meta)
     save_checkpoint(run.last_path, run.model.state_dict(), meta, run.optimizer.state_dict())
-    return val_acc
+    return {} if val_acc is None else {"val_acc": val_acc}
 
 
 def train(config: TrainConfig, resume: bool = False, progress: Progress = SILENT) -> TrainResult:
@@ -292,7 +301,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress = SILENT
                       "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
             window_loss, window_acc = [], []
         if run.dist.is_main and (done % c.val_every == 0 or done == c.episodes):
-            record = {**(record or {"episode": done}), "val_acc": _validate_and_save(run, done)}
+            record = {**(record or {"episode": done}), **_validate_and_save(run, done)}
         if record is not None and run.dist.is_main:
             with open(run.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -300,12 +309,13 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress = SILENT
     if c.episodes == 0 and run.dist.is_main:
         # a pretrained (or --init) network as it starts: validated and saved like a trained one,
         # the off-the-shelf row every fine-tuning is compared with
-        record = {"episode": 0, "val_acc": _validate_and_save(run, 0)}
+        record = {"episode": 0, **_validate_and_save(run, 0)}
         with open(run.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
     show.finish()
     run.dist.close(run.model)
-    return TrainResult(run.best_path, run.last_path, run.best, c.episodes, time.time() - t0, run.model,
+    return TrainResult(run.best_path, run.last_path, run.best if run.val is not None else None, c.episodes,
+                       time.time() - t0, run.model,
                        is_main=run.dist.is_main)
 
 

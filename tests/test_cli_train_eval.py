@@ -52,6 +52,36 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, omniglot_paths):
     assert episodes == [4, 8]  # log_every=10 → one record per validation; 1..4 not redone
 
 
+def test_a_split_file_without_validation_classes_trains_on_every_class_and_ships_the_last_step(tmp_path, omniglot,
+                                                                                               omniglot_paths):
+    """The final run of a recipe chosen on the validation classes: training and validation classes
+    together, no validation; every save is the result, resumable like any run."""
+    groups = sorted(set(omniglot.groups))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": groups[:6], "val": [], "test": groups[6:]}))
+    n_train = sum(g in groups[:6] for g in omniglot.groups)
+    common = [*_data(omniglot_paths), "--split-file", split, "--way", "5", "--query", "2", "--val-every", "3",
+              "--out", tmp_path / "r"]
+    first = run_cli("train", *common, "--episodes", "3", "--quiet")
+    assert first.exit_code == 0, first.output
+    result = run_cli("train", *common, "--episodes", "6", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "trained on every class (the split file names no validation classes)" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in records] == [3, 6] and not any("val_acc" in r for r in records)
+    from edgemeta.checkpoint import load_checkpoint
+    best, last = load_checkpoint(tmp_path / "r" / "best.safetensors"), load_checkpoint(tmp_path / "r" / "last.safetensors")
+    assert best.meta["episode"] == last.meta["episode"] == 6 and best.meta["train_classes"] == last.meta["train_classes"] == 4 * n_train  # and their rotations
+    assert all(v.equal(last.embedder_state()[k]) for k, v in best.embedder_state().items())
+    assert best.meta["metrics"] == {"val_protocol": "none: the split file names no validation classes"}
+    refused = run_cli("eval", tmp_path / "r" / "best.safetensors", *_data(omniglot_paths), "--split-file", split,
+                      "--split", "val")
+    assert refused.exit_code == 2 and refused.output == f"error: the val split of {split} has no classes in this data\n"
+    tested = run_cli("eval", tmp_path / "r" / "best.safetensors", *_data(omniglot_paths), "--split-file", split,
+                     "--episodes", "20", "--json")
+    assert tested.exit_code == 0 and json.loads(tested.stdout)["accuracy"] > 40
+
+
 def test_toml_config_with_flag_override(tmp_path, omniglot_paths):
     cfg = tmp_path / "c.toml"
     cfg.write_text("data = [{}]\nsplit_mode = 'seeded'\nway = 5\nquery = 2\nepisodes = 2\nval_every = 2\n"

@@ -31,8 +31,11 @@ def _train(config: Optional[Path] = None, resume: bool = False, quiet: bool = Fa
     result = run_training(cfg, resume=resume, progress=RichProgress(enabled=not quiet))
     if not result.is_main:
         return  # under torchrun only rank 0 reports
-    console.print(f"best validation accuracy {result.best_val_accuracy:.2f}% "
-                  f"({cfg.val_way}-way {cfg.val_shot}-shot) in {result.seconds:.0f} s")
+    if result.best_val_accuracy is None:
+        console.print(f"trained on every class (the split file names no validation classes) in {result.seconds:.0f} s")
+    else:
+        console.print(f"best validation accuracy {result.best_val_accuracy:.2f}% "
+                      f"({cfg.val_way}-way {cfg.val_shot}-shot) in {result.seconds:.0f} s")
     console.print(f"checkpoint: {result.best_checkpoint}")
 
 
