@@ -33,7 +33,7 @@ HELP = {
     "colour": "L (greyscale) | RGB",
     "split_mode": "auto | alphabets (fixed Omniglot split) | seeded",
     "split_seed": "Seed of a seeded class split.",
-    "split_file": "JSON naming the train/val/test groups (overrides --split-mode).",
+    "split_file": "JSON naming the train/val/test groups (overrides --split-mode); an empty val list trains without validation.",
     "rotations": "Add each 90° rotation of a training class as a new class.",
     "augment": "Random crop, flip and colour jitter while training (never at evaluation).",
     "augment_pad": "augment: reflect padding in pixels at --image-size before the random crop (4 is CIFAR's at 32 px).",

@@ -314,8 +314,8 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress = SILENT
             f.write(json.dumps(record) + "\n")
     show.finish()
     run.dist.close(run.model)
-    return TrainResult(run.best_path, run.last_path, run.best if run.val is not None else None, c.episodes,
-                       time.time() - t0, run.model,
+    best = run.best if run.val is not None else None
+    return TrainResult(run.best_path, run.last_path, best, c.episodes, time.time() - t0, run.model,
                        is_main=run.dist.is_main)
 
 
