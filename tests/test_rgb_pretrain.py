@@ -137,6 +137,7 @@ RECORDS_CL2N = {"tinyimagenet-efficientnet-lite0-finetune", "tinyimagenet-effici
                                                  ("cifarfs-edgenet-rotation-distill", 128, 32, ["--center"]),
                                                  ("cifarfs-efficientnet-lite0-metafinetune", 1280, 160, ["--center"]),
                                                  ("cifarfs-efficientnet-lite0-finetune", 1280, 160, []),
+                                                 ("cifarfs-efficientnet-lite0-finetune-trainval", 1280, 160, []),
                                                  ("cifarfs-efficientnet-lite2-finetune", 1280, 160, []),
                                                  ("cifarfs-efficientnet-lite2-finetune-trainval", 1280, 160, []),
                                                  ("tinyimagenet-efficientnet-lite0-metafinetune", 1280, 160, []),
