@@ -10,19 +10,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-from common import interleaved, machine
-from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from common import machine, time_cpu_graphs
 from edgemeta.runtime.bundle import load_bundle
-from edgemeta.runtime.preprocess import pixels_to_batch
 
 
-def graphs(bundle, threads: int | None) -> dict[str, OnnxRuntimeBackend]:
-    """The bundle's fp32 graph and its INT8 CPU graph (where exported), opened on the CPU provider."""
+def graphs(bundle) -> dict[str, Path]:
+    """The bundle's fp32 graph and its INT8 CPU graph (where exported)."""
     paths = {"fp32": bundle.variant_path("fp32")}
     if "int8" in bundle.manifest["variants"]:
         paths["int8-cpu"] = bundle.variant_path("int8", cpu=True)
-    return {k: OnnxRuntimeBackend(p, bundle.spec, bundle.embedding_dim, "cpu", threads=threads) for k, p in paths.items()}
+    return paths
 
 
 def main() -> None:
@@ -32,25 +29,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
     args = ap.parse_args()
     print(f"# {machine()}; ONNX Runtime CPU provider; p50 of interleaved rounds")
-    opened = {}  # (bundle folder, graph) → (bundle, backend)
-    for folder in args.bundles:
-        bundle = load_bundle(folder)
-        for variant, backend in graphs(bundle, args.threads).items():
-            opened[(folder.name, variant)] = (bundle, backend)
+    opened = {(folder.name, variant): (bundle, path)
+              for folder in args.bundles for bundle in [load_bundle(folder)] for variant, path in graphs(bundle).items()}
     for batch in (1, 32):
-        rng = np.random.default_rng(0)
-        calls = {}
-        for key, (bundle, backend) in opened.items():
-            s = bundle.spec
-            x = pixels_to_batch(rng.integers(0, 256, (batch, s.height, s.width, s.channels), dtype=np.uint8))
-            calls[key] = lambda b=backend, x=x: b.embed(x)
-        times = interleaved(calls, rounds=args.rounds, repeats=10 if batch == 1 else 3)
+        times = time_cpu_graphs(opened, batch, args.rounds, args.threads)
         print(f"batch {batch}:")
         for (name, variant), t in times.items():
-            bundle, backend = opened[(name, variant)]
+            bundle, path = opened[(name, variant)]
             print(f"  {name:28s} {bundle.manifest['model']['backbone']:20s} {bundle.spec.height:>3d} px {variant:9s} "
-                  f"{backend.model_path.stat().st_size / 1e6:5.1f} MB  {t * 1e3 / batch:7.3f} ms/image")
-
+                  f"{path.stat().st_size / 1e6:5.1f} MB  {t * 1e3 / batch:7.3f} ms/image")
 
 if __name__ == "__main__":
     main()

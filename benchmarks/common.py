@@ -28,5 +28,19 @@ def interleaved(fns: dict, rounds: int = 5, repeats: int = 20, warmup: int = 3) 
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
+def time_cpu_graphs(graphs: dict, batch: int, rounds: int, threads: int | None = None) -> dict:
+    """p50 seconds of one call of each graph on ONNX Runtime's CPU provider, all interleaved, each on a
+    batch of random pixels for its bundle's input (graphs: key → (bundle, graph path))."""
+    from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from edgemeta.runtime.preprocess import pixels_to_batch
+    rng, calls = np.random.default_rng(0), {}
+    for key, (bundle, path) in graphs.items():
+        s = bundle.spec
+        x = pixels_to_batch(rng.integers(0, 256, (batch, s.height, s.width, s.channels), dtype=np.uint8))
+        backend = OnnxRuntimeBackend(path, s, bundle.embedding_dim, "cpu", threads=threads)
+        calls[key] = lambda b=backend, x=x: b.embed(x)
+    return interleaved(calls, rounds=rounds, repeats=10 if batch == 1 else 3)
+
+
 def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-4 else f"{seconds * 1e6:.1f} µs"

@@ -13,14 +13,11 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from backbones import conv_flops
-from common import ROOT, interleaved, machine
+from common import ROOT, machine, time_cpu_graphs
 from edgemeta.export import ExportOptions, export_checkpoint
-from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgemeta.runtime.bundle import load_bundle
-from edgemeta.runtime.preprocess import pixels_to_batch
 
 from edgemeta.checkpoint import load_checkpoint
 from edgemeta.evaluate import evaluate
@@ -59,10 +56,8 @@ def main() -> None:
                 row[f"{variant}_5w{shot}s"] = [round(e.result.accuracy, 2), round(e.result.ci95, 2)]
         graphs = {"fp32": bundle.variant_path("fp32"), "int8-tensorrt-graph": bundle.variant_path("int8"),
                   "int8-cpu-graph": bundle.variant_path("int8", cpu=True), "fp16": bundle.variant_path("fp16")}
-        backends = {k: OnnxRuntimeBackend(p, bundle.spec, bundle.embedding_dim, "cpu") for k, p in graphs.items()}
         for batch in (1, 32):
-            x = pixels_to_batch(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
-            t = interleaved({k: (lambda b=b: b.embed(x)) for k, b in backends.items()}, rounds=3, repeats=10 if batch == 1 else 3)
+            t = time_cpu_graphs({k: (bundle, path) for k, path in graphs.items()}, batch, rounds=3)
             row[f"ms_per_image_b{batch}"] = {k: round(v * 1e3 / batch, 3) for k, v in t.items()}
             row[f"int8_cpu_speedup_b{batch}"] = round(t["fp32"] / t["int8-cpu-graph"], 2)
         rows.append(row)

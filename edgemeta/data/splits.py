@@ -74,9 +74,7 @@ def select_split(dataset: ImageSet, split: str, mode: str = "auto", seed: int = 
         return dataset
     chosen = (read_split_file(split_file) if split_file else split_groups(dataset.groups, mode, seed))[split]
     part = dataset.select_groups(chosen)
-    if part.n_classes == 0 and split_file:
-        raise DataError(f"the {split} split of {split_file} has no classes in this data")
     if part.n_classes == 0:
-        raise DataError(f"the {split} split of this data is empty (split mode {mode!r}); "
-                        "use --split-mode seeded or add data")
+        raise DataError(f"the {split} split of {split_file} has no classes in this data" if split_file else
+                        f"the {split} split of this data is empty (split mode {mode!r}); use --split-mode seeded or add data")
     return part
