@@ -14,7 +14,12 @@ class Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.enabled = self.world > 1
         if self.enabled:
+            # torch.distributed.nn imported before the group exists: its functions' `group=` defaults
+            # would otherwise hold the group for the life of the process (torch._dynamo imports it
+            # mid-training), and destroy_process_group could not stop gloo's threads before the
+            # interpreter exits
             import torch.distributed as td
+            import torch.distributed.nn  # noqa: F401
             if not td.is_initialized():
                 td.init_process_group("nccl" if device.startswith("cuda") else "gloo")
             self.td = td
@@ -59,9 +64,3 @@ class Distributed:
             self.broadcast(model)
             self.td.barrier()
             self.td.destroy_process_group()
-            if not self.is_main:
-                # A rank that exits the moment the group is destroyed, while rank 0 is still closing
-                # its connections, aborted in about half of two-process gloo runs here ("terminate
-                # called without an active exception", torch 2.13); a short linger avoids that race.
-                import time
-                time.sleep(0.2)

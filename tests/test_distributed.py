@@ -3,6 +3,7 @@ averaged, so both ranks end with identical weights; only rank 0 writes."""
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -28,6 +29,10 @@ def _rank(rank: int, world: int, port: int, algo: str, out: str, cache: str) -> 
     result = train(cfg, progress=SILENT)
     torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items() if v is not None},
                os.path.join(out, f"rank{rank}.pt"))
+    if sys.platform.startswith("linux"):  # the threads alive after train(), by name
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        with open(os.path.join(out, f"rank{rank}-threads.txt"), "w") as f:
+            f.write("\n".join(names))
 
 
 @pytest.mark.parametrize("algo", ["protonet", "fomaml", "reptile"])
@@ -43,6 +48,11 @@ def test_two_ranks_end_with_identical_weights(tmp_path, algo):
     assert (tmp_path / "best.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1  # one log, from rank 0 only
+    # the process group is gone when train() returns: a gloo worker thread still alive at interpreter
+    # exit may take the GIL while it finalises, which aborts the process (SIGABRT, "terminate called")
+    for rank in (0, 1) if sys.platform.startswith("linux") else ():
+        threads = (tmp_path / f"rank{rank}-threads.txt").read_text().split()
+        assert not [t for t in threads if "gloo" in t or "tcpstore" in t], threads
 
 
 def _torchrun_two_nodes(out, episodes: int, resume: bool, port: int) -> list:
