@@ -40,8 +40,13 @@ class Distributed:
 
     def broadcast(self, model: torch.nn.Module) -> None:
         if self.enabled:
-            for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
-                self.td.broadcast(t.data, 0)
+            # the model's own tensors, not `.data` views: a view's Python object dies when the call
+            # returns, and gloo's worker, which lets go of the tensors a moment later, would then free
+            # it and need the GIL — a deadlock when that moment falls in the group's teardown, which
+            # DistributedDataParallel's reducer runs holding the GIL
+            with torch.no_grad():
+                for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
+                    self.td.broadcast(t, 0)
 
     def average_gradients(self, model: torch.nn.Module) -> None:
         if self.enabled:
