@@ -140,6 +140,7 @@ RECORDS_CL2N = {"tinyimagenet-efficientnet-lite0-finetune", "tinyimagenet-effici
                                                  ("cifarfs-efficientnet-lite0-finetune-trainval", 1280, 160, []),
                                                  ("cifarfs-efficientnet-lite2-finetune", 1280, 160, []),
                                                  ("cifarfs-efficientnet-lite2-finetune-trainval", 1280, 160, []),
+                                                 ("cifarfs-efficientnet-lite2-224-finetune-trainval", 1280, 224, []),
                                                  ("tinyimagenet-efficientnet-lite0-metafinetune", 1280, 160, []),
                                                  ("tinyimagenet-efficientnet-lite0-finetune", 1280, 160, []),
                                                  ("tinyimagenet-efficientnet-lite2-finetune", 1280, 160, [])])
