@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -38,7 +39,13 @@ def _rank(rank: int, world: int, port: int, algo: str, out: str, cache: str) -> 
 @pytest.mark.parametrize("algo", ["protonet", "fomaml", "reptile"])
 def test_two_ranks_end_with_identical_weights(tmp_path, algo):
     out = str(tmp_path)
-    mp.spawn(_rank, args=(2, _free_port(), algo, out, os.environ["EDGEMETA_CACHE"]), nprocs=2, join=True)
+    ranks = mp.spawn(_rank, args=(2, _free_port(), algo, out, os.environ["EDGEMETA_CACHE"]), nprocs=2, join=False)
+    deadline = time.monotonic() + 180  # a rank that hangs (in the group's teardown, say) fails here, not at CI's limit
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            pytest.fail("a rank was still running after 180 s")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0.keys() == r1.keys()
