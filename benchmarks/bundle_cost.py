@@ -29,8 +29,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
     args = ap.parse_args()
     print(f"# {machine()}; ONNX Runtime CPU provider; p50 of interleaved rounds")
-    opened = {(folder.name, variant): (bundle, path)
-              for folder in args.bundles for bundle in [load_bundle(folder)] for variant, path in graphs(bundle).items()}
+    opened = {}  # (bundle folder, graph) → (bundle, graph path)
+    for folder in args.bundles:
+        bundle = load_bundle(folder)
+        opened.update({(folder.name, variant): (bundle, path) for variant, path in graphs(bundle).items()})
     for batch in (1, 32):
         times = time_cpu_graphs(opened, batch, args.rounds, args.threads)
         print(f"batch {batch}:")
