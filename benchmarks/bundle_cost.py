@@ -41,5 +41,6 @@ def main() -> None:
             print(f"  {name:28s} {bundle.manifest['model']['backbone']:20s} {bundle.spec.height:>3d} px {variant:9s} "
                   f"{path.stat().st_size / 1e6:5.1f} MB  {t * 1e3 / batch:7.3f} ms/image")
 
+
 if __name__ == "__main__":
     main()

@@ -15,7 +15,8 @@ def feature_mean(ckpt, embedder=None, max_images: int = FEATURE_MEAN_IMAGES) -> 
     """CL2N's center (SimpleShot): the mean embedding of the checkpoint's training classes — the one
     the checkpoint holds (`feature_mean`), else computed on up to `max_images` images (seeded
     sample) of its training split, read from its training data. Returns (mean, description)."""
-    from edgemeta.data import load_dataset, select_split
+    from edgemeta.data.loading import index_images
+    from edgemeta.data.splits import split_classes
     if FEATURE_MEAN_KEY in ckpt.model_state:
         mean = ckpt.model_state[FEATURE_MEAN_KEY].float().numpy()
         return mean, {**ckpt.meta.get(FEATURE_MEAN_KEY, {}), "source": "checkpoint"}
@@ -23,11 +24,14 @@ def feature_mean(ckpt, embedder=None, max_images: int = FEATURE_MEAN_IMAGES) -> 
     if not tc.get("data"):
         raise ConfigError("this checkpoint holds no feature mean and names no training data to compute one")
     spec = ckpt.spec
-    data = load_dataset(tc["data"], (spec.height, spec.width), spec.colour, tc.get("layout", "auto"))
-    train = select_split(data, "train", tc.get("split_mode", "auto"), tc.get("split_seed", 0), tc.get("split_file", ""))
-    pick = np.sort(np.random.default_rng(0).choice(len(train), min(max_images, len(train)), replace=False))
-    z = embed_pixels(embedder if embedder is not None else ckpt.build_embedder(), train.pixels[pick])
-    return z.mean(0).astype(np.float32), {"images": int(len(pick)), "classes": int(train.n_classes), "split": "train"}
+    index = index_images(tc["data"], tc.get("layout", "auto"))  # only the sample is decoded
+    classes = split_classes(index.groups, "train", tc.get("split_mode", "auto"), tc.get("split_seed", 0),
+                            tc.get("split_file", ""))
+    train = np.flatnonzero(np.isin(index.labels, classes))
+    pick = train[np.sort(np.random.default_rng(0).choice(len(train), min(max_images, len(train)), replace=False))]
+    pixels = index.decode(pick, spec).pixels
+    z = embed_pixels(embedder if embedder is not None else ckpt.build_embedder(), pixels)
+    return z.mean(0).astype(np.float32), {"images": int(len(pick)), "classes": len(classes), "split": "train"}
 
 
 def cl2n(z: np.ndarray, center: np.ndarray) -> np.ndarray:

@@ -64,15 +64,26 @@ class EngineOptions:
             raise ConfigError(f"--workspace-mb must be ≥ 1, got {self.workspace_mb}")
 
 
-def reference_images(sources: list[str], spec: InputSpec, count: int, seed: int = 0):
-    """Load real images at the model's input spec: (a seeded sample of `count` float32 NCHW images,
-    the whole dataset as an ImageSet for few-shot episodes)."""
-    from edgemeta.data import load_dataset
+def reference_images(sources: list[str], spec: InputSpec, count: int, int8_check: bool = False, seed: int = 0):
+    """Real images at the model's input spec, decoding only those used: (a seeded sample of `count`
+    float32 NCHW images for parity and calibration, and with `int8_check` the ImageSet the INT8
+    check embeds, else None)."""
+    from edgemeta.data.imageset import ImageSet
+    from edgemeta.data.loading import index_images
+
+    from .int8_report import check_rows
     if not sources:
         raise DataError("no reference images: pass --calib-data DIR (a folder or .zip of real images)")
-    data = load_dataset(sources, (spec.height, spec.width), spec.colour)
-    pick = np.random.default_rng(seed).choice(len(data), min(count, len(data)), replace=False)
-    return pixels_to_batch(data.pixels[np.sort(pick)]), data
+    index = index_images(sources)
+    pick = np.sort(np.random.default_rng(seed).choice(len(index), min(count, len(index)), replace=False))
+    classes, check = check_rows(index.labels, index.groups) if int8_check else ([], pick[:0])
+    rows = np.union1d(pick, check)
+    data = index.decode(rows, spec)
+    calibration = pixels_to_batch(data.pixels[np.searchsorted(rows, pick)])
+    if not int8_check:
+        return calibration, None
+    at = np.searchsorted(rows, check)
+    return calibration, ImageSet(data.pixels[at], data.labels[at], data.classes, data.groups).select_classes(classes)
 
 
 def synthetic_images(spec: InputSpec, count: int, seed: int = 0) -> np.ndarray:
@@ -157,20 +168,20 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOp
     out = Path(out)
     sources = list(options.calib_data or [p for p in ckpt.meta.get("train_config", {}).get("data", []) if _findable(p)])
     if sources:
-        real, dataset = reference_images(sources, spec, max(options.calib_images, PARITY_IMAGES))
+        real, check_set = reference_images(sources, spec, max(options.calib_images, PARITY_IMAGES), options.int8)
     elif options.int8:
         raise DataError("INT8 is calibrated on real images: pass --calib-data DIR (a folder or .zip of images like "
                         "the ones the model will see)")
     else:  # fp32 (and fp16) exports anywhere: parity on deterministic synthetic images, said so
-        real, dataset = synthetic_images(spec, PARITY_IMAGES), None
+        real, check_set = synthetic_images(spec, PARITY_IMAGES), None
         progress.message(f"no reference images at hand (the training data is not here and no --calib-data): parity "
                          f"is checked on {PARITY_IMAGES} deterministic synthetic images")
     with bundle_target(out, options.overwrite, (Path(checkpoint),)) as building:
-        manifest = _export(ckpt, Path(checkpoint), building, real, dataset, options, progress.message)
+        manifest = _export(ckpt, Path(checkpoint), building, real, bool(sources), check_set, options, progress.message)
     return manifest
 
 
-def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, options: ExportOptions,
+def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, real_images: bool, check_set, options: ExportOptions,
             report: Callable[[str], None]) -> dict:
     from edgemeta.pretrained import notice_text
 
@@ -191,8 +202,8 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, option
     in_name, _, out_name, out_shape = graph_io(model)
     noise = np.random.default_rng(0).uniform(0, 255, (8, spec.channels, spec.height, spec.width)).astype(np.float32)
     check = parity(out / "embed.onnx", reference, np.concatenate([real[:PARITY_IMAGES], noise]))
-    check["real_images"] = int(min(PARITY_IMAGES, len(real))) if dataset is not None else 0
-    if dataset is None:
+    check["real_images"] = int(min(PARITY_IMAGES, len(real))) if real_images else 0
+    if not real_images:
         check["synthetic_images"] = int(len(real))
     report(f"parity vs torch: max abs {check['max_abs_error']:.2e}, relative {check['max_rel_error']:.2e}")
     if check["max_rel_error"] > PARITY_RTOL:
@@ -217,7 +228,7 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, option
         register_file(out, manifest, "NOTICE", "license")
     manifest["variants"]["fp32"] = {"file": "embed.onnx", "parity": check}
     if options.int8:
-        manifest["variants"]["int8"] = _add_int8(out, manifest, real[:calib_images], dataset, options.eval_episodes,
+        manifest["variants"]["int8"] = _add_int8(out, manifest, real[:calib_images], check_set, options.eval_episodes,
                                                  report)
     if options.fp16:
         manifest["variants"]["fp16"] = _add_fp16(out, manifest, real[:PARITY_IMAGES], report)
@@ -225,7 +236,7 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, dataset, option
     return manifest
 
 
-def _add_int8(out: Path, manifest: dict, calib: np.ndarray, dataset, episodes: int, report: Callable[[str], None]) -> dict:
+def _add_int8(out: Path, manifest: dict, calib: np.ndarray, check_set, episodes: int, report: Callable[[str], None]) -> dict:
     """Both INT8 graphs: the S8S8 one TensorRT builds (the variant's `file`) and the U8S8 one ONNX
     Runtime's CPU provider runs fast (its `cpu` entry); each with its accuracy delta and speed-up
     over fp32, measured here side by side."""
@@ -237,7 +248,7 @@ def _add_int8(out: Path, manifest: dict, calib: np.ndarray, dataset, episodes: i
                f"QDQ, per-channel) on {len(calib)} real images")
         info = quantize_int8(out / "embed.onnx", out / name, calib, manifest["input"]["name"], target=target)
         register_file(out, manifest, name, "int8" if target == "tensorrt" else "int8-cpu")
-        info.update(compare_variants(out / "embed.onnx", out / name, manifest, dataset, episodes))
+        info.update(compare_variants(out / "embed.onnx", out / name, manifest, check_set, episodes))
         report(f"INT8 {target}: accuracy {info['accuracy_delta_points']:+.2f} points on {info['episodes']} fixed episodes, "
                f"ONNX Runtime CPU speed ×{info['speedup_batch1']:.2f} at batch 1, ×{info['speedup_batch32']:.2f} at batch 32")
         if target == "tensorrt":

@@ -37,6 +37,21 @@ def test_cl2n_is_in_the_graph_and_the_head_flips_shots(cl2n_bundle, tiny_run, om
     assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
 
 
+def test_the_feature_mean_is_the_training_split_sample_of_the_full_load(tiny_run):
+    """Computed from the run's data, decoding only its sample: the same images, so the same mean,
+    as taking the sample from the whole decoded training split."""
+    from edgemeta.data import load_dataset, select_split
+    from edgemeta.features import embed_pixels
+    ckpt = load_checkpoint(tiny_run / "best.safetensors")
+    tc, spec = ckpt.meta["train_config"], ckpt.spec
+    mean, about = feature_mean(ckpt, max_images=300)
+    train = select_split(load_dataset(tc["data"], (spec.height, spec.width), spec.colour, tc.get("layout", "auto")),
+                         "train", tc.get("split_mode", "auto"), tc.get("split_seed", 0), tc.get("split_file", ""))
+    pick = np.sort(np.random.default_rng(0).choice(len(train), 300, replace=False))
+    np.testing.assert_allclose(mean, embed_pixels(ckpt.build_embedder(), train.pixels[pick]).mean(0), atol=1e-6)
+    assert about == {"images": 300, "classes": train.n_classes, "split": "train"}
+
+
 def test_cl2n_and_flipped_shots_match_torch_evaluation_within_0_2_points(cl2n_bundle, tiny_run, omniglot_paths):
     common = ["--data", str(omniglot_paths[0]), "--data", str(omniglot_paths[1]), "--split-mode", "seeded",
               "--way", "5", "--shot", "1", "--episodes", "300", "--json"]

@@ -197,3 +197,28 @@ def test_cifar_fs_split_and_its_archive_layout(tmp_path):
     val = select_split(data, "val", split_file=str(ROOT / "data/splits/cifar-fs.json"))
     assert sorted(train.classes) == sorted(["train", split["train"][1], split["train"][2]])
     assert sorted(val.classes) == sorted(split["val"][:3]) and len(train) == len(val) == 12
+
+
+def test_an_index_decodes_only_the_rows_asked_for_and_matches_the_full_load(omniglot_paths, omniglot, monkeypatch):
+    from edgemeta.data import loading
+    index = loading.index_images(omniglot_paths)
+    assert len(index) == len(omniglot) and index.classes == omniglot.classes and index.groups == omniglot.groups
+    np.testing.assert_array_equal(index.labels, omniglot.labels)
+    decoded = []
+    real_decode = loading._decode_one
+    monkeypatch.setattr(loading, "_decode_one", lambda parts, read, spec: decoded.append(parts) or real_decode(parts, read, spec))
+    rows = np.array([0, 5, 999, len(omniglot) - 1])
+    part = index.decode(rows, InputSpec(28, 28, "L"))
+    assert len(decoded) == 4  # nothing else was read
+    np.testing.assert_array_equal(part.pixels, omniglot.pixels[rows])
+    np.testing.assert_array_equal(part.labels, omniglot.labels[rows])
+    assert part.classes == omniglot.classes
+
+
+def test_split_classes_names_the_classes_select_split_keeps(omniglot):
+    from edgemeta.data.splits import split_classes
+    for mode, split in (("auto", "val"), ("auto", "test"), ("seeded", "train"), ("seeded", "test")):
+        ids = split_classes(omniglot.groups, split, mode)
+        assert select_split(omniglot, split, mode).classes == [omniglot.classes[c] for c in ids] != []
+    with pytest.raises(DataError, match="the val split of this data is empty"):
+        split_classes(["a", "b", "c"], "val", "alphabets")

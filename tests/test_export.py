@@ -235,3 +235,47 @@ def test_fp32_exports_anywhere_and_int8_asks_for_real_images(tmp_path, monkeypat
     assert parity["synthetic_images"] == 64 and parity["real_images"] == 0 and parity["max_rel_error"] < 1e-4
     r = run_cli("export", ckpt, "--out", tmp_path / "c", "--int8")
     assert r.exit_code == 2 and "INT8 is calibrated on real images: pass --calib-data" in " ".join(r.output.split())
+
+
+def test_reference_images_decode_only_the_calibration_sample_and_the_int8_check(omniglot_paths, omniglot, monkeypatch):
+    """An export reads a few hundred images, not the whole calibration set (CIFAR-FS at 224 px is 7 GB
+    decoded): the same seeded sample and check set as picking from the full load, and nothing more."""
+    from edgemeta.export.bundle_builder import reference_images
+    from edgemeta.export.int8_report import CHECK_CLASSES, CHECK_IMAGES_PER_CLASS
+    from edgemeta.runtime.preprocess import pixels_to_batch
+
+    from edgemeta.data import loading, select_split
+    decoded = []
+    real_decode = loading._decode_one
+    monkeypatch.setattr(loading, "_decode_one", lambda parts, read, spec: decoded.append(parts) or real_decode(parts, read, spec))
+    spec = InputSpec(28, 28, "L")
+    calibration, check = reference_images([str(p) for p in omniglot_paths], spec, 100, int8_check=True)
+    pick = np.sort(np.random.default_rng(0).choice(len(omniglot), 100, replace=False))
+    np.testing.assert_array_equal(calibration, pixels_to_batch(omniglot.pixels[pick]))
+    test = select_split(omniglot, "test")  # the check: evenly spread test-split classes, their first images
+    chosen = np.unique(np.linspace(0, test.n_classes - 1, CHECK_CLASSES).round().astype(int))
+    expected = test.select_classes(chosen)
+    keep = np.sort(np.concatenate([idx[:CHECK_IMAGES_PER_CLASS] for idx in expected.class_indices()]))
+    assert check.classes == expected.classes and check.n_classes == CHECK_CLASSES
+    np.testing.assert_array_equal(check.labels, expected.labels[keep])
+    np.testing.assert_array_equal(check.pixels, expected.pixels[keep])
+    assert len(decoded) == len(set(map(tuple, decoded))) <= 100 + len(keep) < len(omniglot) / 8
+    decoded.clear()
+    probe, none = reference_images([str(p) for p in omniglot_paths], spec, 8)
+    assert none is None and probe.shape == (8, 1, 28, 28) and len(decoded) == 8
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "cpu"])
+def test_int8_calibration_gives_the_same_graph_in_any_batch_size(tiny_bundle, omniglot, tmp_path, target):
+    """MinMax ranges are a min and a max over every image: calibrating in small batches (as exports do,
+    to bound the calibration graph's memory) changes nothing in the quantized graph."""
+    from edgemeta.export.quantize import quantize_int8
+    from edgemeta.runtime.preprocess import pixels_to_batch
+    calib = pixels_to_batch(omniglot.pixels[::41][:96])
+    graphs = {}
+    for batch in (8, 96):
+        quantize_int8(tiny_bundle / "embed.onnx", tmp_path / f"q{batch}.onnx", calib, "pixels", batch_size=batch, target=target)
+        graphs[batch] = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"q{batch}.onnx")).graph.initializer}
+    assert graphs[8].keys() == graphs[96].keys() and any("scale" in k for k in graphs[8])
+    for name, value in graphs[8].items():
+        np.testing.assert_array_equal(value, graphs[96][name], err_msg=name)

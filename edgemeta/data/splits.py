@@ -68,13 +68,20 @@ def read_split_file(path: str) -> dict[str, list[str]]:
 
 def select_split(dataset: ImageSet, split: str, mode: str = "auto", seed: int = 0, split_file: str = "") -> ImageSet:
     """The classes of one split ("all" keeps everything); a split file overrides mode and seed."""
+    if split == "all":
+        return dataset
+    return dataset.select_classes(split_classes(dataset.groups, split, mode, seed, split_file))
+
+
+def split_classes(groups: list[str], split: str, mode: str = "auto", seed: int = 0, split_file: str = "") -> list[int]:
+    """The ids (ascending) of the classes in one split, from each class's group; never empty."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, not {split!r}")
     if split == "all":
-        return dataset
-    chosen = (read_split_file(split_file) if split_file else split_groups(dataset.groups, mode, seed))[split]
-    part = dataset.select_groups(chosen)
-    if part.n_classes == 0:
+        return list(range(len(groups)))
+    chosen = set((read_split_file(split_file) if split_file else split_groups(groups, mode, seed))[split])
+    ids = [c for c, g in enumerate(groups) if g in chosen]
+    if not ids:
         raise DataError(f"the {split} split of {split_file} has no classes in this data" if split_file else
                         f"the {split} split of this data is empty (split mode {mode!r}); use --split-mode seeded or add data")
-    return part
+    return ids
