@@ -3,6 +3,7 @@ draws its own episodes; only rank 0 writes checkpoints and logs. A no-op in a si
 Multi-node runs are the same code: torchrun sets RANK and WORLD_SIZE across machines."""
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -68,4 +69,10 @@ class Distributed:
             # local, so end with rank 0's statistics everywhere (what the checkpoint holds).
             self.broadcast(model)
             self.td.barrier()
+            # The group must go with destroy_process_group, which lets go of the GIL while gloo's
+            # threads stop. DistributedDataParallel's reducer also holds the group, and when it is the
+            # last owner it stops them holding the GIL: a deadlock if a worker is still letting go of a
+            # finished collective's tensors, which needs the GIL. The caller has dropped its wrapper
+            # (train() does before calling this); collected here, as it may sit in a reference cycle.
+            gc.collect()
             self.td.destroy_process_group()

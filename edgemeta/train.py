@@ -313,6 +313,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress = SILENT
         with open(run.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
     show.finish()
+    run.forward = run.model  # the DistributedDataParallel wrapper goes before the group does (Distributed.close)
     run.dist.close(run.model)
     best = run.best if run.val is not None else None
     return TrainResult(run.best_path, run.last_path, best, c.episodes, time.time() - t0, run.model,

@@ -23,8 +23,20 @@ def _rank(rank: int, world: int, port: int, algo: str, out: str, cache: str) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       EDGEMETA_CACHE=cache)
     torch.set_num_threads(1)
+    import gc
+
+    import torch.distributed as td
+    from torch.nn.parallel import DistributedDataParallel
+
     from edgemeta.config import TrainConfig
     from edgemeta.train import train
+    destroy = td.destroy_process_group
+
+    def destroy_and_count_wrappers(*args, **kwargs):  # wrappers alive when the group goes (must be none)
+        with open(os.path.join(out, f"rank{rank}-wrappers.txt"), "w") as f:
+            f.write(str(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())))
+        return destroy(*args, **kwargs)
+    td.destroy_process_group = destroy_and_count_wrappers
     cfg = TrainConfig(data=[str(p) for p in OMNIGLOT], split_mode="seeded", algo=algo, way=5, shot=1, query=3,
                       meta_batch=2, inner_steps=1, episodes=3, val_every=3, val_episodes=5, out=out, seed=0)
     result = train(cfg, progress=SILENT)
@@ -60,6 +72,9 @@ def test_two_ranks_end_with_identical_weights(tmp_path, algo):
     for rank in (0, 1) if sys.platform.startswith("linux") else ():
         threads = (tmp_path / f"rank{rank}-threads.txt").read_text().split()
         assert not [t for t in threads if "gloo" in t or "tcpstore" in t], threads
+    # nor may DistributedDataParallel's reducer outlive the group: freed last, it stops gloo's threads
+    # holding the GIL, and hangs if a worker is still letting go of a collective's tensors
+    assert [(tmp_path / f"rank{rank}-wrappers.txt").read_text() for rank in (0, 1)] == ["0", "0"]
 
 
 def _torchrun_two_nodes(out, episodes: int, resume: bool, port: int) -> list:
