@@ -89,7 +89,21 @@ def _torchrun_two_nodes(out, episodes: int, resume: bool, port: int) -> list:
            "--val-every", "3", "--val-episodes", "10", "--out", str(out), "--quiet", *(["--resume"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-    return [(n.wait(timeout=300), *n.communicate()) for n in nodes]
+    results, deadline = [], time.monotonic() + 180
+    for n in nodes:
+        try:  # communicate, not wait: a node's pipes are read while it runs, so a long log cannot block it
+            out_text, err_text = n.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for m in nodes:  # torchrun stops its workers, which run in sessions of their own, on SIGTERM
+                m.terminate()
+            for m in nodes:
+                try:
+                    m.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    m.kill()
+            pytest.fail("a torchrun node was still running after 180 s")
+        results.append((n.returncode, out_text, err_text))
+    return results
 
 
 def test_multi_node_torchrun_reports_once_without_stride_warnings_and_resumes(tmp_path):
