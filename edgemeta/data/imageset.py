@@ -52,10 +52,6 @@ class ImageSet:
         return ImageSet(self.pixels[keep], remap[self.labels[keep]],
                         [self.classes[c] for c in class_ids], [self.groups[c] for c in class_ids])
 
-    def select_groups(self, groups: set[str] | list[str]) -> ImageSet:
-        wanted = set(groups)
-        return self.select_classes([c for c, g in enumerate(self.groups) if g in wanted])
-
     def with_rotations(self) -> ImageSet:
         """The standard Omniglot augmentation: each 90° rotation of a class is a new class (×4 classes)."""
         if self.pixels.shape[1] != self.pixels.shape[2]:
