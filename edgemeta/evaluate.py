@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemeta.features import cl2n, embed_pixels, feature_mean
-from edgemeta.protocol import EvalResult, LogitsFn, check_episode_request, evaluate_episodes
+from edgemeta.protocol import EvalResult, LogitsFn, OpenSetResult, check_episode_request, evaluate_episodes, evaluate_open_set
 from edgemeta.runtime.errors import ConfigError
 
 
 @dataclass
 class Evaluation:
-    result: EvalResult
+    result: EvalResult | OpenSetResult
     head: dict            # the head config used (JSON form)
     split: str
     classes: int          # classes in the evaluated split
@@ -32,13 +32,15 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
              variant: str = "fp32", data: list[str] | None = None, split: str = "test", split_mode: str | None = None,
              split_file: str | None = None, way: int = 5, shot: int = 1, query: int = 15, episodes: int = 1000,
              seed: int = 0, head: str = "default", center: bool | None = None,
-             flip_shots: bool | None = None, image_size: int | None = None) -> Evaluation:
+             flip_shots: bool | None = None, image_size: int | None = None, open_set: bool = False) -> Evaluation:
     """Accuracy ± 95% CI on fixed episodes of one split. head "default" is the checkpoint's or the
     bundle's own (for MAML-family checkpoints: their own adaptation); a kind name fits that device
     head on the frozen embedding. center=True (checkpoints): CL2N features, as `export --center`
     bakes into a bundle; None: as the checkpoint records (Checkpoint.center). flip_shots overrides
     the head's flipped-shot setting. image_size (checkpoints of globally pooled backbones)
-    evaluates at another input resolution."""
+    evaluates at another input resolution. open_set (bundles): the open-set protocol instead
+    (runtime.open_set: 5 enrolled + 5 unknown classes per episode, `way` is not used), through
+    FewShotClassifier's enrollment and predict(reject="auto")."""
     from edgemeta.data import load_dataset, select_split
     from edgemeta.runtime.heads import head_names, resolve_head
     check_episode_request(way, shot, query, episodes)
@@ -55,8 +57,11 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
         spec, tc, head_cfg = clf.bundle.spec, {}, _flip(resolve_head(clf.bundle.head, choice), flip_shots)
         embed = clf.embed
         logits_fn = lambda s, y, q, n: heads.head_logits(head_cfg, s, y, q, n)  # noqa: E731
+        open_set_fn = open_set_classifier(clf, head_cfg) if open_set else None
         head_json, path = head_cfg.to_dict(), f"deployed (onnxruntime {variant} + numpy head)"
     else:
+        if open_set:
+            raise ConfigError("--open-set measures the deployed path: give --bundle BUNDLE (export the checkpoint first)")
         from edgemeta.algorithms import GRADIENT_ALGORITHMS, adaptation_logits_fn
         from edgemeta.checkpoint import load_checkpoint
         from edgemeta.runtime.malloc import retain_freed_memory
@@ -89,9 +94,39 @@ def evaluate(*, checkpoint: str | os.PathLike | None = None, bundle: str | os.Pa
     support = None
     if isinstance(head_json, dict) and head_json.get("flip_shots"):  # support = mean of each image and its mirror
         support = (embeddings + embed(np.ascontiguousarray(dataset.pixels[:, :, ::-1]))) / 2
+    if open_set:
+        result: EvalResult | OpenSetResult = evaluate_open_set(embeddings, dataset.labels, open_set_fn, shot, query,
+                                                               episodes, seed, support_embeddings=support)
+        return Evaluation(result, head_json, split, dataset.n_classes, path)
     result = evaluate_episodes(embeddings, dataset.labels, logits_fn, way, shot, query, episodes, seed,
                                support_embeddings=support)
     return Evaluation(result, head_json, split, dataset.n_classes, path)
+
+
+def open_set_classifier(clf, head):
+    """The open-set protocol's classify function on a loaded bundle: each episode's support set is
+    enrolled into a fresh store-less FewShotClassifier (the same backend), and its queries are
+    answered with no rejection ("none"), with auto ("auto": the bundle's prior, where it has one),
+    and with auto as a bundle without a prior decides ("support set": the enrolled shots alone)."""
+    from edgemeta.runtime import FewShotClassifier
+    from edgemeta.runtime.bundle import Bundle
+    from edgemeta.runtime.classifier import UNKNOWN
+    bare = Bundle(clf.bundle.path, {k: v for k, v in clf.bundle.manifest.items() if k != "open_set"}, verify=False)
+    rules = {"none": (clf.bundle, None), "auto": (clf.bundle, "auto"), "support set": (bare, "auto")}
+
+    def classify(support, support_labels, query):
+        known = int(support_labels.max()) + 1
+        names = [f"class {k}" for k in range(known)]
+        out: dict = {"rules": {}}
+        for name, (bundle, reject) in rules.items():
+            episode = FewShotClassifier(bundle, clf.backend, head)
+            episode.enroll_embeddings({names[k]: np.ascontiguousarray(support[support_labels == k]) for k in range(known)})
+            p = episode.classify_embeddings(query, reject=reject)
+            predicted = np.array([names.index(top[0][0]) for top in p.top_k])
+            out["rules"][name] = (predicted, np.array([lab == UNKNOWN for lab in p.labels]))
+            out["distance"] = p.distances
+        return out
+    return classify
 
 
 def _flip(head, flip_shots: bool | None):

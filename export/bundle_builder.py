@@ -227,6 +227,7 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, real_images: bo
         (out / "NOTICE").write_text(notice)
         register_file(out, manifest, "NOTICE", "license")
     manifest["variants"]["fp32"] = {"file": "embed.onnx", "parity": check}
+    _add_open_set_prior(out, manifest, ckpt, options, report)
     if options.int8:
         manifest["variants"]["int8"] = _add_int8(out, manifest, real[:calib_images], check_set, options.eval_episodes,
                                                  report)
@@ -234,6 +235,28 @@ def _export(ckpt, checkpoint: Path, out: Path, real: np.ndarray, real_images: bo
         manifest["variants"]["fp16"] = _add_fp16(out, manifest, real[:PARITY_IMAGES], report)
     write_manifest(out, manifest)
     return manifest
+
+
+def _add_open_set_prior(out: Path, manifest: dict, ckpt, options: ExportOptions, report: Callable[[str], None]) -> None:
+    """The open-set prior on the checkpoint's training classes (its data is here), else on
+    --calib-data's classes; none (said so) without labelled images."""
+    from edgemeta.runtime.errors import DataError
+
+    from .open_set_prior import measure_prior, prior_sample
+    tc = ckpt.meta.get("train_config", {})
+    train_data = [p for p in tc.get("data", []) if _findable(p)]
+    sources, config = (train_data, tc) if train_data and len(train_data) == len(tc.get("data", [])) else \
+        (list(options.calib_data), None)
+    if not sources:
+        report("no labelled images here (training data or --calib-data): no open-set prior; --unknown auto will "
+               "calibrate on the enrolled shots alone")
+        return
+    try:
+        pixels, labels, source = prior_sample(sources, ckpt.spec, config)
+    except DataError as exc:
+        report(f"no open-set prior: {exc}")
+        return
+    manifest["open_set"] = measure_prior(out / "embed.onnx", manifest, pixels, labels, source, report).to_dict()
 
 
 def _add_int8(out: Path, manifest: dict, calib: np.ndarray, check_set, episodes: int, report: Callable[[str], None]) -> dict:

@@ -4,8 +4,9 @@ for pipelines that want a single model (Triton, DeepStream's nvinfer as a second
 The head is linear once fitted. A prototype head with euclidean distance scores
 −‖x − c‖² = 2c·x − ‖c‖² − ‖x‖², and the last term is the same for every class, so the logits are
 a MatMul and an Add; cosine normalises then multiplies; ridge and logistic are linear already.
-The graph returns `probabilities` [N, C] (softmax) and `distance` [N] (to the nearest prototype, in
-the metric the runtime rejects "unknown" with). Written beside it: labels.txt, a Triton model
+The graph returns `probabilities` [N, C] (softmax), `distance` [N] (to the nearest prototype, in
+the metric the runtime rejects "unknown" with) and `probabilities_known` (the probabilities gated by
+the runtime's `unknown="auto"` rule: each class's limit, the negative examples). Written beside it: labels.txt, a Triton model
 repository entry and a DeepStream nvinfer config. The folder is a bundle of its own (manifest,
 sha256s, the class list and the store's model sha), so `edgemeta predict` and `inspect` take it.
 """
@@ -39,7 +40,6 @@ LIMITED_RANGE_SCALE, LIMITED_RANGE_OFFSET = 255.0 / 219.0, 16.0
 def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, variant: str = "fp32",
            overwrite: bool = False, max_batch: int = 32, progress: Progress = SILENT) -> dict:
     from edgemeta.runtime import FewShotClassifier
-    from edgemeta.runtime.classifier import calibrate_rejection
     from edgemeta.runtime.store import EnrollmentStore
     if not EnrollmentStore(store_dir).exists():
         raise StoreError(f"no store at {store_dir} (no enrollment.npz there); enroll classes first")
@@ -50,11 +50,11 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
     bundle = clf.bundle
     model = onnx.load(str(bundle.variant_path(variant, cpu=clf.variant.endswith("-cpu"))))  # the store's graph
     metric = state.head.rejection_metric(bundle.l2_normalized)
-    _append_head(model, state.head, state.fitted, metric)
+    names = _append_head(model, state.head, state.fitted, metric)
     model = check_model(model)
     labels = state.labels
-    threshold = calibrate_rejection(state.classes, metric)
-    _append_rejection_gate(model, threshold)
+    rule = clf.rejection_rule(state, metric)  # what predict(reject="auto") applies, into the graph
+    _append_rejection_gate(model, names, rule, metric)
     model = check_model(model)
     deepstream_skip = _deepstream_refusal(labels, variant)
     variant = clf.variant
@@ -67,7 +67,10 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
                               "distance": DISTANCE, "embedding_dim": bundle.embedding_dim}
         manifest["frozen"] = {"classes": labels, "shots": [c.shots for c in state.classes],
                               "store_model_sha256": state.model_sha256, "variant": variant,
-                              "head": state.head.to_dict(), "distance_metric": metric, "auto_threshold": threshold,
+                              "head": state.head.to_dict(), "distance_metric": metric,
+                              "auto": {"rule": rule.how, "limits": None if rule.limits is None else
+                                       [round(float(v), 7) for v in rule.limits],
+                                       "negatives": len(state.negatives)},
                               "source_bundle_sha256": bundle.model_sha256}
         register_file(building, manifest, "classifier.onnx", "frozen-classifier")
         register_file(building, manifest, "labels.txt", "labels")
@@ -95,25 +98,48 @@ def _deepstream_refusal(labels: list[str], variant: str) -> str | None:
     return None
 
 
-def _append_rejection_gate(model: onnx.ModelProto, threshold: float | None) -> None:
-    """A third output: the probabilities gated by the rejection rule (all zero beyond `threshold`),
-    built from ops both runtimes take: clamp((t − d) · 1e6, 0, 1) is 1 for d < t (by more than 1e-6)."""
+def _append_rejection_gate(model: onnx.ModelProto, names: dict, rule, metric: str) -> None:
+    """A third output: the probabilities gated by the auto rejection rule (all zero for an "unknown"
+    input), from ops both runtimes take. The nearest class's limit is gathered from a per-class
+    vector (`rule.limits`, the runtime's); with negative examples, the distance to the nearest one
+    must exceed the distance to the nearest class. Each test is clamp(margin · 1e6, 0, 1): 1 when
+    the margin is over 1e-6, 0 when it is negative."""
     graph = model.graph
-    if threshold is None:  # a single one-shot class: nothing to reject against
-        gate = _const(graph, "gate_one", np.array(1.0, np.float32))
+    nodes = []
+
+    def node(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], name=f"gate_{output}", **attrs))
+        return output
+
+    zero, unit = _const(graph, "gate_zero", np.array(0.0, np.float32)), _const(graph, "gate_unit", np.array(1.0, np.float32))
+    steep = _const(graph, "gate_steep", np.array(1e6, np.float32))
+
+    def step(margin: str, name: str) -> str:  # 1 where margin > 1e-6, 0 where margin ≤ 0
+        return node("Min", [node("Max", [node("Mul", [margin, steep], f"{name}_steep"), zero], f"{name}_low"), unit], name)
+
+    tests = []
+    if rule.limits is not None:
+        nearest = node("ArgMax", [names["similarity"]], "gate_nearest", axis=1, keepdims=0)
+        limit = node("Gather", [_const(graph, "gate_limits", np.asarray(rule.limits, np.float32)), nearest], "gate_limit", axis=0)
+        tests.append(step(node("Sub", [limit, DISTANCE], "gate_margin"), "gate_near_class"))
+    if rule.negatives is not None:
+        negs = rule.negatives.astype(np.float32)
+        if metric == "cosine":
+            negs_unit = negs / np.maximum(np.linalg.norm(negs, axis=1, keepdims=True), 1e-12)
+            cos = node("MatMul", [names["unit"], _const(graph, "gate_negatives_unit_t", negs_unit.T.copy())], "gate_neg_cos")
+            d_neg = node("Sub", [unit, node("ReduceMax", [cos], "gate_neg_cos_max", axes=[1], keepdims=0)], "gate_neg_distance")
+        else:
+            score = node("Sub", [node("MatMul", [names["embedding"], _const(graph, "gate_negatives2_t", (2 * negs).T.copy())],
+                                      "gate_neg_2xn"), _const(graph, "gate_negatives_sq", (negs * negs).sum(1))], "gate_neg_score")
+            d2 = node("Sub", [names["x2"], node("ReduceMax", [score], "gate_neg_score_max", axes=[1], keepdims=0)], "gate_neg_d2")
+            d_neg = node("Sqrt", [node("Max", [d2, zero], "gate_neg_d2_pos")], "gate_neg_distance")
+        tests.append(step(node("Sub", [d_neg, DISTANCE], "gate_neg_margin"), "gate_far_from_negatives"))
+    if not tests:  # a single one-shot class without a prior: nothing to reject against
+        gate = node("Identity", [unit], "gate_all")
     else:
-        margin = helper.make_node("Sub", [_const(graph, "gate_threshold", np.array([threshold], np.float32)), DISTANCE],
-                                  ["gate_margin"], name="gate_margin")
-        steep = helper.make_node("Mul", ["gate_margin", _const(graph, "gate_steep", np.array(1e6, np.float32))],
-                                 ["gate_steep_margin"], name="gate_steep_margin")
-        low = helper.make_node("Max", ["gate_steep_margin", _const(graph, "gate_zero", np.array(0.0, np.float32))],
-                               ["gate_low"], name="gate_low")
-        high = helper.make_node("Min", ["gate_low", _const(graph, "gate_unit", np.array(1.0, np.float32))],
-                                ["gate_flat"], name="gate_flat")
-        column = helper.make_node("Unsqueeze", ["gate_flat", _const(graph, "gate_axis", np.array([1], np.int64))],
-                                  ["gate"], name="gate")
-        graph.node.extend([margin, steep, low, high, column])
-        gate = "gate"
+        gate = tests[0] if len(tests) == 1 else node("Mul", tests, "gate_both")
+        gate = node("Unsqueeze", [gate, _const(graph, "gate_axis", np.array([1], np.int64))], "gate")
+    graph.node.extend(nodes)
     graph.node.append(helper.make_node("Mul", [PROBABILITIES, gate], [KNOWN_PROBABILITIES], name="gate_probabilities"))
     probs = graph.output[0]
     graph.output.append(helper.make_tensor_value_info(KNOWN_PROBABILITIES, TensorProto.FLOAT,
@@ -125,7 +151,9 @@ def _const(graph, name: str, array: np.ndarray) -> str:
     return name
 
 
-def _append_head(model: onnx.ModelProto, head, fitted: dict, metric: str) -> None:
+def _append_head(model: onnx.ModelProto, head, fitted: dict, metric: str) -> dict:
+    """The head's layers after the embedding; returns the names of the tensors the rejection gate
+    reuses (embedding, its unit vector or squared norm, the per-class similarity)."""
     graph = model.graph
     emb = graph.output[0].name
     protos = fitted["prototypes"].astype(np.float32)
@@ -146,6 +174,7 @@ def _append_head(model: onnx.ModelProto, head, fitted: dict, metric: str) -> Non
         nearest = node("ReduceMax", [cos], "head_cos_max", axes=[1], keepdims=0)
         node("Sub", [_const(graph, "head_one", np.array(1.0, np.float32)), nearest], DISTANCE)
         similarity = cos
+        names = {"embedding": emb, "unit": unit, "similarity": cos}
     else:
         score = node("Sub", [node("MatMul", [emb, _const(graph, "head_protos2_t", (2 * protos).T.copy())], "head_2xc"),
                              _const(graph, "head_protos_sq", (protos * protos).sum(1))], "head_score")  # 2x·c − ‖c‖²
@@ -153,6 +182,7 @@ def _append_head(model: onnx.ModelProto, head, fitted: dict, metric: str) -> Non
         d2 = node("Sub", [x2, node("ReduceMax", [score], "head_score_max", axes=[1], keepdims=0)], "head_d2")
         node("Sqrt", [node("Max", [d2, _const(graph, "head_zero", np.array(0.0, np.float32))], "head_d2_pos")], DISTANCE)
         similarity = score
+        names = {"embedding": emb, "x2": x2, "similarity": score}
     if head.kind == "prototype":
         logits = node("Mul", [similarity, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_logits")
     elif head.kind == "mahalanobis":  # linear in x: scale · (x Σ⁻¹μ − ½ μᵀΣ⁻¹μ)
@@ -173,6 +203,7 @@ def _append_head(model: onnx.ModelProto, head, fitted: dict, metric: str) -> Non
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [batch, protos.shape[0]]),
                          helper.make_tensor_value_info(DISTANCE, TensorProto.FLOAT, [batch])])
+    return names
 
 
 def _write_triton(folder: Path, manifest: dict, max_batch: int) -> None:

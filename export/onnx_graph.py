@@ -20,8 +20,8 @@ PARITY_RTOL = 1e-4
 # branch), for the default ONNX domain only. Graphs with anything else are refused at export, so a
 # bundle never fails to parse on the device. Extend only after checking both lists.
 ALLOWED_OPS = frozenset({
-    "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv",
-    "DequantizeLinear", "Div", "Flatten", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid",
+    "Add", "ArgMax", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv",
+    "DequantizeLinear", "Div", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid",
     "HardSwish", "Identity", "LeakyRelu", "MatMul", "Max", "MaxPool", "Min", "Mul", "Pad", "Pow",
     "QuantizeLinear", "Reciprocal", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid",
     "Softmax", "Sqrt", "Squeeze", "Sub", "Transpose", "Unsqueeze",

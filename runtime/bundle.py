@@ -19,6 +19,7 @@ from pathlib import Path
 from .errors import BundleError, ConfigError
 from .files import atomic_write
 from .heads import HeadConfig
+from .open_set import OpenSetPrior
 from .preprocess import InputSpec
 
 SCHEMA = "edgemeta-bundle"
@@ -78,6 +79,8 @@ def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
         cpu = entry.get("cpu")
         if cpu is not None and (not isinstance(cpu, dict) or cpu.get("file") not in manifest["files"]):
             raise BundleError(f"{where}: variant {variant!r} names a CPU graph the manifest does not list")
+    if "open_set" in manifest:
+        OpenSetPrior.from_dict(manifest["open_set"], f"{where}: open_set")
     for engine in manifest["engines"]:
         for key in ("file", "tensorrt_version", "gpu_name", "compute_capability", "precision", "profile"):
             if key not in engine:
@@ -165,6 +168,15 @@ class Bundle:
     @property
     def head(self) -> HeadConfig:
         return HeadConfig.from_dict(self.manifest["head"])
+
+    @property
+    def open_set(self) -> OpenSetPrior | None:
+        """The open-set prior measured at export (runtime.open_set.OpenSetPrior), or None."""
+        cached = self.__dict__.get("_open_set")
+        if cached is None or cached[0] is not self.manifest.get("open_set"):
+            raw = self.manifest.get("open_set")
+            cached = self.__dict__["_open_set"] = (raw, OpenSetPrior.from_dict(raw) if raw is not None else None)
+        return cached[1]
 
     @property
     def engines(self) -> list[dict]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -22,8 +22,9 @@ from .backends import Backend, open_backend
 from .bundle import Bundle, load_bundle
 from .errors import BundleError, ClassExistsError, ConfigError, ImageDecodeError, LabelError, StoreError, UnknownClassError
 from .heads import HeadConfig, resolve_head
+from .open_set import OpenSetPrior, RejectionRule, embedding_distance, similarity_to_distance, support_set_threshold
 from .preprocess import DecodeBudget, ImageSource, check_pixels, load_images
-from .store import EnrolledClass, EnrollmentStore, StoreState, check_counts, frozen
+from .store import EnrolledClass, EnrollmentStore, Negative, StoreState, check_counts, frozen, negative_id
 
 UNKNOWN = "unknown"
 MAX_LABEL_LENGTH = 128
@@ -52,46 +53,35 @@ def refit_prototypes_incrementally(fitted: dict, old: tuple[EnrolledClass, ...],
     return {"prototypes": np.stack(rows).astype(np.float32)}
 
 
-def embedding_distance(query: np.ndarray, prototypes: np.ndarray, metric: str) -> np.ndarray:
-    """[m, C] distances used for rejection: euclidean, or 1 − cosine for cosine heads."""
-    return similarity_to_distance(heads.prototype_logits(query, prototypes, metric, 1.0), metric)
-
-
-def similarity_to_distance(similarity: np.ndarray, metric: str) -> np.ndarray:
-    """The prototype head's unscaled logits (−‖q − p‖², or cos) → the rejection distance."""
-    return 1.0 - similarity if metric == "cosine" else np.sqrt(np.maximum(-similarity, 0.0))
-
-
 def make_prediction(labels: Sequence[str], probs: np.ndarray, distances: np.ndarray, top_k: int,
-                    threshold: float | None) -> Prediction:
-    """Top-k labels and probabilities per row; rows farther than `threshold` are "unknown"."""
+                    rejected: np.ndarray | None) -> Prediction:
+    """Top-k labels and probabilities per row; rows where `rejected` [N] is true are "unknown"."""
     k = min(top_k, len(labels))
     if k == 1:  # the usual call: an argmax and a max, not a sort and a gather
         order, top_p = probs.argmax(1)[:, None], probs.max(1, keepdims=True)
     else:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, order, 1)
-    return _labelled(labels, order, top_p, distances, threshold)
+    return _labelled(labels, order, top_p, distances, rejected)
 
 
 def prediction_from_logits(labels: Sequence[str], logits: np.ndarray, best: np.ndarray, distances: np.ndarray,
-                           top_k: int, threshold: float | None) -> Prediction:
+                           top_k: int, rejected: np.ndarray | None) -> Prediction:
     """make_prediction of softmax(logits), given each row's largest logit `best` [N, 1]. For top-1 the
     softmax is never normalised: the top class is the largest logit's, and its probability is
     exp(0) / Σ exp(logit − best)."""
     if min(top_k, len(labels)) > 1:
-        return make_prediction(labels, heads.softmax(logits), distances, top_k, threshold)
+        return make_prediction(labels, heads.softmax(logits), distances, top_k, rejected)
     e = np.exp(logits - best)
-    return _labelled(labels, logits.argmax(1)[:, None], 1.0 / e.sum(1, keepdims=True), distances, threshold)
+    return _labelled(labels, logits.argmax(1)[:, None], 1.0 / e.sum(1, keepdims=True), distances, rejected)
 
 
 def _labelled(labels: Sequence[str], order: np.ndarray, top_p: np.ndarray, distances: np.ndarray,
-              threshold: float | None) -> Prediction:
+              rejected: np.ndarray | None) -> Prediction:
     rows, values = order.tolist(), top_p.tolist()  # Python ints and floats in one call each
     best = [labels[o[0]] for o in rows]
-    if threshold is not None:
-        limit = float(threshold)
-        best = [UNKNOWN if d > limit else lab for lab, d in zip(best, distances.tolist())]
+    if rejected is not None:
+        best = [UNKNOWN if r else lab for lab, r in zip(best, rejected.tolist())]
     top = [[(labels[j], p) for j, p in zip(o, ps)] for o, ps in zip(rows, values)]
     return Prediction(best, top_p, top, distances)
 
@@ -112,39 +102,24 @@ def parse_unknown(text: str | None, name: str = "unknown") -> float | str | None
     return value
 
 
-def paired_distance(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
-    """Row i of a to row i of b, in the metric of embedding_distance: [n]."""
-    if metric == "cosine":
-        norms = np.maximum(np.linalg.norm(a, axis=1), 1e-12) * np.maximum(np.linalg.norm(b, axis=1), 1e-12)
-        return 1.0 - (a * b).sum(1) / norms
-    return np.linalg.norm(a - b, axis=1)
-
-
 def calibrate_rejection(classes: tuple[EnrolledClass, ...], metric: str, slack: float = 1.25) -> float | None:
-    """A distance beyond which a query is "unknown", from the support set alone.
+    """The support set's own rejection distance (bundles without an open-set prior): see
+    runtime.open_set.support_set_threshold."""
+    return support_set_threshold([c.embeddings for c in classes], metric, slack)
 
-    With ≥ 2 shots in some class: the largest leave-one-out distance of a support embedding to the
-    mean of its class's other shots, times `slack`. With one shot per class: half the smallest
-    distance between two prototypes. None when there is a single one-shot class.
-    """
-    loo = []
-    for c in classes:
-        if c.shots >= 2:
-            total = c.embeddings.sum(0)
-            others = (total[None] - c.embeddings) / (c.shots - 1)
-            loo.append(paired_distance(c.embeddings, others, metric))
-    if loo:
-        return float(np.max(np.concatenate(loo)) * slack)
-    if len(classes) >= 2:
-        protos = np.stack([c.embeddings.mean(0) for c in classes])
-        nearest = np.inf
-        for i in range(0, len(protos), 256):  # in row blocks: memory linear in the classes
-            d = embedding_distance(protos[i:i + 256], protos, metric)
-            rows = np.arange(len(d))
-            d[rows, rows + i] = np.inf
-            nearest = min(nearest, float(d.min()))
-        return nearest / 2
-    return None
+
+def rejection_rule(state: StoreState, metric: str, prior: OpenSetPrior | None) -> RejectionRule:
+    """What `unknown="auto"` applies to an enrolled state: with the bundle's prior, each class's
+    limit at its shot count; without, the support set's single limit. Negatives either way."""
+    p = prior.for_metric(metric) if prior is not None else None
+    shots = np.array([c.shots for c in state.classes])
+    limits: np.ndarray | None
+    if p is not None:
+        limits, how = p.thresholds(shots).astype(np.float32), "prior"
+    else:
+        t = calibrate_rejection(state.classes, metric)
+        limits, how = (None, "none") if t is None else (np.full(len(shots), t, np.float32), "support set")
+    return RejectionRule(limits, how, state.negative_matrix)
 
 
 # Letters of other scripts that render like the Latin ones of "unknown" (Unicode confusables).
@@ -217,7 +192,8 @@ class FewShotClassifier:
         self.keep_images = keep_images and store is not None
         self._write_lock = threading.Lock()
         self.decode_budget: DecodeBudget | None = None  # a service bounds the pixels decoded at once
-        self._threshold_cache: tuple[StoreState, float | None] | None = None
+        self._rule_cache: tuple[StoreState, str, RejectionRule] | None = None
+        self._rule_lock = threading.Lock()  # single flight: concurrent requests wait for one computation
         self._prepared_cache: _Prepared | None = None
         self._state = StoreState(bundle.model_sha256, variant, bundle.embedding_dim, head)
 
@@ -325,6 +301,18 @@ class FewShotClassifier:
                                    "the bundle's model is broken (re-export it) or the input is not an image")
         return embeddings
 
+    def _embedded_support(self, images) -> np.ndarray:
+        """Support embeddings of one class: float32 [shots, D] arrays are taken as embeddings; images
+        (paths, bytes, pixel arrays [N, H, W, C]) are embedded as support."""
+        if isinstance(images, np.ndarray) and images.ndim == 2:
+            if images.shape[1] != self.bundle.embedding_dim or images.dtype != np.float32:
+                raise ConfigError(f"embeddings must be float32 [shots, {self.bundle.embedding_dim}], got "
+                                  f"{images.dtype} {list(images.shape)}")
+            if not np.isfinite(images).all():
+                raise ConfigError("embeddings hold NaN or inf")
+            return images
+        return self._embed_sources(images, support=True)
+
     def predict(self, images: Sequence[ImageSource] | np.ndarray, top_k: int = 1,
                 reject: float | str | None = None) -> Prediction:
         """Classify images. reject="auto" answers "unknown" beyond the distance calibrated on the
@@ -346,17 +334,64 @@ class FewShotClassifier:
 
     def _classify(self, state: StoreState, query: np.ndarray, top_k: int, reject) -> Prediction:
         prepared = self._prepared(state)
-        threshold = self._auto_threshold(state, prepared.metric) if reject == "auto" else reject
         if prepared.scale is not None:  # the prototype head: its logits are the rejection similarities, scaled
             logits = prepared.prototypes.logits(query, prepared.scale)
             best = logits.max(1, keepdims=True)
             distances = similarity_to_distance(best[:, 0] / prepared.scale, prepared.metric)
-            return prediction_from_logits(state.labels, logits, best, distances, top_k, threshold)
-        # the other heads: one prototype comparison gives the rejection distance (the nearest
-        # prototype is the most similar one); the head's own arrays give the logits
-        distances = similarity_to_distance(prepared.prototypes.logits(query).max(1), prepared.metric)
-        logits = heads.score(state.head, state.fitted, query)
-        return prediction_from_logits(state.labels, logits, logits.max(1, keepdims=True), distances, top_k, threshold)
+            nearest = logits.argmax(1) if reject == "auto" else None
+        else:
+            # the other heads: one prototype comparison gives the rejection distance (the nearest
+            # prototype is the most similar one); the head's own arrays give the logits
+            similarity = prepared.prototypes.logits(query)
+            distances = similarity_to_distance(similarity.max(1), prepared.metric)
+            nearest = similarity.argmax(1) if reject == "auto" else None
+            logits = heads.score(state.head, state.fitted, query)
+            best = logits.max(1, keepdims=True)
+        rejected = self._rejected(state, prepared.metric, query, distances, nearest, reject)
+        return prediction_from_logits(state.labels, logits, best, distances, top_k, rejected)
+
+    def _rejected(self, state: StoreState, metric: str, query: np.ndarray, distances: np.ndarray,
+                  nearest: np.ndarray | None, reject) -> np.ndarray | None:
+        """Which queries answer "unknown": beyond a fixed distance, or under auto beyond their nearest
+        class's limit or nearer to a negative example than to that class."""
+        if reject is None:
+            return None
+        if reject != "auto":
+            return distances > float(reject)
+        rule = self.rejection_rule(state, metric)
+        limits = rule.limit_per_query(nearest) if nearest is not None else None
+        rejected = np.zeros(len(distances), bool) if limits is None else distances > limits
+        if rule.negatives is not None:
+            rejected |= embedding_distance(query, rule.negatives, metric).min(1) < distances
+        return rejected
+
+    def rejection_rule(self, state: StoreState | None = None, metric: str | None = None) -> RejectionRule:
+        """The auto rule for an enrolled state (default: the current one), made once per state: the
+        first request computes it while concurrent ones wait for it (never each their own)."""
+        state = self._state if state is None else state
+        metric = metric or state.head.rejection_metric(self.bundle.l2_normalized)
+        cached = self._rule_cache
+        if cached is not None and cached[0] is state and cached[1] == metric:
+            return cached[2]
+        with self._rule_lock:
+            cached = self._rule_cache
+            if cached is None or cached[0] is not state or cached[1] != metric:
+                cached = self._rule_cache = (state, metric, rejection_rule(state, metric, self.bundle.open_set))
+        return cached[2]
+
+    def describe_auto(self) -> dict:
+        """How `unknown="auto"` decides with this bundle and head (inspect, GET /v1/model)."""
+        from .open_set import describe_rule
+        metric = self.head.rejection_metric(self.bundle.l2_normalized)
+        return {**describe_rule(self.bundle.open_set, metric), "negatives": len(self._state.negatives)}
+
+    def review(self, label: str | None = None) -> dict:
+        """The enrollment report (runtime.review): the whole store, or one class's part of it."""
+        from .review import review
+        state = self._state
+        metric = state.head.rejection_metric(self.bundle.l2_normalized)
+        prior = self.bundle.open_set.for_metric(metric) if self.bundle.open_set is not None else None
+        return review(state.classes, prior, metric, None if label is None else check_label(label))
 
     def _prepared(self, state: StoreState) -> _Prepared:
         """What predict needs of an enrolled state, made once per state (states are immutable)."""
@@ -368,13 +403,6 @@ class FewShotClassifier:
                 np.float32(state.head.scale) if state.head.kind == "prototype" and state.head.scale > 0 else None)
         return cached
 
-    def _auto_threshold(self, state: StoreState, metric: str) -> float | None:
-        """calibrate_rejection, computed once per enrolled state (states are immutable)."""
-        cached = self._threshold_cache
-        if cached is None or cached[0] is not state:
-            cached = self._threshold_cache = (state, calibrate_rejection(state.classes, metric))
-        return cached[1]
-
     # ---------------------------------------------------------------- changes
     def enroll(self, label: str, images: Sequence[ImageSource] | np.ndarray, mode: str = "new") -> int:
         """Enroll a class from its support images. mode "new" refuses a label already enrolled,
@@ -382,7 +410,7 @@ class FewShotClassifier:
         Everything is decoded and embedded before anything changes: a bad image loses nothing."""
         return self.enroll_many({label: images}, mode)[check_label(label)]
 
-    def enroll_many(self, classes: dict[str, Sequence[ImageSource] | np.ndarray], mode: str = "new") -> dict[str, int]:
+    def enroll_many(self, classes: Mapping[str, Sequence[ImageSource] | np.ndarray], mode: str = "new") -> dict[str, int]:
         """Enroll several classes as one change: every label is checked and every image decoded and
         embedded first; then one save. One bad class or image enrolls none. Returns shots per class."""
         if mode not in ("new", "add", "replace"):
@@ -402,7 +430,7 @@ class FewShotClassifier:
                 if taken:
                     raise ClassExistsError(f"{taken[0][0]!r} is already enrolled ({state.classes[taken[0][1]].shots} shots); "
                                      "use add (CLI --add) to add shots or replace (CLI --replace) to start over")
-            embedded = {label: self._embed_sources(images, support=True) for label, images in todo.items()}
+            embedded = {label: self._embedded_support(images) for label, images in todo.items()}
             new_classes = list(state.classes)
             for label, images in todo.items():
                 idx = state.find(label)
@@ -420,6 +448,11 @@ class FewShotClassifier:
             self._commit(self._refit(state, tuple(new_classes)))
             return {c.label: c.shots for c in new_classes if c.label in todo}
 
+    def enroll_embeddings(self, classes: Mapping[str, np.ndarray], mode: str = "new") -> dict[str, int]:
+        """enroll_many for support embeddings already computed with this bundle (float32 [shots, D]
+        per class, e.g. from `embed_support`): no images are kept."""
+        return self.enroll_many(dict(classes), mode)
+
     def forget(self, label: str) -> None:
         if self.store is not None and not self.store.exists():
             raise StoreError(f"no store at {self.store.path}; nothing to forget")
@@ -429,6 +462,68 @@ class FewShotClassifier:
             if state.find(label) is None:
                 raise UnknownClassError(f"{label!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'})")
             self._commit(self._refit(state, tuple(c for c in state.classes if c.label != label)))
+
+    # ---------------------------------------------------------------- corrections
+    def negatives(self) -> list[dict]:
+        """The negative examples: id, the label they were wrongly given ("note"), kept image name."""
+        return [{"id": n.id, "note": n.note, "image": n.image} for n in self._state.negatives]
+
+    def add_negatives(self, images: Sequence[ImageSource] | np.ndarray, note: str | None = None) -> list[str]:
+        """Corrections "this is none of the enrolled classes" (note=None) or "this is not NOTE": each
+        image is kept as a negative example; under unknown="auto" a query nearer to a negative than
+        to its nearest class answers "unknown". Returns the negatives' ids. Decoded and embedded
+        before anything changes; an image already a negative is not added twice."""
+        images = as_source_list(images)
+        if len(images) == 0:
+            raise StoreError("no images given; a correction needs the image that was answered wrongly")
+        with self._write_lock, self._store_lock():
+            state = self._refresh()
+            if note is not None:
+                note = check_label(note)
+                if state.find(note) is None:
+                    raise UnknownClassError(f"{note!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'}); "
+                                            "a correction 'not X' names an enrolled class")
+            embedded = self._embed_sources(images)
+            kept = self._keep(images)
+            have = {n.id for n in state.negatives}
+            new = []
+            for i, row in enumerate(embedded):
+                item = Negative(frozen(row.copy()), kept[i] if i < len(kept) else "", note or "")
+                if item.id not in have:
+                    have.add(item.id)
+                    new.append(item)
+            if new:
+                self._commit(replace(state, negatives=state.negatives + tuple(new), generation=state.generation + 1))
+            return [negative_id(row) for row in embedded]
+
+    def remove_negatives(self, ids: Sequence[str]) -> int:
+        """Remove negatives by id (all ids are checked before any is removed). Returns how many are left."""
+        with self._write_lock, self._store_lock():
+            state = self._refresh()
+            have = {n.id for n in state.negatives}
+            missing = [i for i in ids if i not in have]
+            if missing:
+                raise UnknownClassError(f"no negative {missing[0]!r} in this store "
+                                        f"(it has: {', '.join(sorted(have)) or 'none'}); nothing was removed")
+            left = tuple(n for n in state.negatives if n.id not in set(ids))
+            self._commit(replace(state, negatives=left, generation=state.generation + 1))
+            return len(left)
+
+    def correct(self, images: Sequence[ImageSource] | np.ndarray, is_label: str | None = None,
+                not_label: str | None = None, none: bool = False) -> dict:
+        """A person's correction of a prediction: "this is Y" (is_label: the images become shots of
+        Y, a new class if Y is not enrolled), "this is not X" (not_label) or "none of these" (none):
+        the images become negative examples."""
+        if sum(x is not None and x is not False for x in (is_label, not_label, none or None)) != 1:
+            raise ConfigError("a correction is one of: is LABEL, not LABEL, or none")
+        if is_label is not None:
+            label = check_label(is_label)
+            mode = "add" if self._state.find(label) is not None else "new"
+            shots = self.enroll(label, images, mode=mode)
+            return {"correction": "is", "label": label, "shots": shots}
+        ids = self.add_negatives(images, not_label)
+        return {"correction": "not" if not_label is not None else "none", "label": not_label, "negatives": ids,
+                "total_negatives": len(self._state.negatives)}
 
     def _refit(self, state: StoreState, classes: tuple[EnrolledClass, ...]) -> StoreState:
         if state.head.kind == "prototype":

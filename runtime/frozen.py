@@ -42,21 +42,23 @@ class FrozenClassifier:
             raise BundleError(f"{bundle.path}: the manifest lists {len(self.labels)} classes for an output of "
                               f"{bundle.manifest['output']['dim']}; re-freeze it")
         self.backend = open_backend(bundle, backend, "fp32", providers, threads, device,
-                                    outputs={"probabilities": len(self.labels), "distance": 1},
+                                    outputs={"probabilities": len(self.labels), "distance": 1,
+                                             "probabilities_known": len(self.labels)},
                                     subject="TensorRT engine of this frozen classifier runs here")
 
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike, backend: str = "auto", device: dict | None = None) -> FrozenClassifier:
         return cls(load_bundle(bundle_dir), backend=backend, device=device)
 
-    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [N, H, W, C] → (probabilities [N, C], distance [N]), one graph call per MAX_BATCH images."""
-        probs, dists = [], []
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 [N, H, W, C] → (probabilities [N, C], distance [N], the auto rule's gated probabilities
+        [N, C]), one graph call per MAX_BATCH images."""
+        outs: dict[str, list] = {"probabilities": [], "distance": [], "probabilities_known": []}
         for i in range(0, len(pixels), MAX_BATCH):
             out = self.backend.run_outputs(pixels_to_batch(pixels[i:i + MAX_BATCH]))
-            probs.append(out["probabilities"])
-            dists.append(out["distance"])
-        return np.concatenate(probs), np.concatenate(dists)
+            for name, parts in outs.items():
+                parts.append(out[name])
+        return tuple(np.concatenate(parts) for parts in outs.values())  # type: ignore[return-value]
 
     def predict(self, images: Sequence[ImageSource] | np.ndarray, top_k: int = 1,
                 reject: float | str | None = None) -> Prediction:
@@ -65,6 +67,10 @@ class FrozenClassifier:
         images = as_source_list(images)
         spec = self.bundle.spec
         pixels = check_pixels(images, spec) if isinstance(images, np.ndarray) else load_images(images, spec)
-        probs, distances = self.run(pixels)
-        threshold = self.frozen.get("auto_threshold") if reject == "auto" else None if reject is None else float(reject)
-        return make_prediction(self.labels, probs, distances, top_k, threshold)
+        probs, distances, gated = self.run(pixels)
+        rejected: np.ndarray | None = None
+        if reject == "auto":  # the graph's own gate: the auto rule frozen in (all zero when rejected)
+            rejected = gated.max(1) < 0.5 * probs.max(1)
+        elif reject is not None:
+            rejected = distances > float(reject)
+        return make_prediction(self.labels, probs, distances, top_k, rejected)

@@ -33,8 +33,11 @@ MAX_SHOTS = 10_000          # support embeddings per class
 # and would overflow float32 class means and distances (3e38; 1e19 squared is already inf).
 MAX_EMBEDDING_ABS = 1e6
 
+MAX_NEGATIVES = 10_000      # negative examples (corrections "this is not …") per store
+MAX_NOTE_LENGTH = 128
+
 STORE_FORMAT = "edgemeta-store"
-STORE_VERSION = 1
+STORE_VERSION = 2           # 2: negative examples; a store without them is written as version 1
 STATE_FILE = "enrollment.npz"
 LOCK_FILE = ".lock"
 LOCK_TIMEOUT_S = 60.0  # how long a writer waits for another process's lock before it gives up
@@ -59,6 +62,25 @@ class EnrolledClass:
 
 
 @dataclass(frozen=True)
+class Negative:
+    """A correction "this is not any of them" (or "not X", `note`): an image's embedding that a query
+    must not be nearer to than to its nearest class, or it answers "unknown"."""
+
+    embedding: np.ndarray               # float32 [D], read-only
+    image: str = ""                     # kept image file name under images/, if kept
+    note: str = ""                      # the label it was wrongly given, if any
+
+    @functools.cached_property
+    def id(self) -> str:
+        return negative_id(self.embedding)
+
+
+def negative_id(embedding: np.ndarray) -> str:
+    """A negative's stable name: the first 12 hex digits of its embedding's sha256."""
+    return hashlib.sha256(np.ascontiguousarray(embedding, np.float32).tobytes()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
 class StoreState:
     """An immutable snapshot: what is enrolled and for which model."""
 
@@ -69,6 +91,12 @@ class StoreState:
     classes: tuple[EnrolledClass, ...] = ()
     fitted: dict = field(default_factory=dict)  # name -> array, the fitted head
     generation: int = 0
+    negatives: tuple[Negative, ...] = ()
+
+    @functools.cached_property
+    def negative_matrix(self) -> np.ndarray | None:
+        """The negatives' embeddings as one [n, D] array (None without negatives)."""
+        return frozen(np.stack([n.embedding for n in self.negatives])) if self.negatives else None
 
     @functools.cached_property
     def labels(self) -> tuple[str, ...]:
@@ -106,16 +134,20 @@ def frozen(a: np.ndarray) -> np.ndarray:
 
 
 def encode_state(state: StoreState) -> bytes:
-    header = {"format": STORE_FORMAT, "version": STORE_VERSION, "model_sha256": state.model_sha256,
+    header = {"format": STORE_FORMAT, "version": STORE_VERSION if state.negatives else 1, "model_sha256": state.model_sha256,
               "variant": state.variant, "embedding_dim": state.embedding_dim, "head": state.head.to_dict(),
               "generation": state.generation,
               "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "classes": [{"label": c.label, "shots": c.shots, "images": list(c.images)} for c in state.classes],
               "fitted": sorted(state.fitted)}
+    if state.negatives:
+        header["negatives"] = [{"image": n.image, "note": n.note} for n in state.negatives]
     arrays = {"header": np.array(json.dumps(header)),
               "embeddings": (np.concatenate([c.embeddings for c in state.classes]) if state.classes
                              else np.zeros((0, state.embedding_dim), np.float32))}
     arrays.update({f"fitted_{k}": v for k, v in state.fitted.items()})
+    if state.negative_matrix is not None:
+        arrays["negatives"] = state.negative_matrix
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
     return buf.getvalue()
@@ -138,6 +170,7 @@ def decode_state(data: bytes, where: str) -> StoreState:
             header = json.loads(str(z["header"]))
             embeddings = z["embeddings"].astype(np.float32)
             fitted = {k: frozen(z[f"fitted_{k}"]) for k in header.get("fitted", [])}
+            negative_rows = z["negatives"].astype(np.float32) if "negatives" in z.files else None
     except Exception as exc:
         raise StoreError(f"{where} is not a readable enrollment store ({exc})") from None
     check_format(header, STORE_FORMAT, STORE_VERSION, "enrollment store", where)
@@ -157,8 +190,9 @@ def decode_state(data: bytes, where: str) -> StoreState:
         if start != len(embeddings) or (len(embeddings) and embeddings.shape[1] != dim):
             raise StoreError(f"{where}: the embeddings do not match the class list ({len(embeddings)} rows)")
         check_counts(len(classes), {c.label: c.shots for c in classes}, where)
+        negatives = decode_negatives(header.get("negatives", []), negative_rows, int(dim), where)
         state = StoreState(str(header["model_sha256"]), str(header.get("variant", "fp32")), int(dim), head,
-                           tuple(classes), fitted, int(header.get("generation", 0)))
+                           tuple(classes), fitted, int(header.get("generation", 0)), negatives)
         from .heads import fitted_shapes
         expected = fitted_shapes(head, len(classes), int(dim)) if classes else {}
         if {k: tuple(v.shape) for k, v in fitted.items()} != expected:
@@ -174,6 +208,27 @@ def decode_state(data: bytes, where: str) -> StoreState:
                          "enroll the classes again into a new store")
     check_embeddings(embeddings, where)
     return state
+
+
+def decode_negatives(entries, rows: np.ndarray | None, dim: int, where: str) -> tuple[Negative, ...]:
+    """The negatives a file declares, checked against the rows it holds (count, dimension, names)."""
+    if not isinstance(entries, list) or len(entries) > MAX_NEGATIVES:
+        raise StoreError(f"{where}: the negatives are not a list of at most {MAX_NEGATIVES:,}")
+    if not entries:
+        return ()
+    if rows is None or rows.ndim != 2 or rows.shape != (len(entries), dim):
+        raise StoreError(f"{where}: {len(entries)} negatives declared, the file holds "
+                         f"{None if rows is None else list(rows.shape)} (dim {dim} expected)")
+    check_embeddings(rows, f"{where} (negatives)")
+    out = []
+    for entry, row in zip(entries, rows):
+        image, note = (entry.get("image", ""), entry.get("note", "")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(image, str) or (image and not KEPT_NAME.fullmatch(image)):
+            raise StoreError(f"{where}: a negative names a kept image the store did not write")
+        if not isinstance(note, str) or len(note) > MAX_NOTE_LENGTH:
+            raise StoreError(f"{where}: a negative's note is not text of at most {MAX_NOTE_LENGTH} characters")
+        out.append(Negative(frozen(row.copy()), image, note))
+    return tuple(out)
 
 
 class EnrollmentStore:
@@ -222,6 +277,9 @@ class EnrollmentStore:
         for c in state.classes:
             check_embeddings(c.embeddings, f"class {c.label!r}")
         check_counts(len(state.classes), {c.label: c.shots for c in state.classes}, f"the store at {self.path}")
+        if len(state.negatives) > MAX_NEGATIVES:
+            raise StoreError(f"the store at {self.path} would hold {len(state.negatives):,} negatives; the limit is "
+                             f"{MAX_NEGATIVES:,} (remove some with `edgemeta negatives --remove`)")
         if not all(np.isfinite(a).all() for a in state.fitted.values()):
             raise StoreError("refusing to save a head fitted to non-finite values; nothing was changed")
         try:
@@ -353,4 +411,4 @@ class EnrollmentStore:
 
 
 def _image_names(state: StoreState) -> set[str]:
-    return {name for c in state.classes for name in c.images}
+    return {name for c in state.classes for name in c.images} | {n.image for n in state.negatives if n.image}

@@ -1,5 +1,6 @@
-"""`edgemeta freeze`: the frozen graph (backbone + fitted head) gives the runtime's labels exactly,
-probabilities within 1e-5 and the same distances, for every head kind; it passes the op audit; it
+"""`edgemeta freeze`: the frozen graph (backbone + fitted head) gives the runtime's labels and top-k
+order exactly (away from ties), probabilities and distances within the float32 bound of their
+float64 reference (tests/numeric.py), and the runtime's "unknown" answers, for every head kind; it passes the op audit; it
 is a bundle `predict` and `inspect` take with no store; Triton and DeepStream configs come with it."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import run_cli
 from edgemeta.runtime import FewShotClassifier, load_bundle
 from edgemeta.runtime.frozen import FrozenClassifier
+from numeric import UNIT_ROUNDOFF, assert_within, dot_bound, softmax64, softmax_bound
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +31,92 @@ def test_frozen_graph_matches_the_runtime(tiny_run, tiny_bundle, tagalog, querie
     clf = FewShotClassifier.load(bundle, store=tmp_path / "s", head=head)
     for c in sorted(tagalog)[:5]:
         clf.enroll(c, tagalog[c][:3])
+    clf.add_negatives([tagalog[sorted(tagalog)[7]][0]])  # a negative example goes into the gate too
     r = run_cli("freeze", bundle, "--store", tmp_path / "s", "--out", tmp_path / "frozen")
     assert r.exit_code == 0, r.output
     frozen = FrozenClassifier.load(tmp_path / "frozen")
     want, got = clf.predict(queries, top_k=3), frozen.predict(queries, top_k=3)
-    assert got.labels == want.labels
-    # float32 in two summation orders (ONNX Runtime's MatMul and NumPy's BLAS pick different
-    # kernels on AVX2 and AVX-512): relative agreement to ~1e-4, not bit equality; 1.5e-5 absolute
-    # differences were seen on an AVX-512 Xeon
-    np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=1e-4, atol=5e-5)
-    np.testing.assert_allclose(got.distances, want.distances, rtol=1e-4, atol=1e-4)
+    # the head's arithmetic against its float64 reference, on the embeddings the frozen graph computed
+    embeddings = frozen_embeddings(tmp_path / "frozen", clf, queries)
+    state = clf._state
+    logits64, logit_bound = head_reference(state, embeddings)
+    assert_within(got.probabilities, np.take_along_axis(softmax64(logits64), order_of(got, state), 1),
+                  np.take_along_axis(softmax_bound(softmax64(logits64), logit_bound), order_of(got, state), 1),
+                  f"{head} probabilities")
+    distance64, distance_bound = distance_reference(state, embeddings, clf.head.rejection_metric(clf.bundle.l2_normalized))
+    assert_within(got.distances, distance64, distance_bound, f"{head} distances")
+    # what a user sees, exactly: the labels and the top-3 order wherever the logits are not tied
+    # within the bound, and the same "unknown" answers under auto
+    top = np.sort(logits64, 1)[:, ::-1]
+    slack = 2 * logit_bound.max(1)
+    first = top[:, 0] - top[:, 1] > slack                      # top-1 not tied within the bound
+    order = first & (top[:, 1] - top[:, 2] > slack)              # nor the next two
+    assert order.sum() >= len(queries) // 2
+    assert [lab for lab, f in zip(got.labels, first) if f] == [lab for lab, f in zip(want.labels, first) if f]
+    assert [[n for n, _ in g] for g, o in zip(got.top_k, order) if o] == [[n for n, _ in w] for w, o in zip(want.top_k, order) if o]
     assert frozen.predict(queries, reject="auto").labels == clf.predict(queries, reject="auto").labels
+
+
+def frozen_embeddings(folder, clf, images) -> np.ndarray:
+    """The embeddings inside the frozen graph (its backbone's output made a graph output)."""
+    import onnx
+    import onnxruntime as ort
+    from edgemeta.runtime.preprocess import load_images, pixels_to_batch
+    model = onnx.load(str(folder / "classifier.onnx"))
+    source = onnx.load(str(clf.bundle.variant_path("fp32")))
+    name = source.graph.output[0].name
+    model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    batch = pixels_to_batch(load_images(images, clf.bundle.spec))
+    return session.run([name], {session.get_inputs()[0].name: batch})[0]
+
+
+def head_reference(state, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 logits of the fitted head on float32 embeddings x, the float32 rounding bound of each):
+    the graph's MatMul of D terms, then an Add/Mul of the bias and scale (each a few u more)."""
+    h, f = state.head, state.fitted
+    x64 = x.astype(np.float64)
+    d = x.shape[1]
+    if h.kind == "prototype":
+        p = f["prototypes"].astype(np.float64)
+        if h.metric == "cosine":
+            unit, pn = x64 / np.linalg.norm(x64, axis=1, keepdims=True), p / np.linalg.norm(p, axis=1, keepdims=True)
+            logits = h.scale * unit @ pn.T
+            mag = h.scale * np.abs(unit) @ np.abs(pn).T
+            return logits, dot_bound(mag, d, stages=4)  # norms, division, MatMul, scale
+        logits = h.scale * (2 * x64 @ p.T - (p * p).sum(1))
+        mag = h.scale * (2 * np.abs(x64) @ np.abs(p).T + (p * p).sum(1))
+        return logits, dot_bound(mag, d, stages=3)
+    if h.kind == "logistic":
+        w, b = f["weight"].astype(np.float64).T, f["bias"].astype(np.float64)
+        scale = 1.0
+    elif h.kind == "ridge":
+        w, b, scale = f["weights"].astype(np.float64), np.full(f["weights"].shape[1], h.bias), h.scale
+    else:  # mahalanobis
+        w, b, scale = f["weights"].astype(np.float64), f["bias"].astype(np.float64), h.scale
+    logits = scale * (x64 @ w) + (b if h.kind == "ridge" else scale * b)
+    mag = abs(scale) * (np.abs(x64) @ np.abs(w) + np.abs(b))
+    return logits, dot_bound(mag, d, stages=3)
+
+
+def distance_reference(state, x: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 distance to the nearest prototype, its float32 bound)."""
+    p = state.fitted["prototypes"].astype(np.float64)
+    x64, d = x.astype(np.float64), x.shape[1]
+    if metric == "cosine":
+        unit, pn = x64 / np.linalg.norm(x64, axis=1, keepdims=True), p / np.linalg.norm(p, axis=1, keepdims=True)
+        return 1 - (unit @ pn.T).max(1), dot_bound(1.0, d, stages=4)
+    sq = (x64 * x64).sum(1)[:, None] - 2 * x64 @ p.T + (p * p).sum(1)
+    dist = np.sqrt(np.maximum(sq.min(1), 0))
+    mag = (x64 * x64).sum(1) + 2 * (np.abs(x64) @ np.abs(p).T).max(1) + (p * p).sum(1).max()
+    # Δ√s ≤ Δs / (√s + √(s − Δs)): bounded by Δs / √s away from 0, by √Δs at 0
+    ds = dot_bound(mag, d, stages=3)
+    return dist, np.minimum(ds / np.maximum(dist, 1e-30), np.sqrt(ds)) + 2 * UNIT_ROUNDOFF * dist
+
+
+def order_of(prediction, state) -> np.ndarray:
+    labels = list(state.labels)
+    return np.array([[labels.index(name) for name, _ in row] for row in prediction.top_k])
 
 
 def test_frozen_folder_is_a_bundle_with_triton_and_deepstream_configs(tiny_bundle, tagalog, queries, tmp_path):
@@ -100,8 +177,9 @@ def test_the_gated_output_is_zero_exactly_for_rejected_inputs(tiny_bundle, tagal
     pixels = np.concatenate([load_images(queries, clf.bundle.spec), np.stack(noise)])
     session = ort.InferenceSession(str(tmp_path / "f" / "classifier.onnx"))
     probs, dist, known = session.run(None, {session.get_inputs()[0].name: pixels_to_batch(pixels)})
-    threshold = load_bundle(tmp_path / "f").manifest["frozen"]["auto_threshold"]
-    rejected = dist > threshold
+    limits = load_bundle(tmp_path / "f").manifest["frozen"]["auto"]["limits"]
+    assert limits == pytest.approx(clf.rejection_rule().limits.tolist())
+    rejected = np.array([lab == "unknown" for lab in clf.predict(pixels, reject="auto").labels])
     assert rejected.any() and (~rejected).any()
     np.testing.assert_array_equal(known[rejected], 0)
     np.testing.assert_allclose(known[~rejected], probs[~rejected], rtol=1e-6)
@@ -176,5 +254,5 @@ def test_the_frozen_classifier_runs_through_a_backend_with_the_tensorrt_provider
         frozen = FrozenClassifier.load(tmp_path / "f")
     options = frozen.backend.trt_options
     assert options["trt_engine_cache_enable"] and options["trt_profile_max_shapes"].split(":")[1].startswith(f"{MAX_BATCH}x")
-    probs, dist = frozen.run(np.zeros((MAX_BATCH + 3, 28, 28, 1), np.uint8))   # chunked by MAX_BATCH
-    assert probs.shape == (MAX_BATCH + 3, 3) and dist.shape == (MAX_BATCH + 3,)
+    probs, dist, known = frozen.run(np.zeros((MAX_BATCH + 3, 28, 28, 1), np.uint8))   # chunked by MAX_BATCH
+    assert probs.shape == known.shape == (MAX_BATCH + 3, 3) and dist.shape == (MAX_BATCH + 3,)

@@ -13,7 +13,7 @@ def test_predict_gives_the_softmax_of_the_heads_logits_at_any_top_k_and_batch(de
     """predict's top-1 path never normalises the softmax (the top class is the largest logit's, its
     probability 1 / Σ exp(logit − max)): it must agree with the softmax computed in full and with top_k > 1."""
     from edgemeta.runtime import heads
-    from edgemeta.runtime.classifier import embedding_distance
+    from edgemeta.runtime.open_set import embedding_distance
     clf = FewShotClassifier.load(device_bundle, head=head)
     rng = np.random.default_rng(3)
     for c in range(4):

@@ -87,7 +87,7 @@ def test_predictions_equal_the_library_on_the_same_images(server, client, enroll
     truth = [c for c in enrolled for _ in (10, 15)]
     assert np.mean([p["label"] == t for p, t in zip(served, truth)]) >= 0.8
     # one raw image/png body is one image
-    raw = client.post("/v1/predict", content=queries[0], headers={"content-type": "image/png"})
+    raw = client.post("/v1/predict", params={"unknown": "auto"}, content=queries[0], headers={"content-type": "image/png"})
     assert raw.status_code == 200 and raw.json()["predictions"][0]["label"] == served[0]["label"]
 
 

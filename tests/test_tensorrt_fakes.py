@@ -471,7 +471,16 @@ def test_engine_tensors_are_checked(fakes, tiny_bundle, tmp_path, kw, why):
         backend.embed(np.zeros((2, 1, 28, 28), np.float32))
 
 
-def test_a_frozen_classifier_gets_an_engine_with_both_outputs(fakes, tiny_bundle, tagalog, tmp_path):
+def graph_outputs(onnx_path) -> dict[str, int]:
+    """The fake engine's outputs as the real graph declares them (name → row width, 1 for [N]), in
+    the graph's order: a TensorRT engine built from it binds every one."""
+    import onnx
+    model = onnx.load(str(onnx_path))
+    return {o.name: (o.type.tensor_type.shape.dim[1].dim_value if len(o.type.tensor_type.shape.dim) > 1 else 1)
+            for o in model.graph.output}
+
+
+def test_a_frozen_classifier_gets_an_engine_with_every_output(fakes, tiny_bundle, tagalog, tmp_path):
     from edgemeta.export import EngineOptions, add_engine
     from edgemeta.export.freeze import freeze
     from edgemeta.runtime import FewShotClassifier
@@ -483,7 +492,9 @@ def test_a_frozen_classifier_gets_an_engine_with_both_outputs(fakes, tiny_bundle
         clf.enroll(c, tagalog[c][:2])
     freeze(tiny_bundle, tmp_path / "s", tmp_path / "f")
     rec, install = fakes
-    install(outputs={"probabilities": 3, "distance": 1})
+    outputs = graph_outputs(tmp_path / "f" / "classifier.onnx")
+    assert list(outputs) == ["probabilities", "distance", "probabilities_known"]
+    install(outputs=outputs)
     with pytest.raises(BundleError, match="--precision fp32"):
         add_engine(tmp_path / "f", EngineOptions("fp16", "1:4:16"))
     record = add_engine(tmp_path / "f", EngineOptions("fp32", "1:4:16"))
@@ -492,8 +503,8 @@ def test_a_frozen_classifier_gets_an_engine_with_both_outputs(fakes, tiny_bundle
     frozen = FrozenClassifier.load(tmp_path / "f", backend="tensorrt", device=device)
     assert isinstance(frozen.backend, TensorRTBackend) and frozen.backend.engine_path.name == record["file"]
     x = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
-    probs, dist = frozen.run(x)
-    assert probs.shape == (5, 3) and dist.shape == (5,)
+    probs, dist, known = frozen.run(x)
+    assert probs.shape == known.shape == (5, 3) and dist.shape == (5,)
     np.testing.assert_allclose(dist, x.reshape(5, -1).mean(1), rtol=1e-5)  # what the fake engine returns
     # ONNX Runtime when asked, and when auto finds no engine for this device
     assert isinstance(FrozenClassifier.load(tmp_path / "f", backend="onnxruntime").backend, OnnxRuntimeBackend)

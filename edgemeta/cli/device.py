@@ -71,6 +71,48 @@ def classes(
     run.classes(**locals())
 
 
+@command()
+def review(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    store: Path = typer.Option(..., help="Enrollment store folder."),
+    label: Optional[str] = typer.Option(None, help="Review one class (what its enrollment changed) instead of the store."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"pairs", "shots", "classes"} as JSON.'),
+):
+    """What will be confused, which shots look wrong or repeated, and where more shots would help.
+
+    Example: edgemeta review bundle --store enrolled
+    """
+    run.review(**locals())
+
+
+@command()
+def correct(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    images: list[Path] = typer.Argument(..., help="The images that were answered wrongly."),
+    store: Path = typer.Option(..., help="Enrollment store folder."),
+    is_label: Optional[str] = typer.Option(None, "--is", help="They are this class: add them as its shots (a new class if needed)."),
+    not_label: Optional[str] = typer.Option(None, "--not", help="They are not this class: keep them as negative examples."),
+    none: bool = typer.Option(False, "--none", help="They are none of the enrolled classes: keep them as negative examples."),
+):
+    """Correct a prediction: --is Y, --not X, or --none. Under --unknown auto an image nearer to a
+    negative example than to any class answers "unknown".
+
+    Example: edgemeta correct bundle --store enrolled cat.jpg --not dog
+    """
+    run.correct(**locals())
+
+
+@command()
+def negatives(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    store: Path = typer.Option(..., help="Enrollment store folder."),
+    remove: Optional[list[str]] = typer.Option(None, help="Remove the negative example with this id (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """List the negative examples (corrections "not X" / "none"), or remove some with --remove ID."""
+    run.negatives(**locals())
+
+
 @command("build-engine")
 def build_engine(
     bundle: Path = typer.Argument(..., help="Bundle folder from `edgemeta export`: the engine is added to it."),

@@ -49,6 +49,8 @@ def enroll(bundle: Path, images: Optional[list[Path]], store: Path, label: Optio
     clf = _open(bundle, store, head, backend, variant, reembed)
     for name, shots in clf.enroll_many(todo, mode=mode).items():  # all classes checked before any is saved
         print(f"enrolled {name!r}: {shots} shot(s)")  # plain lines: rich only for the tables
+        for line in clf.review(name)["classes"][0]["advice"]:
+            print(f"  · {line}")
     print(f"{len(clf.classes)} class(es) in {store}")
 
 
@@ -107,3 +109,61 @@ def classes(store: Path, as_json: bool) -> None:
         print_json({"classes": shots, "head": state.head.to_dict(), "model_sha256": state.model_sha256})
         return
     print_table(["class", "shots"], [[k, str(v)] for k, v in shots.items()], title=f"{store} — head {state.head.kind}")
+
+
+def review(bundle: Path, store: Path, label: Optional[str], as_json: bool) -> None:
+    """The enrollment report of a store (or one class): confusable pairs, flagged shots, advice."""
+    from edgemeta.runtime.errors import StoreError
+    from edgemeta.runtime.store import EnrollmentStore
+    if not EnrollmentStore(store).exists():
+        raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
+    clf = _open(bundle, store, None, "onnxruntime", "fp32")
+    if not clf.classes:
+        raise StoreError(f"the store at {store} has no classes to review")
+    report = clf.review(label)
+    if as_json:
+        print_json(report, indent=2)
+        return
+    if report["pairs"]:
+        print_table(["class", "confused with", "estimated"],
+                    [[p["a"], p["b"], f"{p['confusion']:.0%}"] for p in report["pairs"]], title="likely confusions")
+    for c in report["classes"]:
+        print(f"{c['label']!r}: {c['shots']} shot(s)" + ("" if c["advice"] else " — nothing to improve"))
+        for line in c["advice"]:
+            print(f"  · {line}")
+
+
+def correct(bundle: Path, images: list[Path], store: Path, is_label: Optional[str], not_label: Optional[str],
+            none: bool) -> None:
+    """A correction: the images are shots of IS_LABEL, or negatives (not NOT_LABEL / none of the classes)."""
+    from edgemeta.runtime.errors import StoreError
+    from edgemeta.runtime.store import EnrollmentStore
+    if not EnrollmentStore(store).exists():
+        raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
+    clf = _open(bundle, store, None, "auto", "fp32")
+    done = clf.correct(list(images), is_label=is_label, not_label=not_label, none=none)
+    if done["correction"] == "is":
+        print(f"added to {done['label']!r}: {done['shots']} shot(s)")
+    else:
+        what = f"not {done['label']!r}" if done["label"] else "none of the enrolled classes"
+        print(f"kept {len(done['negatives'])} negative example(s) ({what}): {', '.join(done['negatives'])}; "
+              f"{done['total_negatives']} in the store")
+
+
+def negatives(bundle: Path, store: Path, remove: Optional[list[str]], as_json: bool) -> None:
+    """List the store's negative examples, or remove some by id."""
+    from edgemeta.runtime.errors import StoreError
+    from edgemeta.runtime.store import EnrollmentStore
+    if not EnrollmentStore(store).exists():
+        raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
+    clf = _open(bundle, store, None, "onnxruntime", "fp32")
+    if remove:
+        left = clf.remove_negatives(list(remove))
+        print(f"removed {len(remove)} negative example(s); {left} left")
+        return
+    rows = clf.negatives()
+    if as_json:
+        print_json({"negatives": rows}, indent=2)
+        return
+    print_table(["id", "not", "kept image"], [[r["id"], r["note"] or "(none of the classes)", r["image"] or "–"] for r in rows],
+                title=f"{store} — {len(rows)} negative example(s)")

@@ -94,6 +94,14 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
     table.add_row("output", f"{m['output']['name']}: [N, {m['output']['dim']}]"
                             + (" L2-normalised" if m["output"]["l2_normalized"] else ""))
     table.add_row("head", json.dumps(m["head"]))
+    from edgemeta.runtime.open_set import describe_rule
+    auto = describe_rule(bundle.open_set, bundle.head.rejection_metric(bundle.l2_normalized))
+    if auto["rule"] == "prior":
+        table.add_row("--unknown auto", f"open-set prior measured on {auto['measured_on']} ({auto['metric']}): limit "
+                      + ", ".join(f"{k}-shot {v:.3g}" for k, v in auto["thresholds"].items())
+                      + "; nearer a negative example than any class: unknown")
+    else:
+        table.add_row("--unknown auto", auto["detail"])
     for name, entry in m["files"].items():
         table.add_row(f"file {name}", f"{entry['bytes']:,} bytes sha256 {entry['sha256'][:16]}… ✓")
     for variant, v in m["variants"].items():

@@ -84,6 +84,8 @@ def evaluate(
                                                "L2-normalised; default: as the checkpoint records)."),
     flip_shots: Optional[bool] = typer.Option(None, help="Average each support image with its mirror (default: the head's setting)."),
     image_size: Optional[int] = typer.Option(None, min=8, help="Checkpoint: evaluate at this square input size (globally pooled backbones)."),
+    open_set: bool = typer.Option(False, "--open-set", help="With --bundle: 5 enrolled + 5 unknown classes per episode; "
+                                  "closed accuracy, AUROC, and at --unknown auto: known right / rejected, unknown rejected, balanced."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Few-shot accuracy ± 95% CI on classes never trained on, from a checkpoint (torch) or a bundle (deployed path)."""
@@ -93,9 +95,12 @@ def evaluate(
     done = run_evaluation(checkpoint=checkpoint, bundle=bundle, variant=variant, data=[str(p) for p in data or []],
                           split=split, split_mode=split_mode, split_file=str(split_file) if split_file else None,
                           way=way, shot=shot, query=query, episodes=episodes, seed=seed, head=head,
-                          center=center, flip_shots=flip_shots, image_size=image_size)
+                          center=center, flip_shots=flip_shots, image_size=image_size, open_set=open_set)
     if as_json:
         print_json(done.to_dict())
+    elif open_set:
+        print(done.result)
+        print(f"head={done.head['kind']} split={done.split} ({done.classes} classes), {done.path}")
     else:
         console.print(f"{done.result}  [dim]head={done.head['kind']} split={done.split} ({done.classes} classes), {done.path}[/]")
 

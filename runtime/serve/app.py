@@ -114,7 +114,28 @@ class Service:
         self.metrics.images.labels("enroll").inc(len(images))
         self.metrics.classes.set(len(self.clf.classes))
         return {"label": label.strip(), "shots": shots, "classes": len(self.clf.classes),
-                "ms": {"enroll": round(seconds * 1e3, 3)}}
+                "ms": {"enroll": round(seconds * 1e3, 3)}, "feedback": self.clf.review(label)}
+
+    def review(self) -> dict:
+        self.clf.refresh()
+        if not self.clf.classes:
+            raise StoreError("no classes are enrolled; enroll some first (POST /v1/classes/{label}/images)")
+        return self.clf.review()
+
+    def correct(self, images: list[tuple[str, bytes]], is_label: str | None, not_label: str | None, none: bool) -> dict:
+        self.clf.refresh()
+        result = self.clf.correct([data for _, data in images], is_label=is_label, not_label=not_label, none=none)
+        self.metrics.images.labels("correct").inc(len(images))
+        self.metrics.classes.set(len(self.clf.classes))
+        return result
+
+    def negatives(self) -> dict:
+        self.clf.refresh()
+        return {"negatives": self.clf.negatives()}
+
+    def remove_negative(self, negative_id: str) -> dict:
+        self.clf.remove_negatives([negative_id])
+        return {"negatives": self.clf.negatives()}
 
     def forget(self, label: str) -> dict:
         self.clf.forget(label)
@@ -134,7 +155,7 @@ class Service:
                 "input": b.spec.to_dict(), "embedding_dim": b.embedding_dim, "l2_normalized": b.l2_normalized,
                 "head": self.clf.head.to_dict(), "variant": self.clf.variant, "backend": self.batcher.describe(),
                 "device": self.device(), "edgemeta": _version(), "classes": len(self.clf.classes),
-                "uptime_s": round(time.time() - self.started, 1)}
+                "uptime_s": round(time.time() - self.started, 1), "unknown_auto": self.clf.describe_auto()}
 
 
 GPU_WINDOW_MS = 2.0
@@ -167,6 +188,7 @@ def status_of(exc: Exception) -> int:
 
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+NO_FRAMING = ((b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"))
 
 
 class Guard:
@@ -209,6 +231,8 @@ class Guard:
         async def recording_send(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                # no other site may frame the page (a framed "forget" click would pass the Origin check)
+                message = {**message, "headers": [*message.get("headers", []), *NO_FRAMING]}
             await send(message)
 
         try:
@@ -300,6 +324,35 @@ async def predict(service: Service = Depends(get_service),
                   images: list = Depends(read_images)):
     reject = parse_unknown(unknown, "unknown")
     return await run_in_threadpool(service.predict, images, top_k, reject)
+
+
+@v1.get("/review", summary="What will be confused, flagged shots, advice per class", response_model=models.Review,
+        responses=models.ERRORS)
+async def review(service: Service = Depends(get_service)):
+    return await run_in_threadpool(service.review)
+
+
+@v1.post("/corrections", summary="Correct a prediction: the image is Y, is not X, or is none of the classes",
+         response_model=models.CorrectionResponse, responses=models.ERRORS, openapi_extra=models.IMAGES_BODY)
+async def correct(service: Service = Depends(get_service),
+                  is_label: str | None = Query(None, alias="is", max_length=256, description="the image shows this class"),
+                  not_label: str | None = Query(None, alias="not", max_length=256,
+                                                description="the image does not show this class: keep it as a negative"),
+                  none: bool = Query(False, description="the image shows none of the classes: keep it as a negative"),
+                  images: list = Depends(read_images)):
+    return await run_in_threadpool(service.correct, images, is_label, not_label, none)
+
+
+@v1.get("/negatives", summary="Negative examples kept from corrections", response_model=models.NegativesResponse,
+        responses=models.ERRORS)
+async def list_negatives(service: Service = Depends(get_service)):
+    return await run_in_threadpool(service.negatives)
+
+
+@v1.delete("/negatives/{negative_id}", summary="Remove a negative example", response_model=models.NegativesResponse,
+           responses=models.ERRORS)
+async def remove_negative(negative_id: str, service: Service = Depends(get_service)):
+    return await run_in_threadpool(service.remove_negative, negative_id)
 
 
 @v1.get("/model", summary="The bundle, head, variant, backend and device", response_model=models.ModelResponse,

@@ -49,11 +49,57 @@ class EnrollMs(BaseModel):
     enroll: float
 
 
+class ConfusedPair(BaseModel):
+    a: str
+    b: str
+    confusion: float = Field(description="Estimated share of a's photos taken for b (and b's for a)")
+
+
+class ShotFlag(BaseModel):
+    label: str
+    index: int = Field(description="The shot's position in its class, from 0")
+    flag: str = Field(description="outlier (probably another object or a bad frame) | duplicate (of shot `of`)")
+    distance: float
+    limit: float | None = None
+    of: int | None = None
+
+
+class ClassAdvice(BaseModel):
+    label: str
+    shots: int
+    advice: list[str] = Field(description="What to do, in words")
+
+
+class Review(BaseModel):
+    pairs: list[ConfusedPair] = Field(description="Classes likely to be confused, highest first")
+    shots: list[ShotFlag]
+    classes: list[ClassAdvice]
+
+
 class EnrollResponse(BaseModel):
     label: str
     shots: int = Field(description="The class's shots after this request")
     classes: int = Field(description="Classes enrolled in the store")
     ms: EnrollMs
+    feedback: Review = Field(description="What this enrollment changed: confusions with it, flagged shots, advice")
+
+
+class Negative(BaseModel):
+    id: str
+    note: str = Field(description="The class it was wrongly given ('' for none of them)")
+    image: str = Field(description="The kept image's name in the store ('' if not kept)")
+
+
+class NegativesResponse(BaseModel):
+    negatives: list[Negative]
+
+
+class CorrectionResponse(BaseModel):
+    correction: str = Field(description="is | not | none")
+    label: str | None
+    shots: int | None = Field(None, description="is: the class's shots after this correction")
+    negatives: list[str] | None = Field(None, description="not / none: the negative examples' ids")
+    total_negatives: int | None = None
 
 
 class ForgetResponse(BaseModel):
@@ -77,6 +123,7 @@ class ModelResponse(BaseModel):
     edgemeta: str
     classes: int
     uptime_s: float
+    unknown_auto: dict = Field(default_factory=dict, description="How unknown=auto decides with this bundle")
 
 
 class Live(BaseModel):
