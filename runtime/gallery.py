@@ -2,7 +2,8 @@
 or deploy the same classes to many.
 
 A gallery is an .npz (no pickles) holding a JSON header — format, model sha256, variant, embedding
-size, head, the classes with their shot counts and kept-image names — the support embeddings, and
+size, head, the classes with their shot counts and kept-image names, the negative examples
+(corrections "not any of these") — the support and negative embeddings, and
 with images=True the kept image files, so a device with another model can re-embed them. The header
 carries the sha256 of every array; an import checks it, and every bound, before anything changes.
 """
@@ -20,10 +21,11 @@ import numpy as np
 from .errors import StoreError
 from .files import atomic_write
 from .heads import HeadConfig
-from .store import KEPT_NAME, MAX_CLASSES, MAX_SHOTS, EnrolledClass, EnrollmentStore, StoreState, check_embeddings, check_format, frozen
+from .store import (KEPT_NAME, MAX_CLASSES, MAX_NEGATIVES, MAX_SHOTS, EnrolledClass, EnrollmentStore, Negative, StoreState,
+                    check_embeddings, check_format, decode_negatives, frozen)
 
 GALLERY_FORMAT = "edgemeta-gallery"
-GALLERY_VERSION = 1
+GALLERY_VERSION = 2  # 2: negative examples; a gallery without them is written as version 1
 MAX_IMAGE_BYTES = 64 << 20
 MAX_HEADER_BYTES = 64 << 20
 MAX_DIM = 1 << 16
@@ -48,21 +50,27 @@ def export_gallery(store_path: str | os.PathLike, out: str | os.PathLike, images
         missing = [c.label for c in state.classes if not c.images]
         if missing:
             raise StoreError(f"class {missing[0]!r} kept no images; export without --with-images, or enroll it again")
-        for name in sorted({n for c in state.classes for n in c.images}):
+        kept = {n for c in state.classes for n in c.images} | {n.image for n in state.negatives if n.image}
+        for name in sorted(kept):
             arrays[f"image_{name}"] = np.frombuffer(store.image_path(name).read_bytes(), np.uint8)
-    header = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, "model_sha256": state.model_sha256,
+    if state.negative_matrix is not None:
+        arrays["negatives"] = state.negative_matrix.astype(np.float32)
+    header = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION if state.negatives else 1,
+              "model_sha256": state.model_sha256,
               "variant": state.variant, "embedding_dim": state.embedding_dim, "head": state.head.to_dict(),
               "classes": [{"label": c.label, "shots": c.shots, "images": list(c.images) if images else []}
                           for c in state.classes],
               "sha256": {k: _digest(v) for k, v in arrays.items()}}
+    if state.negatives:
+        header["negatives"] = [{"note": n.note, "image": n.image if images else ""} for n in state.negatives]
     buf = io.BytesIO()
     np.savez(buf, header=np.array(json.dumps(header)), **arrays)  # type: ignore[arg-type]
     atomic_write(out, buf.getvalue())
     return header
 
 
-def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], dict[str, bytes]]:
-    """Read and check a gallery: (header, classes, kept images by name). Anything wrong — not a
+def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], dict[str, bytes], tuple[Negative, ...]]:
+    """Read and check a gallery: (header, classes, kept images by name, negative examples). Anything wrong — not a
     gallery, a checksum, a shape, a NaN, a path for an image name, a count out of bounds — raises
     StoreError with one line; nothing is written."""
     where = str(path)
@@ -101,6 +109,9 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
             start += shots
         if start != len(embeddings):
             raise StoreError(f"{where}: the class list does not match the embeddings")
+        negatives = decode_negatives(header.get("negatives", []), arrays.get("negatives"), dim, where)
+        if any(n.image and n.image not in images for n in negatives):
+            raise StoreError(f"{where}: a negative names an image the file does not hold")
         seen: set[str] = set()
         for c in classes:
             if c.label in seen:
@@ -108,7 +119,7 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
             seen.add(c.label)
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{where} is damaged ({exc})") from None
-    return header, classes, images
+    return header, classes, images, negatives
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -145,7 +156,11 @@ def _read_members(path: str | os.PathLike, where: str) -> tuple[dict, dict[str, 
                     label = e.get("label") if isinstance(e, dict) else e
                     raise StoreError(f"{where}: class {label!r} has {n!r} shots; a class holds 1–{MAX_SHOTS:,}")
             rows = sum(int(n) for n in shots if n is not None)
-            limits = {"embeddings.npy": rows * dim * 4 + NPY_HEADER_BYTES}
+            negatives = header.get("negatives", [])
+            if not isinstance(negatives, list) or len(negatives) > MAX_NEGATIVES:
+                raise StoreError(f"{where}: the negatives are not a list of at most {MAX_NEGATIVES:,}")
+            limits = {"embeddings.npy": rows * dim * 4 + NPY_HEADER_BYTES,
+                      "negatives.npy": len(negatives) * dim * 4 + NPY_HEADER_BYTES}
             for name, info in infos.items():
                 if name == "header.npy":
                     continue
@@ -174,7 +189,7 @@ def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, repla
     then re-embedded with it."""
     if on_conflict not in CONFLICTS:
         raise StoreError(f"--on-conflict must be one of {', '.join(CONFLICTS)}, not {on_conflict!r}")
-    header, classes, images = read_gallery(path)
+    header, classes, images, incoming_negatives = read_gallery(path)
     store = EnrollmentStore(store_path)
     with store.locked():
         saved = store.read()
@@ -183,6 +198,7 @@ def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, repla
                   (header["model_sha256"], header["variant"]))
         if (header["model_sha256"], header["variant"]) != target:
             classes = _reembed(classes, images, classifier, target, header, path)
+            incoming_negatives = _reembed_negatives(incoming_negatives, images, classifier)
         dim = saved.embedding_dim if saved is not None else classifier.bundle.embedding_dim if classifier is not None else None
         if dim is not None and classes[0].embeddings.shape[1] != dim:
             raise StoreError(f"{path} holds {classes[0].embeddings.shape[1]}-d embeddings; the model it names makes "
@@ -190,14 +206,17 @@ def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, repla
         head = saved.head if saved is not None else HeadConfig.from_dict(header["head"])
         current = list(saved.classes) if saved is not None and not replace_all else []
         merged = _merge(current, classes, on_conflict)  # a refused conflict leaves no file behind
-        for name in {n for c in classes for n in c.images}:
+        for name in {n for c in classes for n in c.images} | {n.image for n in incoming_negatives if n.image}:
             store.keep_image(images[name], Path(name).suffix)
+        negatives = list(saved.negatives) if saved is not None and not replace_all else []
+        have = {n.id for n in negatives}
+        negatives += [n for n in incoming_negatives if n.id not in have]
         from .classifier import fit_head
         from .store import check_counts
         check_counts(len(merged), {c.label: c.shots for c in merged}, str(path))
         dim = int(merged[0].embeddings.shape[1])
         state = StoreState(target[0], target[1], dim, head, tuple(merged), {},
-                           (saved.generation + 1) if saved is not None else 0)
+                           (saved.generation + 1) if saved is not None else 0, tuple(negatives))
         state = replace(state, fitted={k: frozen(v) for k, v in fit_head(head, state.classes).items()})
         store.write(state)
     return state
@@ -231,3 +250,13 @@ def _reembed(classes, images, classifier, target, header, path) -> list[Enrolled
         raise StoreError(f"{other}; pass the store's bundle (--bundle) to re-embed its images")
     return [EnrolledClass(c.label, frozen(classifier.embed_support([images[n] for n in c.images])), c.images)
             for c in classes]
+
+
+def _reembed_negatives(negatives: tuple[Negative, ...], images: dict[str, bytes], classifier) -> tuple[Negative, ...]:
+    """Negatives re-embedded from their images with the store's bundle; without images they are
+    dropped (their embeddings belong to another model, and the caller says so)."""
+    kept = [n for n in negatives if n.image]
+    if not kept:
+        return ()
+    rows = classifier.embed([images[n.image] for n in kept])
+    return tuple(Negative(frozen(row.copy()), n.image, n.note) for n, row in zip(kept, rows))
