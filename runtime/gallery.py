@@ -21,8 +21,20 @@ import numpy as np
 from .errors import StoreError
 from .files import atomic_write
 from .heads import HeadConfig
-from .store import (KEPT_NAME, MAX_CLASSES, MAX_NEGATIVES, MAX_SHOTS, EnrolledClass, EnrollmentStore, Negative, StoreState,
-                    check_embeddings, check_format, decode_negatives, frozen)
+from .store import (
+    KEPT_NAME,
+    MAX_CLASSES,
+    MAX_NEGATIVES,
+    MAX_SHOTS,
+    EnrolledClass,
+    EnrollmentStore,
+    Negative,
+    StoreState,
+    check_embeddings,
+    check_format,
+    decode_negatives,
+    frozen,
+)
 
 GALLERY_FORMAT = "edgemeta-gallery"
 GALLERY_VERSION = 2  # 2: negative examples; a gallery without them is written as version 1
