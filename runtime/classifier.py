@@ -301,9 +301,9 @@ class FewShotClassifier:
                                    "the bundle's model is broken (re-export it) or the input is not an image")
         return embeddings
 
-    def _embedded_support(self, images) -> np.ndarray:
-        """Support embeddings of one class: float32 [shots, D] arrays are taken as embeddings; images
-        (paths, bytes, pixel arrays [N, H, W, C]) are embedded as support."""
+    def _embedded(self, images, support: bool) -> np.ndarray:
+        """Float32 [n, D] arrays are taken as embeddings made with this bundle; images (paths, bytes,
+        pixel arrays [N, H, W, C]) are embedded (as support images where `support`)."""
         if isinstance(images, np.ndarray) and images.ndim == 2:
             if images.shape[1] != self.bundle.embedding_dim or images.dtype != np.float32:
                 raise ConfigError(f"embeddings must be float32 [shots, {self.bundle.embedding_dim}], got "
@@ -311,7 +311,7 @@ class FewShotClassifier:
             if not np.isfinite(images).all():
                 raise ConfigError("embeddings hold NaN or inf")
             return images
-        return self._embed_sources(images, support=True)
+        return self._embed_sources(images, support=support)
 
     def predict(self, images: Sequence[ImageSource] | np.ndarray, top_k: int = 1,
                 reject: float | str | None = None) -> Prediction:
@@ -430,7 +430,7 @@ class FewShotClassifier:
                 if taken:
                     raise ClassExistsError(f"{taken[0][0]!r} is already enrolled ({state.classes[taken[0][1]].shots} shots); "
                                      "use add (CLI --add) to add shots or replace (CLI --replace) to start over")
-            embedded = {label: self._embedded_support(images) for label, images in todo.items()}
+            embedded = {label: self._embedded(images, support=True) for label, images in todo.items()}
             new_classes = list(state.classes)
             for label, images in todo.items():
                 idx = state.find(label)
@@ -483,7 +483,7 @@ class FewShotClassifier:
                 if state.find(note) is None:
                     raise UnknownClassError(f"{note!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'}); "
                                             "a correction 'not X' names an enrolled class")
-            embedded = self._embed_sources(images)
+            embedded = self._embedded(images, support=False)
             kept = self._keep(images)
             have = {n.id for n in state.negatives}
             new = []

@@ -107,15 +107,16 @@ def review(classes, prior: MetricPrior | None, metric: str, only: str | None = N
                 other = p["b"] if p["a"] == c.label else p["a"]
                 advice.append(f"looks like {other!r}: about {p['confusion']:.0%} of its photos may be taken for "
                               f"{other!r}; add shots that show how they differ")
-        for f in shot_flags:
-            if f["label"] != c.label:
-                continue
+        mine = [f for f in shot_flags if f["label"] == c.label]
+        for f in mine:
             if f["flag"] == "outlier":
                 advice.append(f"shot {f['index'] + 1} is far from the others (probably another object or a bad "
                               "frame); replace it")
-            else:
-                advice.append(f"shot {f['index'] + 1} is nearly the same picture as shot {f['of'] + 1}; add variety "
-                              "(another angle, distance or light)")
+        for first in sorted({f["of"] for f in mine if f["flag"] == "duplicate"}):
+            same = [f["index"] + 1 for f in mine if f["flag"] == "duplicate" and f["of"] == first]
+            which = f"shot {same[0]} is" if len(same) == 1 else f"shots {', '.join(map(str, same))} are"
+            advice.append(f"{which} nearly the same picture as shot {first + 1}; add variety (another angle, distance "
+                          "or light)")
         if prior is not None:
             more = _more_shots(c.shots, prior)
             if more:

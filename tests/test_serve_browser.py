@@ -110,6 +110,11 @@ def test_enroll_two_classes_from_the_camera_predict_live_and_forget(shipped_bund
     try:
         drivers["alpha"] = browser(clips["alpha"])
         enroll_from_camera(drivers["alpha"], srv.url, "alpha")
+        # four frames of a still drawing: the feedback beside the form says they are near-duplicates,
+        # and the class list shows the same advice
+        wait_for(drivers["alpha"], lambda d: "nearly the same picture" in text(d, "feedback"), "duplicate-shot feedback")
+        wait_for(drivers["alpha"], lambda d: "nearly the same picture" in
+                 d.find_element("css selector", "#classes li[data-label='alpha']").text, "advice in the class list")
         drivers["beta"] = browser(clips["beta"])
         enroll_from_camera(drivers["beta"], srv.url, "beta")
         for name, driver in drivers.items():  # each camera is recognised as its own class, live
@@ -120,8 +125,23 @@ def test_enroll_two_classes_from_the_camera_predict_live_and_forget(shipped_bund
             assert top[:1] == [name] and len(top) == 2
             driver.save_screenshot(str(screenshots() / f"serve-page-{name}.png"))
         assert text(drivers["alpha"], "health") == "ready" and "conv4" in text(drivers["alpha"], "model")
-        # forget beta from alpha's page
-        drivers["alpha"].find_element("css selector", "#classes li[data-label='beta'] button").click()
+        # corrections from beta's page, where its camera shows beta: "none of these" keeps the frame
+        # as a negative example; "it is alpha" adds the frame to alpha
+        beta = drivers["beta"]
+        beta.find_element("id", "correct-none").click()
+        wait_for(beta, lambda d: "kept as a negative example" in text(d, "message"), "a negative kept")
+        assert len(httpx.get(srv.url + "/v1/negatives").json()["negatives"]) == 1
+        wait_for(beta, lambda d: text(d, "negatives").startswith("1 negative example"), "negatives shown")
+        beta.execute_script("document.getElementById('correct-is').value = 'alpha'")
+        beta.find_element("id", "correct-is-button").click()
+        wait_for(beta, lambda d: classes_on_page(d).get("alpha") == "5 shots", "a frame added to alpha")
+        beta.save_screenshot(str(screenshots() / "serve-page-corrections.png"))
+        # forget beta from alpha's page: the first click only asks, the second forgets
+        button = "#classes li[data-label='beta'] button"
+        drivers["alpha"].find_element("css selector", button).click()
+        wait_for(drivers["alpha"], lambda d: d.find_element("css selector", button).text == "forget “beta”?", "forget asks")
+        assert set(classes_on_page(drivers["alpha"])) == {"alpha", "beta"}
+        drivers["alpha"].find_element("css selector", button).click()
         wait_for(drivers["alpha"], lambda d: set(classes_on_page(d)) == {"alpha"}, "beta forgotten")
         assert "forgot" in text(drivers["alpha"], "message")
         assert [c["label"] for c in httpx.get(srv.url + "/v1/classes").json()["classes"]] == ["alpha"]

@@ -3,7 +3,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { classes: [], cameraReady: false, busy: false, keyAsked: false };
+const state = { classes: [], cameraReady: false, busy: false, keyAsked: false, live: null, review: null, reviewKey: "",
+                armed: null };
+const CONFIRM_MS = 4000;     // a destructive button asks for a second click within this time
 const FRAME_SIDE = 320;      // frames are scaled to this longest side before upload (the model needs far less)
 const PREDICT_EVERY_MS = 120;
 
@@ -98,6 +100,10 @@ async function predictLoop() {
 function showPrediction(result, rtt) {
   const p = result.predictions[0];
   const unknown = p.label === "unknown";
+  state.live = p.label;
+  $("correct").hidden = false;
+  $("correct-not").hidden = unknown;
+  $("correct-not").textContent = unknown ? "not this" : `not “${p.label}”`;
   $("live").className = "live" + (unknown ? " unknown" : "");
   $("live-label").textContent = p.label;
   $("live-prob").textContent = unknown ? `distance ${p.distance.toFixed(2)}` : `${Math.round(p.top_k[0].probability * 100)}%`;
@@ -118,6 +124,9 @@ function showPrediction(result, rtt) {
 }
 
 function showNothing(why) {
+  state.live = null;
+  $("correct").hidden = !state.classes.length;
+  $("correct-not").hidden = true;
   $("live").className = "live unknown";
   $("live-label").textContent = "—";
   $("live-prob").textContent = why;
@@ -129,8 +138,36 @@ async function refreshClasses() {
   try {
     const body = await api("/v1/classes");
     state.classes = body.classes;
+    const key = JSON.stringify(body.classes);
+    if (key !== state.reviewKey) {   // the review changes only when the classes do
+      state.reviewKey = key;
+      state.review = body.classes.length ? await api("/v1/review") : null;
+      const negatives = await api("/v1/negatives");
+      $("negatives").textContent = negatives.negatives.length ?
+        `${negatives.negatives.length} negative example${negatives.negatives.length === 1 ? "" : "s"} (corrections): ` +
+        "images near them answer “unknown”" : "";
+    }
     renderClasses();
   } catch (e) { /* the health pill says when the service is down */ }
+}
+
+function adviceList(lines) {
+  const ul = document.createElement("ul"); ul.className = "advice";
+  ul.replaceChildren(...lines.map((line) => { const li = document.createElement("li"); li.textContent = line; return li; }));
+  return ul;
+}
+
+function confirmThen(label, action) {
+  // the first click arms the class's button, a second within CONFIRM_MS acts: no single (framed,
+  // stray) click destroys. The armed state outlives the list's re-rendering.
+  if (state.armed && state.armed.label === label && performance.now() < state.armed.until) {
+    state.armed = null;
+    action();
+  } else {
+    state.armed = { label, until: performance.now() + CONFIRM_MS };
+    setTimeout(renderClasses, CONFIRM_MS + 50);
+  }
+  renderClasses();
 }
 
 function renderClasses() {
@@ -146,11 +183,20 @@ function renderClasses() {
     li.dataset.label = c.label;
     const name = document.createElement("span"); name.className = "name"; name.textContent = c.label;
     const shots = document.createElement("span"); shots.className = "shots"; shots.textContent = `${c.shots} shot${c.shots === 1 ? "" : "s"}`;
-    const forget = document.createElement("button"); forget.type = "button"; forget.textContent = "forget";
-    forget.addEventListener("click", () => forgetClass(c.label));
+    const forget = document.createElement("button"); forget.type = "button";
+    const armed = state.armed && state.armed.label === c.label && performance.now() < state.armed.until;
+    forget.textContent = armed ? `forget “${c.label}”?` : "forget";
+    if (armed) forget.className = "confirm";
+    forget.addEventListener("click", () => confirmThen(c.label, () => forgetClass(c.label)));
     li.append(name, shots, forget);
+    const advice = state.review && state.review.classes.find((r) => r.label === c.label);
+    if (advice && advice.advice.length) li.append(adviceList(advice.advice));
     return li;
   }));
+  const select = $("correct-is");
+  const chosen = select.value;
+  select.replaceChildren(...state.classes.map((c) => { const o = document.createElement("option"); o.value = o.textContent = c.label; return o; }));
+  if (state.classes.some((c) => c.label === chosen)) select.value = chosen;
 }
 
 async function forgetClass(label) {
@@ -167,7 +213,30 @@ async function enroll(label, blobs, names) {
   const mode = $("mode").value;
   const body = await api(`/v1/classes/${encodeURIComponent(label)}/images?mode=${mode}`, { method: "POST", body: form });
   say(`enrolled “${body.label}”: ${body.shots} shot${body.shots === 1 ? "" : "s"} (${fmt(body.ms.enroll)})`);
+  const mine = body.feedback.classes.find((c) => c.label === body.label);
+  showFeedback(mine ? mine.advice : []);
   await refreshClasses();
+}
+
+function showFeedback(lines) {
+  $("feedback").replaceChildren(...lines.map((line) => { const li = document.createElement("li"); li.textContent = line; return li; }));
+}
+
+// ------------------------------------------------------------------ corrections
+async function correct(params, what) {
+  state.busy = true;
+  try {
+    const frame = await grabFrame();
+    if (!frame) throw new Error("the camera gave no frame");
+    const form = new FormData();
+    form.append("images", frame, "correction.jpg");
+    const body = await api(`/v1/corrections?${new URLSearchParams(params)}`, { method: "POST", body: form });
+    say(body.correction === "is" ? `added this frame to “${body.label}”: ${body.shots} shots` :
+      `kept as a negative example (${what}): ${body.total_negatives} in all`);
+    showFeedback([]);
+    state.reviewKey = "";
+    await refreshClasses();
+  } catch (e) { say(e.message, true); } finally { state.busy = false; }
 }
 
 async function enrollFromCamera(event) {
@@ -239,6 +308,9 @@ async function watchHealth() {
 function main() {
   $("enroll-form").addEventListener("submit", enrollFromCamera);
   $("upload").addEventListener("change", enrollUploads);
+  $("correct-none").addEventListener("click", () => correct({ none: "true" }, "none of these"));
+  $("correct-not").addEventListener("click", () => { if (state.live && state.live !== "unknown") correct({ not: state.live }, `not “${state.live}”`); });
+  $("correct-is-button").addEventListener("click", () => { if ($("correct-is").value) correct({ is: $("correct-is").value }, ""); });
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
     localStorage.setItem("edgemeta-key", $("key").value.trim());
