@@ -20,11 +20,11 @@ import json
 
 import numpy as np
 from common import machine
-
-from edgemeta.data import load_dataset, select_split
 from edgemeta.runtime import FewShotClassifier
 from edgemeta.runtime.classifier import UNKNOWN
 from edgemeta.runtime.open_set import CONFUSION_FLAG, class_rows, embedding_distance, open_set_episode
+
+from edgemeta.data import load_dataset, select_split
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
