@@ -237,3 +237,35 @@ def test_the_service_reviews_corrects_and_lists_negatives(shipped_bundle, tagalo
         assert r.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in r.headers["content-security-policy"]
     finally:
         server.stop()
+
+
+def test_declared_negatives_must_match_what_the_file_holds(tmp_path):
+    """A store's header that declares more negatives than its array holds, or too many, is refused
+    in one line; a good one round-trips (version 2 only when negatives exist)."""
+    import io
+
+    from edgemeta.runtime.heads import HeadConfig
+    from edgemeta.runtime.store import MAX_NEGATIVES, EnrolledClass, Negative, StoreError, StoreState, decode_state, \
+        encode_state, frozen
+    emb = frozen(np.ones((2, 4), np.float32))
+    state = StoreState("sha", "fp32", 4, HeadConfig(), (EnrolledClass("a", emb),), {"prototypes": frozen(emb[:1])}, 0,
+                       (Negative(frozen(np.full(4, 2, np.float32)), "", "a"),))
+    back = decode_state(encode_state(state), "s")
+    assert [n.note for n in back.negatives] == ["a"] and back.negatives[0].id == state.negatives[0].id
+    assert json.loads(str(np.load(io.BytesIO(encode_state(state)))["header"]))["version"] == 2
+    assert json.loads(str(np.load(io.BytesIO(encode_state(StoreState("sha", "fp32", 4, HeadConfig()))))["header"]))["version"] == 1
+
+    def forged(entries) -> bytes:
+        z = dict(np.load(io.BytesIO(encode_state(state))))
+        header = json.loads(str(z["header"]))
+        header["negatives"] = entries
+        z["header"] = np.array(json.dumps(header))
+        buf = io.BytesIO()
+        np.savez(buf, **z)
+        return buf.getvalue()
+    with pytest.raises(StoreError, match="2 negatives declared, the file holds"):
+        decode_state(forged([{"note": "a"}, {"note": "a"}]), "s")
+    with pytest.raises(StoreError, match="at most"):
+        decode_state(forged([{}] * (MAX_NEGATIVES + 1)), "s")
+    with pytest.raises(StoreError, match="kept image the store did not write"):
+        decode_state(forged([{"image": "../x.png"}]), "s")
