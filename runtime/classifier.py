@@ -119,6 +119,11 @@ def rejection_rule(state: StoreState, metric: str, prior: OpenSetPrior | None) -
     else:
         t = calibrate_rejection(state.classes, metric)
         limits, how = (None, "none") if t is None else (np.full(len(shots), t, np.float32), "support set")
+    own = [(i, c.limit) for i, c in enumerate(state.classes) if c.limit is not None]
+    if own:  # a person's own limit for a class wins over auto's
+        limits = np.full(len(shots), np.inf, np.float32) if limits is None else limits.copy()
+        for i, value in own:
+            limits[i] = value
     return RejectionRule(limits, how, state.negative_matrix)
 
 
@@ -437,7 +442,8 @@ class FewShotClassifier:
                 kept = self._keep(images)
                 if idx is not None and mode == "add":
                     old = state.classes[idx]
-                    item = EnrolledClass(label, frozen(np.concatenate([old.embeddings, embedded[label]])), old.images + kept)
+                    item = EnrolledClass(label, frozen(np.concatenate([old.embeddings, embedded[label]])), old.images + kept,
+                                         old.limit)
                 else:
                     item = EnrolledClass(label, frozen(embedded[label]), kept)
                 if idx is None:
@@ -462,6 +468,28 @@ class FewShotClassifier:
             if state.find(label) is None:
                 raise UnknownClassError(f"{label!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'})")
             self._commit(self._refit(state, tuple(c for c in state.classes if c.label != label)))
+
+    def set_limit(self, label: str, limit: float | None) -> None:
+        """Give one class its own "unknown" distance limit under unknown="auto" (None: back to auto's)."""
+        label = check_label(label)
+        if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool)
+                                      and 0 <= limit <= 1e6):
+            raise ConfigError(f"a class's limit is a distance from 0 to 1e6, not {limit!r}")
+        with self._write_lock, self._store_lock():
+            state = self._refresh()
+            i = state.find(label)
+            if i is None:
+                raise UnknownClassError(f"{label!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'})")
+            classes = list(state.classes)
+            classes[i] = replace(classes[i], limit=None if limit is None else float(limit))
+            self._commit(replace(state, classes=tuple(classes), generation=state.generation + 1))
+
+    def limits(self) -> dict[str, dict]:
+        """Each class's limit under unknown="auto" and where it comes from ("own" or the auto rule's)."""
+        rule = self.rejection_rule()
+        return {c.label: {"limit": None if rule.limits is None or not np.isfinite(rule.limits[i]) else
+                          round(float(rule.limits[i]), 6), "from": "own" if c.limit is not None else rule.how}
+                for i, c in enumerate(self._state.classes)}
 
     # ---------------------------------------------------------------- corrections
     def negatives(self) -> list[dict]:

@@ -32,8 +32,11 @@ from .store import (
     StoreState,
     check_embeddings,
     check_format,
+    check_limit,
+    class_entry,
     decode_negatives,
     frozen,
+    needs_version_2,
 )
 
 GALLERY_FORMAT = "edgemeta-gallery"
@@ -67,11 +70,10 @@ def export_gallery(store_path: str | os.PathLike, out: str | os.PathLike, images
             arrays[f"image_{name}"] = np.frombuffer(store.image_path(name).read_bytes(), np.uint8)
     if state.negative_matrix is not None:
         arrays["negatives"] = state.negative_matrix.astype(np.float32)
-    header = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION if state.negatives else 1,
+    header = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION if needs_version_2(state.classes, state.negatives) else 1,
               "model_sha256": state.model_sha256,
               "variant": state.variant, "embedding_dim": state.embedding_dim, "head": state.head.to_dict(),
-              "classes": [{"label": c.label, "shots": c.shots, "images": list(c.images) if images else []}
-                          for c in state.classes],
+              "classes": [class_entry(c, c.images if images else ()) for c in state.classes],
               "sha256": {k: _digest(v) for k, v in arrays.items()}}
     if state.negatives:
         header["negatives"] = [{"note": n.note, "image": n.image if images else ""} for n in state.negatives]
@@ -117,7 +119,8 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
                 raise StoreError(f"{where}: class {entry.get('label')!r} claims {shots!r} shots the file does not hold")
             if any(n not in images for n in names):
                 raise StoreError(f"{where}: class {entry['label']!r} names images the file does not hold")
-            classes.append(EnrolledClass(check_label(entry["label"]), frozen(embeddings[start:start + shots]), names))
+            classes.append(EnrolledClass(check_label(entry["label"]), frozen(embeddings[start:start + shots]), names,
+                                         check_limit(entry.get("limit"), where)))
             start += shots
         if start != len(embeddings):
             raise StoreError(f"{where}: the class list does not match the embeddings")
@@ -247,7 +250,8 @@ def _merge(current: list[EnrolledClass], incoming: list[EnrolledClass], on_confl
                              "skip|add|replace, or --replace the whole store; nothing was changed")
         elif on_conflict == "add":
             old = merged[i]
-            merged[i] = EnrolledClass(c.label, frozen(np.concatenate([old.embeddings, c.embeddings])), old.images + c.images)
+            merged[i] = EnrolledClass(c.label, frozen(np.concatenate([old.embeddings, c.embeddings])), old.images + c.images,
+                                      old.limit if old.limit is not None else c.limit)
         elif on_conflict == "replace":
             merged[i] = c
     return merged
@@ -261,7 +265,7 @@ def _reembed(classes, images, classifier, target, header, path) -> list[Enrolled
     if classifier is None or (classifier.bundle.model_sha256, classifier.variant) != target:
         raise StoreError(f"{other}; pass the store's bundle (--bundle) to re-embed its images")
     return [EnrolledClass(c.label, frozen(classifier.embed_support([images[n] for n in c.images])), c.images)
-            for c in classes]
+            for c in classes]  # a limit is a distance in the other model's space: dropped
 
 
 def _reembed_negatives(negatives: tuple[Negative, ...], images: dict[str, bytes], classifier) -> tuple[Negative, ...]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .open_set import ADVICE_GAIN, CONFUSION_FLAG, SHOT_GRID, MetricPrior, embedding_distance, paired_distance
+from .open_set import ADVICE_GAIN, CONFUSION_FLAG, SHOT_GRID, MetricPrior, domain_scale, embedding_distance, paired_distance
 
 MAX_REVIEW_CLASSES = 5_000     # the whole store's pairs: beyond this, review one class at a time
 MAX_PAIRS = 100                # pairs listed (highest confusion first)
@@ -23,12 +23,13 @@ BLOCK = 256                    # class rows compared at once: memory linear in t
 
 
 def _pairs(protos: np.ndarray, shots: np.ndarray, labels: Sequence[str], prior: MetricPrior, metric: str,
-           rows: np.ndarray) -> list[dict]:
-    """Estimated confusion of each class in `rows` with every other class, above CONFUSION_FLAG / 4."""
+           rows: np.ndarray, scale: float) -> list[dict]:
+    """Estimated confusion of each class in `rows` with every other class, above CONFUSION_FLAG / 4
+    (prototype distances divided by the store's domain scale)."""
     found = []
     for start in range(0, len(rows), BLOCK):
         block = rows[start:start + BLOCK]
-        d = embedding_distance(protos[block], protos, metric).astype(np.float64)
+        d = embedding_distance(protos[block], protos, metric).astype(np.float64) / scale
         d[np.arange(len(block)), block] = np.inf
         k = np.minimum(shots[block][:, None], shots[None, :])
         conf = prior.confusion(np.where(np.isfinite(d), d, 1e6), k)
@@ -96,7 +97,8 @@ def review(classes, prior: MetricPrior | None, metric: str, only: str | None = N
         protos = np.stack([c.embeddings.mean(0) for c in classes]).astype(np.float32)
         shots = np.array([c.shots for c in classes])
         rows = np.arange(len(classes)) if only is None else np.array([labels.index(only)])
-        pairs = _pairs(protos, shots, labels, prior, metric, rows)
+        pairs = _pairs(protos, shots, labels, prior, metric, rows,
+                       domain_scale([c.embeddings for c in classes[:MAX_REVIEW_CLASSES]], prior, metric))
     picked = [c for c in classes if only is None or c.label == only]
     shot_flags = [f for c in picked for f in _shot_flags(c.label, c.embeddings, prior, metric)]
     report = []

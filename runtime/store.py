@@ -37,7 +37,8 @@ MAX_NEGATIVES = 10_000      # negative examples (corrections "this is not …") 
 MAX_NOTE_LENGTH = 128
 
 STORE_FORMAT = "edgemeta-store"
-STORE_VERSION = 2           # 2: negative examples; a store without them is written as version 1
+STORE_VERSION = 2           # 2: negative examples, per-class limits; a store without either is written as version 1
+MAX_LIMIT = 1e6
 STATE_FILE = "enrollment.npz"
 LOCK_FILE = ".lock"
 LOCK_TIMEOUT_S = 60.0  # how long a writer waits for another process's lock before it gives up
@@ -55,6 +56,7 @@ class EnrolledClass:
     label: str
     embeddings: np.ndarray              # float32 [shots, D], read-only
     images: tuple[str, ...] = ()        # kept image file names under images/, if any
+    limit: float | None = None          # the person's own "unknown" distance limit for this class (None: auto's)
 
     @property
     def shots(self) -> int:
@@ -134,11 +136,12 @@ def frozen(a: np.ndarray) -> np.ndarray:
 
 
 def encode_state(state: StoreState) -> bytes:
-    header = {"format": STORE_FORMAT, "version": STORE_VERSION if state.negatives else 1, "model_sha256": state.model_sha256,
+    header = {"format": STORE_FORMAT, "version": STORE_VERSION if needs_version_2(state.classes, state.negatives) else 1,
+              "model_sha256": state.model_sha256,
               "variant": state.variant, "embedding_dim": state.embedding_dim, "head": state.head.to_dict(),
               "generation": state.generation,
               "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "classes": [{"label": c.label, "shots": c.shots, "images": list(c.images)} for c in state.classes],
+              "classes": [class_entry(c, c.images) for c in state.classes],
               "fitted": sorted(state.fitted)}
     if state.negatives:
         header["negatives"] = [{"image": n.image, "note": n.note} for n in state.negatives]
@@ -151,6 +154,28 @@ def encode_state(state: StoreState) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
     return buf.getvalue()
+
+
+def needs_version_2(classes, negatives) -> bool:
+    """Negatives or a per-class limit: what a version-1 reader would drop on its next save."""
+    return bool(negatives) or any(c.limit is not None for c in classes)
+
+
+def class_entry(c: EnrolledClass, images) -> dict:
+    """A class's header entry in a store or gallery."""
+    entry = {"label": c.label, "shots": c.shots, "images": list(images)}
+    if c.limit is not None:
+        entry["limit"] = c.limit
+    return entry
+
+
+def check_limit(value, where: str) -> float | None:
+    """A per-class limit as saved: absent, or a finite distance from 0 to MAX_LIMIT."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_LIMIT:
+        raise StoreError(f"{where}: a class's unknown limit must be a distance from 0 to {MAX_LIMIT:g}, got {value!r}")
+    return float(value)
 
 
 def check_format(header, fmt: str, version: int, what: str, where: str) -> None:
@@ -184,7 +209,8 @@ def decode_state(data: bytes, where: str) -> StoreState:
             names = tuple(c.get("images", []))
             if not all(isinstance(n, str) and KEPT_NAME.fullmatch(n) for n in names):
                 raise StoreError(f"{where}: class {c['label']!r} names kept images the store did not write")
-            classes.append(EnrolledClass(str(c["label"]), frozen(embeddings[start:start + shots]), names))
+            classes.append(EnrolledClass(str(c["label"]), frozen(embeddings[start:start + shots]), names,
+                                         check_limit(c.get("limit"), where)))
             start += shots
         dim = header["embedding_dim"]
         if start != len(embeddings) or (len(embeddings) and embeddings.shape[1] != dim):

@@ -235,6 +235,11 @@ def test_the_service_reviews_corrects_and_lists_negatives(shipped_bundle, tagalo
         r = c.post("/v1/corrections", params={"is": chars[9]}, files=one)
         assert r.status_code == 200 and r.json()["shots"] == 1
         assert r.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        r = c.put(f"/v1/classes/{chars[0]}/limit", params={"unknown": "0.5"})
+        assert r.status_code == 200 and r.json()["limits"][chars[0]] == {"limit": 0.5, "from": "own"}
+        assert c.get("/v1/limits").json()["limits"][chars[9]]["from"] == "prior"
+        assert c.put(f"/v1/classes/{chars[0]}/limit", params={"unknown": "-2"}).status_code == 400
+        assert c.put("/v1/classes/nobody/limit", params={"unknown": "1"}).status_code == 404
     finally:
         server.stop()
 
@@ -245,8 +250,7 @@ def test_declared_negatives_must_match_what_the_file_holds(tmp_path):
     import io
 
     from edgemeta.runtime.heads import HeadConfig
-    from edgemeta.runtime.store import MAX_NEGATIVES, EnrolledClass, Negative, StoreError, StoreState, decode_state, \
-        encode_state, frozen
+    from edgemeta.runtime.store import MAX_NEGATIVES, EnrolledClass, Negative, StoreError, StoreState, decode_state, encode_state, frozen
     emb = frozen(np.ones((2, 4), np.float32))
     state = StoreState("sha", "fp32", 4, HeadConfig(), (EnrolledClass("a", emb),), {"prototypes": frozen(emb[:1])}, 0,
                        (Negative(frozen(np.full(4, 2, np.float32)), "", "a"),))
@@ -269,3 +273,27 @@ def test_declared_negatives_must_match_what_the_file_holds(tmp_path):
         decode_state(forged([{}] * (MAX_NEGATIVES + 1)), "s")
     with pytest.raises(StoreError, match="kept image the store did not write"):
         decode_state(forged([{"image": "../x.png"}]), "s")
+
+
+def test_a_class_can_have_its_own_limit_through_the_cli_library_and_a_gallery(shipped_bundle, tagalog, chars, tmp_path):
+    from edgemeta.runtime.gallery import export_gallery, import_gallery
+    store = tmp_path / "s"
+    clf = FewShotClassifier.load(shipped_bundle, store=store)
+    clf.enroll_many({c: tagalog[c][:2] for c in chars[:3]})
+    auto = clf.limits()
+    assert {v["from"] for v in auto.values()} == {"prior"}
+    r = run_cli("limit", shipped_bundle, chars[0], "0", "--store", store)    # nothing is near enough: always unknown
+    assert r.exit_code == 0, r.output
+    again = FewShotClassifier.load(shipped_bundle, store=store)
+    assert again.limits()[chars[0]] == {"limit": 0.0, "from": "own"} and again.limits()[chars[1]] == auto[chars[1]]
+    assert set(again.predict(tagalog[chars[0]][10:15], reject="auto").labels) == {UNKNOWN}
+    assert again.predict(tagalog[chars[0]][10:15]).labels.count(chars[0]) >= 3   # a fixed threshold is not touched
+    again.enroll(chars[0], tagalog[chars[0]][2:3], mode="add")                       # kept through added shots
+    assert again.limits()[chars[0]]["from"] == "own"
+    export_gallery(store, tmp_path / "g.npz")
+    assert import_gallery(tmp_path / "g.npz", tmp_path / "s2").classes[0].limit == 0.0
+    for bad in ("-1", "nan", "far"):
+        r = run_cli("limit", shipped_bundle, chars[0], bad, "--store", store)
+        assert r.exit_code == 2 and r.output.startswith("error:"), r.output
+    r = run_cli("limit", shipped_bundle, chars[0], "auto", "--store", store, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)[chars[0]]["from"] == "prior"

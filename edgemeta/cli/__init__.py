@@ -15,7 +15,7 @@ import sys
 # Imported in the order `edgemeta --help` lists the commands.
 MODULES = ("training", "data", "export", "device", "watch", "serve", "bench", "gallery")
 # The commands a device runs in loops, and the one module that registers them all.
-DEVICE_COMMANDS = frozenset({"enroll", "predict", "forget", "classes", "review", "correct", "negatives", "build-engine"})
+DEVICE_COMMANDS = frozenset({"enroll", "predict", "forget", "classes", "review", "correct", "negatives", "limit", "build-engine"})
 
 
 def register(modules: tuple[str, ...] = MODULES):

@@ -113,6 +113,21 @@ def negatives(
     run.negatives(**locals())
 
 
+@command()
+def limit(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    label: Optional[str] = typer.Argument(None, help="The class (default: list every class's limit)."),
+    value: Optional[str] = typer.Argument(None, help="Its own limit: a distance, or 'auto' for the rule's."),
+    store: Path = typer.Option(..., help="Enrollment store folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """Each class's "unknown" distance under --unknown auto, or set one class's own.
+
+    Example: edgemeta limit bundle --store enrolled mug 0.35 · edgemeta limit bundle --store enrolled mug auto
+    """
+    run.limit(**locals())
+
+
 @command("build-engine")
 def build_engine(
     bundle: Path = typer.Argument(..., help="Bundle folder from `edgemeta export`: the engine is added to it."),

@@ -167,3 +167,28 @@ def negatives(bundle: Path, store: Path, remove: Optional[list[str]], as_json: b
         return
     print_table(["id", "not", "kept image"], [[r["id"], r["note"] or "(none of the classes)", r["image"] or "–"] for r in rows],
                 title=f"{store} — {len(rows)} negative example(s)")
+
+
+def limit(bundle: Path, store: Path, label: Optional[str], value: Optional[str], as_json: bool) -> None:
+    """Show each class's "unknown" limit under --unknown auto, or set one class's own (a distance,
+    or 'auto' to go back to the rule's)."""
+    from edgemeta.runtime.classifier import parse_unknown
+    from edgemeta.runtime.errors import ConfigError, StoreError
+    from edgemeta.runtime.store import EnrollmentStore
+    if not EnrollmentStore(store).exists():
+        raise StoreError(f"no store at {store}; enroll classes first with `edgemeta enroll`")
+    clf = _open(bundle, store, None, "onnxruntime", "fp32")
+    if value is not None:
+        if label is None:
+            raise ConfigError("name the class: edgemeta limit BUNDLE --store S LABEL VALUE")
+        parsed = parse_unknown(value, "the limit")
+        clf.set_limit(label, None if parsed == "auto" else float(parsed))  # type: ignore[arg-type]
+    rows = clf.limits()
+    if label is not None and label not in rows:
+        raise StoreError(f"{label!r} is not enrolled (enrolled: {', '.join(rows) or 'none'})")
+    shown = {label: rows[label]} if label is not None else rows
+    if as_json:
+        print_json(shown, indent=2)
+        return
+    print_table(["class", "unknown beyond", "from"],
+                [[k, "never" if v["limit"] is None else f"{v['limit']:.4g}", v["from"]] for k, v in shown.items()])

@@ -116,6 +116,15 @@ class Service:
         return {"label": label.strip(), "shots": shots, "classes": len(self.clf.classes),
                 "ms": {"enroll": round(seconds * 1e3, 3)}, "feedback": self.clf.review(label)}
 
+    def set_limit(self, label: str, value: str) -> dict:
+        parsed = parse_unknown(value, "unknown")
+        self.clf.set_limit(label, None if parsed == "auto" else parsed)  # type: ignore[arg-type]
+        return {"limits": self.clf.limits()}
+
+    def limits(self) -> dict:
+        self.clf.refresh()
+        return {"limits": self.clf.limits()}
+
     def review(self) -> dict:
         self.clf.refresh()
         if not self.clf.classes:
@@ -324,6 +333,19 @@ async def predict(service: Service = Depends(get_service),
                   images: list = Depends(read_images)):
     reject = parse_unknown(unknown, "unknown")
     return await run_in_threadpool(service.predict, images, top_k, reject)
+
+
+@v1.get("/limits", summary="Each class's unknown distance under unknown=auto, and where it comes from",
+        response_model=models.LimitsResponse, responses=models.ERRORS)
+async def list_limits(service: Service = Depends(get_service)):
+    return await run_in_threadpool(service.limits)
+
+
+@v1.put("/classes/{label:path}/limit", summary="Set one class's own unknown distance (or 'auto' for the rule's)",
+        response_model=models.LimitsResponse, responses=models.ERRORS)
+async def set_limit(label: str, service: Service = Depends(get_service),
+                    unknown: str = Query(..., max_length=64, description="a distance ≥ 0, or 'auto'")):
+    return await run_in_threadpool(service.set_limit, label, unknown)
 
 
 @v1.get("/review", summary="What will be confused, flagged shots, advice per class", response_model=models.Review,

@@ -84,6 +84,15 @@ class EnrollResponse(BaseModel):
     feedback: Review = Field(description="What this enrollment changed: confusions with it, flagged shots, advice")
 
 
+class ClassLimit(BaseModel):
+    limit: float | None = Field(description="Farther than this from the class: unknown (None: never)")
+    source: str = Field(alias="from", description="own (set by a person) | prior | support set")
+
+
+class LimitsResponse(BaseModel):
+    limits: dict[str, ClassLimit]
+
+
 class Negative(BaseModel):
     id: str
     note: str = Field(description="The class it was wrongly given ('' for none of them)")
