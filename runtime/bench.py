@@ -208,5 +208,5 @@ def render_plot(result: dict, path: str | Path) -> None:
     fig.suptitle(f"edgemeta bench — {result['bundle']['backbone']} {result['bundle']['variant']} on {env.get('backend')} "
                  f"({env.get('cpu')}, {env.get('cores')} cores)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": "edgemeta bench"})  # the mark edgemeta.cli.common.PLOT_MARK reads
     plt.close(fig)

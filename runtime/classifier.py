@@ -20,14 +20,12 @@ import numpy as np
 from . import heads
 from .backends import Backend, open_backend
 from .bundle import Bundle, load_bundle
-from .errors import BundleError, ClassExistsError, ConfigError, ImageDecodeError, LabelError, StoreError, UnknownClassError
+from .errors import BundleError, ClassExistsError, ConfigError, ImageDecodeError, StoreError, UnknownClassError
 from .heads import HeadConfig, resolve_head
+from .labels import UNKNOWN, check_label
 from .open_set import OpenSetPrior, RejectionRule, embedding_distance, similarity_to_distance, support_set_threshold
 from .preprocess import DecodeBudget, ImageSource, check_pixels, load_images
 from .store import EnrolledClass, EnrollmentStore, Negative, StoreState, check_counts, frozen, negative_id
-
-UNKNOWN = "unknown"
-MAX_LABEL_LENGTH = 128
 
 
 def fit_head(head: HeadConfig, classes: tuple[EnrolledClass, ...]) -> dict:
@@ -125,28 +123,6 @@ def rejection_rule(state: StoreState, metric: str, prior: OpenSetPrior | None) -
         for i, value in own:
             limits[i] = value
     return RejectionRule(limits, how, state.negative_matrix)
-
-
-# Letters of other scripts that render like the Latin ones of "unknown" (Unicode confusables).
-_LOOKALIKES = str.maketrans({"о": "o", "ο": "o", "օ": "o", "к": "k", "κ": "k", "ո": "n", "п": "n", "ս": "u",
-                             "υ": "u", "ԝ": "w", "ѡ": "w", "ω": "w", "ɯ": "w"})
-
-
-def check_label(label) -> str:
-    """A class label as stored: text, Unicode NFC (one form for what prints the same), stripped,
-    1–128 characters, no control characters (newline, NUL, ESC…), and neither the reserved
-    "unknown" nor anything that reads as it (other case, width or script)."""
-    import unicodedata
-    if not isinstance(label, str):
-        raise LabelError(f"class labels are text, not {type(label).__name__} ({label!r})")
-    text = unicodedata.normalize("NFC", label).strip()
-    if not text or unicodedata.normalize("NFKC", text).casefold().translate(_LOOKALIKES) == UNKNOWN:
-        raise LabelError(f"{text!r} cannot be a class label" + (" (it reads as the reserved 'unknown')" if text else ""))
-    if len(text) > MAX_LABEL_LENGTH:
-        raise LabelError(f"class label {text[:40]!r}… is {len(text)} characters; the limit is {MAX_LABEL_LENGTH}")
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in text):
-        raise LabelError(f"class label {text!r} holds control or unassigned characters; use printable text")
-    return text
 
 
 def as_source_list(images) -> list | np.ndarray:

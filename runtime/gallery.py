@@ -109,7 +109,7 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
             raise StoreError(f"{where} names images that are not content-addressed kept images")
         check_embeddings(embeddings, where)
         classes, start = [], 0
-        from .classifier import check_label
+        from .labels import check_label, migrate_label
         for entry in entries:
             if not isinstance(entry.get("label"), str):
                 raise StoreError(f"{where}: class label {entry.get('label')!r} is not text")
@@ -119,7 +119,7 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
                 raise StoreError(f"{where}: class {entry.get('label')!r} claims {shots!r} shots the file does not hold")
             if any(n not in images for n in names):
                 raise StoreError(f"{where}: class {entry['label']!r} names images the file does not hold")
-            classes.append(EnrolledClass(check_label(entry["label"]), frozen(embeddings[start:start + shots]), names,
+            classes.append(EnrolledClass(check_label(migrate_label(entry["label"])), frozen(embeddings[start:start + shots]), names,
                                          check_limit(entry.get("limit"), where)))
             start += shots
         if start != len(embeddings):

@@ -24,6 +24,22 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import BusyError, ConfigError, ImageDecodeError, ImageTooLargeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# The formats edgemeta opens, and only these: Pillow's plugins for them read a header at open and
+# decode in load(), after the pixel limit and the decode budget. Others decode inside Image.open
+# (ICO and ICNS decode an embedded PNG to learn its size) or cost far more per pixel (TIFF's 32-bit
+# modes, JPEG 2000): they are refused before any plugin runs.
+OPEN_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
+# Peak bytes per pixel while an image of each mode is decoded and converted (the decoded image, the
+# conversion's copies), in units of 8 (an RGB decode and its resize): what the decode budget counts.
+_BYTES_PER_PIXEL = {"1": 2, "L": 4, "P": 5, "LA": 8, "PA": 10, "RGB": 8, "RGBA": 10, "CMYK": 10, "YCbCr": 8,
+                    "I;16": 12, "I;16L": 12, "I;16B": 12, "I": 14, "F": 14}
+
+
+def decode_cost(image: Image.Image) -> int:
+    """What decoding this image holds of a DecodeBudget: its pixels, weighted by its mode's peak bytes
+    per pixel relative to an RGB decode (a 16-bit or 32-bit greyscale PNG costs more than its pixel
+    count says)."""
+    return -(-image.width * image.height * _BYTES_PER_PIXEL.get(image.mode, 12) // 8)
 COLOUR_MODES = {"L": 1, "RGB": 3}
 # LANCZOS keeps thin Omniglot strokes visible at 28 px; it is deterministic across platforms.
 RESAMPLE = Image.Resampling.LANCZOS
@@ -150,7 +166,7 @@ def peek_image(source: ImageSource) -> Image.Image:
             raise ImageDecodeError(f"{name} is not a regular file (a folder, FIFO or device); give image files")
     limit = max_pixels()
     with _decode_errors(name):
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=OPEN_FORMATS)
         if image.width * image.height > limit:
             raise ImageTooLargeError(f"image {name} is {image.width}×{image.height} = {image.width * image.height:,} "
                                      f"pixels, over the limit of {limit:,} (EDGEMETA_MAX_PIXELS); resize it first")
@@ -193,7 +209,8 @@ def _decode_errors(name: str):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image {name} is too large to decode ({exc}); resize it first") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"cannot decode image {name}: not an image format Pillow reads. Use a PNG or JPEG file.") from None
+        raise ImageDecodeError(f"cannot decode image {name}: not a JPEG, PNG, BMP, GIF or WebP image. Use a PNG or JPEG "
+                               "file.") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image {name}: {exc}. Use a PNG or JPEG file.") from None
 
@@ -208,8 +225,8 @@ def to_pixels(image: Image.Image, spec: InputSpec) -> np.ndarray:
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode == "I":
         # 16-bit greyscale (PNG opens as I;16 or I): 0–65535 → 0–255
-        wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
+        wide = np.asarray(image, dtype=np.float32)   # 4 bytes a pixel, not float64's 8
+        image = Image.fromarray(np.clip(np.rint(wide * np.float32(255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
         image = Image.fromarray(np.clip(np.nan_to_num(np.asarray(image)), 0, 255).astype(np.uint8), "L")
     size = (spec.width, spec.height)
@@ -232,7 +249,7 @@ def load_image(source: ImageSource, spec: InputSpec, budget: DecodeBudget | None
     """Decode one image and preprocess it: uint8 [H, W, C] as the model's input spec asks. With a
     budget, the decode waits until its pixels fit the budget and holds them until it is done."""
     image = peek_image(source)
-    held = budget.hold(image.width * image.height) if budget is not None else contextlib.nullcontext()
+    held = budget.hold(decode_cost(image)) if budget is not None else contextlib.nullcontext()
     with held:
         return to_pixels(_decode(image, _name(source), (spec.width, spec.height)), spec)
 

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +216,7 @@ def decode_state(data: bytes, where: str) -> StoreState:
         if start != len(embeddings) or (len(embeddings) and embeddings.shape[1] != dim):
             raise StoreError(f"{where}: the embeddings do not match the class list ({len(embeddings)} rows)")
         check_counts(len(classes), {c.label: c.shots for c in classes}, where)
+        classes = migrate_labels(classes)
         negatives = decode_negatives(header.get("negatives", []), negative_rows, int(dim), where)
         state = StoreState(str(header["model_sha256"]), str(header.get("variant", "fp32")), int(dim), head,
                            tuple(classes), fitted, int(header.get("generation", 0)), negatives)
@@ -234,6 +235,19 @@ def decode_state(data: bytes, where: str) -> StoreState:
                          "enroll the classes again into a new store")
     check_embeddings(embeddings, where)
     return state
+
+
+def migrate_labels(classes: list[EnrolledClass]) -> list[EnrolledClass]:
+    """Labels an older edgemeta accepted, in today's form (runtime.labels.migrate_label), unless two
+    would then collide (those keep their exact old text, still addressable)."""
+    from .labels import migrate_label
+    new = [migrate_label(c.label) for c in classes]
+    taken = [c.label for c in classes]
+    out = []
+    for c, label in zip(classes, new):
+        clash = label != c.label and (new.count(label) > 1 or label in taken)
+        out.append(c if label == c.label or clash else replace(c, label=label))
+    return out
 
 
 def decode_negatives(entries, rows: np.ndarray | None, dim: int, where: str) -> tuple[Negative, ...]:
@@ -324,9 +338,11 @@ class EnrollmentStore:
     def locked(self, timeout: float | None = None):
         """Exclusive advisory lock across processes for a read-modify-write. When another process
         holds it, say so on stderr (with its pid) and wait up to `timeout` seconds (LOCK_TIMEOUT_S),
-        then give up with StoreError: a stuck writer never hangs a command silently."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / LOCK_FILE, "a+") as f:
+        then give up with StoreError: a stuck writer never hangs a command silently. The lock file
+        is opened without following a link and only if it is a plain file of its own (one link):
+        a store folder received from elsewhere cannot make edgemeta write a pid into another file."""
+        f = self._open_lock()
+        with f:
             try:
                 import fcntl
             except ImportError:  # pragma: no cover - not POSIX
@@ -339,6 +355,23 @@ class EnrollmentStore:
                 f.flush()
             self._remove_stale_temp_files()  # every writer holds the lock while its temp file exists
             yield
+
+    def _open_lock(self):
+        import errno
+        lock = self.path / LOCK_FILE
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreError(f"{lock} is a link; a store's lock is a plain file edgemeta makes — remove the link") from None
+            raise StorageError(f"cannot lock the store at {self.path}: {exc.strerror or exc}; nothing was changed") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise StoreError(f"{lock} is not a plain file of the store's own (a device or a hard link to another file); "
+                             "remove it")
+        return os.fdopen(fd, "r+")
 
     def _acquire(self, f, fcntl, timeout: float) -> None:
         import sys
@@ -371,7 +404,7 @@ class EnrollmentStore:
         try:
             with self.locked():
                 pass
-        except OSError:
+        except (OSError, StorageError):
             pass
 
     def keep_image(self, data: bytes, suffix: str) -> str:

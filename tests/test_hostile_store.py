@@ -269,3 +269,48 @@ def test_a_label_with_a_newline_in_the_url_is_a_400_that_says_why(device_bundle,
         assert r.status_code == 400 and "control characters" in r.json()["error"]
     finally:
         s.stop()
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+    """A store folder received from elsewhere with `.lock → ../victim.txt` (or a hard link to it)
+    made enroll and even predict write a pid over the victim."""
+    import os
+
+    from edgemeta.runtime.errors import StoreError
+    from edgemeta.runtime.store import EnrollmentStore
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for make in (lambda lock: lock.symlink_to(victim), lambda lock: os.link(victim, lock)):
+        store = tmp_path / f"store{len(list(tmp_path.iterdir()))}"
+        store.mkdir()
+        make(store / ".lock")
+        with pytest.raises(StoreError, match="link"), EnrollmentStore(store).locked():
+            pass
+        assert victim.read_text() == "precious\n"
+
+
+def test_labels_an_older_edgemeta_accepted_are_migrated_on_load_and_stay_addressable(tmp_path):
+    """A store of the previous release holding "UNKNOWN" and a decomposed "café" loaded and
+    predicted ("UNKNOWN" read as a rejection), but neither could be forgotten, and their gallery was
+    refused on import. Loaded now, they become "UNKNOWN (class)" and the composed "café": listed,
+    forgotten, exported and imported."""
+    import io
+    import json
+    import unicodedata
+
+    from edgemeta.runtime.gallery import export_gallery, import_gallery
+    from edgemeta.runtime.heads import HeadConfig
+    from edgemeta.runtime.store import EnrolledClass, EnrollmentStore, StoreState, encode_state, frozen
+    decomposed = unicodedata.normalize("NFD", "café")
+    emb = frozen(np.eye(3, 4, dtype=np.float32))
+    state = StoreState("sha", "fp32", 4, HeadConfig(), tuple(EnrolledClass(lab, emb[i:i + 1]) for i, lab in
+                                                             enumerate(["UNKNOWN", decomposed, "mug"])),
+                       {"prototypes": emb}, 0)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "enrollment.npz").write_bytes(encode_state(state))
+    saved = json.loads(str(np.load(io.BytesIO(encode_state(state)))["header"]))
+    assert [c["label"] for c in saved["classes"]] == ["UNKNOWN", decomposed, "mug"]   # as the old release wrote it
+    loaded = EnrollmentStore(tmp_path / "s").read()
+    assert loaded.labels == ("UNKNOWN (class)", "café", "mug")
+    export_gallery(tmp_path / "s", tmp_path / "g.npz")
+    assert import_gallery(tmp_path / "g.npz", tmp_path / "s2").labels == ("UNKNOWN (class)", "café", "mug")

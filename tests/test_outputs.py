@@ -38,9 +38,40 @@ def test_outputs_inside_the_commands_own_inputs_are_refused(enrolled, command):
     bundle, store, frames = enrolled
     before = tree(bundle.parent)
     r = run_cli(*command(bundle, store, frames))
-    assert r.exit_code != 0 and ("own input" in r.output or "will not be overwritten" in r.output), r.output
+    assert r.exit_code != 0 and any(why in r.output for why in ("own input", "will not be overwritten", "inside a bundle",
+                                                                 "inside an enrollment store")), r.output
     assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
     assert tree(bundle.parent) == before
+
+
+def test_outputs_never_replace_another_bundle_or_store_nor_a_json_or_png_edgemeta_did_not_write(enrolled, tmp_path):
+    """`bench --json OTHER_BUNDLE/manifest.json` destroyed that bundle with exit 0 (any JSON object
+    counted as "a json file edgemeta wrote"); `--plot` over a store's kept image corrupted the store.
+    An output replaces only a file edgemeta wrote for that purpose."""
+    import shutil
+    bundle, store, frames = enrolled
+    other = tmp_path / "other-bundle"
+    shutil.copytree(bundle, other)
+    kept = next((store / "images").iterdir())
+    config = tmp_path / "settings.json"
+    config.write_text('{"mine": true}\n')
+    photo = tmp_path / "photo.png"
+    Image.new("L", (4, 4)).save(photo)
+    before = {**tree(other), **tree(store), "settings": config.read_bytes(), "photo": photo.read_bytes()}
+    for args in (["bench", bundle, "--json", other / "manifest.json", "--repeat", "1"],
+                 ["bench", bundle, "--plot", kept.with_suffix(".png") if kept.suffix != ".png" else kept, "--repeat", "1"],
+                 ["bench", bundle, "--json", config, "--repeat", "1"],
+                 ["bench", bundle, "--plot", photo, "--repeat", "1"],
+                 ["watch", bundle, "--store", store, "--source", frames, "--jsonl", other / "notes.jsonl"]):
+        r = run_cli(*args)
+        assert r.exit_code == 2 and r.output.startswith("error:"), r.output
+        assert "inside a bundle" in r.output or "inside an enrollment store" in r.output or "will not be overwritten" in r.output
+    assert {**tree(other), **tree(store), "settings": config.read_bytes(), "photo": photo.read_bytes()} == before
+    # what bench itself wrote is replaced
+    for _ in range(2):
+        r = run_cli("bench", bundle, "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png", "--repeat", "1",
+                    "--way", "2", "--shot", "1", "--steps", "1", "--batch", "1")
+        assert r.exit_code == 0, r.output
 
 
 def test_an_existing_file_of_another_kind_is_not_truncated(enrolled, tmp_path):

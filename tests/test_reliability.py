@@ -398,3 +398,46 @@ def test_exotic_image_modes_decode_to_the_model_input(mode):
         pixels = load_image(buf.getvalue(), spec)
         assert pixels.dtype == np.uint8 and pixels.shape == (spec.height, spec.width, spec.channels)
         assert 30 < pixels.mean() < 225  # not blank: decoded, converted, scaled
+
+
+def ico_around_png(png: bytes, claimed: int = 256) -> bytes:
+    """An .ico whose one entry claims claimed×claimed and points at `png` (the reproduction's shape)."""
+    import struct
+    side = 0 if claimed == 256 else claimed
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", side, side, 0, 0, 1, 32, len(png), 22) + png
+
+
+def test_an_icon_pointing_at_a_huge_png_is_refused_before_any_pixel_is_decoded():
+    from edgemeta.runtime.preprocess import DecodeBudget
+    """Pillow's ICO plugin decodes an embedded PNG inside Image.open to learn its size, outside the
+    pixel limit and the decode budget: 8 such requests held 2.9 GB. Only formats whose open reads a
+    header are opened at all (JPEG, PNG, BMP, GIF, WebP); ICO, ICNS, TIFF and JPEG 2000 are refused
+    before any plugin runs."""
+    import time
+    import tracemalloc
+    big = io.BytesIO()
+    Image.new("1", (9400, 9400)).save(big, "PNG")
+    icon = ico_around_png(big.getvalue())
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="not a JPEG, PNG, BMP, GIF or WebP image"):
+        load_image(icon, InputSpec(28, 28, "L"), DecodeBudget(1_000_000))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert time.perf_counter() - t0 < 1.0 and peak < 8 << 20   # decoding it would take 88 MB (9400² at 1 byte)
+    for fmt in ("TIFF", "ICO"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, fmt)
+        with pytest.raises(ImageDecodeError, match="not a JPEG, PNG"):
+            load_image(buf.getvalue(), InputSpec(28, 28, "L"))
+
+
+def test_the_decode_budget_counts_bytes_per_pixel_not_pixels():
+    """A 16-bit PNG costs more while it decodes than an 8-bit one of the same size: the budget holds
+    more for it, so the same budget admits fewer of them at once."""
+    from edgemeta.runtime.preprocess import decode_cost, peek_image
+    grey8 = png_bytes(np.zeros((100, 100), np.uint8))
+    grey16 = png_bytes(np.zeros((100, 100), np.uint16))
+    rgb = png_bytes(np.zeros((100, 100, 3), np.uint8))
+    costs = [decode_cost(peek_image(b)) for b in (grey8, rgb, grey16)]
+    assert costs[0] < costs[1] < costs[2] and costs[1] == 100 * 100

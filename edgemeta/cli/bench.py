@@ -67,8 +67,8 @@ def bench(
     from edgemeta.runtime.errors import ConfigError
     if repeat < 1:
         raise ConfigError(f"--repeat must be ≥ 1, got {repeat}")
-    writable_target(json_out, "--json", (bundle, images), kind="json")  # checked before the run, not after it
-    writable_target(plot, "--plot", (bundle, images), kind="png")
+    writable_target(json_out, "--json", (bundle, images), kind="bench-json")  # checked before the run, not after it
+    writable_target(plot, "--plot", (bundle, images), kind="bench-png")
     from edgemeta.runtime.heads import head_names
     heads = list(head_names()) if head == "all" else [h.strip() for h in head.split(",")]
     if set(heads) - set(head_names()):

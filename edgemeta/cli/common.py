@@ -111,11 +111,18 @@ class RichProgress:
             console.print(f"[cyan]•[/] {escape(text)}")
 
 
+# What an output of each kind carries, so that an existing file is replaced only when edgemeta wrote
+# it for that purpose: bench JSON its schema, bench plots a PNG text chunk (render_plot), watch JSONL
+# its per-frame record, galleries their format.
+PLOT_MARK = b"edgemeta bench"
+
+
 def writable_target(path: Optional[Path], what: str, inputs: tuple[Optional[Path], ...] = (), kind: str | None = None) -> None:
     """Check before a long run that an output file can be written there: its folder exists and is
     writable, it is not a folder, not inside one of the command's own inputs (a bundle, a store) nor
-    one of them, and — where it exists already — a file of its own kind (`kind`: jsonl, json,
-    gallery, png), never something else that writing would truncate."""
+    one of them, not inside any bundle or store (their files are theirs), and — where it exists
+    already — a file edgemeta wrote as this kind of output (`kind`: bench-json, bench-png,
+    watch-jsonl, gallery), never something else that writing would truncate."""
     from edgemeta.runtime.errors import ConfigError
     if path is None:
         return
@@ -133,18 +140,23 @@ def writable_target(path: Optional[Path], what: str, inputs: tuple[Optional[Path
         if target == own or own in target.parents:
             raise ConfigError(f"{what} {path} is inside the command's own input {source}; writing it would damage "
                               "that input — choose another path")
-    if kind == "png" and path.suffix.lower() != ".png":
+    for folder in target.parents:
+        if (folder / "manifest.json").is_file() or (folder / "enrollment.npz").is_file():
+            which = "a bundle" if (folder / "manifest.json").is_file() else "an enrollment store"
+            raise ConfigError(f"{what} {path} is inside {which} ({folder}); its files are its own — choose another path")
+    if kind == "bench-png" and path.suffix.lower() != ".png":
         raise ConfigError(f"{what} {path}: the plot is a PNG image; give a file name ending in .png")
     if kind is not None and path.is_file() and path.stat().st_size and not _is_kind(path, kind):
-        raise ConfigError(f"{what} {path} exists and is not a {kind} file edgemeta wrote; it will not be overwritten")
+        raise ConfigError(f"{what} {path} exists and is not a file edgemeta wrote as {kind.replace('-', ' ')} output; "
+                          "it will not be overwritten")
 
 
 def _is_kind(path: Path, kind: str) -> bool:
-    """Whether an existing file looks like an output of this kind (read from its start only)."""
+    """Whether an existing file is an output edgemeta wrote as this kind (read from its start only)."""
     with open(path, "rb") as f:
         head = f.read(1 << 16)
-    if kind == "png":
-        return head.startswith(b"\x89PNG\r\n\x1a\n")
+    if kind == "bench-png":
+        return head.startswith(b"\x89PNG\r\n\x1a\n") and PLOT_MARK in head
     if kind == "gallery":
         try:
             from edgemeta.runtime.gallery import GALLERY_FORMAT, read_header
@@ -152,12 +164,15 @@ def _is_kind(path: Path, kind: str) -> bool:
         except Exception:
             return False
     try:
-        text = head.decode("utf-8")
-        if kind == "jsonl":
-            return isinstance(json.loads(text.splitlines()[0]), dict)
-        return head.lstrip()[:1] in (b"{", b"[") and isinstance(json.loads(path.read_text()), (dict, list))
-    except (UnicodeDecodeError, ValueError, IndexError):
+        if kind == "watch-jsonl":
+            first = json.loads(head.decode("utf-8").splitlines()[0])
+            return isinstance(first, dict) and {"frame", "timestamp", "label"} <= set(first)
+        if kind == "bench-json":
+            from edgemeta.runtime.bench import BENCH_SCHEMA
+            return json.loads(path.read_text()).get("schema") == BENCH_SCHEMA
+    except (UnicodeDecodeError, ValueError, IndexError, AttributeError):
         return False
+    raise ValueError(f"unknown output kind {kind!r}")
 
 
 def parse_unknown(text: Optional[str]) -> float | str | None:

@@ -51,7 +51,7 @@ def watch(
     from edgemeta.runtime.watch import enroll_from_source
     from edgemeta.runtime.watch import watch as run_watch
     reject = parse_unknown(unknown)
-    writable_target(jsonl, "--jsonl", (bundle, store, Path(source) if Path(source).exists() else None), kind="jsonl")
+    writable_target(jsonl, "--jsonl", (bundle, store, Path(source) if Path(source).exists() else None), kind="watch-jsonl")
     size = None
     if capture_size is not None:
         try:
