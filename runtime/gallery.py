@@ -45,6 +45,10 @@ MAX_IMAGE_BYTES = 64 << 20
 MAX_HEADER_BYTES = 64 << 20
 MAX_DIM = 1 << 16
 NPY_HEADER_BYTES = 4096  # an .npy member's own header, beyond its data
+# A compressed member may inflate to at most this many times its stored size (1 MB of slack):
+# embeddings and images barely compress (edgemeta writes them stored), so a member of zeros that
+# would inflate a 500 kB file to gigabytes is refused before it is read.
+MAX_INFLATION = 8
 CONFLICTS = ("skip", "add", "replace", "error")
 
 
@@ -183,6 +187,9 @@ def _read_members(path: str | os.PathLike, where: str) -> tuple[dict, dict[str, 
                 if info.file_size > limit:
                     raise StoreError(f"{where}: member {name} declares {info.file_size:,} bytes, more than its header "
                                      f"allows ({max(limit, 0):,}); refused before decompressing")
+                if info.file_size > MAX_INFLATION * info.compress_size + (1 << 20):
+                    raise StoreError(f"{where}: member {name} would inflate {info.compress_size:,} bytes to "
+                                     f"{info.file_size:,} (over {MAX_INFLATION}×); refused before decompressing")
             arrays = {name[:-len(".npy")]: np.load(io.BytesIO(zf.read(info)), allow_pickle=False)
                       for name, info in infos.items() if name != "header.npy"}
     except FileNotFoundError:
@@ -204,8 +211,9 @@ def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, repla
     then re-embedded with it."""
     if on_conflict not in CONFLICTS:
         raise StoreError(f"--on-conflict must be one of {', '.join(CONFLICTS)}, not {on_conflict!r}")
-    header, classes, images, incoming_negatives = read_gallery(path)
     store = EnrollmentStore(store_path)
+    _check_dimension_first(path, store, classifier)
+    header, classes, images, incoming_negatives = read_gallery(path)
     with store.locked():
         saved = store.read()
         target = ((saved.model_sha256, saved.variant) if saved is not None else
@@ -235,6 +243,25 @@ def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, repla
         state = replace(state, fitted={k: frozen(v) for k, v in fit_head(head, state.classes).items()})
         store.write(state)
     return state
+
+
+def _check_dimension_first(path, store: EnrollmentStore, classifier) -> None:
+    """A gallery for the store's (or bundle's) own model must have its embedding size: checked on
+    the header alone, before any member is inflated."""
+    try:
+        header = read_header(path)
+    except Exception:  # not a gallery at all: read_gallery says so in its one line
+        return
+    if not isinstance(header, dict):
+        return
+    saved = store.read() if store.exists() else None
+    target = ((saved.model_sha256, saved.variant, saved.embedding_dim) if saved is not None else
+              (classifier.bundle.model_sha256, classifier.variant, classifier.bundle.embedding_dim)
+              if classifier is not None else None)
+    if target is not None and (header.get("model_sha256"), header.get("variant")) == target[:2] \
+            and header.get("embedding_dim") != target[2]:
+        raise StoreError(f"{path} declares {header.get('embedding_dim')!r}-d embeddings; the model it names makes "
+                         f"{target[2]}-d ones (the gallery was edited); nothing was changed")
 
 
 def _merge(current: list[EnrolledClass], incoming: list[EnrolledClass], on_conflict: str) -> list[EnrolledClass]:

@@ -314,3 +314,38 @@ def test_labels_an_older_edgemeta_accepted_are_migrated_on_load_and_stay_address
     assert loaded.labels == ("UNKNOWN (class)", "café", "mug")
     export_gallery(tmp_path / "s", tmp_path / "g.npz")
     assert import_gallery(tmp_path / "g.npz", tmp_path / "s2").labels == ("UNKNOWN (class)", "café", "mug")
+
+
+def test_a_gallery_that_declares_its_rows_cannot_inflate_beyond_its_size(tmp_path):
+    """A 524 kB gallery declaring 210 classes × 10,000 shots of (deflated) zeros imported at 1.65 GB;
+    one with 16384-d embeddings cost 1.33 GB before "wrong dimension". Both are refused on what the
+    file's members declare, before anything is inflated."""
+    import json
+    import resource
+    import zipfile
+
+    from edgemeta.runtime.errors import StoreError
+    from edgemeta.runtime.gallery import GALLERY_FORMAT, import_gallery
+
+    def bomb(path, classes: int, shots: int, dim: int) -> None:
+        header = {"format": GALLERY_FORMAT, "version": 1, "model_sha256": "x", "variant": "fp32", "embedding_dim": dim,
+                  "head": {"kind": "prototype"}, "classes": [{"label": f"c{i}", "shots": shots} for i in range(classes)],
+                  "sha256": {}}
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            buf = io.BytesIO()
+            np.save(buf, np.array(json.dumps(header)))
+            zf.writestr("header.npy", buf.getvalue())
+            with zf.open("embeddings.npy", "w", force_zip64=True) as f:   # streamed: never whole in memory here
+                np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (classes * shots, dim)})
+                zero = bytes(1 << 20)
+                for _ in range(classes * shots * dim * 4 >> 20):
+                    f.write(zero)
+    for classes, shots, dim in ((210, 10_000, 16), (4, 1000, 16384)):
+        path = tmp_path / f"bomb-{dim}.npz"
+        bomb(path, classes, shots, dim)
+        assert path.stat().st_size < 1_000_000
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(StoreError, match="would inflate"):
+            import_gallery(path, tmp_path / f"store-{dim}")
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000   # kB: nothing inflated
+        assert not (tmp_path / f"store-{dim}").exists()
