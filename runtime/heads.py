@@ -17,6 +17,11 @@ from .errors import ConfigError
 
 METRICS = ("euclidean", "cosine")
 MAX_LOGISTIC_STEPS = 10_000
+# steps × classes × shots × (dim + 1) multiply-adds: about a minute of one CPU core. A store of
+# 10,000 one-shot classes with 10 steps is 5e11 and would run for many minutes; it is refused,
+# naming the prototype and ridge heads, whose fits are one pass.
+MAX_LOGISTIC_WORK = 2e11
+LOGISTIC_BLOCK = 1 << 22   # classes × shots entries of the softmax held at once (16 MB of float32)
 # Numeric settings and the range each may take: a store or manifest is data, not code — a crafted
 # `steps: 1e9` must be refused, not run.
 _BOUNDS = {"scale": (0.0, 1e6), "lambda": (1e-12, 1e12), "bias": (-1e6, 1e6), "steps": (0, MAX_LOGISTIC_STEPS),
@@ -206,10 +211,15 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
     the support set, from the imprinted prototypes unless (weight, bias) are given. `on_step(-1)` is
     called once the buffers are ready, then `on_step(i)` after each step, so callers can time every
     step apart from the set-up."""
-    if weight is None or bias is None:
-        weight, bias = imprinted_init(class_means(support, labels, n_way))
     dtype = support.dtype
     n, d = support.shape
+    work = float(steps) * n_way * n * (d + 1)
+    if work > MAX_LOGISTIC_WORK:
+        raise ConfigError(f"the logistic head's {steps} steps over {n_way:,} classes and {n:,} shots of dim {d} are "
+                          f"{work:.2g} multiply-adds (limit {MAX_LOGISTIC_WORK:.0e}); use the prototype or ridge head "
+                          "(one pass), or fewer steps")
+    if weight is None or bias is None:
+        weight, bias = imprinted_init(class_means(support, labels, n_way))
     # At few-shot sizes a step is bound by NumPy's per-call overhead, not by arithmetic, so a step is
     # 8 NumPy calls (9 with weight decay) writing into buffers made once, here:
     # - the bias rides as one more weight column against a column of ones, and the gradient's
@@ -226,15 +236,18 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
     slots = 5 if weight_decay else 4       # w, D, Pᵀx·lr/n, Yᵀx·lr/n[, decay ⊙ w]
     state, nxt = np.zeros((slots, n_way, d + 1), dtype), np.zeros((slots, n_way, d + 1), dtype)
     state[0, :, :d], state[0, :, d] = weight, bias
-    np.matmul(one_hot(labels, n_way, dtype).T, x_step, out=state[3])
+    state[3] = class_sums(x_step, labels, n_way)[0]   # Yᵀx·lr/n: per-class sums, memory linear in the classes
     nxt[3] = state[3]
     mix = np.array([[1, momentum, -1, 1, -lr / n], [0, momentum, -1, 1, -lr / n]], dtype)[:, :slots]
     if weight_decay:
         decay = np.full((n_way, d + 1), weight_decay * n, dtype)  # L2 on the weights, not the bias (× n, as
         decay[:, d] = 0                                            # the gradient is); full-size: no broadcasting
     x_t = np.ascontiguousarray(x.T)
-    logits_t = np.empty((n_way, n), dtype)   # classes × shots: the softmax reduces across rows, a vector op
-    col = np.empty((1, n), dtype)
+    # classes × shots: the softmax reduces across rows, a vector op. Beyond LOGISTIC_BLOCK entries the
+    # shots go through in blocks, so memory stays linear in classes + shots.
+    block = n if n_way * n <= LOGISTIC_BLOCK else max(1, LOGISTIC_BLOCK // n_way)
+    logits_flat, col_flat = np.empty(n_way * block, dtype), np.empty(block, dtype)
+    logits_t, col = logits_flat.reshape(n_way, block), col_flat.reshape(1, block)
     # each buffer's views, made once: (w, the Pᵀx slot, the decay ⊙ w slot, all slots flat, w and D flat)
     views = [(buf[0], buf[2], buf[-1], buf.reshape(slots, -1), buf[:2].reshape(2, -1)) for buf in (state, nxt)]
     if on_step is not None:
@@ -243,13 +256,26 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
         w, grad_slot, decay_slot, flat, _ = views[step % 2]
         # np.dot and the ufuncs' own reduce: the same BLAS and loops as np.matmul, np.max and np.sum
         # with less call overhead each
-        np.dot(w, x_t, out=logits_t)
-        np.maximum.reduce(logits_t, axis=0, keepdims=True, out=col)
-        np.subtract(logits_t, col, out=logits_t)
-        np.exp(logits_t, out=logits_t)
-        np.add.reduce(logits_t, axis=0, keepdims=True, out=col)
-        np.divide(logits_t, col, out=logits_t)   # the softmax Pᵀ
-        np.dot(logits_t, x_step, out=grad_slot)
+        if block == n:
+            np.dot(w, x_t, out=logits_t)
+            np.maximum.reduce(logits_t, axis=0, keepdims=True, out=col)
+            np.subtract(logits_t, col, out=logits_t)
+            np.exp(logits_t, out=logits_t)
+            np.add.reduce(logits_t, axis=0, keepdims=True, out=col)
+            np.divide(logits_t, col, out=logits_t)   # the softmax Pᵀ
+            np.dot(logits_t, x_step, out=grad_slot)
+        else:
+            grad_slot[...] = 0
+            for j in range(0, n, block):
+                m = min(block, n - j)
+                part, c = logits_flat[:n_way * m].reshape(n_way, m), col_flat[:m].reshape(1, m)  # C-contiguous
+                np.dot(w, x_t[:, j:j + m], out=part)
+                np.maximum.reduce(part, axis=0, keepdims=True, out=c)
+                np.subtract(part, c, out=part)
+                np.exp(part, out=part)
+                np.add.reduce(part, axis=0, keepdims=True, out=c)
+                np.divide(part, c, out=part)
+                grad_slot += part @ x_step[j:j + m]
         if weight_decay:
             np.multiply(w, decay, out=decay_slot)
         np.dot(mix, flat, out=views[1 - step % 2][4])
