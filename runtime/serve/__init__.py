@@ -38,33 +38,65 @@ def check_port_free(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def header_timeout_protocol(seconds: float):
-    """uvicorn's HTTP protocol (httptools, else h11) that closes a connection which has not sent a
-    request's headers within `seconds` of opening or of its last response: a client dripping its
-    headers (slowloris) cannot hold a connection for ever. uvicorn itself times out only idle
-    keep-alive connections."""
+FIRST_BYTE_S = 2.0   # a new connection that sends nothing for this long is closed
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int):
+    """uvicorn's HTTP protocol (httptools, else h11) with the connection rules a networked service
+    needs. A connection that has not sent a byte within FIRST_BYTE_S of opening, or a request's
+    headers within `header_timeout_s` of its first byte or of its last response, is closed
+    (slowloris). At `max_connections` open connections, a new one closes the oldest connection that
+    is idle — one that has sent nothing of a request — so sockets that send nothing cannot lock out
+    clients that do (uvicorn's own limit_concurrency counted them and answered everyone 503).
+    Requests being processed are bounded separately (the app's Guard)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     except ImportError:  # pragma: no cover - without uvicorn[standard]
         from uvicorn.protocols.http.h11_impl import H11Protocol as base  # type: ignore[assignment]
+    from collections import OrderedDict
+    idle: OrderedDict[int, object] = OrderedDict()   # connections with nothing of a request received, oldest first
+    open_count = [0]
 
-    class HeaderTimeoutProtocol(base):  # type: ignore[misc, valid-type]
+    class GuardedProtocol(base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm_header_deadline()
+            open_count[0] += 1
+            while open_count[0] > max_connections and idle:
+                _, oldest = idle.popitem(last=False)
+                oldest.transport.close()  # type: ignore[attr-defined]
+            self._counted = True
+            self._idle(FIRST_BYTE_S)
+
+        def connection_lost(self, exc) -> None:
+            if getattr(self, "_counted", False):
+                open_count[0] -= 1
+                self._counted = False
+            idle.pop(id(self), None)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if idle.pop(id(self), None) is not None:  # a request begins: headers now have their deadline
+                self._arm(header_timeout_s)
+            super().data_received(data)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._arm_header_deadline()
+            self._idle(header_timeout_s)
 
-        def _arm_header_deadline(self) -> None:
-            self.loop.call_later(seconds, self._header_deadline, self.cycle)
+        def _idle(self, seconds: float) -> None:
+            idle[id(self)] = self
+            self._arm(seconds)
 
-        def _header_deadline(self, cycle_then) -> None:
-            if self.cycle is cycle_then and not self.transport.is_closing():  # no new request began
+        def _arm(self, seconds: float) -> None:
+            self.loop.call_later(seconds, self._deadline, self.cycle, id(self) in idle)
+
+        def _deadline(self, cycle_then, was_idle: bool) -> None:
+            if self.transport.is_closing():
+                return
+            if was_idle and id(self) in idle or not was_idle and self.cycle is cycle_then:     # still nothing received since the deadline was set
                 self.transport.close()
 
-    return HeaderTimeoutProtocol
+    return GuardedProtocol
 
 
 def run(clf: FewShotClassifier, settings: ServeSettings, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
@@ -84,7 +116,7 @@ def run(clf: FewShotClassifier, settings: ServeSettings, ssl_certfile: str | Non
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, ssl_certfile=ssl_certfile,
                     ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=10, server_header=False,
-                    limit_concurrency=settings.max_connections, http=header_timeout_protocol(settings.header_timeout_s))
+                    http=guarded_protocol(settings.header_timeout_s, settings.max_connections))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -52,6 +52,10 @@ class TooLarge(Exception):
     """The request is over a limit (body bytes, images per request): 413."""
 
 
+class BodiesBusy(Exception):
+    """The request bodies in flight across all requests are over the service's bound: 503."""
+
+
 class Service:
     """What the routes share: the classifier (its backend wrapped for batching), metrics, readiness."""
 
@@ -208,6 +212,8 @@ class Guard:
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
+        self.in_flight = 0           # requests being processed (idle connections are not counted)
+        self.body_bytes = 0          # request-body bytes received by requests still in flight
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -227,14 +233,24 @@ class Guard:
         if refusal is not None:
             self.service.metrics.requests.labels("refused", scope["method"], "403").inc()
             return await JSONResponse({"error": refusal}, status_code=403)(scope, receive, send)
+        if self.in_flight >= settings.max_connections:
+            self.service.metrics.requests.labels("busy", scope["method"], "503").inc()
+            return await JSONResponse({"error": f"busy: {self.in_flight} requests in flight (--max-connections); "
+                                                f"try again"}, status_code=503)(scope, receive, send)
+        bodies_limit = settings.max_bodies_bytes
 
         async def limited_receive():
             if length is not None and length.isdigit() and int(length) > limit:
                 raise TooLarge(f"the request body is {int(length):,} bytes; the limit is {limit:,} (--max-body-mb)")
             message = await receive()
-            received[0] += len(message.get("body", b""))
+            size = len(message.get("body", b""))
+            received[0] += size
+            self.body_bytes += size
             if received[0] > limit:
                 raise TooLarge(f"the request body is over the limit of {limit:,} bytes (--max-body-mb)")
+            if self.body_bytes > bodies_limit:
+                raise BodiesBusy(f"busy: {self.body_bytes / 2**20:.0f} MB of request bodies are in flight (limit "
+                                 f"{bodies_limit / 2**20:.0f} MB, 4 × --max-body-mb); try again")
             return message
 
         async def recording_send(message):
@@ -244,9 +260,12 @@ class Guard:
                 message = {**message, "headers": [*message.get("headers", []), *NO_FRAMING]}
             await send(message)
 
+        self.in_flight += 1
         try:
             await self.app(scope, limited_receive, recording_send)
         finally:
+            self.in_flight -= 1
+            self.body_bytes -= received[0]
             route = getattr(scope.get("route"), "path", "unmatched")  # the router records the route it chose
             if route != "/metrics":
                 m = self.service.metrics
@@ -432,6 +451,10 @@ def create_app(service: Service):
     @app.exception_handler(EdgemetaError)
     async def on_edgemeta_error(request, exc: EdgemetaError):
         return error(status_of(exc), str(exc))
+
+    @app.exception_handler(BodiesBusy)
+    async def on_bodies_busy(request, exc: BodiesBusy):
+        return error(503, str(exc), {"retry-after": "1"})
 
     @app.exception_handler(TooLarge)
     async def on_too_large(request, exc: TooLarge):

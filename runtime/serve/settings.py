@@ -26,8 +26,14 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()  # none by default: the page is served from the same origin
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides IP addresses and localhost names
     decode_budget_pixels: int = 40_000_000  # pixels decoded at once across all requests (one 40 MP photo)
-    max_connections: int = 256          # open connections; more get 503 (uvicorn's limit_concurrency)
+    max_connections: int = 256          # open connections (at the limit a new one closes the oldest idle one),
+                                        # and requests in flight (more get 503)
     header_timeout_s: float = 10.0      # a connection must send a request's headers within this (slowloris)
+
+    @property
+    def max_bodies_bytes(self) -> int:
+        """Request-body bytes held across all requests in flight: 4 bodies of the largest size."""
+        return 4 * self.max_body_bytes
 
     def __post_init__(self) -> None:
         if not is_address(self.host):
