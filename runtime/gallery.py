@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -163,6 +164,11 @@ def _read_members(path: str | os.PathLike, where: str) -> tuple[dict, dict[str, 
                 raise StoreError(f"{where} is not a gallery (no header)")
             header = read_header(path)
             check_format(header, GALLERY_FORMAT, GALLERY_VERSION, "gallery", where)
+            sha, variant = header.get("model_sha256"), header.get("variant")
+            if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha) or not isinstance(variant, str) \
+                    or not 1 <= len(variant) <= 32:
+                raise StoreError(f"{where}: its header does not name the model it was made for (model_sha256 "
+                                 f"{sha!r}, variant {variant!r}); export it again from the store")
             entries, dim = header.get("classes"), header.get("embedding_dim")
             if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_CLASSES:
                 raise StoreError(f"{where}: {len(entries) if isinstance(entries, list) else '?'} classes; "

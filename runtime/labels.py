@@ -32,7 +32,7 @@ def check_label(label) -> str:
         raise LabelError(f"{text!r} cannot be a class label" + (" (it reads as the reserved 'unknown')" if text else ""))
     if len(text) > MAX_LABEL_LENGTH:
         raise LabelError(f"class label {text[:40]!r}… is {len(text)} characters; the limit is {MAX_LABEL_LENGTH}")
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in text):
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for ch in text):
         raise LabelError(f"class label {text!r} holds control or unassigned characters; use printable text")
     return text
 

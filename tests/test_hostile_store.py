@@ -303,7 +303,7 @@ def test_labels_an_older_edgemeta_accepted_are_migrated_on_load_and_stay_address
     from edgemeta.runtime.store import EnrolledClass, EnrollmentStore, StoreState, encode_state, frozen
     decomposed = unicodedata.normalize("NFD", "café")
     emb = frozen(np.eye(3, 4, dtype=np.float32))
-    state = StoreState("sha", "fp32", 4, HeadConfig(), tuple(EnrolledClass(lab, emb[i:i + 1]) for i, lab in
+    state = StoreState("0" * 64, "fp32", 4, HeadConfig(), tuple(EnrolledClass(lab, emb[i:i + 1]) for i, lab in
                                                              enumerate(["UNKNOWN", decomposed, "mug"])),
                        {"prototypes": emb}, 0)
     (tmp_path / "s").mkdir()
@@ -328,7 +328,7 @@ def test_a_gallery_that_declares_its_rows_cannot_inflate_beyond_its_size(tmp_pat
     from edgemeta.runtime.gallery import GALLERY_FORMAT, import_gallery
 
     def bomb(path, classes: int, shots: int, dim: int) -> None:
-        header = {"format": GALLERY_FORMAT, "version": 1, "model_sha256": "x", "variant": "fp32", "embedding_dim": dim,
+        header = {"format": GALLERY_FORMAT, "version": 1, "model_sha256": "0" * 64, "variant": "fp32", "embedding_dim": dim,
                   "head": {"kind": "prototype"}, "classes": [{"label": f"c{i}", "shots": shots} for i in range(classes)],
                   "sha256": {}}
         with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -349,3 +349,25 @@ def test_a_gallery_that_declares_its_rows_cannot_inflate_beyond_its_size(tmp_pat
             import_gallery(path, tmp_path / f"store-{dim}")
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000   # kB: nothing inflated
         assert not (tmp_path / f"store-{dim}").exists()
+
+
+@pytest.mark.parametrize("sha", [None, 12345, "not-a-sha"])
+def test_a_gallery_header_without_a_model_checksum_is_one_line(tmp_path, sha):
+    """A header without model_sha256 was a KeyError traceback; a numeric one a TypeError or a store
+    labelled 12345."""
+    import json
+
+    from edgemeta.runtime.errors import StoreError
+    from edgemeta.runtime.gallery import GALLERY_FORMAT, import_gallery
+    header = {"format": GALLERY_FORMAT, "version": 1, "variant": "fp32", "embedding_dim": 4, "head": {"kind": "prototype"},
+              "classes": [{"label": "a", "shots": 1}], "sha256": {}}
+    if sha is not None:
+        header["model_sha256"] = sha
+    with zipfile.ZipFile(tmp_path / "g.npz", "w") as zf:
+        for name, array in (("header", np.array(json.dumps(header))), ("embeddings", np.ones((1, 4), np.float32))):
+            buf = io.BytesIO()
+            np.save(buf, array)
+            zf.writestr(f"{name}.npy", buf.getvalue())
+    with pytest.raises(StoreError, match="does not name the model it was made for"):
+        import_gallery(tmp_path / "g.npz", tmp_path / "s")
+    assert not (tmp_path / "s").exists()

@@ -272,3 +272,45 @@ def test_request_bodies_in_flight_are_bounded_across_requests(device_bundle, tmp
         for sock in held:
             sock.close()
         s.stop()
+
+
+def test_minor_cases_of_the_hostile_probe_answer_in_one_line(device_bundle, tmp_path):
+    """Invalid UTF-8 in a URL label (became U+FFFD and collided), a body dripped a byte at a time
+    (held a connection ≥ 60 s), /docs (loaded Swagger UI's JavaScript from a CDN into the trusted
+    origin), a label holding U+2028, --cors-origin values that are not origins."""
+    from edgemeta.runtime.errors import ConfigError
+    from edgemeta.runtime.serve.settings import ServeSettings
+    s = Server(device_bundle, tmp_path / "store")
+    try:
+        for raw in (b"/v1/classes/caf%E9/images", b"/v1/classes/%FF%FE/images"):
+            with socket.create_connection(("127.0.0.1", s.port)) as sock:
+                sock.sendall(b"POST " + raw + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                sock.settimeout(5)
+                answer = b""
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 400") and b"not valid UTF-8" in answer, answer
+        assert httpx.get(s.url + "/docs").status_code == 404 and httpx.get(s.url + "/openapi.json").status_code == 200
+        r = httpx.post(s.url + "/v1/classes/a\u2028b/images", files=files(1))
+        assert r.status_code == 400 and "control" in r.json()["error"]
+        assert httpx.get(s.url + "/v1/classes").json()["classes"] == []
+        with socket.create_connection(("127.0.0.1", s.port)) as drip:
+            drip.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
+            drip.settimeout(40)
+            t0 = time.monotonic()
+            answer = b""
+            while not answer and time.monotonic() - t0 < 40:
+                drip.sendall(b"x")
+                try:
+                    drip.settimeout(2)
+                    answer = drip.recv(4096)
+                except TimeoutError:
+                    pass
+            assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 25, answer
+        assert "Traceback" not in s.log.read_text()
+    finally:
+        s.stop()
+    for origin in ("null", "good.example", "*.example", "http://good.example/", "http://*.example"):
+        with pytest.raises(ConfigError, match="is not an origin"):
+            ServeSettings(cors_origins=(origin,))
+    ServeSettings(cors_origins=("http://good.example", "https://[::1]:8443"))

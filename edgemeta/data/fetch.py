@@ -193,6 +193,8 @@ def install_from(f: RemoteFile, given: Path, root: Path, dataset: str) -> Path:
     """`--from FILE`: verify a file the user brought, then copy it into place (atomically)."""
     if not given.is_file():
         raise DataError(f"--from {given} is not a file")
+    if f.size is not None and given.stat().st_size != f.size:  # a stat, before hours of hashing a wrong file
+        raise DataError(f"--from {given} is {given.stat().st_size:,} bytes; {f.name} is {f.size:,}: not the right file")
     target = f.path(root)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
@@ -208,6 +210,8 @@ def fetch(name: str, root: Path, *, mirrors: tuple[str, ...] = (), from_files: t
     Returns part → path."""
     if name not in catalog:
         raise ConfigError(f"unknown dataset {name!r}; edgemeta knows {', '.join(catalog)}")
+    if not (isinstance(timeout, (int, float)) and 0 < timeout <= 3600):  # NaN fails this too
+        raise ConfigError(f"--timeout must be a number of seconds from 0 (exclusive) to 3600, got {timeout!r}")
     dataset = catalog[name]
     if dataset.terms and not accept_terms:
         raise ConfigError(dataset.terms)

@@ -17,6 +17,7 @@ through one `BatchingBackend`, so concurrent predictions share backend calls.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import time
@@ -50,6 +51,24 @@ IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif"
 
 class TooLarge(Exception):
     """The request is over a limit (body bytes, images per request): 413."""
+
+
+class TooSlow(Exception):
+    """The request body arrives too slowly (a body dripped a byte at a time): 408."""
+
+
+BODY_SECONDS, BODY_MIN_RATE = 15.0, 50_000   # a body must arrive within 15 s + 1 s per 50 kB
+
+
+def url_is_utf8(raw_path: bytes) -> bool:
+    """Whether the path's percent-escapes decode as UTF-8 (Starlette would turn bad bytes into
+    U+FFFD, and two different labels into one)."""
+    from urllib.parse import unquote_to_bytes
+    try:
+        unquote_to_bytes(raw_path).decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 class BodiesBusy(Exception):
@@ -230,6 +249,10 @@ class Guard:
                        "give it with --allowed-host if it is yours")
         elif scope["method"] not in SAFE_METHODS:
             refusal = cross_origin_refusal(headers, settings)
+        if refusal is None and not url_is_utf8(scope.get("raw_path", b"")):
+            self.service.metrics.requests.labels("refused", scope["method"], "400").inc()
+            return await JSONResponse({"error": "the URL's percent-escapes are not valid UTF-8 (a label must be text)"},
+                                      status_code=400)(scope, receive, send)
         if refusal is not None:
             self.service.metrics.requests.labels("refused", scope["method"], "403").inc()
             return await JSONResponse({"error": refusal}, status_code=403)(scope, receive, send)
@@ -239,10 +262,16 @@ class Guard:
                                                 f"try again"}, status_code=503)(scope, receive, send)
         bodies_limit = settings.max_bodies_bytes
 
+        body_deadline = time.monotonic() + BODY_SECONDS + (int(length) / BODY_MIN_RATE if length and length.isdigit() else 0)
+
         async def limited_receive():
             if length is not None and length.isdigit() and int(length) > limit:
                 raise TooLarge(f"the request body is {int(length):,} bytes; the limit is {limit:,} (--max-body-mb)")
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(body_deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                raise TooSlow(f"the request body did not arrive in time ({BODY_SECONDS:.0f} s + 1 s per "
+                              f"{BODY_MIN_RATE // 1000} kB)") from None
             size = len(message.get("body", b""))
             received[0] += size
             self.body_bytes += size
@@ -438,7 +467,9 @@ def create_app(service: Service):
         finally:
             await run_in_threadpool(service.close)
 
-    app = FastAPI(title="edgemeta", version=_version(), lifespan=lifespan,
+    # /docs and /redoc would load their JavaScript from a CDN into the origin whose writes are trusted:
+    # off. The OpenAPI document itself stays at /openapi.json.
+    app = FastAPI(title="edgemeta", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Few-shot classification on the device: enroll classes from a few images, then predict.")
     app.state.service = service
     app.include_router(v1)
@@ -451,6 +482,10 @@ def create_app(service: Service):
     @app.exception_handler(EdgemetaError)
     async def on_edgemeta_error(request, exc: EdgemetaError):
         return error(status_of(exc), str(exc))
+
+    @app.exception_handler(TooSlow)
+    async def on_too_slow(request, exc: TooSlow):
+        return error(408, str(exc), {"connection": "close"})
 
     @app.exception_handler(BodiesBusy)
     async def on_bodies_busy(request, exc: BodiesBusy):

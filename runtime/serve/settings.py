@@ -53,6 +53,10 @@ class ServeSettings:
             raise ConfigError(f"--max-connections must be 1–65536, got {self.max_connections}")
         if not 0.1 <= self.header_timeout_s <= 600:
             raise ConfigError(f"--header-timeout must be 0.1–600 s, got {self.header_timeout_s}")
+        for origin in self.cors_origins:
+            if not is_origin(origin):
+                raise ConfigError(f"--cors-origin {origin!r} is not an origin: give scheme://host[:port] (http or https, "
+                                  "no path, no trailing slash, no wildcard; 'null' would let every sandboxed page write)")
         for name in self.allowed_hosts:
             if not is_address(name):
                 raise ConfigError(f"--allowed-host {name!r} is not a host name")
@@ -64,6 +68,13 @@ class ServeSettings:
             raise ConfigError(f"refusing to serve on {self.host} without an API key: anyone on the network could enroll "
                               "and forget classes. Give --api-key-file FILE (clients send it as x-api-key), "
                               "or --insecure to serve without one")
+
+
+def is_origin(origin: str) -> bool:
+    """scheme://host[:port], http or https, exactly as a browser sends it in Origin."""
+    import re
+    m = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[^/:?#\s*\[\]]+)(?::(\d{1,5}))?", origin)
+    return bool(m) and is_address(m.group(2).strip("[]")) and (m.group(3) is None or 0 < int(m.group(3)) < 65536)
 
 
 def is_address(host: str) -> bool:
