@@ -192,7 +192,7 @@ def test_an_api_key_fifo_does_not_hang_the_start(device_bundle, tmp_path):
 
 
 def test_the_openapi_document_describes_every_body_and_response(server):
-    """/openapi.json (what /docs draws) names a request body for every route that reads one and a
+    """/openapi.json names a request body for every route that reads one and a
     response schema for every route, errors included."""
     doc = httpx.get(server.url + "/openapi.json").json()
     schemas = doc["components"]["schemas"]

@@ -65,6 +65,6 @@ def serve(
     scheme = "https" if ssl_certfile else "http"
     shown = f"[{host}]" if ":" in host else host
     err_console.print(f"edgemeta serve: {bundle} ({len(clf.classes)} class(es) in {store}) on {scheme}://{shown}:{port}/ "
-                      f"— the page at /, the API at /docs{'' if settings.api_key is None else ', key required'}", markup=False)
+                      f"— the page at /, the API's OpenAPI document at /openapi.json{'' if settings.api_key is None else ', key required'}", markup=False)
     run(clf, settings, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)

@@ -74,7 +74,9 @@ def is_origin(origin: str) -> bool:
     """scheme://host[:port], http or https, exactly as a browser sends it in Origin."""
     import re
     m = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[^/:?#\s*\[\]]+)(?::(\d{1,5}))?", origin)
-    return bool(m) and is_address(m.group(2).strip("[]")) and (m.group(3) is None or 0 < int(m.group(3)) < 65536)
+    if m is None:
+        return False
+    return is_address(m.group(2).strip("[]")) and (m.group(3) is None or 0 < int(m.group(3)) < 65536)
 
 
 def is_address(host: str) -> bool:
