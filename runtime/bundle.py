@@ -68,7 +68,8 @@ def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
         HeadConfig.from_dict(manifest["head"], "head")
     except ConfigError as exc:
         raise BundleError(f"{where}: {exc}; re-export the bundle") from None
-    if not 1 <= manifest["output"]["dim"] <= 1 << 16:
+    from .store import MAX_CLASSES
+    if not 1 <= manifest["output"]["dim"] <= (MAX_CLASSES if "frozen" in manifest else 1 << 16):  # a frozen graph's: its classes
         raise BundleError(f"{where}: output.dim {manifest['output']['dim']} is not plausible; re-export the bundle")
     for name, entry in manifest["files"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or "/" in name or name.startswith("."):

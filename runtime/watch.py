@@ -102,6 +102,12 @@ def enroll_from_source(clf: FewShotClassifier, label: str, source: VideoSource, 
     """Capture the shots, then enroll them in one atomic save; the full-size frames are kept (as
     PNG) in the store like enrolled files, so the class can be re-embedded for another model."""
     from PIL import Image
+
+    from .labels import check_label
+    label = check_label(label)  # before the camera runs: a bad label wastes no capture
+    if mode == "new" and label in clf.classes:
+        from .errors import ClassExistsError
+        raise ClassExistsError(f"{label!r} is already enrolled; use --add to add shots")
     images = []
     for frame in capture_shots(source, shots, spacing):
         buf = io.BytesIO()

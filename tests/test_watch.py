@@ -182,3 +182,16 @@ def test_every_source_kind_is_declared_completely():
         assert kind.api in ("ANY", "GSTREAMER", "V4L2")
     assert parse_source("csi://0").kind == "csi" and parse_source("csi://0").live
     assert parse_source("rtsp://cam/1").about.jpeg_packets and not parse_source("v4l2:///dev/video9").about.own_clock
+
+
+def test_watch_enroll_checks_the_label_before_capturing(shipped_bundle, enrolled, clips, monkeypatch):
+    """`watch --enroll` checked the label only after capturing the shots."""
+    import edgemeta.runtime.watch as watch_module
+    folder, _ = clips
+    captured = []
+    real = watch_module.capture_shots
+    monkeypatch.setattr(watch_module, "capture_shots", lambda *a, **k: captured.append(1) or real(*a, **k))
+    for label, why in (("UNKNOWN", "reads as the reserved"), ("a\nb", "control")):
+        r = run_cli("watch", shipped_bundle, "--store", enrolled, "--source", folder / "test.avi", "--enroll", label)
+        assert r.exit_code == 2 and why in r.output, r.output
+    assert captured == []

@@ -176,7 +176,7 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
         return {"backend": self.name, "model": self.model_path.name, "providers": self.session.get_providers(),
                 "onnxruntime_version": ort.__version__,
-                "optimized_graph": str(self.optimized_graph) if self.optimized_graph else None}
+                "optimized_graph": self.optimized_graph.name if self.optimized_graph else None}  # no host paths
 
 
 def parse_providers(listed: str) -> list[str]:
@@ -213,7 +213,8 @@ def _open_on_cpu(bundle, name: str, request: BackendRequest) -> OnnxRuntimeBacke
     optimised, on an earlier run on this machine, else from the bundle's (verified) file, saving the
     optimised graph for the next run."""
     from . import ort_graph_cache as cache
-    key = cache.graph_key(bundle.manifest["files"][name]["sha256"])
+    path = bundle.file(name)  # the bundle's file checked against its sha256 first: a damaged graph is never
+    key = cache.graph_key(bundle.manifest["files"][name]["sha256"])  # hidden by its optimised copy
     opened = functools.partial(OnnxRuntimeBackend, spec=bundle.spec, embedding_dim=bundle.embedding_dim,
                                providers=["CPUExecutionProvider"], threads=request.threads, outputs=request.outputs)
     saved = cache.cached_graph(key)
@@ -225,7 +226,7 @@ def _open_on_cpu(bundle, name: str, request: BackendRequest) -> OnnxRuntimeBacke
             return backend
         except BundleError:
             saved.unlink(missing_ok=True)  # ONNX Runtime refused it: made again below
-    path, target = bundle.file(name), cache.save_target(key)
+    target = cache.save_target(key)
     if target is not None:
         try:
             backend = opened(path, save_optimized=target)
