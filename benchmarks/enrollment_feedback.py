@@ -22,7 +22,7 @@ import numpy as np
 from common import machine
 from edgemeta.runtime import FewShotClassifier
 from edgemeta.runtime.classifier import UNKNOWN
-from edgemeta.runtime.open_set import CONFUSION_FLAG, class_rows, embedding_distance, open_set_episode
+from edgemeta.runtime.open_set import CONFUSION_FLAG, class_rows, domain_scale, embedding_distance, open_set_episode
 
 from edgemeta.data import load_dataset, select_split
 
@@ -51,7 +51,7 @@ def main() -> None:
     support = clf.embed_support(data.pixels) if clf.head.flip_shots else z
     per_class = class_rows(data.labels)
     metric = clf.head.rejection_metric(clf.bundle.l2_normalized)
-    est, real, clean_flags, swapped_flags, dup_true, dup_false = [], [], [], [], [], []
+    est, real, clean_flags, swapped_flags, dup_true, dup_false, flagged_pairs = [], [], [], [], [], [], []
     neg_before, neg_after, right_before, right_after = [], [], [], []
     k = args.shot
     for i in range(args.episodes):
@@ -71,9 +71,12 @@ def main() -> None:
         swapped_flags.append((swapped, k - 1, "outlier") in flags)
         dup_true.append(all(("copies", s, "duplicate") in flags for s in range(1, 5)))
         dup_false.append(np.mean([(names[j], s, "duplicate") in flags for j in range(4) for s in range(k)]))
-        # confusion: the four clean classes, estimate against reality
-        estimated = {frozenset((p["a"], p["b"])): p["confusion"] for p in report["pairs"]}
+        # confusion: the four clean classes, the review's estimate (the same prior curve and domain
+        # scale, for every pair, also those it does not list) against reality
+        prior = clf.bundle.open_set.for_metric(metric)
+        scale = domain_scale([rows[n] for n in names] + [dup], prior, metric)
         protos = np.stack([rows[n].mean(0) for n in names[:4]])
+        listed = {frozenset((p["a"], p["b"])): p["confusion"] for p in report["pairs"]}
         q = z[ep.query[ep.query_labels >= 0]]
         ql = ep.query_labels[ep.query_labels >= 0]
         d = embedding_distance(q, protos, metric)
@@ -82,7 +85,9 @@ def main() -> None:
                 ab = d[ql == a]
                 ba = d[ql == b]
                 real.append(max(float((ab[:, b] < ab[:, a]).mean()), float((ba[:, a] < ba[:, b]).mean())))
-                est.append(estimated.get(frozenset((names[a], names[b])), 0.0))
+                d_ab = embedding_distance(protos[a:a + 1], protos[b:b + 1], metric)[0, 0] / scale
+                est.append(float(prior.confusion(np.array([d_ab]), np.array([k]))[0]))
+                flagged_pairs.append(listed.get(frozenset((names[a], names[b])), 0.0) >= CONFUSION_FLAG)
         # negatives: the most accepted stranger of this episode
         strangers = ep.classes[5:]
         clean = FewShotClassifier(clf.bundle, clf.backend, clf.head)
@@ -98,7 +103,7 @@ def main() -> None:
         neg_after.append(np.mean([lab == UNKNOWN for lab in clean.classify_embeddings(rest, reject="auto").labels]))
         right_after.append(np.mean(np.array(clean.classify_embeddings(known_q, reject="auto").labels) == np.array(names)[known_l]))
     est_a, real_a = np.array(est), np.array(real)
-    truly, flagged = real_a >= CONFUSION_FLAG, est_a >= CONFUSION_FLAG
+    truly, flagged = real_a >= CONFUSION_FLAG, np.array(flagged_pairs)
     out = {"bundle": args.bundle, "split": args.split, "classes": len(per_class), "shot": k, "episodes": args.episodes,
            "machine": machine(),
            "confusion": {"spearman": round(spearman(est_a, real_a), 3), "pairs": len(est_a),

@@ -208,5 +208,8 @@ def render_plot(result: dict, path: str | Path) -> None:
     fig.suptitle(f"edgemeta bench — {result['bundle']['backbone']} {result['bundle']['variant']} on {env.get('backend')} "
                  f"({env.get('cpu')}, {env.get('cores')} cores)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": "edgemeta bench"})  # the mark edgemeta.cli.common.PLOT_MARK reads
-    plt.close(fig)
+    from .files import atomic_write
+    try:  # the mark edgemeta.cli.common.PLOT_MARK reads; written whole or not at all
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": "edgemeta bench"}))
+    finally:
+        plt.close(fig)

@@ -32,6 +32,11 @@ def atomic_write(path: str | os.PathLike, content: bytes | Callable[[BinaryIO], 
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # a full disk says ENOSPC but not where: the file it was writing
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -106,3 +106,23 @@ def test_freeze_never_replaces_its_own_bundle_or_store(enrolled, tmp_path):
     assert tree(bundle.parent) == before
     r = run_cli("freeze", bundle, "--store", tmp_path / "missing", "--out", tmp_path / "f")
     assert r.exit_code != 0 and "no store at" in r.output
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_empty_output(enrolled, tmp_path, monkeypatch):
+    """Disk full in `gallery export` and `bench --json/--plot` named no file, and bench left a
+    0-byte output. Outputs are written whole or not at all, and the error names the file."""
+    import errno
+    import os
+
+    import edgemeta.runtime.files as files
+    bundle, store, _ = enrolled
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(files.os, "fsync", full)
+    for args, out in ((["gallery", "export", "--store", store, "--out", tmp_path / "g.npz"], tmp_path / "g.npz"),
+                      (["bench", bundle, "--json", tmp_path / "b.json", "--repeat", "1", "--way", "2", "--shot", "1",
+                        "--steps", "1", "--batch", "1"], tmp_path / "b.json")):
+        r = run_cli(*args)
+        assert r.exit_code == 2 and "No space left on device" in r.output and str(out) in " ".join(r.output.split()), r.output
+        assert not out.exists() and not list(tmp_path.glob(f".{out.name}.*.tmp"))

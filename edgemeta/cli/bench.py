@@ -83,7 +83,8 @@ def bench(
                            heads, _ints(batch), repeat, progress=RichProgress())
     print_table(result)
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
+        from edgemeta.runtime.files import atomic_write
+        atomic_write(json_out, json.dumps(result, indent=2).encode())  # whole or not at all: never a 0-byte file
         console.print(f"JSON: {json_out}")
     if plot:
         render_plot(result, plot)

@@ -1,6 +1,7 @@
 """`edgemeta watch`: classify a camera, a video or a stream frame by frame, or enroll a class from it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -74,15 +75,24 @@ def watch(
         status = _Status(enabled=err_console.is_terminal)
         try:
             def emit(result: dict) -> None:
-                out.write(json.dumps(result) + "\n")
-                out.flush()
+                try:
+                    out.write(json.dumps(result) + "\n")
+                    out.flush()
+                except OSError as exc:
+                    if jsonl and exc.filename is None:  # a full disk: name the file
+                        raise OSError(exc.errno, exc.strerror or str(exc), str(jsonl)) from None
+                    raise
                 status.update(result)
             summary = run_watch(clf, frames, every=every, smooth=smooth, top_k=top_k, reject=reject,
                                 max_frames=max_frames, duration=duration, on_result=emit)
         finally:
             status.close()
             if jsonl:
-                out.close()
+                with contextlib.suppress(OSError):
+                    out.close()
+                with contextlib.suppress(OSError):
+                    if jsonl.stat().st_size == 0:  # nothing was written (a fault before the first frame)
+                        jsonl.unlink()
     message = (f"{summary.classified} frame(s) classified of {summary.read} read, {summary.dropped} dropped, "
                f"{summary.fps:.1f} frames/s")
     err_console.print(message + ("; " + "; ".join(summary.errors) if summary.errors else ""), markup=False)
