@@ -34,7 +34,14 @@ def fit_head(head: HeadConfig, classes: tuple[EnrolledClass, ...]) -> dict:
         return {}
     support = np.concatenate([c.embeddings for c in classes])
     labels = np.repeat(np.arange(len(classes)), [c.shots for c in classes])
-    return heads.fit(head, support, labels, len(classes))
+    with np.errstate(over="ignore", invalid="ignore"):
+        fitted = heads.fit(head, support, labels, len(classes))
+    if not all(np.isfinite(a).all() for a in fitted.values()):
+        settings = ", ".join(f"{k} {v}" for k, v in head.to_dict().items() if k != "kind")
+        raise ConfigError(f"the {head.kind} head ({settings}) diverges on these shots (its fit is not finite): these "
+                          "settings come from the bundle's manifest unless --head gives others — lower lr or steps, "
+                          "or use --head prototype; nothing was changed")
+    return fitted
 
 
 def refit_prototypes_incrementally(fitted: dict, old: tuple[EnrolledClass, ...], new: tuple[EnrolledClass, ...]) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, ImageTooLargeError
 from .preprocess import IMAGE_EXTENSIONS, InputSpec, load_image, open_image, to_pixels
 
 CSI_PIPELINE = ("nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM), width={width}, height={height}, "
@@ -253,8 +253,11 @@ class VideoSource:
                               (time.perf_counter() - t0) * 1e3)
                 self.stats.read += 1
                 self._put(frame)
+        except ImageTooLargeError as exc:  # a frame over the pixel limit (an 8192² MJPG): which source, what to do
+            self.stats.errors.append(f"{self.source.kind} source {self.source.target}: a frame is too large to decode "
+                                     f"({exc}); ask a camera for smaller frames with --capture-size WIDTHxHEIGHT")
         except DataError as exc:  # an undecodable image in a folder
-            self.stats.errors.append(str(exc))
+            self.stats.errors.append(str(exc) if self._files else f"{self.source.kind} source {self.source.target}: {exc}")
         except Exception as exc:  # a camera that disappears mid-read: reported, never a traceback
             self.stats.errors.append(f"{self.source.kind} source {self.source.target} failed: {exc}")
         finally:

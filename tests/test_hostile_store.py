@@ -371,3 +371,20 @@ def test_a_gallery_header_without_a_model_checksum_is_one_line(tmp_path, sha):
     with pytest.raises(StoreError, match="does not name the model it was made for"):
         import_gallery(tmp_path / "g.npz", tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_head_that_diverges_blames_its_settings_and_changes_nothing(device_bundle, tmp_path, monkeypatch):
+    """A manifest head of logistic lr 1000 made every enroll fail with a message that did not blame
+    the bundle's head settings."""
+    import dataclasses
+
+    from edgemeta.runtime import heads
+    from edgemeta.runtime.errors import ConfigError
+    diverging = dataclasses.replace(heads.HEAD_KINDS["logistic"],
+                                    fit=lambda h, s, y, n, p: {"weight": np.full((n, s.shape[1]), np.nan, np.float32),
+                                                               "bias": np.zeros(n, np.float32)})
+    monkeypatch.setitem(heads.HEAD_KINDS, "logistic", diverging)
+    clf = FewShotClassifier.load(device_bundle, store=tmp_path / "s", head={"kind": "logistic", "lr": 1000.0})
+    with pytest.raises(ConfigError, match=r"logistic head \(steps 10, lr 1000.0.*diverges.*bundle's manifest"):
+        clf.enroll("a", np.zeros((2, 16, 16, 1), np.uint8))
+    assert not (tmp_path / "s" / "enrollment.npz").exists()

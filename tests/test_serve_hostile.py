@@ -314,3 +314,17 @@ def test_minor_cases_of_the_hostile_probe_answer_in_one_line(device_bundle, tmp_
         with pytest.raises(ConfigError, match="is not an origin"):
             ServeSettings(cors_origins=(origin,))
     ServeSettings(cors_origins=("http://good.example", "https://[::1]:8443"))
+
+
+def test_errors_name_the_store_by_its_folder_not_its_host_path(device_bundle, tmp_path):
+    """409/507 bodies echoed the store's path as given on the command line."""
+    store = tmp_path / "private" / "deep" / "enrolled"
+    store.parent.mkdir(parents=True)
+    s = Server(device_bundle, store)
+    try:
+        assert httpx.post(s.url + "/v1/classes/mug/images", files=files(1)).status_code == 201
+        r = httpx.post(s.url + "/v1/classes/mug/images", files=files(2))
+        assert r.status_code == 409 and str(tmp_path) not in r.text
+        assert str(tmp_path) not in httpx.get(s.url + "/v1/model").text
+    finally:
+        s.stop()

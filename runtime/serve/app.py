@@ -148,6 +148,15 @@ class Service:
         self.clf.refresh()
         return {"limits": self.clf.limits()}
 
+    def redact(self, message: str) -> str:
+        """An error for a client names the store by its folder name, not by its path on this host."""
+        store = self.clf.store
+        if store is None:
+            return message
+        for form in {str(store.path), str(store.path.resolve())}:
+            message = message.replace(form, store.path.name or "the store")
+        return message
+
     def review(self) -> dict:
         self.clf.refresh()
         if not self.clf.classes:
@@ -481,7 +490,7 @@ def create_app(service: Service):
 
     @app.exception_handler(EdgemetaError)
     async def on_edgemeta_error(request, exc: EdgemetaError):
-        return error(status_of(exc), str(exc))
+        return error(status_of(exc), service.redact(str(exc)))
 
     @app.exception_handler(TooSlow)
     async def on_too_slow(request, exc: TooSlow):
