@@ -4,6 +4,7 @@ import torch
 from edgemeta.runtime import heads as nh
 from edgemeta.runtime.errors import ConfigError
 from edgemeta.runtime.heads import HeadConfig, resolve_head
+from numeric import assert_within, dot_bound
 
 from edgemeta import heads as th
 
@@ -90,13 +91,55 @@ def test_logistic_gradient_formula_equals_autograd():
 ])
 @pytest.mark.parametrize("shot", [1, 5])
 def test_numpy_and_torch_heads_give_the_same_logits(head, shot):
+    """Both float32 implementations against the float64 reference of the same head (tests/numeric.py):
+    within the bound the computation's size, magnitude and conditioning give; the labels exactly."""
     s, y, q = _features(shot=shot, dim=64, dtype=torch.float32, seed=shot)
     s, q = s.abs(), q.abs()  # post-ReLU-like features
     head = HeadConfig.from_dict(head)
-    expected = th.head_logits(head, s, y, q, 5).numpy()
+    reference = th.head_logits(head, s.double(), y, q.double(), 5).numpy()
+    bound = head_logit_bound(head, s.double().numpy(), y.numpy(), q.double().numpy(), 5)
+    torch32 = th.head_logits(head, s, y, q, 5).numpy()
     got = nh.head_logits(head, s.numpy(), y.numpy(), q.numpy(), 5)
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert_within(got, reference, bound, f"NumPy {head.kind} logits")
+    assert_within(torch32, reference, bound, f"torch {head.kind} logits")
+    apart = np.sort(reference, 1)[:, -1] - np.sort(reference, 1)[:, -2] > 2 * bound.max(1)
+    assert apart.any() and (got.argmax(1) == reference.argmax(1))[apart].all()
+
+
+def head_logit_bound(head, s: np.ndarray, y: np.ndarray, q: np.ndarray, n_way: int) -> np.ndarray:
+    """The float32 rounding bound of each logit: γ(terms) × the magnitude Σ|q||W| + |b| of the float64
+    fit's arrays × its stages, × the condition number of the system a closed-form head solves (ridge:
+    the Gram matrix; mahalanobis: the shrunk covariance), × the steps an SGD head takes."""
+    fitted = nh.fit(head, s, y, n_way)
+    n, d = s.shape
+    stages, kappa = 4, 1.0
+    if head.kind == "prototype":
+        p = fitted["prototypes"]
+        if head.metric == "cosine":
+            u, pn = q / np.linalg.norm(q, axis=1, keepdims=True), p / np.linalg.norm(p, axis=1, keepdims=True)
+            mag = head.scale * np.abs(u) @ np.abs(pn).T
+        else:
+            mag = head.scale * (2 * np.abs(q) @ np.abs(p).T + (p * p).sum(1) + (q * q).sum(1, keepdims=True))
+    elif head.kind == "logistic":
+        w, b = fitted["weight"], fitted["bias"]
+        mag = np.abs(q) @ np.abs(w).T + np.abs(b)
+        kappa = head.steps + 1
+    else:
+        w = fitted["weights"]
+        b = fitted.get("bias", np.full(n_way, head.bias))
+        mag = abs(head.scale) * (np.abs(q) @ np.abs(w) + np.abs(b))
+        if head.kind == "ridge":
+            gram = s @ s.T if n < d else s.T @ s
+            kappa = np.linalg.cond(gram + head.ridge_lambda * np.eye(len(gram)))
+        else:
+            mu = fitted["prototypes"]
+            centred = s - mu[y]
+            within = centred.T @ centred / max(n - n_way, 1)
+            spread = s - s.mean(0)
+            sigma2 = (spread * spread).sum() / max(n - 1, 1) / d
+            kappa = np.linalg.cond((1 - head.shrinkage) * within + head.shrinkage * sigma2 * np.eye(d))
+    return dot_bound(mag, n + d, stages) * kappa
 
 
 def test_head_config_is_one_validated_type_with_one_set_of_defaults():
