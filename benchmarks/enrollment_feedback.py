@@ -27,9 +27,17 @@ from edgemeta.runtime.open_set import CONFUSION_FLAG, class_rows, domain_scale, 
 from edgemeta.data import load_dataset, select_split
 
 
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties given their average rank (most real confusions are exactly 0)."""
+    order = x.argsort(kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    values, inverse = np.unique(x, return_inverse=True)
+    return (np.bincount(inverse, r) / np.bincount(inverse))[inverse]
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = a.argsort().argsort().astype(float), b.argsort().argsort().astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def main() -> None:

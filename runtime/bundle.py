@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import BundleError, ConfigError
 from .files import atomic_write
-from .heads import HeadConfig
+from .heads import HeadConfig, NewerHeadError
 from .open_set import OpenSetPrior
 from .preprocess import InputSpec
 
@@ -66,6 +66,8 @@ def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
     try:
         InputSpec.from_dict(manifest["input"])
         HeadConfig.from_dict(manifest["head"], "head")
+    except NewerHeadError as exc:
+        raise BundleError(f"{where}: {exc}") from None
     except ConfigError as exc:
         raise BundleError(f"{where}: {exc}; re-export the bundle") from None
     from .store import MAX_CLASSES

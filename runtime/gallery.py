@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import StoreError
 from .files import atomic_write
-from .heads import HeadConfig
+from .heads import HeadConfig, NewerHeadError
 from .store import (
     KEPT_NAME,
     MAX_CLASSES,
@@ -137,6 +137,8 @@ def read_gallery(path: str | os.PathLike) -> tuple[dict, list[EnrolledClass], di
             if c.label in seen:
                 raise StoreError(f"{where}: class {c.label!r} appears twice; a gallery holds each class once")
             seen.add(c.label)
+    except NewerHeadError as exc:  # not damage: a newer edgemeta's gallery
+        raise StoreError(f"{exc}; nothing was changed") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{where} is damaged ({exc})") from None
     return header, classes, images, negatives

@@ -28,6 +28,10 @@ _BOUNDS = {"scale": (0.0, 1e6), "lambda": (1e-12, 1e12), "bias": (-1e6, 1e6), "s
            "lr": (0.0, 1e3), "momentum": (0.0, 1.0), "weight_decay": (0.0, 1e3), "shrinkage": (1e-6, 1.0)}
 
 
+class NewerHeadError(ConfigError):
+    """A head (or a head setting) a newer edgemeta wrote: the advice is to upgrade, not to restore."""
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     """The head the device fits on support embeddings, and its settings: the one type checkpoints,
@@ -70,8 +74,16 @@ class HeadConfig:
             raise ConfigError(f"{where}: the head must be a JSON object, got {type(d).__name__}")
         kind = d.get("kind", "prototype")
         known = HEAD_KINDS.get(kind) if isinstance(kind, str) else None
+        if known is None and isinstance(kind, str) and kind.isidentifier() and len(kind) <= 64:
+            raise NewerHeadError(f"{where}: unknown head {kind!r} (this edgemeta has {', '.join(HEAD_KINDS)}); "
+                                 "if a newer edgemeta wrote it, upgrade edgemeta")
         allowed = set(known.keys if known else ()) | {"kind", "init", "flip_shots"}  # "init": "prototype", the only one
         unknown = sorted(set(d) - allowed)
+        known_anywhere = {"metric", *_BOUNDS}  # a setting of another head: a mistake, not a newer edgemeta
+        if unknown and all(isinstance(k, str) and k.isidentifier() and len(k) <= 64 and k not in known_anywhere
+                           for k in unknown):
+            raise NewerHeadError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))} of the {kind!r} head; "
+                                 "if a newer edgemeta wrote them, upgrade edgemeta")
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))} for a {kind!r} head")
         try:

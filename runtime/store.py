@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import ConfigError, StorageError, StoreError
 from .files import atomic_write
-from .heads import HeadConfig
+from .heads import HeadConfig, NewerHeadError
 
 # One set of bounds for enrollment, stores and galleries: whatever can be saved can be restored.
 MAX_CLASSES = 100_000
@@ -228,6 +228,8 @@ def decode_state(data: bytes, where: str) -> StoreState:
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         if isinstance(exc, StoreError):
             raise
+        if isinstance(exc, NewerHeadError):  # not damage: a newer edgemeta's store
+            raise StoreError(f"{exc}; the store was not changed") from None
         raise StoreError(f"{where} is damaged ({exc}); restore it from a backup or enroll again into a new store") from None
     poisoned = [c.label for c in classes if not np.isfinite(c.embeddings).all()]
     if poisoned or not all(np.isfinite(a).all() for a in fitted.values() if a.dtype.kind == "f"):

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,3 +389,43 @@ def test_a_head_that_diverges_blames_its_settings_and_changes_nothing(device_bun
     with pytest.raises(ConfigError, match=r"logistic head \(steps 10, lr 1000.0.*diverges.*bundle's manifest"):
         clf.enroll("a", np.zeros((2, 16, 16, 1), np.uint8))
     assert not (tmp_path / "s" / "enrollment.npz").exists()
+
+
+def test_a_head_this_edgemeta_does_not_know_says_upgrade_not_damaged(device_bundle, tmp_path):
+    """A store, gallery or manifest naming a head (or a head setting) a newer edgemeta wrote was
+    reported as "damaged … restore it from a backup or enroll again": wrong and destructive advice."""
+    import json
+
+    from edgemeta.runtime.errors import BundleError, StoreError
+    from edgemeta.runtime.gallery import export_gallery, read_gallery
+    from edgemeta.runtime.store import EnrollmentStore
+    clf = FewShotClassifier.load(device_bundle, store=tmp_path / "s")
+    clf.enroll("a", np.zeros((2, 16, 16, 1), np.uint8))
+    export_gallery(tmp_path / "s", tmp_path / "g.npz")
+
+    def rewrite(path: Path, member: str, edit) -> None:
+        arrays = dict(np.load(path))
+        header = json.loads(str(arrays[member]))
+        edit(header)
+        arrays[member] = np.array(json.dumps(header))
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    for head in ({"kind": "knn", "k": 3}, {"kind": "prototype", "metric": "cosine", "temperature": 0.5}):
+        store = tmp_path / f"s-{head['kind']}-{len(head)}"
+        shutil.copytree(tmp_path / "s", store)
+        rewrite(store / "enrollment.npz", "header", lambda h: h.update(head=head))
+        with pytest.raises(StoreError) as info:
+            EnrollmentStore(store).read()
+        assert "upgrade edgemeta" in str(info.value) and "damaged" not in str(info.value) and "restore" not in str(info.value)
+        gallery = tmp_path / f"g-{head['kind']}-{len(head)}.npz"
+        shutil.copy(tmp_path / "g.npz", gallery)
+        rewrite(gallery, "header", lambda h: h.update(head=head))
+        with pytest.raises(StoreError, match="upgrade edgemeta"):
+            read_gallery(gallery)
+        bundle = tmp_path / f"b-{head['kind']}-{len(head)}"
+        shutil.copytree(device_bundle, bundle)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        (bundle / "manifest.json").write_text(json.dumps({**manifest, "head": head}))
+        with pytest.raises(BundleError) as info:
+            FewShotClassifier.load(bundle)
+        assert "upgrade edgemeta" in str(info.value) and "re-export" not in str(info.value)
