@@ -2,8 +2,8 @@
 model never trained on, through the deployed path (the bundle's graph, FewShotClassifier):
 
 - confusion: each 5-class episode's estimated pairwise confusion (what `review` reports) against
-  the pair's real confusion on 15 queries per class (the share of a's queries nearer b's
-  prototype than a's): Spearman rank correlation, and how many of the truly confused pairs
+  the pair's real confusion on 15 queries per class (the share of a's and b's queries nearer the
+  other's prototype than their own): Spearman rank correlation, and how many of the truly confused pairs
   (real ≥ 10%) are flagged (estimate ≥ 10%), and how many flagged pairs are truly confused;
 - outlier shots: the share of clean shots flagged, and of a shot swapped in from another class;
 - duplicates: five copies of one image flagged, and different photos flagged as duplicates;
@@ -92,7 +92,8 @@ def main() -> None:
             for b in range(a + 1, 4):
                 ab = d[ql == a]
                 ba = d[ql == b]
-                real.append(max(float((ab[:, b] < ab[:, a]).mean()), float((ba[:, a] < ba[:, b]).mean())))
+                # the pair's real confusion: a's queries nearer b's prototype and b's nearer a's, together
+                real.append((float((ab[:, b] < ab[:, a]).mean()) + float((ba[:, a] < ba[:, b]).mean())) / 2)
                 d_ab = embedding_distance(protos[a:a + 1], protos[b:b + 1], metric)[0, 0] / scale
                 est.append(float(prior.confusion(np.array([d_ab]), np.array([k]))[0]))
                 flagged_pairs.append(listed.get(frozenset((names[a], names[b])), 0.0) >= CONFUSION_FLAG)

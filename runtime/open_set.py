@@ -290,10 +290,10 @@ def domain_scale(embeddings_by_class: list[np.ndarray], prior: MetricPrior, metr
         k = len(e)
         if k >= 2:
             d = paired_distance(e, (e.sum(0)[None] - e) / (k - 1), metric)
+            d = d[d > prior.duplicate]  # near-duplicate shots say nothing of the spread
             ratios.append(d / max(float(prior.spread(np.array([k]))[0]), 1e-12))
-    if not ratios:
-        return 1.0
-    return float(np.clip(np.median(np.concatenate(ratios)), 0.25, 4.0))
+    pooled = np.concatenate(ratios) if ratios else np.zeros(0)
+    return float(np.clip(np.median(pooled), 0.25, 4.0)) if len(pooled) else 1.0
 
 
 def _confusion_curve(distance: np.ndarray, rate: np.ndarray, weight: float) -> tuple[float, float]:
