@@ -12,10 +12,13 @@ way; a parity test holds them together. Features are [n, D]; labels are 0..n_way
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from edgemeta.runtime.heads import HeadConfig
+from edgemeta.runtime.heads import HeadConfig, check_flavour
 
 METRICS = ("euclidean", "cosine")
 
@@ -108,21 +111,36 @@ def shared_covariance_fit(support: torch.Tensor, labels: torch.Tensor, n_way: in
     return w.to(support.dtype), (-0.5 * (mu.T * w).sum(0)).to(support.dtype)
 
 
+# The torch flavour of each registered head (runtime.heads.HEAD_KINDS), keyed by the head's name as
+# timm keys its activation flavours: (head, support, labels, query, n_way, scale, bias) → logits.
+TorchHead = Callable[[HeadConfig, torch.Tensor, torch.Tensor, torch.Tensor, int, Any, Any], torch.Tensor]
+
+
+def _prototype(h, s, y, q, n, scale, bias):
+    return prototype_logits(q, class_means(s, y, n), h.metric, scale)
+
+
+def _ridge(h, s, y, q, n, scale, bias):
+    return ridge_logits(q, ridge_fit(s, y, n, h.ridge_lambda), scale, h.bias if bias is None else bias)
+
+
+def _mahalanobis(h, s, y, q, n, scale, bias):
+    w, b = shared_covariance_fit(s, y, n, class_means(s, y, n), h.shrinkage)
+    return scale * (q @ w + b)
+
+
+def _logistic(h, s, y, q, n, scale, bias):
+    w, b = logistic_fit(s, y, n, h.steps, h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+    return logistic_logits(q, w, b)
+
+
+TORCH_HEADS: dict[str, TorchHead] = {"prototype": _prototype, "ridge": _ridge, "mahalanobis": _mahalanobis,
+                                     "logistic": _logistic}
+check_flavour("torch (edgemeta/heads.py, TORCH_HEADS)", TORCH_HEADS)
+
+
 def head_logits(head: HeadConfig, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int,
                 scale: torch.Tensor | float | None = None, bias: torch.Tensor | float | None = None) -> torch.Tensor:
     """Fit the head a HeadConfig describes (the device's head, in torch) and return query logits.
     Learnable scale/bias tensors may override the config's."""
-    scale = head.scale if scale is None else scale
-    if head.kind == "prototype":
-        return prototype_logits(query, class_means(support, labels, n_way), head.metric, scale)
-    if head.kind == "ridge":
-        bias = head.bias if bias is None else bias
-        return ridge_logits(query, ridge_fit(support, labels, n_way, head.ridge_lambda), scale, bias)
-    if head.kind == "mahalanobis":
-        w, b = shared_covariance_fit(support, labels, n_way, class_means(support, labels, n_way), head.shrinkage)
-        return scale * (query @ w + b)
-    if head.kind != "logistic":
-        raise ValueError(f"head {head.kind!r} has no torch twin in edgemeta.heads; add one beside the NumPy head")
-    w, b = logistic_fit(support, labels, n_way, head.steps, head.lr, momentum=head.momentum,
-                        weight_decay=head.weight_decay)
-    return logistic_logits(query, w, b)
+    return TORCH_HEADS[head.kind](head, support, labels, query, n_way, head.scale if scale is None else scale, bias)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from edgemeta.runtime.bundle import register_file, write_manifest
-from edgemeta.runtime.errors import StoreError
+from edgemeta.runtime.errors import ConfigError, StoreError
+from edgemeta.runtime.heads import check_flavour
 from edgemeta.runtime.progress import SILENT, Progress
 from onnx import TensorProto, helper, numpy_helper
 
@@ -45,6 +46,9 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
         raise StoreError(f"no store at {store_dir} (no enrollment.npz there); enroll classes first")
     clf = FewShotClassifier.load(bundle_dir, store=store_dir, variant=variant, backend="onnxruntime")
     state = clf._state
+    if state.head.kind not in FROZEN_HEADS:  # a head registered at run time, without its graph
+        raise ConfigError(f"a frozen graph has no layers for the {state.head.kind!r} head; freeze a store fitted "
+                          f"with one of {', '.join(FROZEN_HEADS)}")
     if not state.classes:
         raise StoreError(f"the store at {store_dir} has no classes to freeze")
     bundle = clf.bundle
@@ -183,20 +187,7 @@ def _append_head(model: onnx.ModelProto, head, fitted: dict, metric: str) -> dic
         node("Sqrt", [node("Max", [d2, _const(graph, "head_zero", np.array(0.0, np.float32))], "head_d2_pos")], DISTANCE)
         similarity = score
         names = {"embedding": emb, "x2": x2, "similarity": score}
-    if head.kind == "prototype":
-        logits = node("Mul", [similarity, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_logits")
-    elif head.kind == "mahalanobis":  # linear in x: scale · (x Σ⁻¹μ − ½ μᵀΣ⁻¹μ)
-        raw = node("MatMul", [emb, _const(graph, "head_maha_w", fitted["weights"].astype(np.float32))], "head_maha")
-        shifted = node("Add", [raw, _const(graph, "head_maha_b", fitted["bias"].astype(np.float32))], "head_maha_shifted")
-        logits = node("Mul", [shifted, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_logits")
-    elif head.kind == "ridge":
-        raw = node("MatMul", [emb, _const(graph, "head_ridge_w", fitted["weights"].astype(np.float32))], "head_ridge")
-        scaled = node("Mul", [raw, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_ridge_scaled")
-        logits = node("Add", [scaled, _const(graph, "head_bias", np.array(head.bias, np.float32))], "head_logits")
-    else:
-        raw = node("MatMul", [emb, _const(graph, "head_logistic_w", fitted["weight"].T.astype(np.float32).copy())],
-                   "head_logistic")
-        logits = node("Add", [raw, _const(graph, "head_logistic_b", fitted["bias"].astype(np.float32))], "head_logits")
+    logits = FROZEN_HEADS[head.kind](graph, node, emb, similarity, head, fitted)
     node("Softmax", [logits], PROBABILITIES, axis=1)
     graph.node.extend(nodes)
     batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
@@ -204,6 +195,35 @@ def _append_head(model: onnx.ModelProto, head, fitted: dict, metric: str) -> dic
     graph.output.extend([helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [batch, protos.shape[0]]),
                          helper.make_tensor_value_info(DISTANCE, TensorProto.FLOAT, [batch])])
     return names
+
+
+# The frozen-graph flavour of each registered head (runtime.heads.HEAD_KINDS), keyed by its name:
+# (graph, node, embedding, the prototype similarity, head, fitted arrays) → the logits tensor's name.
+def _frozen_prototype(graph, node, emb, similarity, head, fitted) -> str:
+    return node("Mul", [similarity, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_logits")
+
+
+def _frozen_mahalanobis(graph, node, emb, similarity, head, fitted) -> str:  # linear in x: scale · (x Σ⁻¹μ − ½ μᵀΣ⁻¹μ)
+    raw = node("MatMul", [emb, _const(graph, "head_maha_w", fitted["weights"].astype(np.float32))], "head_maha")
+    shifted = node("Add", [raw, _const(graph, "head_maha_b", fitted["bias"].astype(np.float32))], "head_maha_shifted")
+    return node("Mul", [shifted, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_logits")
+
+
+def _frozen_ridge(graph, node, emb, similarity, head, fitted) -> str:
+    raw = node("MatMul", [emb, _const(graph, "head_ridge_w", fitted["weights"].astype(np.float32))], "head_ridge")
+    scaled = node("Mul", [raw, _const(graph, "head_scale", np.array(head.scale, np.float32))], "head_ridge_scaled")
+    return node("Add", [scaled, _const(graph, "head_bias", np.array(head.bias, np.float32))], "head_logits")
+
+
+def _frozen_logistic(graph, node, emb, similarity, head, fitted) -> str:
+    raw = node("MatMul", [emb, _const(graph, "head_logistic_w", fitted["weight"].T.astype(np.float32).copy())],
+               "head_logistic")
+    return node("Add", [raw, _const(graph, "head_logistic_b", fitted["bias"].astype(np.float32))], "head_logits")
+
+
+FROZEN_HEADS = {"prototype": _frozen_prototype, "mahalanobis": _frozen_mahalanobis, "ridge": _frozen_ridge,
+                "logistic": _frozen_logistic}
+check_flavour("frozen-graph (export/freeze.py, FROZEN_HEADS)", FROZEN_HEADS)
 
 
 def _write_triton(folder: Path, manifest: dict, max_batch: int) -> None:

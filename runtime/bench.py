@@ -80,9 +80,13 @@ def bench_heads(features: np.ndarray, ways: list[int], shots: list[int], steps: 
 
 def run_bench(bundle: str | Path | Bundle, images: Sequence[ImageSource], backend: str = "auto", variant: str = "fp32",
               ways: Sequence[int] = (5,), shots: Sequence[int] = (1, 5), steps: Sequence[int] = (1, 10, 50),
-              head_names: Sequence[str] = ("prototype", "ridge", "logistic", "mahalanobis"), batches: Sequence[int] = (1, 8, 32),
+              head_names: Sequence[str] | None = None, batches: Sequence[int] = (1, 8, 32),
               repeat: int = 50, warmup: int = 5, progress: Progress = SILENT) -> dict:
-    """Measure everything; `images` are encoded image files (PNG/JPEG bytes) to decode and embed."""
+    """Measure everything; `images` are encoded image files (PNG/JPEG bytes) to decode and embed.
+    head_names: the heads to fit (default: every registered head)."""
+    if head_names is None:
+        from .heads import head_names as registered
+        head_names = registered()
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     tick = progress.message
     be = open_backend(b, backend, variant)

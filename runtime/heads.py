@@ -302,8 +302,9 @@ def logistic_fit(support: np.ndarray, labels: np.ndarray, n_way: int, steps: int
 @dataclass(frozen=True)
 class HeadKind:
     """Everything the device needs to know about one kind of head, declared once. Adding a head is
-    one module-level `register_head(HeadKind(...))` (plus its torch twin in edgemeta/heads.py for
-    training and evaluation, and its graph in export/freeze.py): settings, fit, score, the shapes a
+    one module-level `register_head(HeadKind(...))` (plus its torch twin in edgemeta/heads.py's
+    TORCH_HEADS, and its layers in export/freeze.py's FROZEN_HEADS — each table checked against this
+    registry where it is defined, so a missing flavour fails at import): settings, fit, score, the shapes a
     saved head must have, and what the CLI's help says all come from here. Prototypes are always
     fitted besides (rejection distances are measured to them, whatever the head)."""
 
@@ -330,6 +331,14 @@ def register_head(kind: HeadKind) -> HeadKind:
 
 def head_names() -> tuple[str, ...]:
     return tuple(HEAD_KINDS)
+
+
+def check_flavour(flavour: str, table: dict) -> None:
+    """A head's other flavours (its torch twin, its frozen graph) are tables keyed by the head's name;
+    each is checked against this registry where it is defined, so a head missing one fails at import."""
+    missing, extra = sorted(set(HEAD_KINDS) - set(table)), sorted(set(table) - set(HEAD_KINDS))
+    if missing or extra:
+        raise ImportError(f"the {flavour} heads do not match the registered heads: missing {missing}, unregistered {extra}")
 
 
 def shared_covariance_fit(support: np.ndarray, labels: np.ndarray, n_way: int, prototypes: np.ndarray,

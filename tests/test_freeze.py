@@ -11,6 +11,7 @@ import pytest
 from conftest import run_cli
 from edgemeta.runtime import FewShotClassifier, load_bundle
 from edgemeta.runtime.frozen import FrozenClassifier
+from edgemeta.runtime.heads import head_names
 from numeric import UNIT_ROUNDOFF, assert_within, dot_bound, softmax64, softmax_bound
 
 
@@ -19,7 +20,7 @@ def queries(tagalog):
     return [img for c in sorted(tagalog)[:5] for img in tagalog[c][12:16]]
 
 
-@pytest.mark.parametrize("head", ["prototype", "ridge", "logistic", "mahalanobis"])
+@pytest.mark.parametrize("head", head_names())
 @pytest.mark.parametrize("l2", [False, True])
 def test_frozen_graph_matches_the_runtime(tiny_run, tiny_bundle, tagalog, queries, tmp_path, omniglot_paths, head, l2):
     bundle = tiny_bundle

@@ -184,13 +184,11 @@ def test_the_logistic_sgd_loop_allocates_nothing_per_step():
 
 def test_every_registered_head_is_a_complete_kind():
     """A head is one registration: settings round-trip, fit gives the declared shapes, scores are
-    finite, the torch twin exists, and freezing knows its graph (or says it does not)."""
-    import inspect
-
+    finite, and its torch and frozen-graph flavours are in their tables (checked at import)."""
     from edgemeta.export import freeze
     rng = np.random.default_rng(0)
     s, y, q = rng.normal(size=(15, 8)).astype(np.float32), np.repeat(np.arange(5), 3), rng.normal(size=(4, 8)).astype(np.float32)
-    source = inspect.getsource(freeze._append_head)
+    assert set(th.TORCH_HEADS) == set(freeze.FROZEN_HEADS) == set(nh.head_names())
     for name in nh.head_names():
         head = HeadConfig(kind=name)
         assert HeadConfig.from_dict(head.to_dict()) == head
@@ -198,11 +196,23 @@ def test_every_registered_head_is_a_complete_kind():
         assert {k: v.shape for k, v in fitted.items()} == nh.fitted_shapes(head, 5, 8)
         assert np.isfinite(nh.score(head, fitted, q)).all()
         th.head_logits(head, torch.from_numpy(s), torch.from_numpy(y), torch.from_numpy(q), 5)
-        assert f'"{name}"' in source or name == "logistic", f"export/freeze.py has no graph for the {name} head"
     with pytest.raises(ConfigError, match="unknown head 'svm'; choose one of prototype, ridge, logistic, mahalanobis"):
         HeadConfig(kind="svm")
     with pytest.raises(ValueError, match="registered twice"):
         nh.register_head(nh.HEAD_KINDS["ridge"])
+    # a head registered without its other flavours fails where a flavour's table is checked
+    with pytest.raises(ImportError, match=r"missing \['knn'\]"):
+        _check_with_extra_head(nh, freeze.FROZEN_HEADS)
+
+
+def _check_with_extra_head(nh, table):
+    import dataclasses
+    extra = dataclasses.replace(nh.HEAD_KINDS["prototype"], name="knn")
+    nh.HEAD_KINDS["knn"] = extra
+    try:
+        nh.check_flavour("frozen-graph", table)
+    finally:
+        del nh.HEAD_KINDS["knn"]
 
 
 def test_the_shared_covariance_head_uses_the_covariance():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 from edgemeta.runtime import FewShotClassifier, ImageDecodeError, StoreError
+from edgemeta.runtime.heads import head_names
 from edgemeta.runtime.store import EnrollmentStore
 
 
@@ -51,7 +52,7 @@ def test_enrolled_classes_survive_a_restart(tiny_bundle, tagalog, tmp_path):
     np.testing.assert_allclose(after.probabilities, before.probabilities, rtol=1e-6)
 
 
-@pytest.mark.parametrize("head", ["prototype", "ridge", "logistic"])
+@pytest.mark.parametrize("head", head_names())
 def test_every_head_classifies_and_prototype_enrollment_touches_only_the_new_class(tiny_bundle, tagalog, head):
     support, query = _split(tagalog, 4)
     clf = FewShotClassifier.load(tiny_bundle, head=head)
