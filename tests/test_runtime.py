@@ -368,14 +368,21 @@ def test_a_backend_is_one_registration_and_every_entry_point_reaches_it(tmp_path
             raise BackendUnavailable("counting is switched off")
         return Counting(open_onnxruntime(bundle, request))
 
+    def counting_runs_here(bundle, device):
+        return {bundle.variant_file("fp32"): "yes — counting" if wanted["on"] else "no — switched off"}
+
     bundle = shutil.copytree(TINY_BUNDLE, tmp_path / "b")
-    register_backend(BackendKind("counting", open_counting, "counts calls", auto_rank=-1))
+    register_backend(BackendKind("counting", open_counting, "counts calls", auto_rank=-1, runs_here=counting_runs_here))
     try:
-        assert backend_names() == ("auto", "onnxruntime", "tensorrt", "counting")
+        assert set(backend_names()) == {"auto", "onnxruntime", "tensorrt", "counting"}
         with pytest.raises(ValueError, match="taken"):
-            register_backend(BackendKind("counting", open_counting, "twice"))
+            register_backend(BackendKind("counting", open_counting, "twice", runs_here=counting_runs_here))
         with pytest.raises(ValueError, match="options and parse_options go together"):
-            register_backend(BackendKind("other", open_counting, "x", options="MODE"))
+            register_backend(BackendKind("other", open_counting, "x", options="MODE", runs_here=counting_runs_here))
+        with pytest.raises(ValueError, match="runs_here"):  # a backend must say what it runs here
+            register_backend(BackendKind("mute", open_counting, "x"))
+        from edgemeta.runtime.backends import runnable_here
+        assert runnable_here(load_bundle(bundle))["embed.onnx"].startswith("yes — onnxruntime")  # one says yes
         with pytest.warns(RuntimeWarning, match="counting is switched off. Falling back to onnxruntime"):
             assert open_backend(load_bundle(bundle), "auto").name == "onnxruntime"
         wanted["on"] = True
@@ -392,3 +399,15 @@ def test_a_backend_is_one_registration_and_every_entry_point_reaches_it(tmp_path
         BACKEND_KINDS.pop("counting")
     result = run_cli("predict", bundle, "--store", tmp_path / "s", "--backend", "counting", *files)
     assert result.exit_code == 2 and "backend must be auto or one of" in result.output
+
+
+def test_every_backend_module_registers_itself_without_an_import_line():
+    """The backends package imports every module of its folder: a backend module whose import line
+    was forgotten used to register nothing, silently."""
+    import pkgutil
+
+    import edgemeta.runtime.backends as backends
+    from edgemeta.runtime.backends.registry import BACKEND_KINDS
+    modules = {m.name for m in pkgutil.iter_modules(backends.__path__)} - {"base", "registry", "ort_graph_cache"}
+    registered = {kind.open.__module__.rsplit(".", 1)[-1] for kind in BACKEND_KINDS.values()}
+    assert modules <= registered, modules - registered

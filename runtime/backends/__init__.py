@@ -9,24 +9,33 @@ to rebuild it). `onnxruntime:PROVIDER[,PROVIDER…]` runs ONNX Runtime on the ex
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from ..bundle import Bundle
-from ..device_info import device_identity, engine_mismatches, rebuild_hint
-from . import onnxruntime, tensorrt  # noqa: F401  (each registers its backend)
+from ..device_info import device_identity
 from .base import Backend
 from .onnxruntime import PROVIDER_NAMES, OnnxRuntimeBackend, choose_providers
 from .registry import BACKEND_KINDS, BackendRequest, backend_help, backend_names, open_with, parse_backend
 from .tensorrt import matching_engine
 
+# Every module of this folder that registers a backend is imported here: a new backend module needs
+# no import line (a forgotten one used to fail nothing).
+_SUPPORT = {"base", "registry", "ort_graph_cache"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _SUPPORT:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
 
 def runnable_here(bundle: Bundle, device: dict | None = None) -> dict[str, str]:
-    """Which backend on this machine can run which file of the bundle, in words."""
-    import onnxruntime as ort
-    providers = ", ".join(p.replace("ExecutionProvider", "") for p in choose_providers("auto"))
-    out = {v["file"]: f"yes — onnxruntime {ort.__version__} ({providers})" for v in bundle.manifest["variants"].values()}
+    """Which backend on this machine can run which file of the bundle, in words: each registered
+    backend says it for the files it runs (BackendKind.runs_here)."""
     device = device if device is not None else device_identity()
-    for e in bundle.engines:
-        why = engine_mismatches(e, device)
-        out[e["file"]] = "yes — tensorrt" if not why else "no — " + "; ".join(why) + f" ({rebuild_hint(bundle.path)})"
+    out: dict[str, str] = {}
+    for kind in BACKEND_KINDS.values():
+        assert kind.runs_here is not None  # register_backend requires it
+        for name, said in kind.runs_here(bundle, device).items():
+            out[name] = said if name not in out or said.startswith("yes") else out[name]
     return out
 
 

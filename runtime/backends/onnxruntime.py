@@ -238,6 +238,14 @@ def _open_on_cpu(bundle, name: str, request: BackendRequest) -> OnnxRuntimeBacke
     return opened(path)
 
 
+def onnxruntime_runs_here(bundle, device: dict) -> dict[str, str]:
+    """Every ONNX graph of the bundle, on the providers auto would choose here."""
+    import onnxruntime as ort
+    providers = ", ".join(p.replace("ExecutionProvider", "") for p in choose_providers("auto"))
+    return {v["file"]: f"yes — onnxruntime {ort.__version__} ({providers})" for v in bundle.manifest["variants"].values()}
+
+
 register_backend(BackendKind(
     "onnxruntime", open_onnxruntime, "ONNX Runtime with the best available provider (TensorRT EP, CUDA, CPU)",
-    auto_rank=100, options=f"PROVIDER[,…] ({', '.join(PROVIDER_NAMES)})", parse_options=parse_providers))
+    auto_rank=100, options=f"PROVIDER[,…] ({', '.join(PROVIDER_NAMES)})", parse_options=parse_providers,
+    runs_here=onnxruntime_runs_here))

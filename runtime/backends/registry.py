@@ -1,6 +1,8 @@
-"""The backend registry: name → how to open a bundle's network on it. Adding a backend is one module
-in runtime/backends/ that ends with `register_backend(BackendKind(...))`, and its import in
-runtime/backends/__init__.py; `--backend` choices, help and `auto`'s order come from here."""
+"""The backend registry: name → how to open a bundle's network on it, and which of a bundle's files it
+runs here. Adding a backend is one module in runtime/backends/ that ends with
+`register_backend(BackendKind(...))`: the package imports every module in its folder, so there is
+no import line to forget; `--backend` choices, help, `auto`'s order and `inspect`'s "runs here"
+come from here."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,6 +51,9 @@ class BackendKind:
     auto_rank: int | None = None
     options: str = ""
     parse_options: Callable[[str], Any] | None = field(default=None)
+    # which of the bundle's files this backend runs on this machine, in words: (bundle, device) →
+    # {file: "yes — …" | "no — why"} (inspect's "runs here")
+    runs_here: Callable[[Bundle, dict], dict[str, str]] | None = None
 
 
 BACKEND_KINDS: dict[str, BackendKind] = {}
@@ -59,6 +64,8 @@ def register_backend(kind: BackendKind) -> BackendKind:
         raise ValueError(f"backend name {kind.name!r} is taken or invalid")
     if bool(kind.options) != (kind.parse_options is not None):
         raise ValueError(f"backend {kind.name!r}: options and parse_options go together")
+    if kind.runs_here is None:
+        raise ValueError(f"backend {kind.name!r}: say which of a bundle's files it runs here (runs_here)")
     BACKEND_KINDS[kind.name] = kind
     return kind
 

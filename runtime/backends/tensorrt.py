@@ -204,5 +204,15 @@ def open_tensorrt(bundle, request: BackendRequest) -> TensorRTBackend:
     raise BackendUnavailable(f"no {subject}: {' | '.join(reasons) or 'none of its precision'}; {rebuild_hint(bundle.path)}")
 
 
+def tensorrt_runs_here(bundle, device: dict) -> dict[str, str]:
+    """Each engine of the bundle: whether it was built for this device, or what differs."""
+    from ..device_info import engine_mismatches, rebuild_hint
+    out = {}
+    for e in bundle.engines:
+        why = engine_mismatches(e, device)
+        out[e["file"]] = "yes — tensorrt" if not why else "no — " + "; ".join(why) + f" ({rebuild_hint(bundle.path)})"
+    return out
+
+
 register_backend(BackendKind("tensorrt", open_tensorrt, "a TensorRT engine of the bundle built on this device "
-                             "(`edgemeta build-engine`)", auto_rank=0))
+                             "(`edgemeta build-engine`)", auto_rank=0, runs_here=tensorrt_runs_here))
