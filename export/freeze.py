@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from edgemeta.runtime.backends.base import MAX_BATCH
 from edgemeta.runtime.bundle import register_file, write_manifest
 from edgemeta.runtime.errors import ConfigError, StoreError
 from edgemeta.runtime.heads import check_flavour
@@ -39,7 +40,7 @@ LIMITED_RANGE_SCALE, LIMITED_RANGE_OFFSET = 255.0 / 219.0, 16.0
 
 
 def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, variant: str = "fp32",
-           overwrite: bool = False, max_batch: int = 32, progress: Progress = SILENT) -> dict:
+           overwrite: bool = False, max_batch: int = MAX_BATCH, progress: Progress = SILENT) -> dict:
     from edgemeta.runtime import FewShotClassifier
     from edgemeta.runtime.store import EnrollmentStore
     if not EnrollmentStore(store_dir).exists():
@@ -81,7 +82,7 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
         manifest["variants"]["fp32"] = {"file": "classifier.onnx", "parity": None, "frozen_from": variant}
         _write_triton(building, manifest, max_batch)
         if deepstream_skip is None:
-            _write_deepstream(building, manifest, max_batch)
+            _write_deepstream(building, manifest, max_batch, model)
         manifest["frozen"]["deepstream"] = {"written": deepstream_skip is None, "why_not": deepstream_skip}
         write_manifest(building, manifest)
     progress.message(f"frozen: {len(labels)} classes, head {state.head.kind}, distance {metric}")
@@ -268,7 +269,20 @@ dynamic_batching {{ }}
     shutil.copyfile(folder / "labels.txt", entry / "labels.txt")
 
 
-def _write_deepstream(folder: Path, manifest: dict, max_batch: int) -> None:
+def deepstream_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The frozen graph with the gated probabilities as its only output. nvinfer binds every
+    non-input tensor of an engine as an output layer and labels layer l with line l of its labels
+    file (`output-blob-names` does not select outputs of an ONNX model): with the ungated
+    probabilities first, a rejected object would still get a label."""
+    only = onnx.ModelProto()
+    only.CopyFrom(model)
+    keep = [o for o in only.graph.output if o.name == KNOWN_PROBABILITIES]
+    del only.graph.output[:]
+    only.graph.output.extend(keep)
+    return check_model(only)
+
+
+def _write_deepstream(folder: Path, manifest: dict, max_batch: int, model: onnx.ModelProto) -> None:
     """A DeepStream nvinfer config for the frozen graph as a secondary classifier on a detector's
     objects. Pixels go in as 0–255 floats (the graph normalises); greyscale models get nvinfer's
     limited-range luma stretched to the full range; the resize is GPU Lanczos; the output read is
@@ -278,13 +292,15 @@ def _write_deepstream(folder: Path, manifest: dict, max_batch: int) -> None:
     channels = 3 if spec["colour"] == "RGB" else 1
     scale, offset = (1.0, "0;0;0") if channels == 3 else (LIMITED_RANGE_SCALE, f"{LIMITED_RANGE_OFFSET:g}")
     (folder / "deepstream").mkdir()
+    onnx.save(deepstream_graph(model), str(folder / "deepstream" / "classifier.onnx"))
     (folder / "deepstream" / "labels.txt").write_text(";".join(manifest["frozen"]["classes"]) + "\n")
     (folder / "deepstream" / "config_infer_secondary_classifier.txt").write_text(f"""# nvinfer config written by `edgemeta freeze` (see docs/jetson.md, DeepStream)
 [property]
 gpu-id=0
-onnx-file=../classifier.onnx
+# the frozen graph with its gated probabilities as the only output (nvinfer labels every output layer)
+onnx-file=classifier.onnx
 # the engine nvinfer builds on first run and reuses after
-model-engine-file=../classifier.onnx_b{max_batch}_gpu0_fp32.engine
+model-engine-file=classifier.onnx_b{max_batch}_gpu0_fp32.engine
 labelfile-path=labels.txt
 batch-size={max_batch}
 network-type=1

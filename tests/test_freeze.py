@@ -130,13 +130,14 @@ def test_frozen_folder_is_a_bundle_with_triton_and_deepstream_configs(tiny_bundl
     assert b.manifest["frozen"]["classes"] == chars and (tmp_path / "f" / "labels.txt").read_text().split("\n")[:-1] == chars
     assert b.manifest["frozen"]["store_model_sha256"] == clf.bundle.model_sha256
     config = triton_config(tmp_path / "f" / "triton" / "frozen-classifier" / "config.pbtxt")
-    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32 and config.HasField("dynamic_batching")
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 64 and config.HasField("dynamic_batching")
     assert list(config.input[0].dims) == [1, 28, 28]
     assert [(o.name, list(o.dims)) for o in config.output] == [("probabilities", [5]), ("distance", [1]),
                                                                 ("probabilities_known", [5])]
     assert (tmp_path / "f" / "triton" / "frozen-classifier" / "1" / "model.onnx").exists()
     ds = (tmp_path / "f" / "deepstream" / "config_infer_secondary_classifier.txt").read_text()
     for key in ("network-type=1", "process-mode=2", "output-blob-names=probabilities_known", "infer-dims=1;28;28",
+                "batch-size=64", "onnx-file=classifier.onnx",
                 "labelfile-path=labels.txt", "model-color-format=2", "scaling-filter=4", "scaling-compute-hw=1",
                 "offsets=16", "operate-on-gie-id=1", "classifier-threshold=0.01"):
         assert key in ds, key
@@ -149,6 +150,39 @@ def test_frozen_folder_is_a_bundle_with_triton_and_deepstream_configs(tiny_bundl
     assert run_cli("inspect", tmp_path / "f").exit_code == 0
     with pytest.raises(Exception, match="frozen classifier"):
         FewShotClassifier.load(tmp_path / "f")
+
+
+def test_deepstream_reads_unknown_the_way_nvinfer_reads_outputs(tiny_bundle, tagalog, queries, tmp_path):
+    """A replay of nvinfer's output loop on the DeepStream graph (recorded behaviour, not verified on
+    DeepStream): every non-input binding is an output layer (`if (!info.isInput)
+    m_OutputLayerInfo.push_back(info)`), layer l takes line l of the labels file
+    (parseAttributesFromSoftmaxLayers), and a layer's top class is a label only above
+    classifier-threshold. Inputs the auto rule rejects must get no label from any layer."""
+    import onnxruntime as ort
+    from edgemeta.runtime.preprocess import load_images, pixels_to_batch
+    clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s")
+    for c in sorted(tagalog)[:5]:
+        clf.enroll(c, tagalog[c][:3])
+    assert run_cli("freeze", tiny_bundle, "--store", tmp_path / "s", "--out", tmp_path / "f").exit_code == 0
+    ds = tmp_path / "f" / "deepstream"
+    config = dict(line.split("=", 1) for line in (ds / "config_infer_secondary_classifier.txt").read_text().splitlines()
+                  if "=" in line and not line.startswith("#"))
+    threshold = float(config["classifier-threshold"])
+    label_lines = [line.split(";") for line in (ds / config["labelfile-path"]).read_text().splitlines() if line]
+    session = ort.InferenceSession(str(ds / config["onnx-file"]), providers=["CPUExecutionProvider"])
+    noise = [np.random.default_rng(i).integers(0, 256, (28, 28, 1), dtype=np.uint8) for i in range(6)]
+    pixels = np.concatenate([load_images(queries, clf.bundle.spec), np.stack(noise)])
+    layers = session.run(None, {session.get_inputs()[0].name: pixels_to_batch(pixels)})
+    assert len(layers) == len(label_lines) == 1        # one output layer, one labels line
+    expected = clf.predict(pixels, reject="auto").labels
+    assert "unknown" in expected and set(expected) - {"unknown"}
+    for i, want in enumerate(expected):
+        said = []
+        for layer, labels in zip(layers, label_lines):
+            best = int(np.argmax(layer[i]))
+            if layer[i][best] > threshold:
+                said.append(labels[best])
+        assert said == ([] if want == "unknown" else [want]), (i, said, want)
 
 
 def triton_config(path):
