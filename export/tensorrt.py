@@ -147,12 +147,13 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, input_name: str
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
         # the inspector reports layer types only at DETAILED verbosity (default: names alone)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        dla_capable = sum(bool(config.can_run_on_DLA(network.get_layer(i))) for i in range(network.num_layers))
         if weak_for_dla:
             config.set_flag(trt.BuilderFlag.FP16)
             if precision == "int8":
                 config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization from the QDQ graph
             log("DLA build as trtexec does it in TensorRT 10 (weakly typed network, --fp16/--int8 flags)")
+        # asked once the precision flags are set: the DLA runs fp16/int8 layers only
+        dla_capable = sum(bool(config.can_run_on_DLA(network.get_layer(i))) for i in range(network.num_layers))
     t0 = time.time()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -211,8 +212,9 @@ def _save_timing_cache(config, cache_path: Path, log) -> None:
 
 def _layer_placement(trt, plan: bytes, logger, dla_core: int) -> dict | None:
     """Which engine layers run on the DLA, from the engine inspector: at DETAILED verbosity each
-    layer is an object whose type or metadata names the DLA; at the default verbosity only names,
-    where DLA subgraphs show as `{ForeignNode[...]}` layers. None where there is no inspector."""
+    layer is an object whose LayerType says where it runs (trusted alone: a GPU Myelin subgraph is a
+    `{ForeignNode[...]}` too). At the default verbosity only names are given and placement is not
+    known (dla_layers None). None where there is no inspector."""
     import json
     runtime = trt.Runtime(logger)
     runtime.DLA_core = dla_core
@@ -222,11 +224,7 @@ def _layer_placement(trt, plan: bytes, logger, dla_core: int) -> dict | None:
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
     layers = info.get("Layers", [])
 
-    def on_dla(layer) -> bool:
-        if isinstance(layer, dict):
-            text = " ".join(str(layer.get(k, "")) for k in ("LayerType", "Metadata", "Name", "TacticName"))
-            return "DLA" in text or "ForeignNode" in text
-        return "ForeignNode" in str(layer) or "DLA" in str(layer)
-    dla = sum(on_dla(layer) for layer in layers)
-    return {"dla_layers": dla, "gpu_layers": len(layers) - dla, "layers": len(layers),
-            "inspector": "detailed" if layers and isinstance(layers[0], dict) else "names"}
+    if not layers or not all(isinstance(layer, dict) for layer in layers):
+        return {"dla_layers": None, "gpu_layers": None, "layers": len(layers), "inspector": "names"}
+    dla = sum("DLA" in str(layer.get("LayerType", "")) for layer in layers)
+    return {"dla_layers": dla, "gpu_layers": len(layers) - dla, "layers": len(layers), "inspector": "detailed"}

@@ -78,6 +78,7 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
     class Config:
         def __init__(self):
             self.default_device_type, self._dla = "GPU", None
+            self.flags: set = set()
 
         def set_memory_pool_limit(self, pool, size):
             rec("set_memory_pool_limit", pool, size)
@@ -87,6 +88,7 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
 
         def set_flag(self, flag):
             rec("set_flag", flag)
+            self.flags.add(flag)
 
         def add_optimization_profile(self, profile):
             rec("add_optimization_profile", profile.shapes)
@@ -98,7 +100,8 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
             return Cache(bytes(data)) if cache_ok or not data else None
 
         def can_run_on_DLA(self, layer):  # noqa: N802 - TensorRT's name
-            return layer.dla
+            # as TensorRT: the DLA runs fp16 and int8 layers only, so the answer depends on the flags
+            return layer.dla and bool(self.flags & {"FP16", "INT8"})
 
         @property
         def profiling_verbosity(self):
@@ -221,8 +224,11 @@ def fake_tensorrt(rec: Recorder, version: str = "10.3.0", dla_cores: int = 0, ca
             if inspector == "detailed":   # DETAILED verbosity: one object per layer
                 layers = [{"Name": "conv1", "LayerType": "DLA"}, {"Name": "conv2", "LayerType": "DLA"},
                           {"Name": "pool", "LayerType": "Pooling"}, {"Name": "flatten", "LayerType": "Shuffle"}]
-            else:                         # default verbosity: names only, DLA subgraphs as ForeignNode
+            else:                         # default verbosity: names only; a ForeignNode may be DLA or Myelin
                 layers = ["{ForeignNode[conv1...conv2]}", "pool", "flatten"]
+            if inspector == "myelin":     # a GPU Myelin subgraph: a ForeignNode that is not on the DLA
+                layers = [{"Name": "{ForeignNode[conv1...conv2]}", "LayerType": "Myelin"},
+                          {"Name": "pool", "LayerType": "DLA"}, {"Name": "flatten", "LayerType": "Shuffle"}]
             return types.SimpleNamespace(get_engine_information=lambda fmt: json.dumps({"Layers": layers}))
 
     class Runtime:
@@ -513,15 +519,19 @@ def test_a_frozen_classifier_gets_an_engine_with_every_output(fakes, tiny_bundle
         assert isinstance(FrozenClassifier.load(tmp_path / "f", device=other).backend, OnnxRuntimeBackend)
 
 
-def test_dla_layers_are_counted_from_either_inspector_shape(fakes, tiny_bundle, tmp_path):
-    """At the default verbosity the inspector gives names only; DLA subgraphs are ForeignNode layers
-    (the report used to say 0 DLA layers there)."""
+def test_dla_layers_are_counted_by_their_type_after_the_precision_flags(fakes, tiny_bundle, tmp_path):
+    """DLA placement trusts the layer type (a GPU Myelin subgraph is a ForeignNode too), and DLA
+    capability is asked after the precision flags are set (the DLA runs fp16/int8 layers only: asked
+    before, every layer said no). At the names-only verbosity placement is unknown, not guessed."""
     from edgemeta.export import EngineOptions, add_engine
     rec, install = fakes
-    install(dla_cores=1, inspector="names")
+    install(dla_cores=1, inspector="myelin")
     record = add_engine(copy_bundle(tiny_bundle, tmp_path), EngineOptions("int8", "8", dla_core=0))
-    assert record["placement"]["dla_layers"] == 1 and record["placement"]["inspector"] == "names"
+    assert record["placement"]["dla_layers"] == 1 and record["placement"]["gpu_layers"] == 2
     assert record["placement"]["dla_capable_layers"] == 3
+    install(dla_cores=1, inspector="names")
+    record = add_engine(copy_bundle(tiny_bundle, tmp_path / "n"), EngineOptions("int8", "8", dla_core=0))
+    assert record["placement"]["dla_layers"] is None and record["placement"]["inspector"] == "names"
 
 
 def test_a_corrupt_timing_cache_that_raises_is_replaced_and_a_concurrent_save_is_merged(fakes, tiny_bundle, tmp_path):
