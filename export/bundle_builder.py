@@ -391,8 +391,9 @@ def add_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(),
         tmp_path.unlink(missing_ok=True)  # never an orphan .building-*.engine
     if record.get("placement"):
         p = record["placement"]
+        where = (f"; the engine runs {p['dla_layers']} layer(s) there, {p['gpu_layers']} on the GPU"
+                 if p.get("dla_layers") is not None else
+                 "; where each runs is not known (the engine inspector gave layer names only)")
         progress.message(f"DLA core {dla_core}: {p.get('dla_capable_layers')} of {p.get('network_layers')} network layers can run "
-                         (f"on the DLA; the engine runs {p['dla_layers']} layer(s) there, {p['gpu_layers']} on the GPU"
-                          if p.get("dla_layers") is not None else
-                          "; where each runs is not known (the engine inspector gave layer names only)"))
+                         f"on the DLA{where}")
     return record
