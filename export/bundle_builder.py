@@ -368,10 +368,15 @@ def add_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(),
         raise BundleError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}")
     profile = BatchProfile.parse(batch)
     bundle = load_bundle(bundle_dir)
-    if "frozen" in bundle.manifest and precision != "fp32":
-        raise BundleError(f"a frozen classifier holds one graph (frozen from the {bundle.manifest['frozen']['variant']} "
-                          "variant): build its engine with --precision fp32, or freeze from another --variant")
-    onnx_path = bundle.variant_path(precision)
+    file_variant = precision
+    if "frozen" in bundle.manifest:  # one graph, of the precision it was frozen from: the engine is that one
+        from edgemeta.runtime.backends.onnxruntime import graph_precision
+        own = graph_precision(bundle, "fp32")
+        if precision not in ("fp32", own):
+            raise BundleError(f"a frozen classifier holds one graph (frozen from the {bundle.manifest['frozen']['variant']} "
+                              f"variant): build its engine with --precision {own}, or freeze from another --variant")
+        precision, file_variant = own, "fp32"
+    onnx_path = bundle.variant_path(file_variant)
     spec = bundle.spec
     tmp_path = bundle.path / f".building-{precision}.engine"
     progress.message(f"building a TensorRT {precision} engine, batch {batch} (minutes on a Jetson)")

@@ -265,7 +265,7 @@ output [
   }}
 ]
 dynamic_batching {{ }}
-''')
+{_triton_accelerator(manifest["frozen"]["variant"])}''')
     shutil.copyfile(folder / "labels.txt", entry / "labels.txt")
 
 
@@ -280,6 +280,23 @@ def deepstream_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     del only.graph.output[:]
     only.graph.output.extend(keep)
     return check_model(only)
+
+
+def _triton_accelerator(variant: str) -> str:
+    """An INT8 or FP16 freeze on Triton's ONNX Runtime backend: its TensorRT accelerator in that
+    precision (without it the Q/DQ or float16 graph runs on the CUDA provider)."""
+    mode = "INT8" if variant.startswith("int8") else "FP16" if variant == "fp16" else None
+    if mode is None:
+        return ""
+    return f'''optimization {{
+  execution_accelerators {{
+    gpu_execution_accelerator : [ {{
+      name : "tensorrt"
+      parameters {{ key: "precision_mode" value: "{mode}" }}
+    }} ]
+  }}
+}}
+'''
 
 
 def _write_deepstream(folder: Path, manifest: dict, max_batch: int, model: onnx.ModelProto) -> None:

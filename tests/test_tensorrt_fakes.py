@@ -547,3 +547,29 @@ def test_a_corrupt_timing_cache_that_raises_is_replaced_and_a_concurrent_save_is
     assert any("unreadable (TensorRT: corrupt timing cache)" in m for m in messages) and any("fresh one" in m for m in messages)
     assert ("combine", b"other", True) in rec.calls                 # merged under the lock, not overwritten
     assert cache.read_bytes() == b"cache:+other"
+
+
+def test_an_int8_freeze_is_int8_in_the_tensorrt_ep_in_triton_and_in_its_engine(fakes, tiny_bundle, tagalog, tmp_path):
+    """An INT8 freeze was opened with trt_int8_enable=False, its Triton config had no TensorRT
+    accelerator, and its engine was named and recorded as fp32 (recording fakes, not TensorRT)."""
+    from edgemeta.export import EngineOptions, add_engine
+    from edgemeta.export.freeze import freeze
+    from edgemeta.runtime import FewShotClassifier, load_bundle
+    from edgemeta.runtime.backends.onnxruntime import tensorrt_ep_options
+    clf = FewShotClassifier.load(tiny_bundle, store=tmp_path / "s", variant="int8")
+    for c in sorted(tagalog)[:3]:
+        clf.enroll(c, tagalog[c][:2])
+    freeze(tiny_bundle, tmp_path / "s", tmp_path / "f", variant="int8")
+    frozen = load_bundle(tmp_path / "f")
+    options = tensorrt_ep_options(frozen, "fp32", cache_root=tmp_path / "cache")
+    assert options["trt_int8_enable"] is True and options["trt_fp16_enable"] is False
+    from test_freeze import triton_config  # Triton's own ModelConfig protobuf
+    config = triton_config(tmp_path / "f" / "triton" / "frozen-classifier" / "config.pbtxt")
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and dict(accelerator.parameters) == {"precision_mode": "INT8"}
+    rec, install = fakes
+    install(outputs=graph_outputs(tmp_path / "f" / "classifier.onnx"))
+    with pytest.raises(BundleError, match="--precision int8"):
+        add_engine(tmp_path / "f", EngineOptions("fp16", "1:4:16"))
+    record = add_engine(tmp_path / "f", EngineOptions("int8", "1:4:16"))
+    assert record["precision"] == "int8" and ".int8." in record["file"]

@@ -94,6 +94,17 @@ def _tensorrt_version() -> str:
     return "none"
 
 
+def graph_precision(bundle, variant: str) -> str:
+    """The precision of the graph a variant names: a frozen classifier has one graph (its "fp32"
+    file), frozen from the variant its manifest records (an INT8 or FP16 freeze is a Q/DQ or
+    float16 graph, whatever the file is called)."""
+    frozen = bundle.manifest.get("frozen")
+    if frozen is None:
+        return variant
+    source = str(frozen.get("variant", "fp32"))
+    return "int8" if source.startswith("int8") else "fp16" if source == "fp16" else "fp32"
+
+
 def tensorrt_ep_options(bundle, variant: str, cache_root: str | Path | None = None) -> dict:
     """Options for ONNX Runtime's TensorRT execution provider: engine and timing caches (keyed by the
     model's checksum and variant, so a second run does not rebuild for minutes), the profile shapes
@@ -104,6 +115,7 @@ def tensorrt_ep_options(bundle, variant: str, cache_root: str | Path | None = No
 
     import onnxruntime as ort
     spec = bundle.spec
+    variant = graph_precision(bundle, variant)
     root = Path(cache_root or os.environ.get("EDGEMETA_TRT_CACHE") or Path.home() / ".cache" / "edgemeta" / "trt-ep")
     folder = root / f"{bundle.model_sha256[:16]}-{variant}-ort{ort.__version__}-trt{_tensorrt_version()}"
     shape = lambda n: f"{bundle.input_name}:{n}x{spec.channels}x{spec.height}x{spec.width}"  # noqa: E731
