@@ -80,13 +80,16 @@ def tagalog(omniglot_paths):
 
 
 SLOW_FIXTURES = {"tiny_run", "tiny_bundle", "shipped_bundle"}  # a real training run and the exports
+# modules that train or export real models throughout (the shipped EfficientNet-Lite checkpoints'
+# exports alone took 240 of test-fast's 430 s) or run several processes
+SLOW_MODULES = {"test_distributed", "test_rgb_pretrain"}
 
 
 def pytest_collection_modifyitems(config, items):
     """`slow`: tests that train or export a real model (through the fixtures above) or start
     processes; `make test-fast` leaves them out for the edit loop, `make test` runs everything."""
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ == "test_distributed":
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
 
 
