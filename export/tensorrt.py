@@ -204,7 +204,10 @@ def _save_timing_cache(config, cache_path: Path, log) -> None:
             try:
                 saved = config.create_timing_cache(cache_path.read_bytes())
                 if saved is not None:
-                    cache.combine(saved, True)  # ignore_mismatch: entries of another device are skipped
+                    # ignore_mismatch=True: TensorRT merges the saved cache into this one even when it was
+                    # made on another device or TensorRT version (it does not skip such entries), so
+                    # a timing cache file is meant for one device (docs/jetson.md)
+                    cache.combine(saved, True)
             except Exception as exc:
                 log(f"the timing cache saved meanwhile at {cache_path} could not be merged ({exc}); replacing it")
         atomic_write(cache_path, bytes(cache.serialize()))
