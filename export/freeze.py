@@ -53,7 +53,12 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
     if not state.classes:
         raise StoreError(f"the store at {store_dir} has no classes to freeze")
     bundle = clf.bundle
-    model = onnx.load(str(bundle.variant_path(variant, cpu=clf.variant.endswith("-cpu"))))  # the store's graph
+    if clf.variant == "int8-cpu":
+        # a TensorRT-parseable INT8 freeze on any machine: the S8S8 graph, never the U8S8 one the CPU
+        # provider ran the store with (TensorRT takes zero points of 0 and INT8 only), the shots
+        # re-embedded with it from the store's kept images
+        clf, state = _reembedded_for_s8s8(clf, state, store_dir)
+    model = onnx.load(str(bundle.variant_path(variant)))
     metric = state.head.rejection_metric(bundle.l2_normalized)
     names = _append_head(model, state.head, state.fitted, metric)
     model = check_model(model)
@@ -61,6 +66,9 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
     rule = clf.rejection_rule(state, metric)  # what predict(reject="auto") applies, into the graph
     _append_rejection_gate(model, names, rule, metric)
     model = check_model(model)
+    if variant == "int8":  # what TensorRT needs of a Q/DQ graph, checked on the frozen one too
+        from .quantize import audit_qdq
+        audit_qdq(model)
     deepstream_skip = _deepstream_refusal(labels, variant)
     variant = clf.variant
     with bundle_target(Path(out), overwrite, (Path(bundle_dir), Path(store_dir))) as building:
@@ -89,6 +97,32 @@ def freeze(bundle_dir: str | Path, store_dir: str | Path, out: str | Path, varia
     if deepstream_skip is not None:
         progress.message(f"no DeepStream config: {deepstream_skip}")
     return manifest
+
+
+def _reembedded_for_s8s8(clf, state, store_dir):
+    """(a classifier on the bundle's S8S8 INT8 graph, the store's classes re-embedded with it) — or
+    StoreError saying why not (no kept images)."""
+    from dataclasses import replace
+
+    from edgemeta.runtime import FewShotClassifier
+    from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from edgemeta.runtime.classifier import fit_head
+    from edgemeta.runtime.store import EnrolledClass, frozen
+    missing = [c.label for c in state.classes if not c.images]
+    if missing:
+        raise StoreError(f"the store at {store_dir} was enrolled with the CPU's INT8 graph (U8S8), which TensorRT "
+                         f"cannot parse, and class {missing[0]!r} kept no images to re-embed with the TensorRT one "
+                         "(S8S8): enroll with kept images, or freeze --variant fp32 or fp16")
+    bundle = clf.bundle
+    backend = OnnxRuntimeBackend(bundle.variant_path("int8"), bundle.spec, bundle.embedding_dim, "cpu")
+    s8 = FewShotClassifier(bundle, backend, state.head, variant="int8")
+    classes = tuple(EnrolledClass(c.label, frozen(s8.embed_support([clf.store.image_path(n) for n in c.images])),
+                                  c.images, c.limit) for c in state.classes)
+    negatives = tuple(replace(n, embedding=frozen(s8.embed([clf.store.image_path(n.image)])[0])) for n in state.negatives
+                      if n.image)
+    s8._state = replace(state, variant="int8", classes=classes, negatives=negatives,
+                        fitted={k: frozen(v) for k, v in fit_head(state.head, classes).items()})
+    return s8, s8._state
 
 
 def _deepstream_refusal(labels: list[str], variant: str) -> str | None:

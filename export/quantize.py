@@ -65,15 +65,24 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
             "calibration_images": int(len(calib_pixels))}
 
 
-def audit_qdq(path: str | Path) -> None:
+def audit_qdq(path_or_model) -> None:
     """The INT8 graph is one TensorRT can build: every DequantizeLinear dequantizes int8 (an int8
-    initializer, or the output of a QuantizeLinear to int8), and the operators pass the op audit."""
+    initializer, or the output of a QuantizeLinear to int8), every zero point is 0 (TensorRT's
+    quantization is symmetric), and the operators pass the op audit."""
     import onnx
     from edgemeta.runtime.errors import BundleError
+    from onnx import numpy_helper
 
     from .onnx_graph import check_model
-    model = onnx.load(str(path))
+    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
     check_model(model)
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2] in tensors:
+            zero = numpy_helper.to_array(tensors[node.input[2]])
+            if zero.any():
+                raise BundleError(f"INT8 graph: {node.op_type} {node.name!r} has a nonzero zero point; TensorRT "
+                                  "takes symmetric quantization only (zero point 0)")
     int8 = onnx.TensorProto.INT8
     initializers = {t.name: t.data_type for t in model.graph.initializer}
     quantized = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
