@@ -82,7 +82,7 @@ def tagalog(omniglot_paths):
 SLOW_FIXTURES = {"tiny_run", "tiny_bundle", "shipped_bundle"}  # a real training run and the exports
 # modules that train or export real models throughout (the shipped EfficientNet-Lite checkpoints'
 # exports alone took 240 of test-fast's 430 s) or run several processes
-SLOW_MODULES = {"test_distributed", "test_rgb_pretrain"}
+SLOW_MODULES = {"test_distributed", "test_rgb_pretrain", "test_gpu_check"}
 
 
 def pytest_collection_modifyitems(config, items):
