@@ -49,12 +49,15 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, extra_options={"WeightSymmetric": True})
         else:
+            placement = tensorrt_qdq_nodes(prepared)
             quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_quantize=placement["nodes"],
                             # biases stay float: TensorRT's DequantizeLinear takes int8/fp8/int4 inputs only, and an
                             # int32 bias behind a DequantizeLinear will not parse (onnxruntime#17738, NVIDIA/TensorRT#3360)
                             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+    if target == "tensorrt":
+        keep_qdq_only_before(out_path, TENSORRT_QUANTIZED_OPS)
     if target == "cpu":
         return {"method": "static QDQ (U8S8), MinMax calibration", "weights": "int8 symmetric per-channel",
                 "activations": "uint8 asymmetric per-tensor", "biases": "int32", "runs_on": "ONNX Runtime CPU",
@@ -62,7 +65,68 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
     audit_qdq(out_path)
     return {"method": "static QDQ, MinMax calibration", "weights": "int8 symmetric per-channel",
             "activations": "int8 symmetric per-tensor", "biases": "float32",
-            "calibration_images": int(len(calib_pixels))}
+            "calibration_images": int(len(calib_pixels)), "placement": {**placement, **qdq_counts(out_path)}}
+
+
+TENSORRT_QUANTIZED_OPS = ("Conv", "MatMul", "Gemm", "Add")
+
+
+def keep_qdq_only_before(path: str | Path, ops: tuple[str, ...]) -> None:
+    """Rewire every consumer of a dequantized activation that is not one of `ops` to the float tensor
+    the QuantizeLinear took (ONNX Runtime also quantizes each quantized node's output, which puts a
+    Q/DQ pair between a Conv and its ReLU), then drop the pairs nothing reads. Weight
+    DequantizeLinears (of initializers) are left as they are."""
+    import onnx
+    model = onnx.load(str(path))
+    nodes = list(model.graph.node)
+    source = {n.output[0]: n.input[0] for n in nodes if n.op_type == "QuantizeLinear"}   # q output → float input
+    dequantized = {n.output[0]: source[n.input[0]] for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in source}
+    for n in nodes:
+        if n.op_type in ops or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(n.input):
+            if name in dequantized:
+                n.input[i] = dequantized[name]
+    outputs = {o.name for o in model.graph.output}
+    while True:  # drop what nothing reads any more (DQs, then their Qs)
+        read = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and n.output[0] not in read and (n.op_type == "QuantizeLinear" or n.input[0] in source)]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    onnx.save(model, str(path))
+
+
+def tensorrt_qdq_nodes(model_path: Path) -> dict:
+    """Where TensorRT's explicit-quantization guidance puts Q/DQ: on the inputs of Conv, MatMul and
+    Gemm (weights and activations) and of residual Adds (two computed inputs), so TensorRT fuses each
+    with its neighbours; the graph's input (0–255 pixels, which ONNX Runtime's defaults quantized at
+    a scale of about 2) and its normalisation, and the output (the embedding, the CL2N norm) stay
+    float, as do ReLU6 Clips, Pads and pooling, which the defaults quantized too. Returns the node names and, for the record, each one's
+    op type (a device run's `trtexec --dumpLayerInfo` confirms the fusions against it)."""
+    import onnx
+    model = onnx.load(str(model_path))
+    produced_by_init = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    nodes += [n for n in model.graph.node if n.op_type == "Add" and len(n.input) == 2
+              and not any(i in produced_by_init for i in n.input)]
+    kept = {n.name for n in nodes}
+    names = [n.name for n in model.graph.node if n.name in kept]   # graph order
+    ops: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.name in kept:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"nodes": names, "quantized_ops": ops}
+
+
+def qdq_counts(path: str | Path) -> dict:
+    """How many QuantizeLinear and DequantizeLinear nodes a graph holds."""
+    import onnx
+    model = onnx.load(str(path))
+    return {"quantize_nodes": sum(n.op_type == "QuantizeLinear" for n in model.graph.node),
+            "dequantize_nodes": sum(n.op_type == "DequantizeLinear" for n in model.graph.node)}
 
 
 def audit_qdq(path_or_model) -> None:

@@ -279,3 +279,28 @@ def test_int8_calibration_gives_the_same_graph_in_any_batch_size(tiny_bundle, om
     assert graphs[8].keys() == graphs[96].keys() and any("scale" in k for k in graphs[8])
     for name, value in graphs[8].items():
         np.testing.assert_array_equal(value, graphs[96][name], err_msg=name)
+
+
+def test_the_tensorrt_int8_graph_quantizes_where_tensorrt_fuses(tiny_bundle):
+    """ONNX Runtime's defaults quantized every tensor — the 0–255 input (scale ≈ 2), before and after
+    each activation and pooling, the flatten, the embedding. TensorRT's explicit-quantization
+    guidance puts Q/DQ on the inputs of Conv/MatMul/Gemm and residual Adds only; the manifest records
+    where (for `trtexec --dumpLayerInfo` on a device to confirm the fusions)."""
+    import onnx
+    from edgemeta.runtime import load_bundle
+    bundle = load_bundle(tiny_bundle)
+    entry = bundle.manifest["variants"]["int8"]
+    graph = onnx.load(str(bundle.variant_path("int8")))
+    consumers: dict[str, list] = {}
+    for n in graph.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    assert not [n for n in consumers.get(graph.graph.input[0].name, []) if n.op_type == "QuantizeLinear"]
+    for q in (n for n in graph.graph.node if n.op_type == "QuantizeLinear"):
+        (dq,) = consumers[q.output[0]]
+        assert {c.op_type for c in consumers[dq.output[0]]} <= {"Conv", "MatMul", "Gemm", "Add"}, q.name
+    assert not [n for n in consumers.get(graph.graph.output[0].name, []) if n.op_type == "QuantizeLinear"]
+    placement = entry["placement"]
+    assert placement["quantized_ops"].get("Conv", 0) >= 1 and placement["quantize_nodes"] == \
+        sum(n.op_type == "QuantizeLinear" for n in graph.graph.node)
+    assert abs(entry["accuracy_delta_points"]) < 3
