@@ -34,8 +34,10 @@ KNOWN_PROBABILITIES = "probabilities_known"
 # nvinfer's scaling: GPU (scaling-compute-hw=1) with filter 4 (NvBufSurfTransformInter_Algo3, Lanczos
 # on the GPU), the closest to edgemeta's LANCZOS resize (runtime/preprocess.RESAMPLE)
 DEEPSTREAM_SCALING_FILTER, DEEPSTREAM_SCALING_HW = 4, 1
-# nvinfer's GRAY input from NV12 is the Y plane: limited-range luma (16–235). y = s · (x − offset)
-# with s = 255/219, offset 16 stretches it to the full range edgemeta's greyscale conversion gives.
+# nvinfer's GRAY input: with scaling-compute-hw=1 (the GPU, what edgemeta writes) the frame is
+# converted to GRAY8 on the GPU, full range like edgemeta's own greyscale conversion: no stretch.
+# Only on the VIC (scaling-compute-hw=2) is it the NV12 frame's Y plane, limited-range luma
+# (16–235), which y = s · (x − offset) with s = 255/219, offset 16 stretches to the full range.
 LIMITED_RANGE_SCALE, LIMITED_RANGE_OFFSET = 255.0 / 219.0, 16.0
 
 
@@ -335,13 +337,14 @@ def _triton_accelerator(variant: str) -> str:
 
 def _write_deepstream(folder: Path, manifest: dict, max_batch: int, model: onnx.ModelProto) -> None:
     """A DeepStream nvinfer config for the frozen graph as a secondary classifier on a detector's
-    objects. Pixels go in as 0–255 floats (the graph normalises); greyscale models get nvinfer's
-    limited-range luma stretched to the full range; the resize is GPU Lanczos; the output read is
+    objects. Pixels go in as 0–255 floats (the graph normalises); greyscale models get the GPU's
+    full-range GRAY8 (the VIC's limited-range Y plane needs the stretch the config's comment gives);
+    the resize is GPU Lanczos; the output read is
     the rejection-gated probabilities, so an "unknown" object gets no label (classifier-threshold).
     nvinfer's label file is one line per output layer, labels separated by ';'."""
     spec = manifest["input"]
     channels = 3 if spec["colour"] == "RGB" else 1
-    scale, offset = (1.0, "0;0;0") if channels == 3 else (LIMITED_RANGE_SCALE, f"{LIMITED_RANGE_OFFSET:g}")
+    scale, offset = (1.0, "0;0;0") if channels == 3 else (1.0, "0")   # the GPU's GRAY8 is full range
     (folder / "deepstream").mkdir()
     onnx.save(deepstream_graph(model), str(folder / "deepstream" / "classifier.onnx"))
     (folder / "deepstream" / "labels.txt").write_text(";".join(manifest["frozen"]["classes"]) + "\n")
@@ -363,6 +366,8 @@ model-color-format={0 if channels == 3 else 2}
 infer-dims={channels};{spec['height']};{spec['width']}
 maintain-aspect-ratio=0
 scaling-filter={DEEPSTREAM_SCALING_FILTER}
+# GPU scaling and conversion; a greyscale model on the VIC instead (scaling-compute-hw=2) reads the NV12
+# Y plane, limited range: then set net-scale-factor={LIMITED_RANGE_SCALE:.9g} and offsets={LIMITED_RANGE_OFFSET:g}
 scaling-compute-hw={DEEPSTREAM_SCALING_HW}
 output-blob-names={KNOWN_PROBABILITIES}
 # probabilities_known is all zero beyond the rejection distance: such objects get no label ("unknown")

@@ -139,7 +139,7 @@ def test_frozen_folder_is_a_bundle_with_triton_and_deepstream_configs(tiny_bundl
     for key in ("network-type=1", "process-mode=2", "output-blob-names=probabilities_known", "infer-dims=1;28;28",
                 "batch-size=64", "onnx-file=classifier.onnx",
                 "labelfile-path=labels.txt", "model-color-format=2", "scaling-filter=4", "scaling-compute-hw=1",
-                "offsets=16", "operate-on-gie-id=1", "classifier-threshold=0.01"):
+                "offsets=0\n", "net-scale-factor=1\n", "operate-on-gie-id=1", "classifier-threshold=0.01"):
         assert key in ds, key
     # nvinfer's parseLabelsFile: one line per output layer, the layer's labels separated by ';'
     assert (tmp_path / "f" / "deepstream" / "labels.txt").read_text() == ";".join(chars) + "\n"
