@@ -47,3 +47,18 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     """Serve every allocation of `threshold` bytes or more with its own mmap, returned on free."""
     mallopt = _mallopt()
     return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+def trim_freed_memory() -> bool:
+    """Hand the free pages of every heap arena back to the OS now (glibc's malloc_trim): what a
+    service calls once a large request body is gone, whose many small chunks the mmap threshold
+    does not cover. False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return False
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))

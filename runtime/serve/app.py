@@ -304,6 +304,9 @@ class Guard:
         finally:
             self.in_flight -= 1
             self.body_bytes -= received[0]
+            if received[0] > 1 << 20 and self.body_bytes == 0:  # the last large body is gone: give its pages back
+                from ..malloc import trim_freed_memory
+                trim_freed_memory()
             route = getattr(scope.get("route"), "path", "unmatched")  # the router records the route it chose
             if route != "/metrics":
                 m = self.service.metrics
