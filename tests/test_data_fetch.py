@@ -355,3 +355,19 @@ def test_disk_full_during_a_download_says_so_and_leaves_no_part(served, tmp_path
     with pytest.raises(DataError, match="No space left on device; the partial file was removed. Free space"):
         fetch("omniglot", tmp_path, catalog=catalog)
     assert not list(tmp_path.rglob("*.part"))
+
+
+def test_a_wrong_file_is_refused_on_its_size_before_hashing_and_timeouts_are_bounded(tmp_path):
+    """A 5 GB file passed to `data fetch --from` was hashed for 49 s before the pinned size refused
+    it; `--timeout nan/0/-1/inf` were accepted."""
+    from conftest import run_cli
+    wrong = tmp_path / "tiny-imagenet-200.zip"
+    with open(wrong, "wb") as f:
+        f.truncate(5 << 30)          # sparse: 5 GB that costs nothing to make, and would cost a minute to hash
+    import time
+    t0 = time.monotonic()
+    r = run_cli("data", "fetch", "tiny-imagenet", "--accept-terms", "--from", wrong, "--root", tmp_path / "root")
+    assert r.exit_code == 2 and "not the right file" in r.output and time.monotonic() - t0 < 5, r.output
+    for bad in ("nan", "0", "-1", "inf"):
+        r = run_cli("data", "fetch", "omniglot", "--timeout", bad, "--root", tmp_path / "root")
+        assert r.exit_code == 2 and "--timeout must be" in r.output, (bad, r.output)

@@ -429,3 +429,22 @@ def test_a_head_this_edgemeta_does_not_know_says_upgrade_not_damaged(device_bund
         with pytest.raises(BundleError) as info:
             FewShotClassifier.load(bundle)
         assert "upgrade edgemeta" in str(info.value) and "re-export" not in str(info.value)
+
+
+def test_a_gallery_of_another_size_for_the_bundles_own_model_is_refused_on_its_header(device_bundle, tmp_path):
+    """A dim-7 gallery naming the bundle's sha imported into a new store with rc 0."""
+    import json
+
+    from conftest import run_cli
+    from edgemeta.runtime import load_bundle
+    from edgemeta.runtime.gallery import GALLERY_FORMAT
+    sha = load_bundle(device_bundle).model_sha256
+    header = {"format": GALLERY_FORMAT, "version": 1, "model_sha256": sha, "variant": "fp32", "embedding_dim": 7,
+              "head": {"kind": "prototype"}, "classes": [{"label": "a", "shots": 1}], "sha256": {}}
+    with zipfile.ZipFile(tmp_path / "g.npz", "w") as zf:
+        for name, array in (("header", np.array(json.dumps(header))), ("embeddings", np.ones((1, 7), np.float32))):
+            buf = io.BytesIO()
+            np.save(buf, array)
+            zf.writestr(f"{name}.npy", buf.getvalue())
+    r = run_cli("gallery", "import", tmp_path / "g.npz", "--store", tmp_path / "new", "--bundle", device_bundle)
+    assert r.exit_code == 2 and "declares 7-d embeddings" in r.output and not (tmp_path / "new").exists(), r.output
