@@ -448,3 +448,26 @@ def test_a_gallery_of_another_size_for_the_bundles_own_model_is_refused_on_its_h
             zf.writestr(f"{name}.npy", buf.getvalue())
     r = run_cli("gallery", "import", tmp_path / "g.npz", "--store", tmp_path / "new", "--bundle", device_bundle)
     assert r.exit_code == 2 and "declares 7-d embeddings" in r.output and not (tmp_path / "new").exists(), r.output
+
+
+def test_a_store_that_cannot_be_locked_is_a_storage_error_not_a_traceback(device_bundle, tmp_path, monkeypatch):
+    """A read-only store made the service answer 500 with a traceback: its .lock was opened outside
+    the storage-error mapping. (Simulated: as root, a read-only folder is still writable.)"""
+    import errno
+    import os
+
+    from edgemeta.runtime.errors import StorageError
+    clf = FewShotClassifier.load(device_bundle, store=tmp_path / "s")
+    clf.enroll("a", np.zeros((1, 16, 16, 1), np.uint8))
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
+    before = (tmp_path / "s" / "enrollment.npz").read_bytes()
+    with pytest.raises(StorageError, match="cannot lock the store .* Read-only file system; nothing was changed"):
+        clf.enroll("b", np.zeros((1, 16, 16, 1), np.uint8))
+    assert (tmp_path / "s" / "enrollment.npz").read_bytes() == before
+    assert FewShotClassifier.load(device_bundle, store=tmp_path / "s").classes == ["a"]   # predict still opens it
