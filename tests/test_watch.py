@@ -195,3 +195,13 @@ def test_watch_enroll_checks_the_label_before_capturing(shipped_bundle, enrolled
         r = run_cli("watch", shipped_bundle, "--store", enrolled, "--source", folder / "test.avi", "--enroll", label)
         assert r.exit_code == 2 and why in r.output, r.output
     assert captured == []
+
+
+def test_a_video_frame_over_the_pixel_limit_names_the_source_and_capture_size(shipped_bundle, enrolled, clips, monkeypatch):
+    """An 8192² MJPG video's error named neither the video nor --capture-size (shaped here with a
+    pixel limit below the clip's frames)."""
+    folder, _ = clips
+    monkeypatch.setenv("EDGEMETA_MAX_PIXELS", "1000")
+    r = run_cli("watch", shipped_bundle, "--store", enrolled, "--source", folder / "test.avi", "--max-frames", "2")
+    said = " ".join(r.output.split())
+    assert "test.avi" in said and "--capture-size" in said and "too large" in said, r.output
