@@ -136,7 +136,12 @@ def bundle_target(out: Path, overwrite: bool, sources: tuple[Path, ...] = ()):
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        yield building
+        try:
+            yield building
+        except OSError as exc:
+            if exc.filename is None:  # a full disk says ENOSPC but not where: the bundle being written
+                raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from None
+            raise
         os.chmod(building, 0o755)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

@@ -126,3 +126,20 @@ def test_a_full_disk_names_the_file_and_leaves_no_empty_output(enrolled, tmp_pat
         r = run_cli(*args)
         assert r.exit_code == 2 and "No space left on device" in r.output and str(out) in " ".join(r.output.split()), r.output
         assert not out.exists() and not list(tmp_path.glob(f".{out.name}.*.tmp"))
+
+
+def test_a_full_disk_while_freezing_names_the_bundle_and_leaves_nothing(enrolled, tmp_path, monkeypatch):
+    """Disk full in `freeze` (and `export`, which builds the same way) named no file."""
+    pytest.importorskip("onnx")
+    import errno
+    import os
+
+    import onnx
+    bundle, store, _ = enrolled
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(onnx, "save", full)
+    r = run_cli("freeze", bundle, "--store", store, "--out", tmp_path / "frozen")
+    assert r.exit_code == 2 and "No space left on device" in r.output and str(tmp_path / "frozen") in " ".join(r.output.split())
+    assert not (tmp_path / "frozen").exists() and not list(tmp_path.glob(".frozen.building-*"))
