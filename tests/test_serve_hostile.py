@@ -328,3 +328,20 @@ def test_errors_name_the_store_by_its_folder_not_its_host_path(device_bundle, tm
         assert str(tmp_path) not in httpx.get(s.url + "/v1/model").text
     finally:
         s.stop()
+
+
+def test_a_keep_alive_connection_is_not_closed_by_an_earlier_idle_deadline(server):
+    """A keep-alive connection goes idle, busy and idle again; the deadline set for its first idle
+    spell closed it in a later one, resetting a client mid-conversation (seen under load)."""
+    request = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:   # --header-timeout 1 (the fixture)
+        sock.settimeout(5)
+        for _ in range(4):
+            sock.sendall(request)
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                chunk = sock.recv(4096)
+                assert chunk, "the server closed a keep-alive connection that was in use"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200")
+            time.sleep(0.6)   # idle spells of 0.6 s: each under the limit, together over it

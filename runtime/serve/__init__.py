@@ -88,12 +88,17 @@ def guarded_protocol(header_timeout_s: float, max_connections: int):
             self._arm(seconds)
 
         def _arm(self, seconds: float) -> None:
-            self.loop.call_later(seconds, self._deadline, self.cycle, id(self) in idle)
+            # each deadline is for the state it was set in: a later one replaces it (a keep-alive
+            # connection goes idle, busy and idle again; an old timer must not close the new idle spell)
+            self._deadline_token = token = getattr(self, "_deadline_token", 0) + 1
+            self.loop.call_later(seconds, self._deadline, token, self.cycle, id(self) in idle)
 
-        def _deadline(self, cycle_then, was_idle: bool) -> None:
-            if self.transport.is_closing():
+        def _deadline(self, token: int, cycle_then, was_idle: bool) -> None:
+            if token != self._deadline_token or self.transport.is_closing():
                 return
-            if was_idle and id(self) in idle or not was_idle and self.cycle is cycle_then:     # still nothing received since the deadline was set
+            if was_idle and id(self) in idle:     # still nothing received since the deadline was set
+                self.transport.close()
+            elif not was_idle and self.cycle is cycle_then:  # headers never completed
                 self.transport.close()
 
     return GuardedProtocol
