@@ -96,9 +96,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int):
         def _deadline(self, token: int, cycle_then, was_idle: bool) -> None:
             if token != self._deadline_token or self.transport.is_closing():
                 return
-            if was_idle and id(self) in idle:     # still nothing received since the deadline was set
-                self.transport.close()
-            elif not was_idle and self.cycle is cycle_then:  # headers never completed
+            if was_idle and id(self) in idle or not was_idle and self.cycle is cycle_then:     # still nothing received since the deadline was set
                 self.transport.close()
 
     return GuardedProtocol
