@@ -96,7 +96,9 @@ def guarded_protocol(header_timeout_s: float, max_connections: int):
         def _deadline(self, token: int, cycle_then, was_idle: bool) -> None:
             if token != self._deadline_token or self.transport.is_closing():
                 return
-            if was_idle and id(self) in idle or not was_idle and self.cycle is cycle_then:     # still nothing received since the deadline was set
+            still_idle = was_idle and id(self) in idle            # nothing received since it was set
+            headers_stuck = not was_idle and self.cycle is cycle_then  # a request's headers never completed
+            if still_idle or headers_stuck:
                 self.transport.close()
 
     return GuardedProtocol
