@@ -112,19 +112,20 @@ def open_set_classifier(clf, head):
     from edgemeta.runtime.bundle import Bundle
     from edgemeta.runtime.classifier import UNKNOWN
     bare = Bundle(clf.bundle.path, {k: v for k, v in clf.bundle.manifest.items() if k != "open_set"}, verify=False)
-    rules = {"none": (clf.bundle, None), "auto": (clf.bundle, "auto"), "support set": (bare, "auto")}
+    rules = [(clf.bundle, {"none": None, "auto": "auto"}), (bare, {"support set": "auto"})]  # one enrollment per bundle
 
     def classify(support, support_labels, query):
         known = int(support_labels.max()) + 1
         names = [f"class {k}" for k in range(known)]
         out: dict = {"rules": {}}
-        for name, (bundle, reject) in rules.items():
+        for bundle, rejects in rules:
             episode = FewShotClassifier(bundle, clf.backend, head)
             episode.enroll_embeddings({names[k]: np.ascontiguousarray(support[support_labels == k]) for k in range(known)})
-            p = episode.classify_embeddings(query, reject=reject)
-            predicted = np.array([names.index(top[0][0]) for top in p.top_k])
-            out["rules"][name] = (predicted, np.array([lab == UNKNOWN for lab in p.labels]))
-            out["distance"] = p.distances
+            for name, reject in rejects.items():
+                p = episode.classify_embeddings(query, reject=reject)
+                predicted = np.array([names.index(top[0][0]) for top in p.top_k])
+                out["rules"][name] = (predicted, np.array([lab == UNKNOWN for lab in p.labels]))
+                out["distance"] = p.distances
         return out
     return classify
 

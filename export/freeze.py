@@ -109,7 +109,7 @@ def _reembedded_for_s8s8(clf, state, store_dir):
     from edgemeta.runtime import FewShotClassifier
     from edgemeta.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgemeta.runtime.classifier import fit_head
-    from edgemeta.runtime.store import EnrolledClass, frozen
+    from edgemeta.runtime.store import frozen
     missing = [c.label for c in state.classes if not c.images]
     if missing:
         raise StoreError(f"the store at {store_dir} was enrolled with the CPU's INT8 graph (U8S8), which TensorRT "
@@ -118,10 +118,7 @@ def _reembedded_for_s8s8(clf, state, store_dir):
     bundle = clf.bundle
     backend = OnnxRuntimeBackend(bundle.variant_path("int8"), bundle.spec, bundle.embedding_dim, "cpu")
     s8 = FewShotClassifier(bundle, backend, state.head, variant="int8")
-    classes = tuple(EnrolledClass(c.label, frozen(s8.embed_support([clf.store.image_path(n) for n in c.images])),
-                                  c.images, c.limit) for c in state.classes)
-    negatives = tuple(replace(n, embedding=frozen(s8.embed([clf.store.image_path(n.image)])[0])) for n in state.negatives
-                      if n.image)
+    classes, negatives = s8.reembed(state.classes, state.negatives, clf.store.image_path, keep_limits=True)
     s8._state = replace(state, variant="int8", classes=classes, negatives=negatives,
                         fitted={k: frozen(v) for k, v in fit_head(state.head, classes).items()})
     return s8, s8._state

@@ -25,7 +25,7 @@ from .heads import HeadConfig, resolve_head
 from .labels import UNKNOWN, check_label
 from .open_set import OpenSetPrior, RejectionRule, embedding_distance, similarity_to_distance, support_set_threshold
 from .preprocess import DecodeBudget, ImageSource, check_pixels, load_images
-from .store import EnrolledClass, EnrollmentStore, Negative, StoreState, check_counts, frozen, negative_id
+from .store import MAX_LIMIT, EnrolledClass, EnrollmentStore, Negative, StoreState, check_counts, frozen, with_negatives
 
 
 def fit_head(head: HeadConfig, classes: tuple[EnrolledClass, ...]) -> dict:
@@ -132,6 +132,14 @@ def rejection_rule(state: StoreState, metric: str, prior: OpenSetPrior | None) -
     return RejectionRule(limits, how, state.negative_matrix)
 
 
+def enrolled_index(state: StoreState, label: str, hint: str = "") -> int:
+    """The index of an enrolled class, or UnknownClassError listing what is enrolled."""
+    i = state.find(label)
+    if i is None:
+        raise UnknownClassError(f"{label!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'}){hint}")
+    return i
+
+
 def as_source_list(images) -> list | np.ndarray:
     """One path or bytes → a one-item list; lists, tuples and pixel arrays as they are."""
     if isinstance(images, (str, os.PathLike, bytes)):
@@ -236,10 +244,8 @@ class FewShotClassifier:
                                  f"{self.variant}, dim {self.bundle.embedding_dim}.{offer}")
             if not kept:
                 raise StoreError("cannot re-embed: this store did not keep the enrolled images")
-            classes = tuple(EnrolledClass(c.label, frozen(self._embed_sources([self.store.image_path(n) for n in c.images],
-                                                                              support=True)),
-                                          c.images) for c in saved.classes)
-            state = replace(self._state, classes=classes, generation=saved.generation + 1)
+            classes, negatives = self.reembed(saved.classes, saved.negatives, self.store.image_path)
+            state = replace(self._state, classes=classes, negatives=negatives, generation=saved.generation + 1)
             self._commit(replace(state, fitted=fit_head(state.head, classes)))
             return
         self._state = self._with_head(saved, self._state.head if head is not None else saved.head)
@@ -288,6 +294,17 @@ class FewShotClassifier:
             raise ImageDecodeError(f"the model returned non-finite embeddings for input(s) {which}; "
                                    "the bundle's model is broken (re-export it) or the input is not an image")
         return embeddings
+
+    def reembed(self, classes: Sequence[EnrolledClass], negatives: Sequence[Negative], image: Callable[[str], ImageSource],
+                keep_limits: bool = False) -> tuple[tuple[EnrolledClass, ...], tuple[Negative, ...]]:
+        """Classes and negatives embedded again with this classifier's graph from their kept images
+        (`image(name)` gives a kept image's path or bytes). A negative without an image is dropped,
+        and so is a class's own limit unless keep_limits (a distance in the other graph's space)."""
+        out = tuple(EnrolledClass(c.label, frozen(self._embed_sources([image(n) for n in c.images], support=True)),
+                                  c.images, c.limit if keep_limits else None) for c in classes)
+        kept = [n for n in negatives if n.image]
+        rows = self._embed_sources([image(n.image) for n in kept]) if kept else np.zeros((0, self.bundle.embedding_dim))
+        return out, tuple(Negative(frozen(row.copy()), n.image, n.note) for n, row in zip(kept, rows))
 
     def _embedded(self, images, support: bool) -> np.ndarray:
         """Float32 [n, D] arrays are taken as embeddings made with this bundle; images (paths, bytes,
@@ -440,7 +457,7 @@ class FewShotClassifier:
     def enroll_embeddings(self, classes: Mapping[str, np.ndarray], mode: str = "new") -> dict[str, int]:
         """enroll_many for support embeddings already computed with this bundle (float32 [shots, D]
         per class, e.g. from `embed_support`): no images are kept."""
-        return self.enroll_many(dict(classes), mode)
+        return self.enroll_many(classes, mode)
 
     def forget(self, label: str) -> None:
         if self.store is not None and not self.store.exists():
@@ -448,21 +465,18 @@ class FewShotClassifier:
         label = check_label(label)  # the same form enrollment stored: "  mug " forgets "mug"
         with self._write_lock, self._store_lock():
             state = self._refresh()
-            if state.find(label) is None:
-                raise UnknownClassError(f"{label!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'})")
+            enrolled_index(state, label)
             self._commit(self._refit(state, tuple(c for c in state.classes if c.label != label)))
 
     def set_limit(self, label: str, limit: float | None) -> None:
         """Give one class its own "unknown" distance limit under unknown="auto" (None: back to auto's)."""
         label = check_label(label)
         if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool)
-                                      and 0 <= limit <= 1e6):
-            raise ConfigError(f"a class's limit is a distance from 0 to 1e6, not {limit!r}")
+                                      and 0 <= limit <= MAX_LIMIT):
+            raise ConfigError(f"a class's limit is a distance from 0 to {MAX_LIMIT:g}, not {limit!r}")
         with self._write_lock, self._store_lock():
             state = self._refresh()
-            i = state.find(label)
-            if i is None:
-                raise UnknownClassError(f"{label!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'})")
+            i = enrolled_index(state, label)
             classes = list(state.classes)
             classes[i] = replace(classes[i], limit=None if limit is None else float(limit))
             self._commit(replace(state, classes=tuple(classes), generation=state.generation + 1))
@@ -491,21 +505,14 @@ class FewShotClassifier:
             state = self._refresh()
             if note is not None:
                 note = check_label(note)
-                if state.find(note) is None:
-                    raise UnknownClassError(f"{note!r} is not enrolled (enrolled: {', '.join(state.labels) or 'none'}); "
-                                            "a correction 'not X' names an enrolled class")
+                enrolled_index(state, note, "; a correction 'not X' names an enrolled class")
             embedded = self._embedded(images, support=False)
             kept = self._keep(images)
-            have = {n.id for n in state.negatives}
-            new = []
-            for i, row in enumerate(embedded):
-                item = Negative(frozen(row.copy()), kept[i] if i < len(kept) else "", note or "")
-                if item.id not in have:
-                    have.add(item.id)
-                    new.append(item)
-            if new:
-                self._commit(replace(state, negatives=state.negatives + tuple(new), generation=state.generation + 1))
-            return [negative_id(row) for row in embedded]
+            new = [Negative(frozen(row.copy()), kept[i] if i < len(kept) else "", note or "") for i, row in enumerate(embedded)]
+            merged = with_negatives(state.negatives, new)
+            if len(merged) > len(state.negatives):
+                self._commit(replace(state, negatives=merged, generation=state.generation + 1))
+            return [n.id for n in new]
 
     def remove_negatives(self, ids: Sequence[str]) -> int:
         """Remove negatives by id (all ids are checked before any is removed). Returns how many are left."""

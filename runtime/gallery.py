@@ -38,6 +38,7 @@ from .store import (
     decode_negatives,
     frozen,
     needs_version_2,
+    with_negatives,
 )
 
 GALLERY_FORMAT = "edgemeta-gallery"
@@ -228,8 +229,7 @@ def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, repla
                   (classifier.bundle.model_sha256, classifier.variant) if classifier is not None else
                   (header["model_sha256"], header["variant"]))
         if (header["model_sha256"], header["variant"]) != target:
-            classes = _reembed(classes, images, classifier, target, header, path)
-            incoming_negatives = _reembed_negatives(incoming_negatives, images, classifier)
+            classes, incoming_negatives = _reembed(classes, incoming_negatives, images, classifier, target, header, path)
         dim = saved.embedding_dim if saved is not None else classifier.bundle.embedding_dim if classifier is not None else None
         if dim is not None and classes[0].embeddings.shape[1] != dim:
             raise StoreError(f"{path} holds {classes[0].embeddings.shape[1]}-d embeddings; the model it names makes "
@@ -239,15 +239,13 @@ def import_gallery(path: str | os.PathLike, store_path: str | os.PathLike, repla
         merged = _merge(current, classes, on_conflict)  # a refused conflict leaves no file behind
         for name in {n for c in classes for n in c.images} | {n.image for n in incoming_negatives if n.image}:
             store.keep_image(images[name], Path(name).suffix)
-        negatives = list(saved.negatives) if saved is not None and not replace_all else []
-        have = {n.id for n in negatives}
-        negatives += [n for n in incoming_negatives if n.id not in have]
+        negatives = with_negatives(saved.negatives if saved is not None and not replace_all else (), incoming_negatives)
         from .classifier import fit_head
         from .store import check_counts
         check_counts(len(merged), {c.label: c.shots for c in merged}, str(path))
         dim = int(merged[0].embeddings.shape[1])
         state = StoreState(target[0], target[1], dim, head, tuple(merged), {},
-                           (saved.generation + 1) if saved is not None else 0, tuple(negatives))
+                           (saved.generation + 1) if saved is not None else 0, negatives)
         state = replace(state, fitted={k: frozen(v) for k, v in fit_head(head, state.classes).items()})
         store.write(state)
     return state
@@ -292,22 +290,12 @@ def _merge(current: list[EnrolledClass], incoming: list[EnrolledClass], on_confl
     return merged
 
 
-def _reembed(classes, images, classifier, target, header, path) -> list[EnrolledClass]:
+def _reembed(classes, negatives, images, classifier, target, header, path):
+    """The gallery's classes and negatives embedded with the store's bundle from the images it carries."""
     other = f"{path} was made for another model (sha {header['model_sha256'][:12]}…, {header['variant']})"
     if not all(c.images for c in classes):
         raise StoreError(f"{other} and carries no images to re-embed; export it with --with-images, "
                          "or enroll the classes again")
     if classifier is None or (classifier.bundle.model_sha256, classifier.variant) != target:
         raise StoreError(f"{other}; pass the store's bundle (--bundle) to re-embed its images")
-    return [EnrolledClass(c.label, frozen(classifier.embed_support([images[n] for n in c.images])), c.images)
-            for c in classes]  # a limit is a distance in the other model's space: dropped
-
-
-def _reembed_negatives(negatives: tuple[Negative, ...], images: dict[str, bytes], classifier) -> tuple[Negative, ...]:
-    """Negatives re-embedded from their images with the store's bundle; without images they are
-    dropped (their embeddings belong to another model, and the caller says so)."""
-    kept = [n for n in negatives if n.image]
-    if not kept:
-        return ()
-    rows = classifier.embed([images[n.image] for n in kept])
-    return tuple(Negative(frozen(row.copy()), n.image, n.note) for n, row in zip(kept, rows))
+    return classifier.reembed(classes, negatives, images.__getitem__)

@@ -96,28 +96,35 @@ def open_set_episode(per_class: list[np.ndarray], shot: int, queries: int, seed:
 
 @dataclass(frozen=True)
 class EpisodeScores:
-    """What one open-set episode's queries give: the nearest and second-nearest prototype distances,
-    the nearest class, the head's prediction, and whether the query was one of the enrolled classes."""
+    """What one open-set episode's queries give: their distances to the prototypes, the nearest
+    class, and the true class (−1 for strangers)."""
 
-    nearest: np.ndarray     # [m] distance to the nearest prototype
-    second: np.ndarray      # [m] to the second-nearest
-    predicted: np.ndarray   # [m] the head's top class
+    distances: np.ndarray   # [m, known] to each prototype
     labels: np.ndarray      # [m] true class, −1 for strangers
 
+    @property
+    def nearest(self) -> np.ndarray:
+        return self.distances.min(1)
 
-def score_episode(episode: OpenSetEpisode, embeddings: np.ndarray, support_embeddings: np.ndarray, metric: str,
-                  predict=None) -> tuple[EpisodeScores, np.ndarray, np.ndarray]:
-    """(scores, prototypes, the support's [known, shot, D] embeddings) of one episode. predict(support,
-    labels, query, n_way) → logits gives the head's prediction; default: the nearest prototype."""
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.distances.argmin(1)
+
+
+def score_episode(episode: OpenSetEpisode, embeddings: np.ndarray, support_embeddings: np.ndarray,
+                  metric: str) -> tuple[EpisodeScores, np.ndarray, np.ndarray]:
+    """(scores, prototypes, the support's [known, shot, D] embeddings) of one episode."""
     support = support_embeddings[episode.support]
     known = int(episode.support_labels.max()) + 1
     shots = support.reshape(known, -1, support.shape[1])
     protos = shots.mean(1)
-    query = embeddings[episode.query]
-    d = embedding_distance(query, protos, metric)
-    two = np.partition(d, 1, axis=1)[:, :2] if known > 1 else np.concatenate([d, d], 1)
-    predicted = d.argmin(1) if predict is None else np.asarray(predict(support, episode.support_labels, query, known)).argmax(1)
-    return EpisodeScores(two.min(1), two.max(1), predicted, episode.query_labels), protos, shots
+    d = embedding_distance(embeddings[episode.query], protos, metric)
+    return EpisodeScores(d, episode.query_labels), protos, shots
+
+
+def leave_one_out_distance(shots: np.ndarray, metric: str) -> np.ndarray:
+    """Each of a class's shots [k ≥ 2, D] against the mean of its other shots: [k]."""
+    return paired_distance(shots, (shots.sum(0)[None] - shots) / (len(shots) - 1), metric)
 
 
 def auroc(known: np.ndarray, strangers: np.ndarray) -> float:
@@ -287,11 +294,10 @@ def domain_scale(embeddings_by_class: list[np.ndarray], prior: MetricPrior, metr
     of the real confusion; scaled, 0.048 against 0.051)."""
     ratios = []
     for e in embeddings_by_class:
-        k = len(e)
-        if k >= 2:
-            d = paired_distance(e, (e.sum(0)[None] - e) / (k - 1), metric)
+        if len(e) >= 2:
+            d = leave_one_out_distance(e, metric)
             d = d[d > prior.duplicate]  # near-duplicate shots say nothing of the spread
-            ratios.append(d / max(float(prior.spread(np.array([k]))[0]), 1e-12))
+            ratios.append(d / max(float(prior.spread(np.array([len(e)]))[0]), 1e-12))
     pooled = np.concatenate(ratios) if ratios else np.zeros(0)
     return float(np.clip(np.median(pooled), 0.25, 4.0)) if len(pooled) else 1.0
 
@@ -326,26 +332,25 @@ def fit_metric_prior(embeddings: np.ndarray, labels: np.ndarray, metric: str, su
         queries = min(QUERIES, smallest - shot)
         if queries < MIN_QUERIES:
             break
-        nearest, correct, stranger, loo, pair_d, pair_rate = [], [], [], [], [], []
+        nearest, correct, stranger, pair_d, pair_rate = [], [], [], [], []
+        loo: list[np.ndarray] = []
         for i in range(episodes):
             ep = open_set_episode(per_class, shot, queries, seed, i)
             s, protos, shots = score_episode(ep, embeddings, support_embeddings, metric)
             nearest.append(s.nearest)
             correct.append(s.predicted == s.labels)
             stranger.append(s.labels < 0)
-            query = embeddings[ep.query]
-            d = embedding_distance(query[s.labels >= 0], protos, metric)
-            known_labels = s.labels[s.labels >= 0]
+            d, known_labels = s.distances[s.labels >= 0], s.labels[s.labels >= 0]
             if shot >= 2:  # each shot against the mean of its class's other shots
-                for c in shots:
-                    loo.append(paired_distance(c, (c.sum(0)[None] - c) / (shot - 1), metric))
+                loo.extend(leave_one_out_distance(c, metric) for c in shots)
             # pairwise confusion: the share of a's queries nearer b's prototype than a's
+            between = embedding_distance(protos, protos, metric)
             for a in range(KNOWN_WAY):
                 mine = d[known_labels == a]
                 for b in range(KNOWN_WAY):
                     if a != b:
                         pair_rate.append(float((mine[:, b] < mine[:, a]).mean()))
-                        pair_d.append(float(paired_distance(protos[a:a + 1], protos[b:b + 1], metric)[0]))
+                        pair_d.append(float(between[a, b]))
             if shot >= 2 and i < 50:  # distances between different photos of one class
                 for c in shots:
                     dd = embedding_distance(c, c, metric)
@@ -383,11 +388,7 @@ def support_set_threshold(embeddings_by_class: list[np.ndarray], metric: str, sl
     up to SUPPORT_SAMPLE classes, beyond that from a seeded sample of SUPPORT_SAMPLE classes to all
     (time linear in the classes: 100,000 one-shot classes took 379 s every pair). None for a single
     one-shot class."""
-    loo = []
-    for e in embeddings_by_class:
-        if len(e) >= 2:
-            others = (e.sum(0)[None] - e) / (len(e) - 1)
-            loo.append(paired_distance(e, others, metric))
+    loo = [leave_one_out_distance(e, metric) for e in embeddings_by_class if len(e) >= 2]
     if loo:
         return float(np.max(np.concatenate(loo)) * slack)
     if len(embeddings_by_class) >= 2:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .open_set import ADVICE_GAIN, CONFUSION_FLAG, SHOT_GRID, MetricPrior, domain_scale, embedding_distance, paired_distance
+from .open_set import ADVICE_GAIN, CONFUSION_FLAG, SHOT_GRID, MetricPrior, domain_scale, embedding_distance, leave_one_out_distance
 
 MAX_REVIEW_CLASSES = 5_000     # the whole store's pairs: beyond this, review one class at a time
 MAX_PAIRS = 100                # pairs listed (highest confusion first)
@@ -53,8 +53,7 @@ def _shot_flags(label: str, embeddings: np.ndarray, prior: MetricPrior | None, m
     flags = []
     k = len(embeddings)
     if prior is not None and k >= 3:  # a shot against the mean of the class's other shots
-        others = (embeddings.sum(0)[None] - embeddings) / (k - 1)
-        d = paired_distance(embeddings, others, metric)
+        d = leave_one_out_distance(embeddings, metric)
         limit = float(prior.outlier_limit(np.array([k]))[0])
         for i in np.flatnonzero(d > limit):
             flags.append({"label": label, "index": int(i), "flag": "outlier", "distance": round(float(d[i]), 6),

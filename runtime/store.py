@@ -77,6 +77,17 @@ class Negative:
         return negative_id(self.embedding)
 
 
+def with_negatives(current, incoming) -> tuple[Negative, ...]:
+    """`current` and then every incoming negative not already among them (by id)."""
+    have = {n.id for n in current}
+    out = list(current)
+    for n in incoming:
+        if n.id not in have:
+            have.add(n.id)
+            out.append(n)
+    return tuple(out)
+
+
 def negative_id(embedding: np.ndarray) -> str:
     """A negative's stable name: the first 12 hex digits of its embedding's sha256."""
     return hashlib.sha256(np.ascontiguousarray(embedding, np.float32).tobytes()).hexdigest()[:12]
